@@ -1,0 +1,59 @@
+"""Progress display shared by every long-running step (rich, on stderr).
+
+Library functions take ``progress: bool`` and call :func:`track`; the CLI decides whether to show it.
+``DYNRES_NO_PROGRESS=1`` silences every bar (CI logs, tests).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+
+console = Console(stderr=True)
+
+
+def enabled(progress: bool = True) -> bool:
+    return progress and os.environ.get("DYNRES_NO_PROGRESS", "") in ("", "0")
+
+
+def make_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], total: int | None, description: str, progress: bool = True) -> Iterator[T]:
+    """Yield ``items`` while drawing a bar; a plain pass-through when progress is off."""
+    if not enabled(progress):
+        yield from items
+        return
+    with make_progress() as bar:
+        task = bar.add_task(description, total=total, status="")
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def log(message: str) -> None:
+    if enabled():
+        console.print(message)
