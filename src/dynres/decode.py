@@ -1,0 +1,130 @@
+"""Bytes → tensor: decode a (possibly partial) progressive JPEG straight to the inference resolution.
+
+The saving over the common baseline comes from libjpeg's DCT scaling: ``Image.draft`` lets the decoder produce a
+1/2, 1/4 or 1/8 size image directly, skipping most of the inverse DCT work, and we pick the smallest scale that is
+still at least as large as the resize needs. Resize and center crop are then one ``Image.resize(box=...)`` call.
+
+``crop`` is a *side* ratio everywhere in dynres (torchvision's convention: resize the shorter side to R/crop, take
+the central R x R). The paper quotes crops as *area* fractions (25%, 56%, 75%, 100%); :func:`crop_side` converts.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from dynres.errors import BadImageError
+
+# A k-scan prefix plus EOI is a complete (lower quality) image to libjpeg; this flag only keeps Pillow from
+# refusing the rare prefix whose final scan leaves the entropy decoder short of bits.
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+EOI = b"\xff\xd9"
+
+
+def crop_side(area: float) -> float:
+    """The side ratio of a center crop that keeps ``area`` of the shorter-side square (paper's crop sizes)."""
+    if not 0 < area <= 1:
+        raise ValueError(f"crop area must be in (0, 1], got {area}")
+    return math.sqrt(area)
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Exception as err:  # Pillow raises several unrelated types for bad bytes
+        raise BadImageError(name, f"cannot decode image: {err}") from err
+
+
+def _crop_box(width: int, height: int, resolution: int, crop: float) -> tuple[float, float, float, float]:
+    """The source-pixel box that torchvision's Resize(int(R / crop)) + CenterCrop(R) would keep.
+
+    Mirroring its integer rounding keeps the fast path geometrically identical to the baseline.
+    """
+    short = int(resolution / crop)
+    if width <= height:
+        rw, rh = short, int(short * height / width)
+    else:
+        rw, rh = int(short * width / height), short
+    top, left = int(round((rh - resolution) / 2.0)), int(round((rw - resolution) / 2.0))
+    sx, sy = width / rw, height / rh
+    return (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image → uint8 CHW tensor (owning its memory)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def draft_size(width: int, height: int, short_side: float) -> tuple[int, int]:
+    """The size to ask ``Image.draft`` for so that the shorter side is still >= ``short_side``."""
+    scale = short_side / min(width, height)
+    return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+
+
+def decode_image(data: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> Image.Image:
+    """Decode ``data`` (a whole JPEG or a scan prefix ending in EOI) to an RGB ``resolution``² PIL image."""
+    if not 0 < crop <= 1:
+        raise ValueError(f"crop (side ratio) must be in (0, 1], got {crop}")
+    img = _open(data, name)
+    try:
+        w, h = img.size
+        if img.format == "JPEG":
+            img.draft("RGB", draft_size(w, h, resolution / crop))
+        img = img.convert("RGB")
+        # draft changed the size; the crop box is computed on what was actually decoded
+        box = _crop_box(*img.size, resolution, crop)
+        return img.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
+    except BadImageError:
+        raise
+    except Exception as err:
+        raise BadImageError(name, f"cannot decode image: {err}") from err
+
+
+def decode(prefix: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
+    """Decode a scan prefix to a uint8 CHW tensor of shape (3, resolution, resolution)."""
+    return to_tensor(decode_image(prefix, resolution, crop, name))
+
+
+def decode_baseline(data: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
+    """The common baseline: full-size decode, torchvision Resize(shorter side) + CenterCrop. For benchmarks."""
+    from torchvision.transforms.v2 import functional as F
+
+    img = _open(data, name).convert("RGB")
+    t = F.pil_to_tensor(img)
+    t = F.resize(t, [int(resolution / crop)], antialias=True)
+    return F.center_crop(t, [resolution, resolution])
+
+
+def decode_train(
+    prefix: bytes,
+    resolution: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    name: str = "<bytes>",
+) -> torch.Tensor:
+    """Training view: RandomResizedCrop(resolution) + horizontal flip, drawn from torch's global RNG.
+
+    The draft keeps the shorter side >= resolution / sqrt(min scale) capped at 2x, so small random crops are cut
+    from an image with enough pixels while the decode stays cheap.
+    """
+    from torchvision.transforms import v2 as T
+
+    img = _open(prefix, name)
+    w, h = img.size
+    if img.format == "JPEG":
+        img.draft("RGB", draft_size(w, h, min(2.0, 1 / math.sqrt(scale[0])) * resolution))
+    img = img.convert("RGB")
+    top, left, ch, cw = T.RandomResizedCrop.get_params(img, scale=list(scale), ratio=list(ratio))
+    out = img.resize((resolution, resolution), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+    if torch.rand(()) < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(out)
