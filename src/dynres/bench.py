@@ -1,0 +1,158 @@
+"""`dynres bench io`: what DCT-scaled decoding and scan prefixes buy, measured against the common baseline.
+
+For each resolution: images/s of read + decode + resize + crop with the fast path (``decode``: libjpeg DCT scaling)
+versus the baseline (full Pillow decode + torchvision Resize + CenterCrop), on one core and on all cores, both
+reading every scan. Methods alternate inside each repeat so machine drift hits both alike; medians are reported.
+Also the mean bytes read per image for each scan count, and ingest throughput when a source tree is given.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dynres._ui import track
+from dynres.decode import decode, decode_baseline
+from dynres.records import markdown_table, median, write_records
+
+PAPER_GRID = (112, 168, 224, 280, 336, 392, 448)
+
+
+@dataclass(frozen=True)
+class IOBenchConfig:
+    resolutions: tuple[int, ...] = PAPER_GRID
+    images: int = 64  # sampled from the store, the same sample for every cell
+    repeats: int = 3
+    crop: float = 0.875
+    workers: int = 0  # "all cores": 0 means every usable core
+    seed: int = 0
+
+
+_DECODERS = {"dct_scaled": decode, "baseline": decode_baseline}
+
+# Worker-process state for the all-cores runs: each process opens the store once.
+_worker_store = None
+
+
+def _init_worker(store_url: str) -> None:
+    global _worker_store
+    import torch
+
+    from dynres.store import open_store
+
+    torch.set_num_threads(1)
+    _worker_store = open_store(store_url)
+
+
+def _decode_keys(store, keys: list[str], method: str, resolution: int, crop: float) -> int:
+    fn = _DECODERS[method]
+    for key in keys:
+        fn(store.read(key), resolution, crop, name=key)
+    return len(keys)
+
+
+def _worker_run(args: tuple[list[str], str, int, float]) -> int:
+    return _decode_keys(_worker_store, *args)
+
+
+def _rate(fn) -> float:
+    t0 = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - t0)
+
+
+def bytes_per_scan(store) -> list[dict]:
+    """Mean bytes read per image (and fraction of the file) when reading the first k scans, k = 1..max."""
+    ends = store.manifest.column("scan_ends").to_pylist()
+    sizes = np.array([e[-1] for e in ends], dtype=np.float64)
+    rows = []
+    for k in range(1, max(len(e) for e in ends) + 1):
+        read = np.array([e[min(k, len(e)) - 1] for e in ends], dtype=np.float64)
+        rows.append({"scans": k, "mean_bytes": float(read.mean()), "fraction_of_file": float((read / sizes).mean())})
+    return rows
+
+
+def measure_ingest(src: str | Path, workers: int) -> dict:
+    """Ingest ``src`` into a throw-away store and report images/s (progressive re-encode included)."""
+    from dynres.store import IngestConfig, ingest
+
+    with tempfile.TemporaryDirectory(prefix="dynres-bench-ingest-") as tmp:
+        report = ingest(src, Path(tmp) / "store", IngestConfig(workers=workers), progress=False)
+    return {"images": report.ingested, "seconds": report.seconds, "images_per_s": report.images_per_s,
+            "workers": workers}
+
+
+def bench_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str | Path | None = None,
+             progress: bool = True) -> dict:
+    from dynres.store import open_store
+
+    store = open_store(store_url)
+    keys = sorted(store.keys)
+    random.Random(config.seed).shuffle(keys)
+    keys = keys[: config.images]
+    workers = config.workers or len(os.sched_getaffinity(0))
+    chunks = [keys[i::workers] for i in range(workers)]
+    rows = []
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(store_url,)) as pool:
+        list(pool.map(_worker_run, [(c, "dct_scaled", 112, config.crop) for c in chunks]))  # warm the pool
+        for res in track(config.resolutions, len(config.resolutions), "bench io", progress):
+            rates: dict[tuple[str, str], list[float]] = {}
+            for _ in range(config.repeats):
+                for method in _DECODERS:
+                    one = _rate(lambda: _decode_keys(store, keys, method, res, config.crop))
+                    rates.setdefault((method, "one_core"), []).append(one)
+                    args = [(c, method, res, config.crop) for c in chunks]
+                    many = _rate(lambda: sum(pool.map(_worker_run, args)))
+                    rates.setdefault((method, "all_cores"), []).append(many)
+            row = {"resolution": res}
+            for (method, mode), values in rates.items():
+                row[f"{method}_{mode}_images_per_s"] = median(values)
+            for mode in ("one_core", "all_cores"):
+                row[f"speedup_{mode}"] = row[f"dct_scaled_{mode}_images_per_s"] / row[f"baseline_{mode}_images_per_s"]
+            rows.append(row)
+    result = {
+        "store": str(store_url),
+        "config": asdict(config),
+        "workers": workers,
+        "decode": rows,
+        "bytes_per_scan": bytes_per_scan(store),
+        "mean_file_bytes": float(np.mean(store.manifest.column("size").to_numpy())),
+    }
+    if src is not None:
+        result["ingest"] = measure_ingest(src, workers)
+    return result
+
+
+def io_markdown(result: dict) -> str:
+    cols = ["resolution", "dct_scaled_one_core_images_per_s", "baseline_one_core_images_per_s", "speedup_one_core",
+            "dct_scaled_all_cores_images_per_s", "baseline_all_cores_images_per_s", "speedup_all_cores"]
+    heads = ["res", "DCT-scaled 1 core (img/s)", "baseline 1 core", "speedup", f"DCT-scaled {result['workers']} cores",
+             f"baseline {result['workers']} cores", "speedup"]
+    parts = [
+        "# dynres bench io", "",
+        f"Store `{result['store']}`, {result['config']['images']} images, crop {result['config']['crop']}, "
+        f"median of {result['config']['repeats']} repeats. Read + decode + resize + center crop, all scans.", "",
+        markdown_table(result["decode"], cols, heads), "",
+        "## Bytes read per image by scan count", "",
+        markdown_table(result["bytes_per_scan"], ["scans", "mean_bytes", "fraction_of_file"],
+                       ["scans", "mean bytes", "fraction of file"]),
+    ]
+    if "ingest" in result:
+        ing = result["ingest"]
+        parts += ["", f"Ingest: {ing['images']} images in {ing['seconds']:.1f} s = **{ing['images_per_s']:.1f} images/s** "
+                  f"({ing['workers']} workers, progressive re-encode included)."]
+    return "\n".join(parts)
+
+
+def run_bench_io(store_url: str, out_dir: str | Path, config: IOBenchConfig = IOBenchConfig(),
+                 src: str | Path | None = None, progress: bool = True) -> dict:
+    result = bench_io(store_url, config, src, progress)
+    write_records(out_dir, "bench_io", result, io_markdown(result))
+    return result
