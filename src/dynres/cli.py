@@ -29,6 +29,49 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
+@bench_app.command("io")
+def bench_io_cmd(
+    store: str = typer.Argument(..., help="Store directory or fsspec URL."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where bench_io.json/.md go."),
+    resolutions: str = typer.Option("112,168,224,280,336,392,448", help="Comma-separated resolutions."),
+    images: int = typer.Option(64, help="Images sampled from the store."),
+    repeats: int = typer.Option(3, help="Repeats per cell (median reported)."),
+    crop: float = typer.Option(0.875, help="Center-crop side ratio."),
+    workers: int = typer.Option(0, help="Processes for the all-cores run (0: every core)."),
+    src: Optional[Path] = typer.Option(None, help="An ImageFolder tree: also measure ingest images/s on it."),
+) -> None:
+    """Read+decode speed: DCT-scaled decode vs full decode + torchvision resize; bytes per scan count."""
+    from dynres.bench import IOBenchConfig, run_bench_io
+
+    cfg = IOBenchConfig(tuple(int(r) for r in resolutions.split(",")), images, repeats, crop, workers)
+    result = run_bench_io(store, out, cfg, src=src)
+    for row in result["decode"]:
+        console.print(
+            f"{row['resolution']:>4}px  1 core: {row['dct_scaled_one_core_images_per_s']:7.1f} vs "
+            f"{row['baseline_one_core_images_per_s']:7.1f} img/s ({row['speedup_one_core']:.2f}x)   "
+            f"all cores: {row['dct_scaled_all_cores_images_per_s']:7.1f} vs "
+            f"{row['baseline_all_cores_images_per_s']:7.1f} img/s ({row['speedup_all_cores']:.2f}x)"
+        )
+    console.print(f"wrote {out / 'bench_io.json'} and {out / 'bench_io.md'}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory (cached stages, records, report)."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller data and budgets: a few minutes."),
+    workers: int = typer.Option(0, help="Processes for data generation, ingest and decoding (0: every core)."),
+    seed: int = typer.Option(0, help="Seed for the built-in data set and training."),
+    force: bool = typer.Option(False, "--force", help="Re-run every stage even if cached."),
+) -> None:
+    """The main job on the built-in data set: synth → ingest → benchmarks (… → report as issues land)."""
+    from dynres.study import FULL, QUICK, StudyConfig, run_study
+
+    cfg = StudyConfig(out=out, size=QUICK if quick else FULL, seed=seed, workers=workers, force=force,
+                      io_images=32 if quick else 64, io_repeats=1 if quick else 3)
+    summary = run_study(cfg)
+    console.print(f"[green]demo finished in {summary['wall_s']:.0f} s[/green]; summary: {out / 'summary.json'}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
