@@ -1,0 +1,400 @@
+"""``ingest``: turn an ImageFolder tree into a progressive-JPEG store, in parallel, resumably, atomically.
+
+Crash safety, in order of events:
+  1. every image is written to a temporary name in its final folder, then renamed (never half a file);
+  2. the main process appends each finished record to ``STORE/.ingest/journal.jsonl`` (flushed per line);
+  3. the manifest is written last: temporary file, fsync, ``os.replace``, fsync of the folder;
+  4. then the journal, stray temporaries and images no longer in the manifest are removed.
+A store without ``manifest.parquet`` refuses to open, so a kill at any point leaves either no manifest or
+a complete one. Before a file that an existing manifest references is rewritten, that manifest is removed.
+Re-running verifies what the journal (or an existing manifest) lists — same encoder settings, same source
+size and mtime, stored file size and sha256 — and re-encodes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import stat
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dynres._jpeg import DEFAULT_MAX_PIXELS, check_scan_script, encode_progressive, load_rgb, parse_scans, prefix_crc32s
+from dynres._ui import track
+from dynres.errors import BadImageError, ConfigError, StoreError
+
+# the extensions torchvision's ImageFolder accepts (case-insensitive)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGES = "images"
+REPORT = "ingest_report.json"
+JOURNAL = ".ingest/journal.jsonl"
+_UNSAFE = set('\\/:*?"<>|') | {chr(c) for c in range(32)} | {"\x7f"}
+_MAX_NAME_BYTES = 150  # file-name limits are 255 bytes; leave room for a hash suffix and temporaries
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How sources become stored files. ``scans``: a jpegtran scan-script file; None = libjpeg's default."""
+
+    quality: int = 90
+    max_side: int | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    scans: str | None = None
+    chunksize: int = 8
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.quality <= 100:
+            raise ConfigError("quality", f"must be in 1..100, got {self.quality}")
+        if self.max_side is not None and self.max_side < 1:
+            raise ConfigError("max_side", f"must be positive, got {self.max_side}")
+        if self.max_pixels < 1:
+            raise ConfigError("max_pixels", f"must be positive, got {self.max_pixels}")
+
+    def fingerprint(self) -> dict:
+        """The settings that determine the stored bytes: a resumed ingest reuses files only if they match."""
+        script = None
+        if self.scans is not None:
+            script = hashlib.sha256(Path(self.scans).read_bytes()).hexdigest()
+        return {"quality": self.quality, "max_side": self.max_side, "scan_script_sha256": script}
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What one ``ingest`` call did. ``images_per_s`` counts newly encoded images over the whole call."""
+
+    store: str
+    ingested: int
+    reused: int
+    skipped: list[tuple[str, str]]
+    images: int  # rows in the manifest
+    bytes: int  # stored bytes in total
+    seconds: float
+    images_per_s: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skipped"] = [{"file": f, "reason": r} for f, r in self.skipped]
+        return d
+
+
+@dataclass(frozen=True)
+class _Task:
+    key: str
+    source: str  # relative to SRC, posix
+    source_abs: str
+    source_size: int
+    source_mtime_ns: int
+    label: int
+    class_name: str
+    path: str  # relative to STORE, posix
+
+
+def ingest(
+    src_dir: str | os.PathLike, store_dir: str | os.PathLike, config: IngestConfig | None = None, progress: bool = True
+) -> IngestReport:
+    """Re-encode every image under ``src_dir`` (ImageFolder layout) into a store at ``store_dir``."""
+    from dynres.store import CLASSES_KEY, CONFIG_KEY, FORMAT_VERSION, MANIFEST, SCHEMA, VERSION_KEY
+
+    cfg = config or IngestConfig()
+    t0 = time.perf_counter()
+    src, store = Path(src_dir), Path(store_dir)
+    if not src.is_dir():
+        raise StoreError(src, "source directory not found")
+    if cfg.scans is not None:
+        check_scan_script(cfg.scans)
+    fingerprint = cfg.fingerprint()
+    classes, tasks, skipped = _plan(src)
+    store.mkdir(parents=True, exist_ok=True)
+    manifest = store / MANIFEST
+
+    previous, manifest_paths = _previous_records(manifest, store / JOURNAL, fingerprint, CONFIG_KEY)
+    # manifest_paths is None when an existing manifest has other settings or is unreadable
+    records: dict[str, dict] = {}
+    todo: list[_Task] = []
+    for task in tasks:
+        rec = previous.get(task.key)
+        if rec is not None and _reusable(store, task, rec):
+            records[task.key] = {**rec, "label": task.label, "class_name": task.class_name}
+        else:
+            todo.append(task)
+    reused = len(records)
+    if manifest.exists() and (manifest_paths is None or any(t.path in manifest_paths for t in todo)):
+        manifest.unlink()  # about to rewrite files it references (or its settings differ): no longer complete
+
+    journal = _open_journal(store / JOURNAL, fingerprint)
+    try:
+        for task, result in track(_encode_all(todo, store, cfg), len(todo), "ingest", progress):
+            if isinstance(result, str):
+                skipped.append((task.source, result))
+                continue
+            records[task.key] = result
+            journal.write(json.dumps(result, ensure_ascii=False) + "\n")
+            journal.flush()
+    finally:
+        journal.close()
+
+    rows = [records[t.key] for t in tasks if t.key in records]
+    seconds = time.perf_counter() - t0
+    report = IngestReport(
+        store=str(store), ingested=len(records) - reused, reused=reused, skipped=skipped, images=len(rows),
+        bytes=sum(r["size"] for r in rows), seconds=seconds, images_per_s=(len(records) - reused) / max(seconds, 1e-9),
+    )
+    _atomic_write(store / REPORT, json.dumps(report.to_dict(), indent=1, ensure_ascii=False).encode())
+    metadata = {
+        VERSION_KEY: str(FORMAT_VERSION).encode(),
+        CLASSES_KEY: json.dumps(classes, ensure_ascii=False).encode(),
+        CONFIG_KEY: json.dumps(fingerprint).encode(),
+        b"dynres.created": datetime.now(timezone.utc).isoformat().encode(),
+    }
+    import pyarrow as pa
+
+    _write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata)), manifest)
+    _cleanup(store, {r["path"] for r in rows})
+    return report
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _plan(src: Path) -> tuple[list[str], list[_Task], list[tuple[str, str]]]:
+    """Classes (sorted folder names, as ImageFolder), one task per key, and the files skipped up front."""
+    skipped: list[tuple[str, str]] = []
+    classes = []
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.is_dir():
+            classes.append(entry.name)
+        else:
+            skipped.append((entry.name, "not inside a class folder"))
+    by_key: dict[str, list[tuple[str, str, os.stat_result, int]]] = {}
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(src / cls, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                abs_path = os.path.join(dirpath, fname)
+                rel = Path(abs_path).relative_to(src).as_posix()
+                stem, ext = os.path.splitext(rel)
+                if ext.lower() not in IMG_EXTENSIONS:
+                    skipped.append((rel, f"unsupported extension {ext or '(none)'!r}"))
+                    continue
+                try:
+                    st = os.stat(abs_path)
+                except OSError as err:
+                    skipped.append((rel, f"cannot read: {err.strerror or err}"))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    skipped.append((rel, "not a regular file"))
+                elif st.st_size == 0:
+                    skipped.append((rel, "empty file (0 bytes)"))
+                else:
+                    by_key.setdefault(stem, []).append((rel, abs_path, st, label))
+    tasks = []
+    taken: dict[str, set[str]] = {}
+    for key in sorted(by_key, key=lambda k: (by_key[k][0][3], k)):
+        (rel, abs_path, st, label), *dups = sorted(by_key[key])
+        for dup in dups:
+            skipped.append((dup[0], f"duplicate key {key!r}: kept {rel}"))
+        cls = classes[label]
+        name = _safe_name(key, key[len(cls) + 1 :], taken.setdefault(cls, set()))
+        tasks.append(_Task(key, rel, abs_path, st.st_size, st.st_mtime_ns, label, cls, f"{IMAGES}/{cls}/{name}"))
+    return classes, tasks, skipped
+
+
+def _safe_name(key: str, stem: str, taken: set[str]) -> str:
+    """A file name for ``stem`` that keeps unicode, is safe on common file systems and unique in its class.
+
+    Unsafe characters (and sub-folder separators) become ``_``; a name that had to change, is too long or
+    collides case-insensitively gets a hash of the key appended, so every key maps to one stable name.
+    """
+    safe = "".join("_" if c in _UNSAFE else c for c in stem).rstrip(" .")
+    if safe.startswith((".", "-")) or not safe:
+        safe = "_" + safe
+    truncated = safe.encode()[:_MAX_NAME_BYTES].decode(errors="ignore")
+    if truncated != stem or truncated.casefold() in taken:
+        truncated = f"{truncated}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    taken.add(truncated.casefold())
+    return truncated + ".jpg"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _previous_records(manifest: Path, journal: Path, fingerprint: dict, config_key: bytes) -> tuple[dict, set | None]:
+    """Records a resumed ingest may reuse (same encoder settings), and the paths an existing manifest
+    references (None: it has other settings or cannot be read, so it must go before any file is written)."""
+    records: dict[str, dict] = {}
+    manifest_paths: set[str] | None = set()
+    if manifest.exists():
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(manifest)
+            meta = table.schema.metadata or {}
+            if json.loads(meta.get(config_key, b"null")) == fingerprint:
+                rows = table.to_pylist()
+                manifest_paths = {r["path"] for r in rows}
+                records.update((r["key"], r) for r in rows)
+            else:
+                manifest_paths = None
+        except Exception:  # noqa: BLE001 - an unreadable manifest is not reused, only replaced
+            manifest_paths = None
+    if journal.exists():
+        with open(journal, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        if lines and _parse_line(lines[0]) == {"fingerprint": fingerprint}:
+            for line in lines[1:]:
+                rec = _parse_line(line)  # a SIGKILL may leave a partial last line: ignored
+                if rec and "key" in rec:
+                    records[rec["key"]] = rec
+    return records, manifest_paths
+
+
+def _parse_line(line: str) -> dict | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _open_journal(path: Path, fingerprint: dict):
+    """Append to a journal with these settings, or start a new one."""
+    path.parent.mkdir(exist_ok=True)
+    header = json.dumps({"fingerprint": fingerprint})
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            if f.readline().rstrip("\n") == header:
+                return open(path, "a", encoding="utf-8")
+    f = open(path, "w", encoding="utf-8")
+    f.write(header + "\n")
+    f.flush()
+    return f
+
+
+def _reusable(store: Path, task: _Task, rec: dict) -> bool:
+    if (rec.get("source"), rec.get("path"), rec.get("source_size"), rec.get("source_mtime_ns")) != (
+        task.source, task.path, task.source_size, task.source_mtime_ns,
+    ):
+        return False
+    try:
+        data = (store / task.path).read_bytes()
+    except OSError:
+        return False
+    return len(data) == rec.get("size") and hashlib.sha256(data).hexdigest() == rec.get("sha256")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _encode_all(todo: list[_Task], store: Path, cfg: IngestConfig) -> Iterator[tuple[_Task, dict | str]]:
+    """(task, record or skip reason) in task order; processes when workers > 1."""
+    args = [(t, str(store), cfg) for t in todo]
+    if cfg.workers <= 1 or len(todo) <= 1:
+        yield from zip(todo, map(_encode_one, args))
+        return
+    # forkserver: never fork a parent that may hold torch/OpenMP threads
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context(method))
+    try:
+        yield from zip(todo, pool.map(_encode_one, args, chunksize=cfg.chunksize))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued work, keep the journal
+
+
+def _encode_one(arg: tuple[_Task, str, IngestConfig]) -> dict | str:
+    """Encode one source and write it atomically; a record for the manifest, or the reason it was skipped."""
+    task, store, cfg = arg
+    try:
+        img = load_rgb(task.source_abs, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
+        data = encode_progressive(img, cfg.quality, cfg.scans)
+        layout = parse_scans(data, task.source)
+    except ConfigError:
+        raise
+    except BadImageError as err:
+        return err.reason
+    except Exception as err:  # noqa: BLE001 - one undecodable file must never stop a long ingest
+        return _reason(err)
+    if not layout.progressive:
+        return "encoder produced a non-progressive JPEG"
+    data = data[: layout.scan_ends[-1]]
+    out = os.path.join(store, *task.path.split("/"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, out)
+    return {
+        "key": task.key, "path": task.path, "label": task.label, "class_name": task.class_name,
+        "width": img.width, "height": img.height, "size": len(data), "scan_ends": list(layout.scan_ends),
+        "scan_crc32": prefix_crc32s(data, layout.scan_ends), "sha256": hashlib.sha256(data).hexdigest(),
+        "source": task.source, "source_size": task.source_size, "source_mtime_ns": task.source_mtime_ns,
+    }
+
+
+def _reason(err: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image Pillow can identify"
+    if isinstance(err, PermissionError):
+        return f"cannot read: permission denied ({err.strerror or err})"
+    if isinstance(err, OSError) and "truncated" in str(err):
+        return f"truncated image ({err})"
+    return f"corrupt image ({type(err).__name__}: {err})"
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not supported (Windows): the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_parquet_atomic(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _cleanup(store: Path, keep: set[str]) -> None:
+    """Remove the journal, stray temporaries and images no longer in the manifest."""
+    journal = store / JOURNAL
+    if journal.exists():
+        journal.unlink()
+    try:
+        journal.parent.rmdir()
+    except OSError:
+        pass
+    images = store / IMAGES
+    for dirpath, _, filenames in os.walk(images):
+        for fname in filenames:
+            full = os.path.join(dirpath, fname)
+            if Path(full).relative_to(store).as_posix() not in keep:
+                os.unlink(full)
