@@ -1,0 +1,56 @@
+"""report: every table and figure comes from the run's records; numbers in the report equal the JSON."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from dynres.errors import DynresError
+from dynres.report import build_report
+
+
+def summary(tmp_path) -> dict:
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.jpg")
+    static = [{"crop": c, "resolution": r, "accuracy": 50 + r / 10 - c * 7, "gflops": r * r / 1e4}
+              for c in (0.25, 1.0) for r in (56, 112, 168)]
+    return {
+        "wall_s": 123.4,
+        "machine": {"cpu": "Test CPU", "cores": 2, "python": "3.11", "versions": {"torch": "2.14.1"}},
+        "static": static,
+        "dynamic": [{"crop": 0.25, "accuracy": 61.25, "gflops": 1.5, "read_savings": 0.31, "lambda": None},
+                    {"crop": 0.25, "accuracy": 60.0, "gflops": 1.0, "read_savings": 0.3, "lambda": 5.0}],
+        "oracle": [{"crop": 0.25, "accuracy": 77.5}],
+        "calibration": [{"resolution": 112, "crop": 0.75, "acc_full": 70.0, "acc_calibrated": 69.5,
+                         "read_savings": 0.25}],
+        "calibration_sweep": [{"resolution": 112, "relative_bytes": b, "acc_change": -(1 - b)} for b in (0.5, 1.0)],
+        "kernels": [{"model": "resnet18", "resolution": 112, "backend": b, "latency_ms": ms, "gflops_per_s": 100 / ms}
+                    for b, ms in (("eager", 10.0), ("ort", 5.0), ("tuned", 5.0))],
+        "pipeline": {"baseline": {"images_per_s": 10.0, "accuracy": 70.0, "bytes_per_image": 5e4, "p50_ms": 90.0,
+                                  "p99_ms": 120.0},
+                     "dynamic": {"images_per_s": 35.0, "accuracy": 71.0, "bytes_per_image": 3e4, "p50_ms": 30.0,
+                                 "p99_ms": 40.0}},
+        "samples": [{"path": "a.jpg", "resolution": 112, "class_name": "stripes"}],
+    }
+
+
+def test_report_renders_every_section_from_the_summary(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path)))
+    html_path, md_path = build_report(tmp_path)
+    md, page = md_path.read_text(), html_path.read_text()
+    for needle in ("61.25", "77.5", "69.5", "3.5", "Test CPU"):  # dynamic acc, oracle, calibrated, 35/10 speedup
+        assert needle in md, needle
+    assert "LOSS > target" in md  # 0.5 points lost > 0.05 target is flagged
+    assert page.count("data:image/png;base64,") == 4  # Figures 8/9, 6, 7 and the thumbnails (no io record)
+    for fig in ("accuracy_vs_gflops", "calibration_sweep", "kernels_resnet18", "scale_choices"):
+        assert (tmp_path / "figures" / f"{fig}.png").stat().st_size > 1000
+
+
+def test_missing_sections_say_so_instead_of_failing(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"wall_s": 1.0}))
+    _, md_path = build_report(tmp_path)
+    assert "No static evaluation in this run." in md_path.read_text()
+
+
+def test_a_run_without_summary_is_a_clear_error(tmp_path):
+    with pytest.raises(DynresError, match="summary.json"):
+        build_report(tmp_path)
