@@ -21,7 +21,7 @@ import stat
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,11 +40,12 @@ _MAX_NAME_BYTES = 150  # file-name limits are 255 bytes; leave room for a hash s
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """How sources become stored files. ``scans``: a jpegtran scan-script file; None = libjpeg's default."""
+    """How sources become stored files. ``workers``: processes (0: every core; 1: in this process).
+    ``scans``: a jpegtran scan-script file; None = libjpeg's default script."""
 
     quality: int = 90
     max_side: int | None = None
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     scans: str | None = None
     chunksize: int = 8
@@ -54,6 +55,8 @@ class IngestConfig:
             raise ConfigError("quality", f"must be in 1..100, got {self.quality}")
         if self.max_side is not None and self.max_side < 1:
             raise ConfigError("max_side", f"must be positive, got {self.max_side}")
+        if self.workers < 0:
+            raise ConfigError("workers", f"must be >= 0, got {self.workers}")
         if self.max_pixels < 1:
             raise ConfigError("max_pixels", f"must be positive, got {self.max_pixels}")
 
@@ -295,12 +298,13 @@ def _reusable(store: Path, task: _Task, rec: dict) -> bool:
 def _encode_all(todo: list[_Task], store: Path, cfg: IngestConfig) -> Iterator[tuple[_Task, dict | str]]:
     """(task, record or skip reason) in task order; processes when workers > 1."""
     args = [(t, str(store), cfg) for t in todo]
-    if cfg.workers <= 1 or len(todo) <= 1:
+    workers = cfg.workers or os.cpu_count() or 1
+    if workers == 1 or len(todo) <= 1:
         yield from zip(todo, map(_encode_one, args))
         return
     # forkserver: never fork a parent that may hold torch/OpenMP threads
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context(method))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
     try:
         yield from zip(todo, pool.map(_encode_one, args, chunksize=cfg.chunksize))
     finally:

@@ -72,6 +72,43 @@ def demo(
     console.print(f"[green]demo finished in {summary['wall_s']:.0f} s[/green]; summary: {out / 'summary.json'}")
 
 
+@app.command()
+def ingest(
+    src: Path = typer.Argument(..., help="ImageFolder tree: SRC/<class>/<image> (JPEG, PNG, WebP, BMP, TIFF)."),
+    store: Path = typer.Argument(..., help="Store directory to create or resume."),
+    quality: int = typer.Option(90, help="JPEG quality (1-100)."),
+    max_side: Optional[int] = typer.Option(None, "--max-side", help="Cap the long side (pixels)."),
+    workers: int = typer.Option(0, help="Processes (0: every core, 1: no subprocesses)."),
+    max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Skip larger images as decompression bombs."),
+    scans: Optional[Path] = typer.Option(None, "--scans", help="jpegtran scan-script file (needs `jpegtran`)."),
+) -> None:
+    """Re-encode an image tree as progressive JPEGs + manifest.parquet (resumable; skipped files listed)."""
+    from rich.table import Table
+
+    from dynres.store import IngestConfig
+    from dynres.store import ingest as run_ingest
+
+    cfg = IngestConfig(quality=quality, max_side=max_side, workers=workers, max_pixels=max_pixels,
+                       scans=str(scans) if scans else None)
+    rep = run_ingest(src, store, cfg, progress=True)
+    if rep.skipped:
+        table = Table("skipped file", "reason", title=f"{len(rep.skipped)} skipped")
+        for name, reason in rep.skipped:
+            table.add_row(name, reason)
+        console.print(table)
+    console.print(f"{rep.images} images in {store} ({rep.ingested} encoded, {rep.reused} reused, "
+                  f"{len(rep.skipped)} skipped) in {rep.seconds:.1f} s = {rep.images_per_s:.1f} images/s")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory with summary.json.")) -> None:
+    """Render RUN_DIR/report.html and report.md from the run's records."""
+    from dynres.report import build_report
+
+    html_path, md_path = build_report(run_dir)
+    console.print(f"wrote {html_path} and {md_path}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
