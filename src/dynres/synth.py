@@ -457,8 +457,9 @@ def synth(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), progr
             for part in track(pool.map(work, chunks), len(chunks), bar, progress):
                 records.extend(part)
 
-    meta = {_META_KEY: json.dumps(asdict(config)).encode(), b"dynres.synth.classes": json.dumps(
-        [asdict(c) for c in CLASSES[: config.classes]]).encode()}
+    settings = {k: v for k, v in asdict(config).items() if k != "workers"}  # the bytes do not depend on workers
+    meta = {_META_KEY: json.dumps(settings).encode(),
+            b"dynres.synth.classes": json.dumps([asdict(c) for c in CLASSES[: config.classes]]).encode()}
     table = pa.Table.from_pylist(records).replace_schema_metadata(meta)
     tmp = out / f".{TABLE}.tmp"
     pq.write_table(table, tmp)
