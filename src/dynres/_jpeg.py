@@ -205,6 +205,10 @@ def check_scan_script(scan_script: str) -> None:
             "a custom scan script needs libjpeg's `jpegtran` on PATH (Pillow cannot set one); "
             "install libjpeg-turbo-progs or omit --scans to use libjpeg's default script",
         )
+    probe = Image.new("RGB", (16, 16), (128, 64, 32))
+    layout = parse_scans(encode_progressive(probe, 90, scan_script), scan_script)  # a bad script fails here, once
+    if not layout.progressive:
+        raise ConfigError(scan_script, "the scan script does not produce a progressive JPEG")
 
 
 def _jpegtran_scans(data: bytes, scan_script: str) -> bytes:
@@ -212,5 +216,6 @@ def _jpegtran_scans(data: bytes, scan_script: str) -> bytes:
         ["jpegtran", "-copy", "none", "-scans", scan_script], input=data, capture_output=True, check=False
     )
     if proc.returncode != 0 or not proc.stdout:
-        raise ConfigError(scan_script, f"jpegtran rejected the scan script: {proc.stderr.decode(errors='replace').strip()}")
+        first = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[0]
+        raise ConfigError(scan_script, f"jpegtran rejected the scan script: {first}")
     return proc.stdout
