@@ -1,0 +1,386 @@
+"""The two-model inference pipeline (paper Figure 4, section VII.c): scale model → chosen resolution → backbone.
+
+Per image: read the scale model's prefix, decode it at the scale resolution, run the scale model (batched), pick a
+resolution with the cost-aware rule, fetch only the missing byte range, decode at that resolution and run the
+backbone batched per resolution. Reading and decoding run in a thread pool (Pillow and torch release the GIL) while
+the main thread runs the models, so the decode of the next chunk overlaps the backbone of the current one. Static
+mode (``resolution=R``) skips the scale model: the baselines of ``dynres bench pipeline``.
+
+The three concerns stay swappable: the store gives bytes, a scans policy says how many, and a :class:`Runner`
+turns uint8 images into logits (eager PyTorch or the tuned kernels of :mod:`dynres.kernels`: one line differs).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from dynres._ui import track
+from dynres.data import Scans, scans_for
+from dynres.decode import decode, decode_baseline
+from dynres.errors import ConfigError
+from dynres.models import to_input
+
+TOPK = 5
+
+
+# --- runners: uint8 images -> logits ----------------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    """``runner(images, resolution) -> logits`` for a uint8 (N, 3, R, R) batch; what the pipeline calls."""
+
+    def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor: ...
+
+
+class EagerRunner:
+    """Plain PyTorch: any batch size, any resolution."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+
+    def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(to_input(images))
+
+
+class KernelRunner:
+    """Tuned kernels from :func:`dynres.kernels.load`, built lazily per (resolution, batch size).
+
+    Tuned kernels are shape-specialized, so a batch is cut into tuned ``batch`` pieces; a tail is padded to
+    ``batch`` when it fills more than half of it, else run on batch-1 kernels.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int = 8, threads: int = 2, cache_dir: Path | None = None):
+        self.model, self.batch, self.threads, self.cache_dir = model.eval(), batch, threads, cache_dir
+        self._kernels: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def kernel(self, resolution: int, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        if (resolution, batch) not in self._kernels:
+            from dynres import kernels
+
+            self._kernels[resolution, batch] = kernels.load(self.model, resolution, batch, self.threads,
+                                                            self.cache_dir)
+        return self._kernels[resolution, batch]
+
+    def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
+        x, n, out = to_input(images), len(images), []
+        with torch.inference_mode():
+            full = n - n % self.batch
+            for i in range(0, full, self.batch):
+                out.append(self.kernel(resolution, self.batch)(x[i : i + self.batch]))
+            tail = x[full:]
+            if len(tail) * 2 > self.batch:
+                pad = torch.zeros(self.batch - len(tail), *tail.shape[1:])
+                out.append(self.kernel(resolution, self.batch)(torch.cat([tail, pad]))[: len(tail)])
+            else:
+                out += [self.kernel(resolution, 1)(tail[i : i + 1]) for i in range(len(tail))]
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def make_runner(model: torch.nn.Module, kernels: str = "eager", batch: int = 8, threads: int = 2,
+                cache_dir: Path | None = None) -> Runner:
+    """``kernels="eager"`` or ``"tuned"`` (the cached winners of ``dynres tune``; eager where none is cached)."""
+    if kernels == "eager":
+        return EagerRunner(model)
+    if kernels == "tuned":
+        return KernelRunner(model, batch, threads, cache_dir)
+    raise ConfigError("kernels", f"unknown kernel choice {kernels!r} (eager, tuned)")
+
+
+# --- the scale model ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScaleStage:
+    """The scale model with what choosing needs: its input resolution and prefix, the backbone's grid and costs."""
+
+    runner: Runner
+    resolution: int
+    grid: tuple[int, ...]
+    costs: tuple[float, ...]  # backbone cost per grid resolution, in the unit the choice rule expects
+    scans: int | None = None  # the prefix it reads (None: the policy's scans at its resolution)
+
+    def choose(self, images: torch.Tensor, lam: float) -> tuple[list[int], np.ndarray]:
+        """Chosen resolution per image and the scale model's p(correct at r) matrix."""
+        probs = torch.sigmoid(self.runner(images, self.resolution).float()).numpy()
+        return [self.grid[i] for i in choose_index(probs, self.costs, lam)], probs
+
+
+def choose_index(probs: np.ndarray, costs: Sequence[float], lam: float) -> np.ndarray:
+    """The cost-aware rule argmax_r p(r) - lam * cost(r), per row (ties: the cheaper resolution)."""
+    return np.argmax(probs - lam * np.asarray(costs, dtype=np.float64)[None, :], axis=1)
+
+
+# --- configuration and results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How to run. ``resolution`` set: static mode. ``baseline``: the common baseline (full read, full Pillow
+    decode + torchvision resize, no policy). ``max_wait`` is how many chunks a partly filled per-resolution batch
+    may wait for more images before it runs anyway."""
+
+    batch_size: int = 16
+    workers: int = 2
+    torch_threads: int = 0  # 0: leave torch's setting alone
+    crop: float = 0.875
+    resolution: int | None = None
+    lam: float = 0.0
+    baseline: bool = False
+    prefetch: int = 2
+    max_wait: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
+            raise ConfigError("pipeline", "batch_size, workers, prefetch and max_wait must be >= 1")
+        if self.baseline and self.resolution is None:
+            raise ConfigError("pipeline", "the baseline is a static mode: give a resolution")
+
+
+@dataclass
+class Prediction:
+    key: str
+    label: int | None
+    top5: list[int]
+    top5_probs: list[float]
+    resolution: int
+    bytes_read: int
+    file_bytes: int
+    latency_ms: float
+    lam: float | None = None
+
+
+@dataclass
+class InferenceResult:
+    predictions: list[Prediction]
+    summary: dict
+    classes: tuple[str, ...] = field(default=())
+
+    def write_parquet(self, path: str | Path) -> Path:
+        """One row per image: key, label, top-5 class names + probabilities, resolution, bytes, latency."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        names = self.classes
+        p = self.predictions
+        table = pa.table({
+            "key": [x.key for x in p],
+            "label": pa.array([names[x.label] if x.label is not None and names else x.label for x in p]),
+            "top5_classes": [[names[i] if names else str(i) for i in x.top5] for x in p],
+            "top5_probs": pa.array([x.top5_probs for x in p], pa.list_(pa.float32())),
+            "resolution": pa.array([x.resolution for x in p], pa.int32()),
+            "lam": pa.array([x.lam for x in p], pa.float64()),
+            "bytes_read": pa.array([x.bytes_read for x in p], pa.int64()),
+            "file_bytes": pa.array([x.file_bytes for x in p], pa.int64()),
+            "latency_ms": pa.array([x.latency_ms for x in p], pa.float64()),
+        })
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        return path
+
+
+def top5(logits: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+    probs = torch.softmax(logits.float(), dim=1)
+    p, i = probs.topk(min(TOPK, probs.shape[1]), dim=1)
+    return i.tolist(), p.tolist()
+
+
+# --- the engine --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    index: int
+    key: str
+    t0: float
+    scans: int | None = None  # scans already in hand from the scale stage
+    data: bytes = b""
+    resolution: int = 0
+    bytes_read: int = 0
+    chunk: int = 0
+    image: Future | None = None
+
+
+class Engine:
+    """Batch inference over a store. ``scale=None`` requires a static ``config.resolution``.
+
+    ``label_map`` maps store label indices to backbone class indices (by class name), so accuracy is right even
+    when the store's class list differs from the checkpoint's.
+    """
+
+    def __init__(self, store, backbone: Runner, *, scale: ScaleStage | None = None, policy: Scans = None,
+                 config: PipelineConfig = PipelineConfig(), classes: Sequence[str] = ()):
+        if scale is None and config.resolution is None:
+            raise ConfigError("pipeline", "no scale model: give a static resolution")
+        self.store, self.backbone, self.scale, self.policy, self.config = store, backbone, scale, policy, config
+        self.classes = tuple(classes)
+        index = {c: i for i, c in enumerate(self.classes)}
+        store_classes = list(getattr(store, "classes", []) or [])
+        self.label_map = {i: index[c] for i, c in enumerate(store_classes) if c in index} if index else {}
+        self.timings: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # one image's work, run in the pool --------------------------------------------------------------------------
+
+    def _timed(self, name: str, fn, *args):
+        t = time.thread_time()
+        out = fn(*args)
+        self._add(name, time.thread_time() - t)
+        return out
+
+    def _scans(self, key: str, resolution: int) -> int | None:
+        return None if self.config.baseline else scans_for(self.policy, key, resolution)
+
+    def _scale_read(self, item: _Item) -> torch.Tensor:
+        s = self.scale
+        scans = s.scans if s.scans is not None else self._scans(item.key, s.resolution)
+        item.data = self._timed("scale_read", self.store.read, item.key, scans)
+        item.scans = _clip(scans, self.store.num_scans(item.key))
+        return self._timed("scale_decode", decode, item.data, s.resolution, self.config.crop, item.key)
+
+    def _read(self, item: _Item) -> torch.Tensor:
+        """Bytes for the chosen resolution (only the missing range is fetched), decoded at it."""
+        key, r, cfg = item.key, item.resolution, self.config
+        want = _clip(self._scans(key, r), self.store.num_scans(key))
+        have = item.scans
+        if have is not None and want <= have:  # the scale prefix already holds enough: decode what is in hand
+            data, want = item.data, have
+        else:
+            data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
+        item.data = b""
+        item.bytes_read = self.store.prefix_size(key, want)
+        fn = decode_baseline if cfg.baseline else decode
+        return self._timed("decode", fn, data, r, cfg.crop, key)
+
+    # the pipelined loop -----------------------------------------------------------------------------------------
+
+    def run(self, keys: Sequence[str] | None = None, *, progress: bool = True) -> InferenceResult:
+        keys = list(self.store.keys if keys is None else keys)
+        cfg = self.config
+        old_threads = torch.get_num_threads()
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.timings = {}
+        bytes0 = self.store.bytes_read
+        out: list[Prediction | None] = [None] * len(keys)
+        chunks = [keys[i : i + cfg.batch_size] for i in range(0, len(keys), cfg.batch_size)]
+        start = time.perf_counter()
+        try:
+            with ThreadPoolExecutor(cfg.workers, thread_name_prefix="dynres-read") as pool:
+                self._loop(pool, chunks, out, progress)
+        finally:
+            torch.set_num_threads(old_threads)
+        wall = time.perf_counter() - start
+        preds = [p for p in out if p is not None]
+        summary = summarize(preds, wall, self.store.bytes_read - bytes0, self.timings)
+        summary["mode"] = "baseline" if cfg.baseline else ("static" if self.scale is None else "dynamic")
+        return InferenceResult(preds, summary, self.classes)
+
+    def _loop(self, pool: ThreadPoolExecutor, chunks: list[list[str]], out: list, progress: bool) -> None:
+        cfg, lam = self.config, self.config.lam
+        first: dict[int, list[_Item]] = {}  # chunk -> items whose scale-stage decode is in flight
+        buckets: dict[int, list[_Item]] = {}  # resolution -> items whose backbone-stage decode is in flight
+        offsets = np.cumsum([0] + [len(c) for c in chunks])
+
+        def submit(j: int) -> None:
+            if j >= len(chunks) or j in first:
+                return
+            items = [_Item(int(offsets[j]) + n, k, time.perf_counter(), chunk=j) for n, k in enumerate(chunks[j])]
+            for it in items:
+                if self.scale is None:
+                    it.resolution = cfg.resolution
+                    it.image = pool.submit(self._read, it)
+                else:
+                    it.image = pool.submit(self._scale_read, it)
+            first[j] = items
+
+        lag = 1 if self.scale is not None else 0  # a dynamic chunk's backbone decodes were just submitted
+        for j in track(range(len(chunks) + 1), len(chunks) + 1, "infer", progress):
+            for ahead in range(j, j + cfg.prefetch + 1):
+                submit(ahead)
+            items = first.pop(j, [])
+            if items and self.scale is not None:
+                batch = torch.stack([it.image.result() for it in items])
+                t = time.perf_counter()
+                resolutions, _ = self.scale.choose(batch, lam)
+                self._add("scale_model", time.perf_counter() - t)
+                for it, r in zip(items, resolutions):
+                    it.resolution = r
+                    it.image = pool.submit(self._read, it)
+            for it in items:
+                buckets.setdefault(it.resolution, []).append(it)
+            last = j >= len(chunks)
+            for r in sorted(buckets):
+                # run the decoded images of earlier chunks: full batches now, a partial one once it waited enough
+                pending = buckets[r]
+                while True:
+                    ready = len(pending) if last else sum(1 for it in pending if it.chunk <= j - lag)
+                    if not ready or (ready < cfg.batch_size and j - pending[0].chunk < cfg.max_wait and not last):
+                        break
+                    n = min(ready, cfg.batch_size)
+                    batch, pending[:] = pending[:n], pending[n:]
+                    self._backbone(batch, r, out, lam)
+
+    def _backbone(self, items: list[_Item], resolution: int, out: list, lam: float) -> None:
+        images = torch.stack([it.image.result() for it in items])
+        t = time.perf_counter()
+        idx, probs = top5(self.backbone(images, resolution))
+        self._add("backbone", time.perf_counter() - t)
+        now = time.perf_counter()
+        for it, i, p in zip(items, idx, probs):
+            label = self.store.label(it.key)
+            label = self.label_map.get(label, label) if label is not None and label >= 0 else None
+            out[it.index] = Prediction(it.key, label, i, p, resolution, it.bytes_read, self.store.size(it.key),
+                                       (now - it.t0) * 1e3, lam if self.scale is not None else None)
+
+    def _add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+
+def _clip(scans: int | None, total: int) -> int:
+    return total if scans is None else max(1, min(int(scans), total))
+
+
+def summarize(preds: Sequence[Prediction], wall_s: float, bytes_read: int, timings: dict[str, float]) -> dict:
+    """Accuracy (percent, where labels are known), images/s, bytes, resolution histogram, latency percentiles.
+
+    ``scale_overhead`` is the scale model's share of the pipeline's work: its read + decode (thread CPU time)
+    + inference, over all reads, decodes and inference.
+    """
+    n = len(preds)
+    lat = np.array([p.latency_ms for p in preds]) if n else np.zeros(1)
+    labelled = [p for p in preds if p.label is not None]
+    hist: dict[str, int] = {}
+    for p in preds:
+        hist[str(p.resolution)] = hist.get(str(p.resolution), 0) + 1
+    work = sum(timings.values())
+    scale = sum(v for k, v in timings.items() if k.startswith("scale"))
+    file_bytes = sum(p.file_bytes for p in preds)
+    return {
+        "images": n,
+        "seconds": wall_s,
+        "images_per_s": n / wall_s if wall_s > 0 else 0.0,
+        "accuracy": 100.0 * np.mean([p.top5[0] == p.label for p in labelled]) if labelled else None,
+        "top5_accuracy": 100.0 * np.mean([p.label in p.top5 for p in labelled]) if labelled else None,
+        "bytes_read": int(bytes_read),
+        "bytes_per_image": bytes_read / n if n else 0.0,
+        "policy_bytes": int(sum(p.bytes_read for p in preds)),
+        "read_fraction": bytes_read / file_bytes if file_bytes else 0.0,
+        "resolution_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "work_s": {k: round(v, 4) for k, v in sorted(timings.items())},
+        "scale_overhead": scale / work if work else 0.0,
+    }

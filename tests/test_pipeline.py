@@ -1,0 +1,115 @@
+"""The batch engine agrees with calling the models by hand, and reads exactly the bytes its policy asks for."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from _pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_classifier, tiny_scale
+
+from dynres.decode import decode, decode_baseline
+from dynres.errors import ConfigError
+from dynres.models import to_input
+from dynres.pipeline import Engine, EagerRunner, KernelRunner, PipelineConfig, choose_index
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("pipeline"))
+
+
+def direct_logits(model, image):
+    with torch.inference_mode():
+        return model(to_input(image[None]))[0]
+
+
+def test_dynamic_matches_direct_model_calls_and_reads_the_policys_bytes(store):
+    backbone, scale, policy = tiny_classifier(), tiny_scale(), StepPolicy()
+    cfg = PipelineConfig(batch_size=3, workers=2, lam=0.3)
+    store.reset_stats()
+    result = Engine(store, EagerRunner(backbone), scale=scale, policy=policy, config=cfg,
+                    classes=("cat", "dog")).run(progress=False)
+
+    assert [p.key for p in result.predictions] == store.keys
+    expected_bytes = 0
+    for pred in result.predictions:
+        key = pred.key
+        small = decode(store.read(key, scale.scans), SCALE_RES)
+        probs = torch.sigmoid(direct_logits(scale.runner.model, small)).numpy()[None]
+        r = GRID[int(choose_index(probs, scale.costs, 0.3)[0])]
+        scans = max(scale.scans, policy.scans(key, r))  # bytes already in hand are used, never re-read
+        logits = direct_logits(backbone, decode(store.read(key, scans), r))
+        assert pred.resolution == r
+        assert pred.top5 == torch.softmax(logits, 0).topk(2).indices.tolist()
+        assert pred.top5_probs == pytest.approx(torch.softmax(logits, 0).topk(2).values.tolist(), abs=1e-5)
+        assert pred.bytes_read == store.prefix_size(key, scans)
+        assert pred.label == store.label(key) and pred.lam == 0.3
+        expected_bytes += store.prefix_size(key, scans)
+    s = result.summary
+    assert s["bytes_read"] == expected_bytes == s["policy_bytes"]
+    assert sum(s["resolution_histogram"].values()) == len(store.keys)
+    assert len(s["resolution_histogram"]) > 1, "the random scale model should pick several resolutions"
+    assert 0 < s["scale_overhead"] < 1 and s["p50_ms"] <= s["p99_ms"]
+
+
+def test_static_mode_matches_direct_calls_with_calibrated_reads(store):
+    backbone, policy = tiny_classifier(), StepPolicy()
+    store.reset_stats()
+    result = Engine(store, EagerRunner(backbone), policy=policy,
+                    config=PipelineConfig(batch_size=4, resolution=48)).run(progress=False)
+    for pred in result.predictions:
+        logits = direct_logits(backbone, decode(store.read(pred.key, 3), 48))
+        assert pred.resolution == 48 and pred.lam is None
+        assert pred.top5 == torch.softmax(logits, 0).topk(2).indices.tolist()
+    assert result.summary["bytes_read"] == sum(store.prefix_size(k, 3) for k in store.keys)
+    assert result.summary["read_fraction"] < 1
+    assert result.summary["mode"] == "static"
+
+
+def test_baseline_reads_whole_files_and_uses_the_full_decode(store):
+    backbone = tiny_classifier()
+    store.reset_stats()
+    result = Engine(store, EagerRunner(backbone), policy=StepPolicy(),
+                    config=PipelineConfig(resolution=48, baseline=True)).run(progress=False)
+    key = store.keys[0]
+    logits = direct_logits(backbone, decode_baseline(store.read(key), 48))
+    assert result.predictions[0].top5 == torch.softmax(logits, 0).topk(2).indices.tolist()
+    assert result.summary["bytes_read"] == sum(store.size(k) for k in store.keys)
+    assert result.summary["read_fraction"] == 1.0
+
+
+def test_predictions_parquet_has_class_names_and_accuracy_matches(store, tmp_path):
+    result = Engine(store, EagerRunner(tiny_classifier()), scale=tiny_scale(), policy=StepPolicy(),
+                    classes=("cat", "dog")).run(progress=False)
+    table = pq.read_table(result.write_parquet(tmp_path / "preds.parquet")).to_pylist()
+    assert len(table) == len(store.keys)
+    row = table[0]
+    assert set(row["top5_classes"]) == {"cat", "dog"} and row["label"] == "cat"
+    assert row["bytes_read"] <= row["file_bytes"]
+    correct = sum(r["top5_classes"][0] == r["label"] for r in table)
+    assert result.summary["accuracy"] == pytest.approx(100 * correct / len(table))
+
+
+def test_kernel_runner_cuts_and_pads_batches_like_eager():
+    model = tiny_classifier()
+    x = torch.randint(0, 255, (7, 3, 32, 32), dtype=torch.uint8)
+    runner = KernelRunner(model, batch=3)
+    runner._kernels = {(32, 3): lambda t: (t.shape[0] == 3 or pytest.fail("not padded")) and model(t),
+                       (32, 1): model}
+    assert torch.allclose(runner(x, 32), EagerRunner(model)(x, 32), atol=1e-5)
+
+
+def test_cost_weight_moves_choices_to_cheaper_resolutions():
+    import numpy as np
+
+    probs = np.array([[0.5, 0.6, 0.9], [0.1, 0.2, 0.3]])
+    costs = (0.0, 0.5, 1.0)
+    assert choose_index(probs, costs, 0.0).tolist() == [2, 2]
+    assert choose_index(probs, costs, 1.0).tolist() == [0, 0]
+
+
+def test_bad_configuration_is_a_clear_error(store):
+    with pytest.raises(ConfigError, match="static resolution"):
+        Engine(store, EagerRunner(tiny_classifier()))
+    with pytest.raises(ConfigError, match="baseline"):
+        PipelineConfig(baseline=True)
