@@ -1,0 +1,205 @@
+"""Dynamic evaluation (paper Figures 8/9) and the cost-aware rule beyond the paper.
+
+Per crop and image the scale model reads the prefix at its low resolution and predicts p(r) = P(backbone right at
+r). The paper's rule runs the backbone at argmax_r p(r); the cost-aware rule at argmax_r p(r) - lambda * cost(r),
+with cost(r) normalized to 1 at the grid's largest resolution (GFLOPs, or measured latency once the kernels issue
+provides it), so lambda is dimensionless and sweeping it draws the dynamic Pareto curve. Backbone correctness is
+looked up in the static per-image table (same views), so nothing is re-run. Mean GFLOPs include the scale model.
+The oracle knows the best resolution per image: its accuracy is "right at some resolution", its cost the
+cheapest right resolution (free choice, no scale model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dynres.errors import ConfigError
+from dynres.evaluate import EvalConfig, run_static
+from dynres.models import gflops, load_checkpoint
+from dynres.records import markdown_table, write_records
+from dynres.scale import auc, predict_scale, scale_inputs
+
+DEFAULT_LAMBDAS = tuple(round(float(x), 3) for x in np.concatenate([np.linspace(0, 0.2, 21), np.linspace(0.25, 1.0, 16)]))
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    tolerance: float = 0.5  # accuracy points the cost-aware choice may give up against the best static
+    scans: int | None = None  # scale model prefix; None: the scale checkpoint's own setting
+    cost_table: dict | None = None  # resolution -> latency (ms) for the cost-aware rule; None: GFLOPs
+    plot: bool = True
+
+
+def load_cost_table(path: str | Path) -> dict[int, float]:
+    """A JSON object ``{"112": 3.1, ...}`` (resolution -> latency)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return {int(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(path, f"need a JSON object resolution -> latency: {err}") from None
+
+
+def choose(probs: np.ndarray, cost: np.ndarray, lam: float | None) -> np.ndarray:
+    """Index of the chosen resolution per row: argmax p (``lam`` None) or argmax p - lam * cost/max(cost)."""
+    if lam is None:
+        return probs.argmax(1)
+    return (probs - lam * (cost / cost.max())[None, :]).argmax(1)
+
+
+def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str | Path,
+                cfg: DynamicConfig = DynamicConfig(), eval_cfg: EvalConfig = EvalConfig(),
+                static_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Static + dynamic + oracle + cost-aware records for every crop; writes ``dynamic.json``/``.md``/``.png``."""
+    out = Path(out)
+    smodel, smeta = load_checkpoint(scale_model)
+    if smeta.task != "scale":
+        raise ConfigError(scale_model, f"not a scale model (task {smeta.task!r})")
+    grid = list(smeta.grid)
+    static_dir = Path(static_dir) if static_dir else out
+    static = _load_static(static_dir, grid, eval_cfg.crops)
+    if static is None:
+        static = run_static(backbone, store, static_dir, EvalConfig(tuple(grid), eval_cfg.crops, eval_cfg.batch_size,
+                                                                    eval_cfg.exact, eval_cfg.limit), progress=progress)
+    table = pq.read_table(static_dir / "static_images.parquet")
+    bmodel, _ = load_checkpoint(backbone)
+    cost_g = np.array([gflops(bmodel, r) for r in grid])
+    scale_g = gflops(smodel, smeta.train_resolution)
+    if cfg.cost_table is not None:
+        missing = [r for r in grid if r not in cfg.cost_table]
+        if missing:
+            raise ConfigError("cost_table", f"no latency for resolutions {missing}")
+    cost_rule = np.array([cfg.cost_table[r] for r in grid]) if cfg.cost_table else cost_g
+    correct = {(k, c, r): ok for k, c, r, ok in zip(*(table.column(n).to_pylist()
+                                                      for n in ("key", "crop", "resolution", "correct")))}
+    keys = list(dict.fromkeys(table.column("key").to_pylist()))
+    crops = list(eval_cfg.crops)
+    scans = cfg.scans if cfg.scans is not None else smeta.scans
+    pairs = [(k, c) for c in crops for k in keys]
+    before = store.bytes_read
+    images = scale_inputs(store, pairs, smeta.train_resolution, crops, scans, progress)
+    scale_bytes = store.bytes_read - before
+    probs_all = predict_scale(smodel, images)
+
+    static_rows = [r for r in static["static"] if r["resolution"] in grid]
+    dynamic_rows, oracle_rows, pareto_rows, chosen_rows, auc_rows = [], [], [], [], []
+    for ci, c in enumerate(crops):
+        p = probs_all[ci * len(keys):(ci + 1) * len(keys)]
+        ok = np.array([[correct[(k, c, r)] for r in grid] for k in keys], dtype=bool)
+        rows = np.arange(len(keys))
+
+        def point(lam: float | None) -> dict:
+            pick = choose(p, cost_rule, lam)
+            return {"crop": c, "accuracy": 100 * float(ok[rows, pick].mean()),
+                    "gflops": float(cost_g[pick].mean() + scale_g), "lambda": lam,
+                    "mean_resolution": float(np.array(grid)[pick].mean())}
+
+        dynamic_rows.append(point(None))
+        curve = [point(lam) for lam in cfg.lambdas]
+        pareto_rows += curve
+        cheapest_right = np.where(ok.any(1), ok.argmax(1), 0)  # grid is ascending: first right = cheapest
+        oracle_rows.append({"crop": c, "accuracy": 100 * float(ok.any(1).mean()),
+                            "gflops": float(cost_g[cheapest_right].mean())})
+        auc_rows += [{"crop": c, "resolution": r, "auc": auc(p[:, i], ok[:, i].astype(float))}
+                     for i, r in enumerate(grid)]
+        crop_static = [r for r in static_rows if r["crop"] == c]
+        best = max(crop_static, key=lambda r: r["accuracy"])
+        ok_points = [q for q in curve if q["accuracy"] >= best["accuracy"] - cfg.tolerance]
+        pick = min(ok_points, key=lambda q: q["gflops"]) if ok_points else None
+        plain = dynamic_rows[-1]
+        chosen_rows.append({
+            "crop": c, "best_static_resolution": best["resolution"], "best_static_accuracy": best["accuracy"],
+            "best_static_gflops": best["gflops"], "dynamic_accuracy": plain["accuracy"],
+            "dynamic_gflops": plain["gflops"],
+            "dynamic_within_1pt": plain["accuracy"] >= best["accuracy"] - 1.0,
+            "dynamic_not_costlier": plain["gflops"] <= best["gflops"],
+            "lambda": pick["lambda"] if pick else None, "cost_aware_accuracy": pick["accuracy"] if pick else None,
+            "cost_aware_gflops": pick["gflops"] if pick else None,
+            "cost_aware_savings_pct": 100 * (1 - pick["gflops"] / best["gflops"]) if pick else None,
+        })
+    payload = {
+        "backbone": str(backbone), "scale_model": str(scale_model), "images": len(keys), "grid": grid,
+        "crops": crops, "scale_resolution": smeta.train_resolution, "scale_gflops": scale_g, "scale_scans": scans,
+        "scale_bytes_read": scale_bytes, "cost_rule": "latency" if cfg.cost_table else "gflops",
+        "flop_convention": "FlopCounterMode: 2 x MACs; dynamic GFLOPs include the scale model",
+        "static": static_rows, "dynamic": dynamic_rows, "oracle": oracle_rows, "cost_aware": pareto_rows,
+        "summary": chosen_rows, "auc": auc_rows,
+    }
+    if cfg.plot:
+        payload["plot"] = str(plot_dynamic(payload, out / "dynamic.png"))
+    write_records(out, "dynamic", payload, dynamic_markdown(payload))
+    return payload
+
+
+def _load_static(static_dir: Path, grid: list[int], crops: list[float]) -> dict | None:
+    """A previous ``run_static`` result that covers ``grid`` x ``crops``, or None."""
+    try:
+        static = json.loads((static_dir / "static.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not (static_dir / "static_images.parquet").is_file():
+        return None
+    if set(grid) <= set(static["grid"]) and set(crops) <= set(static["crops"]):
+        return static
+    return None
+
+
+def dynamic_markdown(p: dict) -> str:
+    summary = markdown_table(
+        p["summary"],
+        ["crop", "best_static_resolution", "best_static_accuracy", "best_static_gflops", "dynamic_accuracy",
+         "dynamic_gflops", "lambda", "cost_aware_accuracy", "cost_aware_gflops", "cost_aware_savings_pct"],
+        ["Crop (area)", "Best static res", "Acc.", "GFLOPs", "Dynamic acc.", "Dynamic GFLOPs", "λ (cost-aware)",
+         "Acc.", "GFLOPs", "Saving vs best static %"])
+    oracle = markdown_table(p["oracle"], ["crop", "accuracy", "gflops"], ["Crop", "Oracle acc.", "Oracle GFLOPs"])
+    aucs = {}
+    for row in p["auc"]:
+        aucs.setdefault(row["resolution"], {"resolution": row["resolution"]})[f"c{row['crop']}"] = row["auc"]
+    auc_md = markdown_table(list(aucs.values()), ["resolution", *[f"c{c}" for c in p["crops"]]],
+                            ["Resolution", *[f"AUC {round(100 * c)}%" for c in p["crops"]]])
+    return (f"# Dynamic resolution vs static ({p['images']} images)\n\n"
+            f"Scale model at {p['scale_resolution']} px ({p['scale_gflops']:.4f} GFLOPs, included in every dynamic "
+            f"number; {p['scale_bytes_read']:,} bytes read for it). GFLOPs = 2 x MACs. Cost-aware rule: "
+            f"argmax p(r) - λ·cost(r)/cost(max) with cost = {p['cost_rule']}; λ = the cheapest within "
+            f"0.5 points of the best static.\n\n{summary}\n\n## Oracle\n\n{oracle}\n\n"
+            f"## Scale model AUC on this split\n\n{auc_md}\n")
+
+
+def plot_dynamic(p: dict, path: Path) -> Path:
+    """Accuracy vs mean GFLOPs per crop: static curve, dynamic point, cost-aware curve, oracle (Figures 8/9)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    crops = p["crops"]
+    fig, axes = plt.subplots(1, len(crops), figsize=(4 * len(crops), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], crops):
+        st = sorted((r for r in p["static"] if r["crop"] == c), key=lambda r: r["gflops"])
+        ax.plot([r["gflops"] for r in st], [r["accuracy"] for r in st], "o-", color="tab:blue", label="static")
+        for r in st:
+            ax.annotate(str(r["resolution"]), (r["gflops"], r["accuracy"]), fontsize=7, xytext=(2, -8),
+                        textcoords="offset points")
+        ca = sorted((r for r in p["cost_aware"] if r["crop"] == c), key=lambda r: r["gflops"])
+        ax.plot([r["gflops"] for r in ca], [r["accuracy"] for r in ca], ".--", color="tab:green", alpha=0.7,
+                label="dynamic, cost-aware (λ sweep)")
+        d = next(r for r in p["dynamic"] if r["crop"] == c)
+        ax.plot([d["gflops"]], [d["accuracy"]], "*", ms=14, color="tab:red", label="dynamic (argmax p)")
+        o = next(r for r in p["oracle"] if r["crop"] == c)
+        ax.plot([o["gflops"]], [o["accuracy"]], "D", color="black", label="oracle")
+        ax.set_title(f"{round(100 * c)}% center crop")
+        ax.set_xlabel("mean GFLOPs per image")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,185 @@
+"""Static characterization: top-1 accuracy and GFLOPs over a resolution grid x center-crop ratios (Table I).
+
+Every (image, crop, resolution) prediction is kept in a Parquet table (columns ``key, label, crop, resolution,
+pred, prob, correct``) so the scale labels, the dynamic evaluation and the oracle are look-ups, never re-runs.
+
+Crops are *area* fractions here (the paper's 25/56/75/100 %); :func:`dynres.decode.crop_side` turns them into the
+side ratio that ``decode`` takes.
+
+Views: ``exact=True`` decodes every (crop, resolution) view with ``decode`` (what inference does). The default
+decodes each image once (center square at the largest size any view needs) and derives every view by center crop
++ antialiased resize: 28 views for the price of one progressive-JPEG decode, which is what makes the grid
+affordable on 2 cores; the views differ from ``decode``'s only by resampling rounding.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from dynres._ui import track
+from dynres.data import Scans, scans_for
+from dynres.decode import crop_side, decode, draft_size, to_tensor
+from dynres.errors import BadImageError, ConfigError
+from dynres.models import gflops, load_checkpoint, to_input
+from dynres.records import markdown_table, write_records
+
+PAPER_GRID = (112, 168, 224, 280, 336, 392, 448)
+PAPER_CROPS = (0.25, 0.56, 0.75, 1.0)
+PAPER_TRAIN_RESOLUTION = 224
+
+
+def scaled_grid(train_resolution: int, grid: Sequence[int] = PAPER_GRID) -> tuple[int, ...]:
+    """The paper's grid (0.5x..2x of its 224 train resolution) at the same ratios around ``train_resolution``."""
+    return tuple(int(round(r * train_resolution / PAPER_TRAIN_RESOLUTION)) for r in grid)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    grid: tuple[int, ...] | None = None  # None: the paper's ratios around the checkpoint's train resolution
+    crops: tuple[float, ...] = PAPER_CROPS  # area fractions
+    batch_size: int = 64
+    exact: bool = False
+    limit: int | None = None  # evaluate only the first N keys (smoke runs)
+
+    def check(self) -> None:
+        if self.grid is not None and (not self.grid or min(self.grid) < 8):
+            raise ConfigError("grid", f"need resolutions >= 8, got {self.grid}")
+        if not self.crops or not all(0 < c <= 1 for c in self.crops):
+            raise ConfigError("crops", f"crop areas must be in (0, 1], got {self.crops}")
+
+
+# --- views --------------------------------------------------------------------------------------------------
+
+
+def decode_square(data: bytes, side: int, name: str = "<bytes>") -> torch.Tensor:
+    """The center square of the shorter side, at ``side`` pixels or the native size if that is smaller."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if img.format == "JPEG":
+            img.draft("RGB", draft_size(w, h, side))
+        img = img.convert("RGB")
+        w, h = img.size
+        short = min(w, h)
+        box = ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2)
+        out = min(side, short)
+        return to_tensor(img.resize((out, out), Image.Resampling.BILINEAR, box=box))
+    except Exception as err:  # Pillow raises several unrelated types for bad bytes
+        raise BadImageError(name, f"cannot decode image: {err}") from None
+
+
+def image_views(store, key: str, grid: Sequence[int], crops: Sequence[float], scans: Scans = None,
+                exact: bool = False) -> dict[tuple[float, int], torch.Tensor]:
+    """Every (crop area, resolution) view of one image, each from the prefix the scans policy allows."""
+    from torchvision.transforms.v2 import functional as F
+
+    views: dict[tuple[float, int], torch.Tensor] = {}
+    by_scans: dict[int | None, list[int]] = {}
+    for r in grid:
+        by_scans.setdefault(scans_for(scans, key, r), []).append(r)
+    for k, resolutions in by_scans.items():
+        data = store.read(key, scans=k)
+        if exact:
+            for c in crops:
+                for r in resolutions:
+                    views[(c, r)] = decode(data, r, crop_side(c), name=key)
+            continue
+        base = decode_square(data, math.ceil(max(resolutions) / crop_side(min(crops))), name=key)
+        for c in crops:
+            side = max(1, round(base.shape[-1] * crop_side(c)))
+            square = F.center_crop(base, [side, side])
+            for r in resolutions:
+                views[(c, r)] = F.resize(square, [r, r], antialias=True)
+    return views
+
+
+@torch.no_grad()
+def predict_grid(model: torch.nn.Module, store, keys: Sequence[str], grid: Sequence[int], crops: Sequence[float],
+                 scans: Scans = None, exact: bool = False, batch_size: int = 64, progress: bool = True,
+                 description: str = "evaluate") -> pa.Table:
+    """Run ``model`` on every (key, crop, resolution) view; one row per view."""
+    model.eval()
+    cols: dict[str, list] = {n: [] for n in ("key", "label", "crop", "resolution", "pred", "prob", "correct")}
+    keys = list(keys)
+    chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    for chunk in track(chunks, len(chunks), f"{description} ({len(keys)} images x {len(grid)}x{len(crops)} views)",
+                       progress):
+        views = [image_views(store, k, grid, crops, scans, exact) for k in chunk]
+        labels = [store.label(k) for k in chunk]
+        for c in crops:
+            for r in grid:
+                probs = torch.softmax(model(to_input(torch.stack([v[(c, r)] for v in views]))), dim=1)
+                prob, pred = probs.max(dim=1)
+                for key, label, p, q in zip(chunk, labels, pred.tolist(), prob.tolist()):
+                    for name, value in zip(cols, (key, label, c, r, p, q, p == label)):
+                        cols[name].append(value)
+    return pa.table(cols)
+
+
+def accuracy_table(table: pa.Table) -> dict[tuple[float, int], float]:
+    """Top-1 accuracy (percent) per (crop, resolution) of a :func:`predict_grid` table."""
+    grouped = table.group_by(["crop", "resolution"]).aggregate([("correct", "mean")]).to_pylist()
+    return {(row["crop"], row["resolution"]): 100.0 * row["correct_mean"] for row in grouped}
+
+
+# --- the static characterization ----------------------------------------------------------------------------
+
+
+def static_markdown(rows: list[dict], model_name: str) -> str:
+    """Table I layout, one accuracy column per crop; the best resolution of each crop in bold."""
+    crops = sorted({r["crop"] for r in rows})
+    grid = sorted({r["resolution"] for r in rows})
+    acc = {(r["crop"], r["resolution"]): r["accuracy"] for r in rows}
+    flops = {r["resolution"]: r["gflops"] for r in rows}
+    best = {c: max(grid, key=lambda r: acc[(c, r)]) for c in crops}
+    table = []
+    for r in grid:
+        row = {"model": model_name, "res": f"{r}x{r}", "gflops": flops[r]}
+        for c in crops:
+            cell = f"{acc[(c, r)]:.1f}"
+            row[f"c{c}"] = f"**{cell}**" if best[c] == r else cell
+        table.append(row)
+    cols = ["model", "res", "gflops"] + [f"c{c}" for c in crops]
+    heads = ["Model", "Resolution", "GFLOPs", *[f"Acc. {round(100 * c)}% crop" for c in crops]]
+    return markdown_table(table, cols, heads)
+
+
+def run_static(checkpoint: str | Path, store, out: str | Path, cfg: EvalConfig = EvalConfig(), scans: Scans = None,
+               progress: bool = True) -> dict:
+    """Evaluate a backbone over grid x crops; writes ``static.json``/``.md`` and ``static_images.parquet``."""
+    cfg.check()
+    out = Path(out)
+    model, meta = load_checkpoint(checkpoint)
+    if list(meta.classes) != list(store.classes):
+        raise ConfigError(checkpoint, f"checkpoint classes {list(meta.classes)[:5]}... differ from the store's")
+    grid = tuple(cfg.grid or scaled_grid(meta.train_resolution))
+    keys = list(store.keys)[: cfg.limit]
+    table = predict_grid(model, store, keys, grid, cfg.crops, scans, cfg.exact, cfg.batch_size, progress,
+                         "eval static")
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / "static_images.parquet")
+    acc = accuracy_table(table)
+    cost = {r: gflops(model, r) for r in grid}
+    rows = [{"crop": c, "resolution": r, "accuracy": acc[(c, r)], "gflops": cost[r]} for c in cfg.crops for r in grid]
+    best = {c: max(grid, key=lambda r: acc[(c, r)]) for c in cfg.crops}
+    payload = {
+        "checkpoint": str(checkpoint), "arch": meta.arch, "train_resolution": meta.train_resolution,
+        "images": len(keys), "grid": list(grid), "crops": list(cfg.crops), "exact_views": cfg.exact,
+        "flop_convention": "FlopCounterMode: 2 x MACs (the paper quotes MACs)",
+        "static": rows, "best": [{"crop": c, "resolution": best[c], "accuracy": acc[(c, best[c])]} for c in cfg.crops],
+        "per_image": str(out / "static_images.parquet"),
+    }
+    md = (f"# Static characterization: {meta.arch} trained at {meta.train_resolution}\n\n"
+          f"{len(keys)} images; GFLOPs = 2 x MACs (FlopCounterMode); crops are area fractions.\n\n"
+          + static_markdown(rows, meta.arch))
+    write_records(out, "static", payload, md)
+    return payload

@@ -1,0 +1,237 @@
+"""Cross-validated scale labels and the scale model (paper section IV, Figure 5).
+
+1. Split train into K disjoint, class-stratified shards; train K backbones, each on the other K-1 shards.
+2. Each backbone labels only its held-out shard: at every grid resolution and several crops (the crops show the
+   backbone object scales the data set does not show by itself). Label = "backbone correct at resolution r".
+3. The scale model (default a width-0.25 MobileNetV2) reads the low-resolution prefix of an image at the scale
+   resolution and predicts the multi-hot label with binary cross-entropy over the grid.
+
+``cheap=True`` is the paper's footnote 2: one split only (one backbone, one labelled shard).
+A tenth of the labelled images (by key) is held out of scale training to report per-resolution AUC.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dynres.data import Scans
+from dynres.errors import ConfigError
+from dynres.evaluate import PAPER_CROPS, image_views, predict_grid, scaled_grid
+from dynres.models import ModelMeta, create_model, load_checkpoint, to_input
+from dynres.records import markdown_table, write_records
+from dynres.train import ImageCache, TrainConfig, data_hash, fit, train_backbone
+from dynres._ui import track
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    folds: int = 4
+    cheap: bool = False  # the paper's single split: train only fold 0's backbone
+    crops: tuple[float, ...] = PAPER_CROPS  # area fractions the labels (and the scale inputs) cover
+    grid: tuple[int, ...] | None = None  # None: the paper's ratios around the backbone's train resolution
+    backbone: TrainConfig = field(default_factory=TrainConfig)
+    arch: str = "mobilenet_v2_tiny"
+    resolution: int | None = None  # scale model input; None: the grid minimum
+    scans: int | None = None  # prefix the scale model reads (None: all scans; calibration sets it later)
+    epochs: int = 12
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 0.004
+    weight_decay: float = 0.01
+    holdout: float = 0.1  # fraction of labelled images kept out of scale training for the AUC report
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.folds < 2:
+            raise ConfigError("folds", f"need at least 2 shards, got {self.folds}")
+        if not 0 <= self.holdout < 0.5:
+            raise ConfigError("holdout", f"must be in [0, 0.5), got {self.holdout}")
+
+    @property
+    def grid_(self) -> tuple[int, ...]:
+        return tuple(self.grid or scaled_grid(self.backbone.resolution))
+
+    @property
+    def resolution_(self) -> int:
+        return self.resolution or min(self.grid_)
+
+
+def shard_split(store, keys: Sequence[str], folds: int, seed: int = 0) -> list[list[str]]:
+    """K disjoint shards covering ``keys``, each class dealt round-robin after a seeded shuffle."""
+    by_class: dict[int, list[str]] = {}
+    for key in keys:
+        by_class.setdefault(store.label(key), []).append(key)
+    rng = random.Random(seed)
+    shards: list[list[str]] = [[] for _ in range(folds)]
+    offset = 0
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        for i, key in enumerate(members):
+            shards[(i + offset) % folds].append(key)
+        offset += len(members)
+    return shards
+
+
+def make_labels(store, out: Path, cfg: ScaleConfig, cache: ImageCache | None = None,
+                progress: bool = True) -> pa.Table:
+    """Train the shard backbones and label each held-out shard; returns (and writes) ``scale_labels.parquet``."""
+    shards = shard_split(store, store.keys, cfg.folds, cfg.seed)
+    tables = []
+    for fold in range(1 if cfg.cheap else cfg.folds):
+        train_keys = [k for i, s in enumerate(shards) if i != fold for k in s]
+        ckpt = train_backbone(store, out / f"fold{fold}", cfg.backbone, train_keys, cache, progress)
+        model, _ = load_checkpoint(ckpt)
+        table = predict_grid(model, store, shards[fold], cfg.grid_, cfg.crops, None, False,
+                             progress=progress, description=f"label shard {fold}")
+        tables.append(table.append_column("fold", pa.array([fold] * len(table), pa.int32())))
+    labels = pa.concat_tables(tables)
+    pq.write_table(labels, out / "scale_labels.parquet")
+    return labels
+
+
+def multi_hot(labels: pa.Table, grid: Sequence[int]) -> dict[tuple[str, float], np.ndarray]:
+    """(key, crop) -> float vector over ``grid``: 1 where the held-out backbone was right."""
+    index = {r: i for i, r in enumerate(grid)}
+    out: dict[tuple[str, float], np.ndarray] = {}
+    for key, crop, r, ok in zip(*(labels.column(n).to_pylist() for n in ("key", "crop", "resolution", "correct"))):
+        vec = out.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))
+        vec[index[r]] = float(ok)
+    return out
+
+
+def label_stats(targets: dict[tuple[str, float], np.ndarray], grid: Sequence[int],
+                crops: Sequence[float]) -> list[dict]:
+    """Per crop: how often each resolution is right, how often none / all are, the mean number right."""
+    rows = []
+    for c in crops:
+        m = np.stack([v for (_, crop), v in targets.items() if crop == c])
+        row = {"crop": c, "samples": len(m), "none_correct": 100 * float((m.sum(1) == 0).mean()),
+               "all_correct": 100 * float((m.sum(1) == len(grid)).mean()), "mean_correct": float(m.sum(1).mean())}
+        row |= {f"p@{r}": 100 * float(m[:, i].mean()) for i, r in enumerate(grid)}
+        rows.append(row)
+    return rows
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """ROC AUC by the rank statistic (ties averaged); None when one class is absent."""
+    pos, neg = labels > 0.5, labels <= 0.5
+    if not pos.any() or not neg.any():
+        return None
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * neg.sum()))
+
+
+class ScaleInputs(Dataset):
+    """Scale-model inputs (uint8, scale resolution) with their multi-hot targets; flip is the only augmentation,
+    since any resizing would change the very object scale being predicted."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, train: bool = True):
+        self.images, self.targets, self.train = images, targets, train
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        if self.train and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.targets[i]
+
+
+def scale_inputs(store, pairs: Sequence[tuple[str, float]], resolution: int, crops: Sequence[float],
+                 scans: Scans, progress: bool = True) -> torch.Tensor:
+    """Decoded scale-model inputs for (key, crop) pairs, each image decoded once for all its crops."""
+    keys = list(dict.fromkeys(k for k, _ in pairs))
+    views = {}
+    for key in track(keys, len(keys), f"scale inputs @{resolution}", progress):
+        for (c, _), v in image_views(store, key, [resolution], crops, scans).items():
+            views[(key, c)] = v
+    return torch.stack([views[p] for p in pairs])
+
+
+@torch.no_grad()
+def predict_scale(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Sigmoid probabilities (N, len(grid)) that the backbone is right at each resolution."""
+    model.eval()
+    out = [torch.sigmoid(model(to_input(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), progress: bool = True) -> dict:
+    """The whole chain of issue 3 part 3: shard backbones, labels, scale model, label statistics and AUC.
+
+    Writes ``out/scale_model.pt`` (+ JSON), ``out/scale_labels.parquet`` and ``out/scale.json``/``.md``.
+    """
+    cfg.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = None
+    if cfg.backbone.cache:
+        cache = ImageCache.build(store, store.keys, round(cfg.backbone.cache_factor * cfg.backbone.resolution),
+                                 progress)
+    labels = make_labels(store, out, cfg, cache, progress)
+    del cache
+    grid, res = cfg.grid_, cfg.resolution_
+    targets = multi_hot(labels, grid)
+    keys = sorted({k for k, _ in targets})
+    rng = random.Random(cfg.seed + 1)
+    rng.shuffle(keys)
+    held = set(keys[: int(round(cfg.holdout * len(keys)))])
+    pairs = sorted(targets)
+    train_pairs = [p for p in pairs if p[0] not in held]
+    test_pairs = [p for p in pairs if p[0] in held]
+    images = scale_inputs(store, pairs, res, cfg.crops, cfg.scans, progress)
+    y = torch.from_numpy(np.stack([targets[p] for p in pairs]))
+    idx = {p: i for i, p in enumerate(pairs)}
+    tr = torch.tensor([idx[p] for p in train_pairs], dtype=torch.long)
+    tcfg = TrainConfig(arch=cfg.arch, resolution=res, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                       optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, label_smoothing=0.0,
+                       seed=cfg.seed, cache=False)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.arch, len(grid))
+    recipe = asdict(cfg) | {"samples": len(train_pairs)}
+    meta = ModelMeta(arch=cfg.arch, classes=(), train_resolution=res, task="scale", grid=grid, scans=cfg.scans,
+                     recipe=json.loads(json.dumps(recipe, default=str)), data_hash=data_hash(store, keys))
+    fit(model, ScaleInputs(images[tr], y[tr]), tcfg, nn.BCEWithLogitsLoss(), out / "scale_model", meta,
+        f"train scale model {cfg.arch} @{res}", progress)
+    aucs = []
+    if test_pairs:
+        te = torch.tensor([idx[p] for p in test_pairs], dtype=torch.long)
+        probs, truth = predict_scale(model, images[te]), y[te].numpy()
+        aucs = [{"resolution": r, "auc": auc(probs[:, i], truth[:, i]),
+                 "positive_rate": 100 * float(truth[:, i].mean())} for i, r in enumerate(grid)]
+    stats = label_stats(targets, grid, cfg.crops)
+    payload = {"grid": list(grid), "crops": list(cfg.crops), "folds": 1 if cfg.cheap else cfg.folds,
+               "cheap": cfg.cheap, "scale_resolution": res, "scale_arch": cfg.arch, "scans": cfg.scans,
+               "labelled_images": len(keys), "heldout_images": len(held), "label_stats": stats, "auc": aucs,
+               "scale_model": str(out / "scale_model" / "model.pt"), "labels": str(out / "scale_labels.parquet"),
+               "backbones": [str(out / f"fold{f}" / "model.pt") for f in range(1 if cfg.cheap else cfg.folds)]}
+    stat_cols = ["crop", "samples", "none_correct", "all_correct", "mean_correct"] + [f"p@{r}" for r in grid]
+    md = (f"# Scale labels and scale model\n\n{payload['folds']} held-out shard(s), {len(keys)} labelled images; "
+          f"scale model {cfg.arch} at {res} px.\n\n## Labels (percent of samples; p@r = backbone right at r)\n\n"
+          + markdown_table(stats, stat_cols)
+          + f"\n\n## Scale model AUC per resolution ({len(held)} held-out images)\n\n"
+          + markdown_table(aucs, ["resolution", "auc", "positive_rate"]))
+    write_records(out, "scale", payload, md)
+    return payload
