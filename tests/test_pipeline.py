@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -10,7 +11,8 @@ from _pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_cla
 from dynres.decode import decode, decode_baseline
 from dynres.errors import ConfigError
 from dynres.models import to_input
-from dynres.pipeline import Engine, EagerRunner, KernelRunner, PipelineConfig, choose_index
+from dynres.dynamic import choose
+from dynres.pipeline import Engine, EagerRunner, KernelRunner, PipelineConfig
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_dynamic_matches_direct_model_calls_and_reads_the_policys_bytes(store):
         key = pred.key
         small = decode(store.read(key, scale.scans), SCALE_RES)
         probs = torch.sigmoid(direct_logits(scale.runner.model, small)).numpy()[None]
-        r = GRID[int(choose_index(probs, scale.costs, 0.3)[0])]
+        r = GRID[int(choose(probs, np.array(scale.costs), 0.3)[0])]
         scans = max(scale.scans, policy.scans(key, r))  # bytes already in hand are used, never re-read
         logits = direct_logits(backbone, decode(store.read(key, scans), r))
         assert pred.resolution == r
@@ -99,13 +101,14 @@ def test_kernel_runner_cuts_and_pads_batches_like_eager():
     assert torch.allclose(runner(x, 32), EagerRunner(model)(x, 32), atol=1e-5)
 
 
-def test_cost_weight_moves_choices_to_cheaper_resolutions():
-    import numpy as np
+def test_a_higher_cost_weight_picks_cheaper_resolutions(store):
+    def mean_resolution(lam):
+        engine = Engine(store, EagerRunner(tiny_classifier()), scale=tiny_scale(), config=PipelineConfig(lam=lam))
+        preds = engine.run(progress=False).predictions
+        return sum(p.resolution for p in preds) / len(preds)
 
-    probs = np.array([[0.5, 0.6, 0.9], [0.1, 0.2, 0.3]])
-    costs = (0.0, 0.5, 1.0)
-    assert choose_index(probs, costs, 0.0).tolist() == [2, 2]
-    assert choose_index(probs, costs, 1.0).tolist() == [0, 0]
+    assert mean_resolution(2.0) < mean_resolution(0.0)
+    assert mean_resolution(100.0) == min(GRID)
 
 
 def test_bad_configuration_is_a_clear_error(store):

@@ -109,15 +109,29 @@ class ScaleStage:
     costs: tuple[float, ...]  # backbone cost per grid resolution, in the unit the choice rule expects
     scans: int | None = None  # the prefix it reads (None: the policy's scans at its resolution)
 
-    def choose(self, images: torch.Tensor, lam: float) -> tuple[list[int], np.ndarray]:
-        """Chosen resolution per image and the scale model's p(correct at r) matrix."""
+    def choose(self, images: torch.Tensor, lam: float | None) -> tuple[list[int], np.ndarray]:
+        """Chosen resolution per image and the scale model's p(backbone right at r) matrix.
+
+        The rule is the models issue's (:func:`dynres.dynamic.choose`): argmax p(r) - lam * cost(r)/max cost;
+        ``lam=None`` or 0 is the paper's argmax p(r)."""
+        from dynres.dynamic import choose
+
         probs = torch.sigmoid(self.runner(images, self.resolution).float()).numpy()
-        return [self.grid[i] for i in choose_index(probs, self.costs, lam)], probs
+        picks = choose(probs, np.asarray(self.costs, dtype=np.float64), lam)
+        return [self.grid[int(i)] for i in picks], probs
 
 
-def choose_index(probs: np.ndarray, costs: Sequence[float], lam: float) -> np.ndarray:
-    """The cost-aware rule argmax_r p(r) - lam * cost(r), per row (ties: the cheaper resolution)."""
-    return np.argmax(probs - lam * np.asarray(costs, dtype=np.float64)[None, :], axis=1)
+def load_scale(checkpoint: str | Path, backbone: torch.nn.Module, kernels: str = "eager", batch: int = 8,
+               threads: int = 2, scans: int | None = None) -> ScaleStage:
+    """A scale-model checkpoint (task ``scale``) with the backbone's GFLOPs per grid resolution as costs."""
+    from dynres.models import gflops, load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    if meta.task != "scale":
+        raise ConfigError(checkpoint, f"not a scale model (task {meta.task!r})")
+    costs = tuple(gflops(backbone, r) for r in meta.grid)
+    return ScaleStage(make_runner(model, kernels, batch, threads), meta.train_resolution, tuple(meta.grid), costs,
+                      scans if scans is not None else meta.scans)
 
 
 # --- configuration and results -----------------------------------------------------------------------------------
@@ -384,3 +398,43 @@ def summarize(preds: Sequence[Prediction], wall_s: float, bytes_read: int, timin
         "work_s": {k: round(v, 4) for k, v in sorted(timings.items())},
         "scale_overhead": scale / work if work else 0.0,
     }
+
+
+# --- building an engine from files --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything that rebuilds an engine anywhere (the CLI, the service, every Ray worker): paths, not objects."""
+
+    store: str
+    backbone: str
+    scale: str | None = None
+    policy: str | None = None
+    kernels: str = "eager"
+    config: PipelineConfig = PipelineConfig()
+
+
+def build_engine(spec: EngineSpec, store=None) -> Engine:
+    """Open the store, load the checkpoints and the scans policy; static mode when ``config.resolution`` is set."""
+    from dynres.models import load_checkpoint
+
+    if store is None:
+        from dynres.store import open_store
+
+        store = open_store(spec.store)
+    cfg = spec.config
+    threads = cfg.torch_threads or torch.get_num_threads()
+    model, meta = load_checkpoint(spec.backbone)
+    backbone = make_runner(model, spec.kernels, cfg.batch_size, threads)
+    scale = None
+    if cfg.resolution is None:
+        if spec.scale is None:
+            raise ConfigError("pipeline", "give a scale model (dynamic mode) or a static resolution")
+        scale = load_scale(spec.scale, model, spec.kernels, cfg.batch_size, threads)
+    policy = None
+    if spec.policy is not None:
+        from dynres.calibrate import load_policy
+
+        policy = load_policy(spec.policy)
+    return Engine(store, backbone, scale=scale, policy=policy, config=cfg, classes=meta.classes)
