@@ -1,0 +1,267 @@
+"""Reading a store: exact prefixes, exact byte accounting, ranged HTTP reads, integrity and open errors."""
+
+import functools
+import io
+import http.server
+import pickle
+import re
+import shutil
+import threading
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import dynres
+from dynres.errors import ChecksumError, KeyNotFoundError, StoreError
+from dynres.store import FORMAT_VERSION, IngestConfig, Store, ingest, open_store
+
+
+def make_tree(root, names=("cat/IMG 001.png", "cat/ünïcode é.jpg", "dog/a.png", "dog/sub/b.webp", "dog/c.bmp")):
+    rng = np.random.default_rng(1)
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        y, x = np.mgrid[0:48, 0:64]
+        img = np.stack([x * 4, y * 5, (x * y + 40 * i) % 256], -1) + rng.normal(0, 8, (48, 64, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("store")
+    ingest(make_tree(base / "src"), base / "store", IngestConfig(workers=1), progress=False)
+    return base / "store"
+
+
+@pytest.fixture
+def store(store_dir):
+    return open_store(store_dir)
+
+
+def file_bytes(store: Store, key: str) -> bytes:
+    with open(store.location(key), "rb") as f:
+        return f.read()
+
+
+def test_a_store_lists_keys_labels_and_records(store):
+    assert isinstance(store, dynres.Store) and len(store) == 5
+    assert store.classes == ["cat", "dog"]
+    assert store.keys == ["cat/IMG 001", "cat/ünïcode é", "dog/a", "dog/c", "dog/sub/b"]
+    assert [store.label(k) for k in store.keys] == [0, 0, 1, 1, 1]
+    rec = store.record("dog/sub/b")
+    assert rec["class_name"] == "dog" and rec["source"] == "dog/sub/b.webp" and (rec["width"], rec["height"]) == (64, 48)
+    assert store.num_scans("dog/a") == 10 and store.scan_ends("dog/a")[-1] == store.size("dog/a")
+
+
+def test_full_read_is_the_file_and_partial_read_is_its_prefix_plus_eoi(store):
+    for key in store.keys:
+        data = file_bytes(store, key)
+        ends = store.scan_ends(key)
+        assert store.read(key) == data and store.read(key, scans=99) == data
+        assert store.read(key, scans=3) == data[: ends[2]] + b"\xff\xd9"
+        Image.open(io.BytesIO(store.read(key, scans=1))).load()
+
+
+def test_bytes_read_counts_exactly_what_was_fetched(store):
+    key = "cat/IMG 001"
+    ends = store.scan_ends(key)
+    store.read(key, scans=2)
+    assert store.bytes_read == ends[1] == store.prefix_size(key, 2)
+    store.read(key, scans=5)  # only the missing range [end2, end5) is fetched
+    assert store.bytes_read == ends[4]
+    store.read(key, scans=3)  # already cached
+    assert store.bytes_read == ends[4]
+    store.read(key)
+    assert store.bytes_read == ends[-1] == store.size(key)
+    store.reset_stats()
+    assert store.bytes_read == 0 and store.reads == 0
+
+
+def test_the_prefix_cache_is_bounded(store_dir):
+    store = open_store(store_dir, cache_entries=2)
+    a, b, c = store.keys[:3]
+    for key in (a, b, c):  # a is evicted by c
+        store.read(key, scans=1)
+    before = store.bytes_read
+    store.read(c, scans=2)
+    assert store.bytes_read - before == store.prefix_size(c, 2) - store.prefix_size(c, 1)
+    before = store.bytes_read
+    store.read(a, scans=2)
+    assert store.bytes_read - before == store.prefix_size(a, 2)
+
+
+def test_concurrent_reads_from_threads_are_correct(store):
+    jobs = [(k, s) for k in store.keys for s in (1, 4, None)] * 3
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda job: store.read(*job), jobs))
+    for (key, scans), data in zip(jobs, results):
+        full = file_bytes(store, key)
+        assert data == (full if scans is None else full[: store.scan_ends(key)[scans - 1]] + b"\xff\xd9")
+
+
+def test_a_pickled_store_is_a_fresh_reader(store):
+    store.read(store.keys[0], scans=2)
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy.bytes_read == 0 and copy.keys == store.keys
+    assert copy.read(store.keys[0], scans=2) == store.read(store.keys[0], scans=2)
+    assert copy.bytes_read == store.prefix_size(store.keys[0], 2)
+
+
+def test_unknown_key_and_bad_scan_count(store):
+    with pytest.raises(KeyNotFoundError, match="cat/nope: not in store"):
+        store.read("cat/nope")
+    with pytest.raises(KeyError):
+        store.label("cat/nope")
+    with pytest.raises(ValueError, match="scans must be >= 1"):
+        store.read("dog/a", scans=0)
+
+
+@pytest.fixture
+def copy_of(store_dir, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(store_dir, dst)
+    return dst
+
+
+def test_a_changed_file_fails_its_checksum_naming_key_and_path(copy_of):
+    store = open_store(copy_of)
+    key = "dog/a"
+    ends = store.scan_ends(key)
+    path = store.location(key)
+    data = bytearray(file_bytes(store, key))
+    data[ends[3] + 5] ^= 0x01  # inside scan 5
+    with open(path, "wb") as f:
+        f.write(data)
+    assert store.read(key, scans=4)  # the first four scans are intact
+    with pytest.raises(ChecksumError, match=rf"dog/a \(.*a\.jpg\): crc32 of the first 5 scans"):
+        store.read(key, scans=5)
+    with pytest.raises(ChecksumError, match="sha256 does not match"):
+        store.read(key)
+
+
+def test_a_truncated_or_missing_file_is_reported(copy_of):
+    store = open_store(copy_of)
+    with open(store.location("dog/a"), "r+b") as f:
+        f.truncate(store.scan_ends("dog/a")[1])
+    with pytest.raises(ChecksumError, match="shorter than the manifest"):
+        store.read("dog/a", scans=4)
+    (copy_of / store.record("dog/c")["path"]).unlink()
+    with pytest.raises(StoreError, match="dog/c.*missing"):
+        store.read("dog/c")
+
+
+def test_opening_a_missing_or_incomplete_store_fails_clearly(copy_of, tmp_path):
+    with pytest.raises(StoreError, match="no such store directory"):
+        open_store(tmp_path / "nowhere")
+    manifest = copy_of / "manifest.parquet"
+    data = manifest.read_bytes()
+    manifest.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match="manifest.parquet: manifest is truncated or corrupt"):
+        open_store(copy_of)
+    manifest.unlink()
+    with pytest.raises(StoreError, match="ingest did not finish"):
+        open_store(copy_of)
+
+
+def test_a_manifest_from_a_newer_format_or_another_tool_is_refused(store_dir, copy_of):
+    table = pq.read_table(store_dir / "manifest.parquet")
+    meta = dict(table.schema.metadata)
+    meta[b"dynres.format_version"] = str(FORMAT_VERSION + 1).encode()
+    pq.write_table(table.replace_schema_metadata(meta), copy_of / "manifest.parquet")
+    with pytest.raises(StoreError, match=f"newer dynres \\(format version {FORMAT_VERSION + 1} > {FORMAT_VERSION}\\)"):
+        open_store(copy_of)
+    pq.write_table(table.replace_schema_metadata({}), copy_of / "manifest.parquet")
+    with pytest.raises(StoreError, match="not a dynres manifest"):
+        open_store(copy_of)
+
+
+# ------------------------------------------------------------------ fsspec URLs
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with single-range support and records (path, Range header, body bytes) per GET."""
+
+    def do_GET(self):  # noqa: N802
+        path = self.translate_path(self.path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        if rng:
+            start, end = re.fullmatch(r"bytes=(\d+)-(\d*)", rng).groups()
+            body = data[int(start) : int(end) + 1 if end else len(data)]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{int(start) + len(body) - 1}/{len(data)}")
+        else:
+            body = data
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.server.log.append((urllib.parse.unquote(self.path), rng, len(body)))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(store_dir):
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(store_dir.parent))
+    )
+    server.log = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{store_dir.name}", server.log
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.network
+def test_http_reads_fetch_only_the_ranges_asked_for(store, http_root):
+    url, log = http_root
+    remote = open_store(url)
+    assert [entry[0] for entry in log] == [f"/{store.root.rsplit('/', 1)[-1]}/manifest.parquet"]  # read once
+    assert remote.keys == store.keys
+    log.clear()
+    key = "cat/ünïcode é"  # a space and unicode in the URL
+    ends = remote.scan_ends(key)
+    assert remote.read(key, scans=2) == store.read(key, scans=2)
+    assert remote.read(key, scans=5) == store.read(key, scans=5)
+    assert remote.read(key) == file_bytes(store, key)
+    assert [(r, n) for _, r, n in log] == [
+        (f"bytes=0-{ends[1] - 1}", ends[1]),
+        (f"bytes={ends[1]}-{ends[4] - 1}", ends[4] - ends[1]),
+        (f"bytes={ends[4]}-{ends[-1] - 1}", ends[-1] - ends[4]),
+    ]
+    assert log[0][0].endswith("images/cat/ünïcode é.jpg")
+    assert remote.bytes_read == sum(n for _, _, n in log) == store.size(key)
+
+
+@pytest.mark.network
+def test_an_http_store_without_manifest_fails_clearly(http_root):
+    url, _ = http_root
+    with pytest.raises(StoreError, match="ingest did not finish"):
+        open_store(url + "-missing")
+
+
+def test_any_fsspec_url_works(store_dir):
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for path in store_dir.rglob("*"):
+        if path.is_file():
+            mem.pipe_file("/dynres-test/" + path.relative_to(store_dir).as_posix(), path.read_bytes())
+    remote = open_store("memory://dynres-test")
+    local = open_store(store_dir)
+    assert all(remote.read(k, scans=3) == local.read(k, scans=3) for k in local.keys)
+    assert remote.bytes_read == local.bytes_read
+    mem.rm("/dynres-test", recursive=True)
