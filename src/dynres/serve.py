@@ -1,0 +1,393 @@
+"""`dynres serve`: the two-model pipeline as an HTTP service (FastAPI + uvicorn).
+
+A request (an uploaded image or a store key) goes through the same stages as :mod:`dynres.pipeline`: decode at the
+scale resolution → scale model → chosen resolution → decode at it → backbone. Both models run behind dynamic
+batchers (one per resolution for the backbone) that wait at most ``max_wait_ms`` to fill a batch, on one compute
+thread; decoding runs in a small thread pool. Admission is bounded: past ``max_queue`` requests in flight the
+answer is 503 with Retry-After, never an unbounded wait. With a latency target the service is load-adaptive
+(paper VIII.a, beyond it): rising queueing delay raises the cost weight λ of the cost-aware choice (cheaper
+resolutions), falling delay lowers it again; every response says which λ it used.
+"""
+
+
+import asyncio
+import io
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from dynres.data import Scans, scans_for
+from dynres.decode import decode
+from dynres.errors import BadImageError, ConfigError, KeyNotFoundError
+from dynres.pipeline import Runner, ScaleStage, top5
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Batching, admission and input limits; ``latency_target_ms`` switches the load-adaptive λ on."""
+
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 32
+    retry_after_s: int = 1
+    max_bytes: int = 8 << 20
+    max_pixels: int = 40_000_000
+    crop: float = 0.875
+    resolution: int | None = None  # static mode (no scale model)
+    lam: float = 0.0
+    latency_target_ms: float | None = None
+    lam_max: float = 1.0
+    lam_step: float = 0.05
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 1 or self.workers < 1 or self.max_wait_ms < 0:
+            raise ConfigError("serve", "max_batch, max_queue, workers must be >= 1 and max_wait_ms >= 0")
+
+
+class Rejected(Exception):
+    """A request the service answers with an HTTP error: ``status`` and the reason."""
+
+    def __init__(self, status: int, reason: str, headers: dict | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.headers = status, reason, headers or {}
+
+
+def check_upload(data: bytes, max_bytes: int, max_pixels: int, name: str = "upload") -> None:
+    """413 too large / too many pixels, 415 not an image, 400 empty or truncated; reads only the header."""
+    if not data:
+        raise Rejected(400, f"{name}: empty body")
+    if len(data) > max_bytes:
+        raise Rejected(413, f"{name}: {len(data)} bytes is more than the limit of {max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise Rejected(413, f"{name}: too many pixels ({err})") from None
+    except Exception as err:  # Pillow raises several unrelated types for non-images
+        raise Rejected(415, f"{name}: not an image Pillow can read ({type(err).__name__})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise Rejected(413, f"{name}: {w}x{h} = {w * h} pixels is more than the limit of {max_pixels}")
+    if img.format == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise Rejected(400, f"{name}: truncated JPEG (no end-of-image marker)")
+    if img.format != "JPEG":
+        try:
+            img.verify()  # PNG and friends: checks chunk CRCs and completeness without decoding
+        except Exception as err:
+            raise Rejected(400, f"{name}: truncated or corrupt {img.format}: {err}") from None
+
+
+class LoadController:
+    """Additive increase / decrease of λ on the smoothed queueing delay: above ``high`` x target raise it, below
+    ``low`` x target lower it, never outside [lam_min, lam_max]."""
+
+    def __init__(self, target_ms: float, lam_min: float = 0.0, lam_max: float = 1.0, step: float = 0.05,
+                 high: float = 0.4, low: float = 0.15, smoothing: float = 0.2):
+        self.target_ms, self.lam_min, self.lam_max, self.step = target_ms, lam_min, lam_max, step
+        self.high, self.low, self.smoothing = high, low, smoothing
+        self.lam, self.delay_ms = lam_min, 0.0
+
+    def observe(self, queue_ms: float) -> float:
+        self.delay_ms += self.smoothing * (queue_ms - self.delay_ms)
+        if self.delay_ms > self.high * self.target_ms:
+            self.lam = min(self.lam_max, self.lam + self.step)
+        elif self.delay_ms < self.low * self.target_ms:
+            self.lam = max(self.lam_min, self.lam - self.step)
+        return self.lam
+
+
+class Batcher:
+    """Collects single items into batches of at most ``max_batch``, waiting at most ``max_wait_s`` after the first,
+    and runs ``fn(list) -> list`` on ``executor``. ``await submit(x)`` gives ``(result, seconds queued)``."""
+
+    def __init__(self, fn: Callable[[list], list], max_batch: int, max_wait_s: float, executor):
+        self.fn, self.max_batch, self.max_wait_s, self.executor = fn, max_batch, max_wait_s, executor
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, item):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, future, time.perf_counter()))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = batch[0][2] + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, [b[0] for b in batch])
+            except Exception as err:  # one failing batch fails its requests, not the service
+                for _, fut, _ in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for (_, fut, t0), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result((res, started - t0))
+
+
+class Service:
+    """The models, their batchers, admission control and counters; :func:`create_app` puts HTTP around it."""
+
+    def __init__(self, backbone: Runner, classes: Sequence[str], *, scale: ScaleStage | None = None, store=None,
+                 policy: Scans = None, config: ServeConfig = ServeConfig()):
+        if scale is None and config.resolution is None:
+            raise ConfigError("serve", "no scale model: give a static resolution")
+        self.backbone, self.classes, self.scale, self.store, self.policy = backbone, tuple(classes), scale, store, policy
+        self.config = config
+        self.controller = (LoadController(config.latency_target_ms, config.lam, config.lam_max, config.lam_step)
+                           if config.latency_target_ms else None)
+        self.inflight = 0
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="dynres-compute")
+        self.decoders = ThreadPoolExecutor(config.workers, thread_name_prefix="dynres-decode")
+        self._batchers: dict[object, Batcher] = {}
+        self.metrics = _Metrics()
+
+    @property
+    def lam(self) -> float:
+        return self.controller.lam if self.controller else self.config.lam
+
+    def _batcher(self, name: object) -> Batcher:
+        if name not in self._batchers:
+            wait = self.config.max_wait_ms / 1e3
+            if name == "scale":
+                def fn(images: list[torch.Tensor]) -> list:
+                    lam = self.lam
+                    chosen, _ = self.scale.choose(torch.stack(images), lam)
+                    return [(r, lam) for r in chosen]
+            else:
+                def fn(images: list[torch.Tensor], r: int = name) -> list:
+                    idx, probs = top5(self.backbone(torch.stack(images), r))
+                    return list(zip(idx, probs))
+            self._batchers[name] = Batcher(fn, self.config.max_batch, wait, self.compute)
+        return self._batchers[name]
+
+    def close(self) -> None:
+        for b in self._batchers.values():
+            b.task.cancel()
+        self.compute.shutdown(wait=False, cancel_futures=True)
+        self.decoders.shutdown(wait=False, cancel_futures=True)
+
+    async def predict(self, *, data: bytes | None = None, key: str | None = None) -> dict:
+        """One prediction: admission, validation, scale stage, backbone stage. Raises :class:`Rejected`."""
+        cfg = self.config
+        if self.inflight >= cfg.max_queue:
+            self.metrics.count(503)
+            raise Rejected(503, f"queue full ({self.inflight} requests in flight); retry later",
+                           {"Retry-After": str(cfg.retry_after_s)})
+        self.inflight += 1
+        self.metrics.queue_depth.set(self.inflight)
+        t0 = time.perf_counter()
+        try:
+            out = await self._predict(data, key, t0)
+        except Rejected as err:
+            self.metrics.count(err.status)
+            raise
+        finally:
+            self.inflight -= 1
+            self.metrics.queue_depth.set(self.inflight)
+        self.metrics.observe(out)
+        return out
+
+    async def _predict(self, data: bytes | None, key: str | None, t0: float) -> dict:
+        cfg, loop = self.config, asyncio.get_running_loop()
+        queued = 0.0
+        if key is not None:
+            if self.store is None:
+                raise Rejected(400, "this service has no store: upload an image instead")
+            if key not in self.store:
+                raise Rejected(404, f"{key}: not in the store")
+            source = _StoreSource(self.store, key, self.policy)
+        else:
+            await loop.run_in_executor(self.decoders, check_upload, data, cfg.max_bytes, cfg.max_pixels)
+            source = _BytesSource(data)
+        lam = None
+        try:
+            if self.scale is not None:
+                small = await loop.run_in_executor(self.decoders, source.decode, self.scale.scans,
+                                                   self.scale.resolution, cfg.crop)
+                (resolution, lam), wait = await self._batcher("scale").submit(small)
+                queued += wait
+            else:
+                resolution = cfg.resolution
+            image = await loop.run_in_executor(self.decoders, source.decode, None, resolution, cfg.crop)
+        except (BadImageError, KeyNotFoundError) as err:
+            raise Rejected(400, str(err)) from None
+        (idx, probs), wait = await self._batcher(resolution).submit(image)
+        queued += wait
+        if self.controller is not None:
+            self.controller.observe(queued * 1e3)
+        total = (time.perf_counter() - t0) * 1e3
+        return {
+            "key": key,
+            "top5": [{"label": self.classes[i] if i < len(self.classes) else str(i), "prob": p}
+                     for i, p in zip(idx, probs)],
+            "resolution": resolution,
+            "lam": lam,
+            "bytes_read": source.bytes_read,
+            "file_bytes": source.file_bytes,
+            "timings_ms": {"queued": queued * 1e3, "total": total},
+        }
+
+
+class _BytesSource:
+    """An uploaded image: everything is already in hand."""
+
+    def __init__(self, data: bytes):
+        self.data, self.bytes_read, self.file_bytes = data, len(data), len(data)
+
+    def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
+        return decode(self.data, resolution, crop, name="upload")
+
+
+class _StoreSource:
+    """A stored image: the scale prefix first, later only the missing range; counts what it fetched."""
+
+    def __init__(self, store, key: str, policy: Scans):
+        self.store, self.key, self.policy = store, key, policy
+        self.file_bytes, self.bytes_read = store.size(key), 0
+        self.have, self.data = 0, b""
+
+    def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
+        total = self.store.num_scans(self.key)
+        if scans is None:
+            scans = scans_for(self.policy, self.key, resolution)
+        want = total if scans is None else max(1, min(int(scans), total))
+        if want > self.have:
+            self.data = self.store.read(self.key, None if want >= total else want)
+            self.have = want
+        self.bytes_read = self.store.prefix_size(self.key, self.have)
+        return decode(self.data, resolution, crop, name=self.key)
+
+
+class _Metrics:
+    """Prometheus counters on a private registry (several services in one process stay apart)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("dynres_requests", "Requests by HTTP status.", ["status"], registry=r)
+        self.latency = Histogram("dynres_request_latency_seconds", "Latency of answered predictions.", registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.bytes = Counter("dynres_bytes_read", "Image bytes read or received.", registry=r)
+        self.resolution = Counter("dynres_resolution", "Predictions by chosen resolution.", ["resolution"],
+                                  registry=r)
+        self.queue_depth = Gauge("dynres_queue_depth", "Requests in flight.", registry=r)
+        self.lam = Gauge("dynres_lambda", "Cost weight of the latest choice.", registry=r)
+
+    def count(self, status: int) -> None:
+        self.requests.labels(str(status)).inc()
+
+    def observe(self, out: dict) -> None:
+        self.count(200)
+        self.latency.observe(out["timings_ms"]["total"] / 1e3)
+        self.bytes.inc(out["bytes_read"])
+        self.resolution.labels(str(out["resolution"])).inc()
+        if out["lam"] is not None:
+            self.lam.set(out["lam"])
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def create_app(service: Service):
+    """The FastAPI app: ``POST /predict`` (multipart upload), ``POST /predict/key``, ``/healthz``, ``/metrics``."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, Request, UploadFile
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, Field
+
+    class ClassProb(BaseModel):
+        label: str
+        prob: float
+
+    class Prediction(BaseModel):
+        key: str | None = Field(None, description="The store key, for key requests.")
+        top5: list[ClassProb]
+        resolution: int = Field(description="The resolution the backbone ran at.")
+        lam: float | None = Field(None, description="Cost weight λ of the cost-aware choice (None: static).")
+        bytes_read: int
+        file_bytes: int
+        timings_ms: dict[str, float]
+
+    class KeyRequest(BaseModel):
+        key: str = Field(min_length=1, max_length=4096)
+
+    class Error(BaseModel):
+        detail: str
+
+    errors = {code: {"model": Error, "description": text} for code, text in (
+        (400, "Empty, truncated or corrupt image"), (404, "Unknown store key"),
+        (413, "Too many bytes or pixels"), (415, "Not an image"), (503, "Queue full: retry after Retry-After"))}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.close()
+
+    app = FastAPI(title="dynres", version=__import__("dynres").__version__, lifespan=lifespan,
+                  description="Dynamic-resolution CNN inference: the scale model picks the resolution per image.")
+    limit = service.config.max_bytes
+
+    @app.middleware("http")
+    async def reject_large_bodies(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit + 65536:  # multipart framing allowance
+            return JSONResponse({"detail": f"body of {length} bytes is more than the limit of {limit}"}, 413)
+        return await call_next(request)
+
+    @app.exception_handler(Rejected)
+    async def rejected(request: Request, err: Rejected):
+        return JSONResponse({"detail": err.reason}, err.status, headers=err.headers)
+
+    @app.post("/predict", response_model=Prediction, responses=errors)
+    async def predict_upload(file: UploadFile = File(..., description="A JPEG, PNG or other Pillow image.")):
+        data = await file.read(limit + 1)
+        return await service.predict(data=data)
+
+    @app.post("/predict/key", response_model=Prediction, responses=errors)
+    async def predict_key(body: KeyRequest):
+        return await service.predict(key=body.key)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "queue_depth": service.inflight, "lam": service.lam}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def build_service(spec, config: ServeConfig = ServeConfig()) -> Service:
+    """A :class:`Service` from an :class:`dynres.pipeline.EngineSpec` (paths of store, checkpoints, policy)."""
+    from dynres.pipeline import build_engine
+
+    engine = build_engine(spec)
+    return Service(engine.backbone, engine.classes, scale=engine.scale, store=engine.store, policy=engine.policy,
+                   config=config)

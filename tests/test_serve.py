@@ -1,0 +1,171 @@
+"""The service answers like the models do, rejects bad uploads with the right status, and sheds load with 503."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from _pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_classifier, tiny_scale
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dynres.decode import decode
+from dynres.dynamic import choose
+from dynres.models import to_input
+from dynres.pipeline import EagerRunner
+from dynres.serve import LoadController, ServeConfig, Service, create_app
+
+CLASSES = ("cat", "dog")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("serve"))
+
+
+def jpeg(size=(120, 90), level=128) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (level, level // 2, 200)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def noisy_jpeg() -> bytes:
+    buf = io.BytesIO()
+    arr = np.random.default_rng(0).integers(0, 255, (200, 240, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def client(store=None, **config) -> TestClient:
+    service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(), store=store, policy=StepPolicy(),
+                      config=ServeConfig(**config))
+    return TestClient(create_app(service))
+
+
+def expected(data: bytes, scans=None) -> tuple[int, list[str]]:
+    small = decode(data, SCALE_RES)
+    with torch.inference_mode():
+        probs = torch.sigmoid(tiny_scale().runner.model(to_input(small[None]))).numpy()
+    r = GRID[int(choose(probs, np.array(tiny_scale().costs), 0.0)[0])]
+    with torch.inference_mode():
+        logits = tiny_classifier()(to_input(decode(data, r)[None]))[0]
+    return r, [CLASSES[i] for i in logits.softmax(0).topk(2).indices.tolist()]
+
+
+def test_an_upload_gets_the_models_answer():
+    data = jpeg()
+    with client() as c:
+        res = c.post("/predict", files={"file": ("a.jpg", data, "image/jpeg")})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    r, labels = expected(data)
+    assert body["resolution"] == r and [t["label"] for t in body["top5"]] == labels
+    assert body["bytes_read"] == body["file_bytes"] == len(data) and body["lam"] == 0.0
+    assert body["timings_ms"]["total"] > 0
+
+
+def test_a_store_key_reads_only_the_policys_prefix(store):
+    key = store.keys[3]
+    store.reset_stats()
+    with client(store) as c:
+        body = c.post("/predict/key", json={"key": key}).json()
+    want = max(tiny_scale().scans, StepPolicy().scans(key, body["resolution"]))
+    assert body["bytes_read"] == store.prefix_size(key, want) == store.bytes_read
+    assert body["bytes_read"] < body["file_bytes"] == store.size(key)
+    r, labels = expected(store.read(key, tiny_scale().scans))
+    assert body["resolution"] == r
+
+
+@pytest.mark.parametrize("payload, config, status, reason", [
+    (b"", {}, 400, "empty"),
+    (b"this is plain text, not an image", {}, 415, "not an image"),
+    (noisy_jpeg()[:6000], {}, 400, "truncated"),
+    (jpeg(), {"max_bytes": 100}, 413, "limit"),
+    (jpeg((400, 300)), {"max_pixels": 10_000}, 413, "pixels"),
+])
+def test_bad_uploads_get_the_right_status_and_reason(payload, config, status, reason):
+    with client(**config) as c:
+        res = c.post("/predict", files={"file": ("x.jpg", payload, "image/jpeg")})
+    assert res.status_code == status
+    assert reason in res.json()["detail"]
+
+
+def test_unknown_key_is_404_and_keys_need_a_store(store):
+    with client(store) as c:
+        assert c.post("/predict/key", json={"key": "nope/0"}).status_code == 404
+    with client() as c:
+        assert c.post("/predict/key", json={"key": "cat/0"}).status_code == 400
+
+
+class BlockingRunner(EagerRunner):
+    """A backbone that waits for the test to release it, so requests pile up."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.release = threading.Event()
+
+    def __call__(self, images, resolution):
+        self.release.wait(10)
+        return super().__call__(images, resolution)
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_rest_complete():
+    runner = BlockingRunner(tiny_classifier())
+    service = Service(runner, CLASSES, config=ServeConfig(resolution=32, max_queue=2, retry_after_s=3))
+    app = create_app(service)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            files = {"file": ("a.jpg", jpeg(), "image/jpeg")}
+            first = [asyncio.create_task(c.post("/predict", files=files)) for _ in range(2)]
+            while service.inflight < 2:
+                await asyncio.sleep(0.01)
+            shed = await asyncio.gather(*(c.post("/predict", files=files) for _ in range(3)))
+            metrics = (await c.get("/metrics")).text
+            runner.release.set()
+            return await asyncio.gather(*first), shed, metrics
+
+    done, shed, metrics = asyncio.run(scenario())
+    service.close()
+    assert [r.status_code for r in done] == [200, 200]
+    assert [r.status_code for r in shed] == [503] * 3
+    assert all(r.headers["retry-after"] == "3" for r in shed)
+    assert 'dynres_requests_total{status="503"} 3.0' in metrics
+    assert "dynres_queue_depth 2.0" in metrics
+
+
+def test_metrics_and_health_after_traffic():
+    with client() as c:
+        for level in (30, 220):
+            c.post("/predict", files={"file": ("a.jpg", jpeg(level=level), "image/jpeg")})
+        c.post("/predict", files={"file": ("a.jpg", b"junk", "image/jpeg")})
+        health = c.get("/healthz").json()
+        text = c.get("/metrics").text
+    assert health["status"] == "ok" and health["queue_depth"] == 0
+    assert 'dynres_requests_total{status="200"} 2.0' in text
+    assert 'dynres_requests_total{status="415"} 1.0' in text
+    assert "dynres_request_latency_seconds_bucket" in text and "dynres_bytes_read_total" in text
+    assert "dynres_resolution_total{resolution=" in text
+
+
+def test_load_controller_raises_lambda_under_delay_and_lowers_it_after():
+    ctl = LoadController(target_ms=100, lam_max=0.5, step=0.1)
+    for _ in range(20):
+        ctl.observe(90.0)
+    assert ctl.lam == pytest.approx(0.5)
+    for _ in range(40):
+        ctl.observe(1.0)
+    assert ctl.lam == 0.0
+
+
+def test_openapi_spec_documents_the_error_statuses():
+    spec = client().app.openapi()
+    responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert {"200", "400", "413", "415", "503"} <= set(responses)
+    assert "/predict/key" in spec["paths"] and "/metrics" in spec["paths"]
