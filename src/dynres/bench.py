@@ -93,6 +93,9 @@ def bench_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str |
              progress: bool = True) -> dict:
     from dynres.store import open_store
 
+    import torch
+
+    torch.set_num_threads(1)  # "one core" means one core: decode's torch resize would otherwise use two
     store = open_store(store_url)
     keys = sorted(store.keys)
     random.Random(config.seed).shuffle(keys)
@@ -101,7 +104,9 @@ def bench_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str |
     chunks = [keys[i::workers] for i in range(workers)]
     rows = []
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(store_url,)) as pool:
-        list(pool.map(_worker_run, [(c, "dct_scaled", 112, config.crop) for c in chunks]))  # warm the pool
+        for method in _DECODERS:  # warm-up: imports, page cache, worker start-up stay out of the timings
+            _decode_keys(store, keys[:4], method, 112, config.crop)
+            list(pool.map(_worker_run, [(c[:4], method, 112, config.crop) for c in chunks]))
         for res in track(config.resolutions, len(config.resolutions), "bench io", progress):
             rates: dict[tuple[str, str], list[float]] = {}
             for _ in range(config.repeats):

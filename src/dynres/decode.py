@@ -60,8 +60,9 @@ def _crop_box(width: int, height: int, resolution: int, crop: float) -> tuple[fl
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image → uint8 CHW tensor (owning its memory)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    # numpy does the HWC→CHW copy: torch's permute().contiguous() pays thread-pool overhead (ms) on tiny images
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def draft_size(width: int, height: int, short_side: float) -> tuple[int, int]:
@@ -70,28 +71,35 @@ def draft_size(width: int, height: int, short_side: float) -> tuple[int, int]:
     return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
 
 
-def decode_image(data: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> Image.Image:
-    """Decode ``data`` (a whole JPEG or a scan prefix ending in EOI) to an RGB ``resolution``² PIL image."""
+def decode(prefix: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
+    """Decode a scan prefix to a uint8 CHW tensor of shape (3, resolution, resolution).
+
+    Pillow decodes at the DCT scale; torch's uint8 resize (antialiased, vectorized) then scales only the crop
+    region, which measured 1.3-2.7x faster than Pillow's own resize here.
+    """
+    from torchvision.transforms.v2 import functional as F
+
     if not 0 < crop <= 1:
         raise ValueError(f"crop (side ratio) must be in (0, 1], got {crop}")
-    img = _open(data, name)
+    img = _open(prefix, name)
     try:
         w, h = img.size
         if img.format == "JPEG":
             img.draft("RGB", draft_size(w, h, resolution / crop))
-        img = img.convert("RGB")
-        # draft changed the size; the crop box is computed on what was actually decoded
-        box = _crop_box(*img.size, resolution, crop)
-        return img.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
+        t = to_tensor(img)
+        # The exact box rounded to whole source pixels: at most half a source pixel off torchvision's
+        # geometry (a fraction of an output pixel), which costs nothing in accuracy and saves a resample.
+        x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(t.shape[2], t.shape[1], resolution, crop))
+        return F.resize(t[:, y0:y1, x0:x1], [resolution, resolution], antialias=True)
     except BadImageError:
         raise
     except Exception as err:
         raise BadImageError(name, f"cannot decode image: {err}") from err
 
 
-def decode(prefix: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
-    """Decode a scan prefix to a uint8 CHW tensor of shape (3, resolution, resolution)."""
-    return to_tensor(decode_image(prefix, resolution, crop, name))
+def decode_image(data: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> Image.Image:
+    """:func:`decode` as a PIL image (thumbnails, debugging)."""
+    return Image.fromarray(decode(data, resolution, crop, name).permute(1, 2, 0).numpy())
 
 
 def decode_baseline(data: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
