@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from dynres.decode import crop_side, decode
 from dynres.errors import ConfigError
 from dynres.evaluate import EvalConfig, run_static
 from dynres.models import gflops, load_checkpoint
@@ -51,6 +52,17 @@ def choose(probs: np.ndarray, cost: np.ndarray, lam: float | None) -> np.ndarray
     if lam is None:
         return probs.argmax(1)
     return (probs - lam * (cost / cost.max())[None, :]).argmax(1)
+
+
+def decide(scale, prefix: bytes, crop: float, lam: float | None = None,
+           cost: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """One image's decision from the prefix bytes it is given (nothing else is read): the chosen resolution and
+    p(r) over the grid. ``scale`` is a scale checkpoint path or ``(model, meta)``; ``crop`` an area fraction."""
+    model, meta = load_checkpoint(scale) if isinstance(scale, (str, Path)) else scale
+    x = decode(prefix, meta.train_resolution, crop_side(crop))[None]
+    probs = predict_scale(model, x)
+    cost = np.array(meta.grid, dtype=float) ** 2 if cost is None else np.asarray(cost, dtype=float)
+    return meta.grid[int(choose(probs, cost, lam)[0])], probs[0]
 
 
 def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str | Path,

@@ -182,7 +182,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn: Callable,
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start, history = int(state["epoch"]), json.loads(state["history"])
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    drop_last = len(dataset) > cfg.batch_size  # a last batch of one breaks BatchNorm
+    steps_per_epoch = len(dataset) // cfg.batch_size if drop_last else 1
     total = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if start >= cfg.epochs:
@@ -194,7 +195,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn: Callable,
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation RNG, reproducible after a resume
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=0)
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen, num_workers=0,
+                                drop_last=drop_last)
             model.train()
             seen, loss_sum, right = 0, 0.0, 0.0
             for i, (x, y) in enumerate(loader):

@@ -1,0 +1,107 @@
+"""Static and dynamic evaluation on a fixed tiny model and tiny in-memory data."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tiny_store import MemoryStore
+
+from dynres.decode import crop_side, decode
+from dynres.dynamic import DynamicConfig, choose, decide, run_dynamic
+from dynres.evaluate import EvalConfig, image_views, run_static, scaled_grid
+from dynres.models import ModelMeta, create_model, save_checkpoint
+
+GRID = (16, 24, 32, 48)
+CROPS = (0.25, 1.0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A fixed (seeded, untrained) backbone and scale model: the numbers only have to be reproducible."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    store = MemoryStore(per_class=3)
+    backbone = save_checkpoint(create_model("resnet_tiny", 3),
+                               ModelMeta(arch="resnet_tiny", classes=tuple(store.classes), train_resolution=32),
+                               root / "backbone.pt")
+    scale = save_checkpoint(create_model("mobilenet_v2_tiny", len(GRID)),
+                            ModelMeta(arch="mobilenet_v2_tiny", classes=(), train_resolution=16, task="scale",
+                                      grid=GRID, scans=2), root / "scale.pt")
+    return store, backbone, scale
+
+
+def test_paper_grid_scales_with_the_train_resolution():
+    assert scaled_grid(224) == (112, 168, 224, 280, 336, 392, 448)
+    assert scaled_grid(112) == (56, 84, 112, 140, 168, 196, 224)
+
+
+def test_fast_views_match_decode_up_to_resampling():
+    store = MemoryStore(per_class=1)
+    key = store.keys[0]
+    fast = image_views(store, key, GRID, CROPS)
+    exact = image_views(store, key, GRID, CROPS, exact=True)
+    assert fast.keys() == exact.keys()
+    for view in fast:
+        assert fast[view].shape == (3, view[1], view[1])
+        assert torch.equal(exact[view], decode(store.read(key), view[1], crop_side(view[0])))
+        assert (fast[view].float() - exact[view].float()).abs().mean() < 12  # same geometry, other resampler
+
+
+def test_static_eval_is_reproducible_and_consistent(tmp_path, models):
+    store, backbone, _ = models
+    cfg = EvalConfig(grid=GRID, crops=CROPS, batch_size=4)
+    a = run_static(backbone, store, tmp_path / "a", cfg, progress=False)
+    b = run_static(backbone, store, tmp_path / "b", cfg, progress=False)
+    assert a["static"] == b["static"]
+    table = pq.read_table(tmp_path / "a" / "static_images.parquet").to_pylist()
+    assert len(table) == len(store.keys) * len(GRID) * len(CROPS)
+    for row in a["static"]:  # each accuracy is the mean of its per-image rows
+        hits = [t["correct"] for t in table if t["crop"] == row["crop"] and t["resolution"] == row["resolution"]]
+        assert row["accuracy"] == pytest.approx(100 * sum(hits) / len(hits))
+    flops = {r["resolution"]: r["gflops"] for r in a["static"]}
+    assert [flops[r] for r in GRID] == sorted(set(flops.values()))  # cost grows with resolution
+    assert json.loads((tmp_path / "a" / "static.json").read_text())["grid"] == list(GRID)
+    assert "Resolution" in (tmp_path / "a" / "static.md").read_text()
+
+
+def test_choice_rules():
+    probs = np.array([[0.5, 0.9, 0.95], [0.8, 0.2, 0.1]])
+    cost = np.array([1.0, 4.0, 9.0])
+    assert choose(probs, cost, None).tolist() == [2, 0]
+    assert choose(probs, cost, 0.1).tolist() == [1, 0]  # 0.95 - 0.1 < 0.9 - 0.1 * 4 / 9
+    assert choose(probs, cost, 10.0).tolist() == [0, 0]
+
+
+def test_scale_decision_reads_only_the_prefix_it_is_given(models):
+    store, _, scale = models
+    key = store.keys[0]
+    store.bytes_read = 0
+    prefix = store.read(key, scans=2)
+    assert store.bytes_read == len(prefix) < len(store.read(key))
+    resolution, probs = decide(scale, prefix, crop=0.56)
+    assert resolution in GRID and probs.shape == (len(GRID),)
+    assert decide(scale, bytes(prefix), crop=0.56)[0] == resolution  # a pure function of those bytes
+
+
+def test_dynamic_eval_records(tmp_path, models):
+    store, backbone, scale = models
+    cfg = EvalConfig(grid=GRID, crops=CROPS, batch_size=4)
+    run_static(backbone, store, tmp_path, cfg, progress=False)
+    store.bytes_read = 0
+    result = run_dynamic(backbone, scale, store, tmp_path, DynamicConfig(lambdas=(0.0, 0.5, 5.0)), cfg,
+                         progress=False)
+    # the scale model read each image's 2-scan prefix once (all crops come from it), nothing else
+    assert result["scale_bytes_read"] == sum(len(store.read(k, scans=2)) for k in store.keys)
+    assert {r["crop"] for r in result["dynamic"]} == set(CROPS)
+    assert all(r["lambda"] is None for r in result["dynamic"])
+    static_best = {c: max(r["accuracy"] for r in result["static"] if r["crop"] == c) for c in CROPS}
+    smallest = {r["resolution"]: r["gflops"] for r in result["static"]}[16]
+    for o in result["oracle"]:
+        assert o["accuracy"] >= static_best[o["crop"]]
+    for point in result["cost_aware"]:
+        if point["lambda"] == 5.0:  # a huge cost weight always picks the cheapest resolution
+            assert point["gflops"] == pytest.approx(smallest + result["scale_gflops"])
+    assert (tmp_path / "dynamic.png").stat().st_size > 1000
+    assert "Oracle" in (tmp_path / "dynamic.md").read_text()

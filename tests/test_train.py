@@ -1,0 +1,126 @@
+"""Training: determinism, resume, shard split, held-out labels, the scale model chain (tiny models, tiny data)."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tiny_store import MemoryStore
+
+from dynres.errors import ConfigError
+from dynres.models import load_checkpoint
+from dynres.scale import ScaleConfig, auc, label_stats, multi_hot, shard_split, train_scale
+from dynres.train import TrainConfig, data_hash, train_backbone
+
+TINY = TrainConfig(resolution=32, epochs=2, batch_size=8, seed=3)
+
+
+def _weights(path):
+    model, _ = load_checkpoint(path)
+    return model.state_dict()
+
+
+def test_training_is_deterministic_and_writes_metadata(tmp_path):
+    store = MemoryStore(per_class=4)
+    a = train_backbone(store, tmp_path / "a", TINY, progress=False)
+    b = train_backbone(store, tmp_path / "b", TINY, progress=False)
+    for (name, wa), wb in zip(_weights(a).items(), _weights(b).values()):
+        assert torch.equal(wa, wb), name
+    meta = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert meta["arch"] == "resnet_tiny" and meta["classes"] == store.classes
+    assert meta["train_resolution"] == 32 and meta["epochs_done"] == 2
+    assert meta["recipe"]["optimizer"] == "sgd" and meta["data_hash"] == data_hash(store, store.keys)
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert [h["epoch"] for h in log["history"]] == [1, 2]
+
+
+def test_rerunning_a_finished_training_returns_the_same_weights(tmp_path):
+    store = MemoryStore(per_class=4)
+    first = _weights(train_backbone(store, tmp_path, TINY, progress=False))
+    again = _weights(train_backbone(store, tmp_path, TINY, progress=False))
+    assert all(torch.equal(x, y) for x, y in zip(first.values(), again.values()))
+
+
+def test_resume_continues_from_the_last_epoch(tmp_path, monkeypatch):
+    store = MemoryStore(per_class=4)
+    reference = train_backbone(store, tmp_path / "ref", TINY, progress=False)
+    import dynres.train as train_mod
+
+    calls = {"n": 0}
+    real_save = train_mod.save_checkpoint
+
+    def crash_after_first_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone(store, tmp_path / "run", TINY, progress=False)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["epoch"] == 1
+    resumed = train_backbone(store, tmp_path / "run", TINY, progress=False)
+    for (name, x), y in zip(_weights(reference).items(), _weights(resumed).values()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_bad_recipe_is_rejected():
+    with pytest.raises(ConfigError, match="optimizer"):
+        train_backbone(MemoryStore(per_class=1), "unused", TrainConfig(optimizer="lbfgs"), progress=False)
+
+
+def test_shards_are_disjoint_stratified_and_cover_train():
+    store = MemoryStore(per_class=7)
+    shards = shard_split(store, store.keys, folds=4, seed=1)
+    flat = [k for s in shards for k in s]
+    assert sorted(flat) == sorted(store.keys) and len(flat) == len(set(flat))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    for s in shards:  # every class in every shard (7 per class >= 4 shards)
+        assert {store.label(k) for k in s} == {0, 1, 2}
+    assert shards == shard_split(store, store.keys, folds=4, seed=1)
+
+
+def test_labels_come_only_from_a_backbone_that_did_not_see_the_sample(tmp_path):
+    store = MemoryStore(per_class=4)
+    cfg = ScaleConfig(folds=2, backbone=TrainConfig(resolution=32, epochs=1, batch_size=8), grid=(16, 32, 48),
+                      crops=(0.25, 1.0), epochs=1, batch_size=8, holdout=0.25)
+    result = train_scale(store, tmp_path, cfg, progress=False)
+    labels = pq.read_table(tmp_path / "scale_labels.parquet").to_pylist()
+    assert {(r["key"], r["crop"], r["resolution"]) for r in labels} == {
+        (k, c, r) for k in store.keys for c in (0.25, 1.0) for r in (16, 32, 48)}
+    shards = shard_split(store, store.keys, 2, cfg.seed)
+    for fold in (0, 1):
+        trained_on = [k for i, s in enumerate(shards) if i != fold for k in s]
+        _, meta = load_checkpoint(tmp_path / f"fold{fold}" / "model.pt")
+        assert meta.data_hash == data_hash(store, trained_on)  # the fold backbone saw exactly these keys
+        labelled = {r["key"] for r in labels if r["fold"] == fold}
+        assert labelled == set(shards[fold]) and not labelled & set(trained_on)
+    scale, meta = load_checkpoint(result["scale_model"])
+    assert meta.task == "scale" and meta.grid == (16, 32, 48) and meta.train_resolution == 16
+    assert scale(torch.rand(1, 3, 16, 16)).shape == (1, 3)
+    assert [row["resolution"] for row in result["auc"]] == [16, 32, 48]
+    assert (tmp_path / "scale.md").read_text().count("|") > 10
+
+
+def test_cheap_option_trains_one_shard_backbone(tmp_path):
+    store = MemoryStore(per_class=4)
+    cfg = ScaleConfig(folds=4, cheap=True, backbone=TrainConfig(resolution=32, epochs=1, batch_size=8),
+                      grid=(16, 32), crops=(1.0,), epochs=1, batch_size=8, holdout=0.0)
+    result = train_scale(store, tmp_path, cfg, progress=False)
+    assert result["folds"] == 1 and not (tmp_path / "fold1").exists()
+    assert result["labelled_images"] == len(shard_split(store, store.keys, 4, 0)[0])
+
+
+def test_label_statistics_and_auc():
+    import numpy as np
+    import pyarrow as pa
+
+    table = pa.table({"key": ["a", "a", "b", "b"], "crop": [1.0] * 4, "resolution": [16, 32, 16, 32],
+                      "correct": [False, True, True, True]})
+    targets = multi_hot(table, (16, 32))
+    assert targets[("a", 1.0)].tolist() == [0.0, 1.0]
+    stats = label_stats(targets, (16, 32), (1.0,))[0]
+    assert stats["all_correct"] == 50.0 and stats["p@32"] == 100.0 and stats["mean_correct"] == 1.5
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert auc(np.array([0.1, 0.2]), np.array([1, 1])) is None
