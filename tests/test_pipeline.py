@@ -116,3 +116,23 @@ def test_bad_configuration_is_a_clear_error(store):
         Engine(store, EagerRunner(tiny_classifier()))
     with pytest.raises(ConfigError, match="baseline"):
         PipelineConfig(baseline=True)
+
+
+def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from dynres.cli import app
+    from dynres.models import ModelMeta, create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(create_model("resnet_tiny", 2), ModelMeta("resnet_tiny", ("cat", "dog"), 48), tmp_path / "b.pt")
+    save_checkpoint(create_model("mobilenet_v2_tiny", len(GRID)),
+                    ModelMeta("mobilenet_v2_tiny", (), SCALE_RES, task="scale", grid=GRID, scans=2), tmp_path / "s.pt")
+    out = tmp_path / "preds.parquet"
+    res = CliRunner().invoke(app, ["infer", str(store.root), "--model", str(tmp_path / "b.pt"),
+                                   "--scale", str(tmp_path / "s.pt"), "--out", str(out), "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    rows = pq.read_table(out).to_pylist()
+    assert [r["key"] for r in rows] == store.keys
+    assert all(r["resolution"] in GRID and r["bytes_read"] <= r["file_bytes"] for r in rows)
+    assert (tmp_path / "preds.json").is_file() and "images/s" in res.output

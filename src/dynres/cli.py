@@ -131,6 +131,119 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with summar
     console.print(f"wrote {html_path} and {md_path}")
 
 
+@app.command()
+def infer(
+    store: str = typer.Argument(..., help="Store directory or fsspec URL (s3://, http://, ...)."),
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint (model.pt + model.json, or its dir)."),
+    scale: Optional[Path] = typer.Option(None, "--scale", help="Scale-model checkpoint (dynamic mode)."),
+    out: Path = typer.Option(Path("preds.parquet"), "--out", help="Predictions Parquet; summary beside it."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Static mode at this resolution."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy (`dynres calibrate`)."),
+    kernels: str = typer.Option("eager", help="eager, or tuned (the cached winners of `dynres tune`)."),
+    lam: float = typer.Option(0.0, "--lambda", help="Cost weight λ of the cost-aware choice (0: argmax p)."),
+    baseline: bool = typer.Option(False, help="The common baseline: full read + full decode (needs --resolution)."),
+    batch_size: int = typer.Option(16, help="Images per scale-model batch and per backbone batch."),
+    workers: int = typer.Option(2, help="Read/decode threads."),
+    threads: int = typer.Option(0, help="torch threads for the models (0: torch's default)."),
+    crop: float = typer.Option(0.875, help="Center-crop side ratio."),
+    limit: int = typer.Option(0, help="Only the first N images (0: all)."),
+    engine: str = typer.Option("local", help="local, or ray (Ray Data, one actor pool per stage)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
+) -> None:
+    """Batch inference over a store: scale model → resolution → missing bytes → backbone, pipelined."""
+    from dynres.pipeline import EngineSpec, PipelineConfig
+    from dynres.records import write_records
+
+    cfg = PipelineConfig(batch_size=batch_size, workers=workers, torch_threads=threads, crop=crop,
+                         resolution=resolution, lam=lam, baseline=baseline)
+    spec = EngineSpec(store, str(model), str(scale) if scale else None, str(policy) if policy else None, kernels, cfg)
+    if engine == "ray":
+        from dynres._ray import run_ray
+
+        result = run_ray(spec, limit=limit or None, address=address)
+    elif engine == "local":
+        from dynres.pipeline import build_engine
+
+        eng = build_engine(spec)
+        result = eng.run(eng.store.keys[:limit] if limit else None)
+    else:
+        raise typer.BadParameter(f"unknown engine {engine!r} (local, ray)")
+    result.write_parquet(out)
+    s = result.summary
+    write_records(out.parent, out.stem, {"spec": str(spec), "summary": s},
+                  "\n".join(f"- {k}: {v}" for k, v in s.items()))
+    acc = f", top-1 {s['accuracy']:.2f}%" if s.get("accuracy") is not None else ""
+    console.print(f"{s['images']} images in {s['seconds']:.1f} s = {s['images_per_s']:.1f} images/s{acc}; "
+                  f"read {s['read_fraction']:.1%} of the bytes; p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms; "
+                  f"resolutions {s['resolution_histogram']}")
+    console.print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
+    scale: Optional[Path] = typer.Option(None, "--scale", help="Scale-model checkpoint (dynamic mode)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Store for POST /predict/key requests."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy for store keys."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Static mode at this resolution."),
+    kernels: str = typer.Option("eager", help="eager or tuned."),
+    host: str = typer.Option("127.0.0.1", help="Bind address."),
+    port: int = typer.Option(8000, help="Port."),
+    max_batch: int = typer.Option(8, help="Largest batch per model call."),
+    max_wait_ms: float = typer.Option(5.0, help="Longest wait to fill a batch."),
+    max_queue: int = typer.Option(32, help="Requests in flight before answering 503."),
+    lam: float = typer.Option(0.0, "--lambda", help="Cost weight λ (the floor, when load-adaptive)."),
+    latency_target_ms: Optional[float] = typer.Option(None, help="Load-adaptive λ: keep latency under this."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+) -> None:
+    """The pipeline as an HTTP service: POST /predict (upload) or /predict/key; /healthz, /metrics, /docs."""
+    import uvicorn
+
+    from dynres.pipeline import EngineSpec, PipelineConfig
+    from dynres.serve import ServeConfig, build_service, create_app
+
+    if store is None and scale is None and resolution is None:
+        raise typer.BadParameter("give --scale (dynamic) or --resolution (static)")
+    spec = EngineSpec(store or "", str(model), str(scale) if scale else None, str(policy) if policy else None,
+                      kernels, PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution))
+    cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, resolution=resolution,
+                      lam=lam, latency_target_ms=latency_target_ms)
+    uvicorn.run(create_app(build_service(spec, cfg)), host=host, port=port, log_level="warning")
+
+
+@bench_app.command("pipeline")
+def bench_pipeline_cmd(
+    store: str = typer.Argument(..., help="Store directory or fsspec URL."),
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
+    scale: Path = typer.Option(..., "--scale", help="Scale-model checkpoint."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where pipeline.json/.md go."),
+    images: int = typer.Option(0, help="Images sampled from the store (0: all)."),
+    kernels: str = typer.Option("tuned", help="Kernels for (b) and (c): tuned or eager."),
+    static_resolution: Optional[int] = typer.Option(None, help="(b)'s resolution (default: best of a sweep)."),
+    baseline_resolution: Optional[int] = typer.Option(None, help="(a)'s resolution (default: train resolution)."),
+    lam: float = typer.Option(0.0, "--lambda", help="Cost weight λ for (c)."),
+    batch_size: int = typer.Option(16, help="Batch size for every mode."),
+    workers: int = typer.Option(2, help="Read/decode threads for every mode."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+) -> None:
+    """(a) common baseline vs (b) best static + tuned kernels + calibrated reads vs (c) the dynamic pipeline."""
+    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
+
+    cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
+                              baseline_resolution=baseline_resolution, static_resolution=static_resolution,
+                              lam=lam, kernels=kernels)
+    p = run_bench_pipeline(store, str(model), str(scale), out, str(policy) if policy else None, cfg)
+    for name, row in p["pipeline"].items():
+        acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2f}%"
+        console.print(f"{name:>13}: {row['images_per_s']:7.1f} img/s  top-1 {acc}  "
+                      f"{row['bytes_per_image']:9.0f} B/img  p50 {row['p50_ms']:.0f} ms  p99 {row['p99_ms']:.0f} ms")
+    r = p["ratios"]
+    console.print(f"(c)/(a) {r['dynamic_vs_baseline_images_per_s']:.2f}x, (c)/(b) "
+                  f"{r['dynamic_vs_static_images_per_s']:.2f}x, scale overhead {100 * r['scale_overhead']:.1f}%")
+    console.print(f"wrote {out / 'pipeline.json'} and {out / 'pipeline.md'}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -51,6 +51,9 @@ class EagerRunner:
         with torch.inference_mode():
             return self.model(to_input(images))
 
+    def warm(self, resolutions: Sequence[int]) -> None:
+        """Nothing to build for eager PyTorch."""
+
 
 class KernelRunner:
     """Tuned kernels from :func:`dynres.kernels.load`, built lazily per (resolution, batch size).
@@ -70,6 +73,12 @@ class KernelRunner:
             self._kernels[resolution, batch] = kernels.load(self.model, resolution, batch, self.threads,
                                                             self.cache_dir)
         return self._kernels[resolution, batch]
+
+    def warm(self, resolutions: Sequence[int]) -> None:
+        """Build every kernel ``resolutions`` may need now, so no timed run pays for loading them."""
+        for r in resolutions:
+            self.kernel(r, self.batch)
+            self.kernel(r, 1)
 
     def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
         x, n, out = to_input(images), len(images), []
@@ -419,7 +428,7 @@ def build_engine(spec: EngineSpec, store=None) -> Engine:
     """Open the store, load the checkpoints and the scans policy; static mode when ``config.resolution`` is set."""
     from dynres.models import load_checkpoint
 
-    if store is None:
+    if store is None and spec.store:  # no store: a service that only takes uploads
         from dynres.store import open_store
 
         store = open_store(spec.store)

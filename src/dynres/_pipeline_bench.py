@@ -1,0 +1,157 @@
+"""`dynres bench pipeline`: the end-to-end engine against the baselines, in one run and as ratios.
+
+(a) ``baseline``: the common baseline — full read, full Pillow decode + torchvision resize, eager PyTorch at the
+backbone's train resolution (the paper's 224); (b) ``static_tuned``: the best static resolution with tuned kernels
+and calibrated reads; (c) ``dynamic``: scale model → per-image resolution, tuned kernels, calibrated reads. All three
+run the same images through the same pipelined engine (same workers, batch size, threads), after a warm-up run
+that builds every kernel, so the numbers differ only by what the modes do.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dynres.pipeline import Engine, EagerRunner, PipelineConfig, load_scale, make_runner
+from dynres.records import markdown_table, write_records
+
+MODES = ("baseline", "static_tuned", "dynamic")
+COLUMNS = ("images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms")
+
+
+@dataclass(frozen=True)
+class PipelineBenchConfig:
+    images: int = 0  # 0: every image of the store
+    batch_size: int = 16
+    workers: int = 2
+    torch_threads: int = 0
+    crop: float = 0.875
+    baseline_resolution: int | None = None  # None: the backbone's train resolution
+    static_resolution: int | None = None  # None: the most accurate grid resolution on ``sweep_images``
+    sweep_images: int = 200
+    lam: float = 0.0
+    kernels: str = "tuned"
+    warmup: int = 32
+    seed: int = 0
+
+
+def _sample(keys: list[str], n: int, seed: int) -> list[str]:
+    if not n or n >= len(keys):
+        return list(keys)
+    return sorted(random.Random(seed).sample(keys, n))
+
+
+def _row(summary: dict) -> dict:
+    return {k: summary[k] for k in (*COLUMNS, "images", "seconds", "read_fraction", "resolution_histogram",
+                                    "scale_overhead", "work_s", "top5_accuracy")}
+
+
+def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Path, policy: str | None = None,
+                       cfg: PipelineBenchConfig = PipelineBenchConfig(), progress: bool = True) -> dict:
+    """Run (a), (b), (c) on the same images; write ``pipeline.json`` / ``pipeline.md`` under ``out``."""
+    from dynres.models import load_checkpoint
+    from dynres.store import open_store
+
+    store = open_store(store_path)
+    model, meta = load_checkpoint(backbone)
+    threads = cfg.torch_threads or torch.get_num_threads()
+    tuned = make_runner(model, cfg.kernels, cfg.batch_size, threads)
+    stage = load_scale(scale, model, cfg.kernels, cfg.batch_size, threads)
+    calibrated = None
+    if policy is not None:
+        from dynres.calibrate import load_policy
+
+        calibrated = load_policy(policy)
+    tuned.warm(stage.grid)
+    stage.runner.warm([stage.resolution])
+    keys = _sample(store.keys, cfg.images, cfg.seed)
+    base = dict(batch_size=cfg.batch_size, workers=cfg.workers, torch_threads=cfg.torch_threads, crop=cfg.crop)
+
+    sweep = []
+    static_r = cfg.static_resolution
+    if static_r is None:
+        sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
+        for r in stage.grid:
+            s = Engine(store, tuned, policy=calibrated, config=PipelineConfig(resolution=r, **base),
+                       classes=meta.classes).run(sweep_keys, progress=progress).summary
+            sweep.append({"resolution": r, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"]})
+        static_r = max(sweep, key=lambda row: (row["accuracy"] or 0.0, -row["resolution"]))["resolution"]
+
+    engines = {
+        "baseline": Engine(store, EagerRunner(model), classes=meta.classes, config=PipelineConfig(
+            resolution=cfg.baseline_resolution or meta.train_resolution, baseline=True, **base)),
+        "static_tuned": Engine(store, tuned, policy=calibrated, classes=meta.classes,
+                               config=PipelineConfig(resolution=static_r, **base)),
+        "dynamic": Engine(store, tuned, scale=stage, policy=calibrated, classes=meta.classes,
+                          config=PipelineConfig(lam=cfg.lam, **base)),
+    }
+    rows: dict[str, dict] = {}
+    for name, engine in engines.items():
+        engine.run(keys[: cfg.warmup], progress=False)  # page cache, allocator, lazily built kernels
+        store.reset_stats()
+        rows[name] = _row(engine.run(keys, progress=progress).summary)
+
+    a, b, c = (rows[m] for m in MODES)
+    ratios = {
+        "dynamic_vs_baseline_images_per_s": c["images_per_s"] / a["images_per_s"],
+        "dynamic_vs_static_images_per_s": c["images_per_s"] / b["images_per_s"],
+        "dynamic_minus_baseline_accuracy": _diff(c["accuracy"], a["accuracy"]),
+        "dynamic_minus_static_accuracy": _diff(c["accuracy"], b["accuracy"]),
+        "dynamic_vs_baseline_bytes": c["bytes_per_image"] / a["bytes_per_image"],
+        "scale_overhead": c["scale_overhead"],
+    }
+    targets = {
+        "dynamic_3x_baseline_at_no_lower_accuracy": ratios["dynamic_vs_baseline_images_per_s"] >= 3
+        and (ratios["dynamic_minus_baseline_accuracy"] or 0) >= 0,
+        "dynamic_1.3x_static_within_0.5_points": ratios["dynamic_vs_static_images_per_s"] >= 1.3
+        and (ratios["dynamic_minus_static_accuracy"] or 0) >= -0.5,
+        "scale_overhead_at_most_10pct": ratios["scale_overhead"] <= 0.10,
+    }
+    payload = {
+        "store": str(store_path), "backbone": str(backbone), "scale_model": str(scale), "policy": policy,
+        "images": len(keys), "config": asdict(cfg), "baseline_resolution": engines["baseline"].config.resolution,
+        "static_resolution": static_r, "scale_resolution": stage.resolution, "grid": list(stage.grid),
+        "static_sweep": sweep, "pipeline": rows, "ratios": ratios, "targets": targets,
+    }
+    write_records(out, "pipeline", payload, render_markdown(payload))
+    return payload
+
+
+def _diff(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None else x - y
+
+
+def render_markdown(p: dict) -> str:
+    names = {"baseline": f"(a) baseline: full read + Pillow decode, eager @{p['baseline_resolution']}",
+             "static_tuned": f"(b) best static @{p['static_resolution']}, tuned kernels, calibrated reads",
+             "dynamic": f"(c) dynamic (scale model @{p['scale_resolution']}, λ={p['config']['lam']})"}
+    rows = [{"mode": names[m], **p["pipeline"][m]} for m in MODES]
+    table = markdown_table(rows, ["mode", *COLUMNS, "read_fraction", "scale_overhead"],
+                           ["Mode", "Images/s", "Top-1 %", "Bytes/image", "p50 ms", "p99 ms", "Read fraction",
+                            "Scale overhead"])
+    r = p["ratios"]
+    hist = ", ".join(f"{k}: {v}" for k, v in p["pipeline"]["dynamic"]["resolution_histogram"].items())
+    lines = [
+        f"# Pipeline benchmark ({p['images']} images, batch {p['config']['batch_size']}, "
+        f"{p['config']['workers']} decode workers, kernels: {p['config']['kernels']})", "", table, "",
+        f"- (c)/(a) images/s: **{r['dynamic_vs_baseline_images_per_s']:.2f}x**, accuracy "
+        f"{_fmt(r['dynamic_minus_baseline_accuracy'])} points, bytes {r['dynamic_vs_baseline_bytes']:.2f}x",
+        f"- (c)/(b) images/s: **{r['dynamic_vs_static_images_per_s']:.2f}x**, accuracy "
+        f"{_fmt(r['dynamic_minus_static_accuracy'])} points",
+        f"- scale-model overhead (its read + decode + inference, share of the pipeline's work): "
+        f"{100 * r['scale_overhead']:.1f}%",
+        f"- dynamic resolutions: {hist}",
+        "", "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in p["targets"].items()),
+    ]
+    if p["static_sweep"]:
+        lines += ["", "## Static sweep (choosing (b))", "",
+                  markdown_table(p["static_sweep"], ["resolution", "accuracy", "images_per_s"],
+                                 ["Resolution", "Top-1 %", "Images/s"])]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
