@@ -1,0 +1,126 @@
+"""The quality index: SSIM of each scan prefix vs the whole file, at each inference view."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+from skimage.metrics import structural_similarity
+
+from dynres.decode import decode
+from dynres.errors import StoreError
+from dynres.quality import (QUALITY, QualityConfig, build_quality_index, decode_many, image_quality, load_quality,
+                            luma_scans, ssim, _draft_groups)
+from dynres.store import IngestConfig, ingest, open_store
+
+RES = (56, 112, 168)
+
+
+@pytest.fixture(scope="module")
+def photo_store(tmp_path_factory):
+    """Three of scikit-image's real photos, ingested as progressive JPEGs."""
+    src = tmp_path_factory.mktemp("photos")
+    for cls, name in (("a", "astronaut"), ("a", "chelsea"), ("b", "coffee")):
+        (src / cls).mkdir(exist_ok=True)
+        Image.fromarray(getattr(skdata, name)()).save(src / cls / f"{name}.png")
+    root = tmp_path_factory.mktemp("store") / "s"
+    ingest(src, root, IngestConfig(workers=1), progress=False)
+    return root
+
+
+def test_ssim_matches_scikit_image_wang_settings():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0, 255, (40, 52)).astype(np.float32)
+    noisy = [np.clip(ref + rng.normal(0, s, ref.shape), 0, 255).astype(np.float32) for s in (0.5, 4, 30)]
+    ours = ssim(torch.from_numpy(np.stack(noisy))[:, None], torch.from_numpy(ref)[None, None]).numpy()
+    theirs = [structural_similarity(x, ref, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                    data_range=255.0) for x in noisy]
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    assert ours[0] > ours[1] > ours[2]
+
+
+def test_shared_dct_scale_decode_is_pixel_identical_to_decode(photo_store):
+    store = open_store(photo_store)
+    for key in store.keys:
+        data, ends = store.read(key), store.scan_ends(key)
+        groups = _draft_groups(data, (56, 112, 168, 224), 0.875, key)
+        assert sum(len(g) for g in groups) == 4
+        for k in (1, 3, len(ends)):
+            prefix = store.read(key, scans=k)
+            many = decode_many(prefix, groups, 0.875, key)
+            for r, arr in many.items():
+                assert torch.equal(arr, decode(prefix, r, 0.875))
+
+
+def test_luma_scans_reads_the_scan_headers():
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).save(buf, "JPEG", quality=90, progressive=True)
+    from dynres._jpeg import parse_scans
+
+    colour = buf.getvalue()
+    # libjpeg's default colour script: DC, Y AC1-5, Cr, Cb, Y AC6-63, Y refine, DC refine, Cr, Cb, Y refine
+    assert luma_scans(colour, parse_scans(colour).scan_ends) == [True, True, False, False, True, True, True,
+                                                                  False, False, True]
+    buf = io.BytesIO()
+    Image.fromarray(skdata.camera()).save(buf, "JPEG", quality=90, progressive=True)
+    gray = buf.getvalue()
+    assert all(luma_scans(gray, parse_scans(gray).scan_ends))
+
+
+def test_ssim_rises_with_scans_and_reaches_one_on_real_photos(photo_store):
+    report = build_quality_index(photo_store, QualityConfig(resolutions=RES, workers=1, floor=0.0), progress=False)
+    assert report["computed"] == 3 and (photo_store / QUALITY).is_file()
+    assert not (photo_store / ".quality").exists()
+    index = load_quality(open_store(photo_store))
+    assert index.resolutions == RES
+    for i, key in enumerate(index.keys):
+        for j in range(len(RES)):
+            s = index.ssim[i, j, : index.num_scans[i]]
+            assert not np.isnan(s).any(), key
+            assert s[-1] == 1.0 and s[0] < 0.99
+            assert np.all(np.diff(s) > -2e-3), (key, RES[j], s)  # rises (up to rounding noise)
+            assert s[-2] > s[0]
+
+
+def test_index_is_resumable_and_rebuilt_when_the_config_changes(photo_store):
+    cfg = QualityConfig(resolutions=(56,), workers=1)
+    first = build_quality_index(photo_store, cfg, progress=False)
+    again = build_quality_index(photo_store, cfg, progress=False)
+    assert first["computed"] == 3 and again["computed"] == 0 and again["reused"] == 3
+    other = build_quality_index(photo_store, QualityConfig(resolutions=(64,), workers=1), progress=False)
+    assert other["computed"] == 3
+    assert load_quality(open_store(photo_store)).resolutions == (64,)
+
+
+def test_floor_stops_refining_low_scores_and_keeps_high_ones(photo_store):
+    store = open_store(photo_store)
+    key = store.keys[0]
+    full, _ = image_quality(store.read(key), store.scan_ends(key), (112,), floor=0.0, name=key)
+    cut, _ = image_quality(store.read(key), store.scan_ends(key), (112,), floor=0.999, name=key)
+    computed = ~np.isnan(cut[0])
+    np.testing.assert_allclose(cut[0][computed], full[0][computed])
+    assert np.isnan(cut[0]).any() and np.nanmin(cut[0]) < 0.999
+
+
+def test_fewest_scans_never_picks_a_prefix_below_the_threshold(photo_store):
+    build_quality_index(photo_store, QualityConfig(resolutions=RES, workers=1, floor=0.0), progress=False)
+    index = load_quality(open_store(photo_store))
+    for t in (0.5, 0.9, 0.95, 0.99, 0.999, 1.0):
+        for j, r in enumerate(RES):
+            ks = index.fewest_scans(t, r)
+            for i, k in enumerate(ks):
+                s = index.ssim[i, j]
+                assert s[k - 1] >= t or k == index.num_scans[i]
+                assert not np.any(s[: k - 1] >= t)  # and no fewer scans would do
+
+
+def test_missing_index_is_a_clear_error(tmp_path, photo_store):
+    store = open_store(photo_store)
+    (photo_store / QUALITY).rename(tmp_path / "q.parquet")
+    try:
+        with pytest.raises(StoreError, match="dynres index quality"):
+            load_quality(store)
+    finally:
+        (tmp_path / "q.parquet").rename(photo_store / QUALITY)
