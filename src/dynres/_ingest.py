@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import stat
 import time
 from collections.abc import Iterator
@@ -102,7 +103,12 @@ class _Task:
 def ingest(
     src_dir: str | os.PathLike, store_dir: str | os.PathLike, config: IngestConfig | None = None, progress: bool = True
 ) -> IngestReport:
-    """Re-encode every image under ``src_dir`` (ImageFolder layout) into a store at ``store_dir``."""
+    """Re-encode every image under ``src_dir`` (ImageFolder layout) into a store at ``store_dir``.
+
+    Bad files are skipped and listed in the report (and ``STORE/ingest_report.json``); configuration
+    problems raise. With ``workers != 1`` a script calling this needs the usual
+    ``if __name__ == "__main__":`` guard (worker processes are started with forkserver/spawn).
+    """
     from dynres.store import CLASSES_KEY, CONFIG_KEY, FORMAT_VERSION, MANIFEST, SCHEMA, VERSION_KEY
 
     cfg = config or IngestConfig()
@@ -128,11 +134,13 @@ def ingest(
         else:
             todo.append(task)
     reused = len(records)
-    if manifest.exists() and (manifest_paths is None or any(t.path in manifest_paths for t in todo)):
-        manifest.unlink()  # about to rewrite files it references (or its settings differ): no longer complete
-
     journal = _open_journal(store / JOURNAL, fingerprint)
     try:
+        if manifest.exists() and (manifest_paths is None or any(t.path in manifest_paths for t in todo)):
+            for rec in records.values():  # journal what is reused, so a crash from here on loses no work
+                journal.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            journal.flush()
+            manifest.unlink()  # about to rewrite files it references (or its settings differ): no longer complete
         for task, result in track(_encode_all(todo, store, cfg), len(todo), "ingest", progress):
             if isinstance(result, str):
                 skipped.append((task.source, result))
@@ -304,7 +312,11 @@ def _encode_all(todo: list[_Task], store: Path, cfg: IngestConfig) -> Iterator[t
         return
     # forkserver: never fork a parent that may hold torch/OpenMP threads
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    # workers ignore Ctrl-C: the parent alone stops, cancels queued work and leaves the journal intact
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=signal.signal,
+        initargs=(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         yield from zip(todo, pool.map(_encode_one, args, chunksize=cfg.chunksize))
     finally:
