@@ -1,0 +1,123 @@
+"""Storage calibration: threshold search, the policy it yields, and calibrated reads."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from dynres.calibrate import (CalibrationConfig, CalibrationPolicy, calibrate, load_policy, search_threshold,
+                              split_keys)
+from dynres.data import StoreDataset
+from dynres.errors import ConfigError
+from dynres.models import ModelMeta, create_model, save_checkpoint
+from dynres.quality import QualityConfig, build_quality_index, load_quality
+from dynres.store import IngestConfig, ingest, open_store
+
+RES = (56, 112)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    """16 crops of scikit-image photos in two classes, ingested and quality-indexed at two resolutions."""
+    src = tmp_path_factory.mktemp("src")
+    rng = np.random.default_rng(0)
+    for cls, names in (("people", ("astronaut", "coffee")), ("things", ("rocket", "chelsea"))):
+        (src / cls).mkdir()
+        for name in names:
+            img = getattr(skdata, name)()
+            for i in range(4):
+                h, w = img.shape[:2]
+                ch, cw = int(h * rng.uniform(0.6, 0.9)), int(w * rng.uniform(0.6, 0.9))
+                y, x = rng.integers(0, h - ch), rng.integers(0, w - cw)
+                Image.fromarray(img[y:y + ch, x:x + cw]).save(src / cls / f"{name}{i}.png")
+    root = tmp_path_factory.mktemp("store") / "s"
+    ingest(src, root, IngestConfig(workers=1), progress=False)
+    build_quality_index(root, QualityConfig(resolutions=RES, workers=1, floor=0.5), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(store_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    store = open_store(store_dir)
+    model = create_model("resnet_tiny", len(store.classes))
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return save_checkpoint(model.eval(), ModelMeta("resnet_tiny", tuple(store.classes), 56), path)
+
+
+def test_binary_search_finds_the_threshold_of_a_synthetic_accuracy_curve():
+    def loss(t):  # accuracy loss falls linearly until SSIM 0.9731, then nothing is lost
+        return max(0.0, (0.9731 - t) * 50)
+
+    t, trail = search_threshold(loss, target=0.05)  # loss <= 0.05 from t = 0.9721
+    assert 0.9721 <= t < 0.9721 + 1e-4
+    assert len(trail) <= 12 and all(e["threshold"] >= 0.94 for e in trail)
+    assert search_threshold(lambda t: 0.0, 0.05) == (0.94, [{"threshold": 0.94, "loss": 0.0}])
+    assert search_threshold(lambda t: 0.0 if t == 1.0 else 9.0, 0.05)[0] > 1 - 1e-4  # nothing lower will do
+
+
+def test_split_is_deterministic_disjoint_and_stable_as_the_store_grows():
+    keys = [f"c/{i:04d}" for i in range(400)]
+    calib, held = split_keys(keys, 0.5)
+    assert set(calib).isdisjoint(held) and len(calib) + len(held) == 400 and 150 < len(held) < 250
+    calib2, held2 = split_keys(keys + [f"c/{i:04d}" for i in range(400, 500)], 0.5)
+    assert set(held) <= set(held2) and set(calib) <= set(calib2)
+
+
+def test_policy_picks_the_fewest_scans_the_threshold_allows_and_round_trips(store_dir, tmp_path):
+    index = load_quality(open_store(store_dir))
+    policy = CalibrationPolicy.from_index({56: 0.97, 112: 0.995}, index, {"note": "test"})
+    for i, key in enumerate(index.keys):
+        for r, t in policy.thresholds.items():
+            k = policy.scans(key, r)
+            s = index.ssim[i, index.column(r)]
+            assert s[k - 1] >= t  # never fewer scans than the threshold allows
+            assert not np.any(s[: k - 1] >= t)  # and no more than needed
+    assert policy.scans("no/such", 56) is None and policy.scans(index.keys[0], 999) is None
+    back = load_policy(str(policy.save(tmp_path / "p.json")))
+    assert back.thresholds == policy.thresholds and back.provenance == {"note": "test"}
+    assert all(back.scans(k, r) == policy.scans(k, r) for k in index.keys for r in RES)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="bad.json"):
+        load_policy(str(tmp_path / "bad.json"))
+
+
+def test_calibrated_reads_return_exactly_the_bytes_the_policy_says(store_dir):
+    store = open_store(store_dir)
+    policy = CalibrationPolicy.from_index({56: 0.96, 112: 0.99}, load_quality(store))
+    files = {k: open(store.location(k), "rb").read() for k in store.keys}
+    for key in store.keys:
+        k, ends = policy.scans(key, 56), store.scan_ends(key)
+        expected = files[key] if k == len(ends) else files[key][: ends[k - 1]] + b"\xff\xd9"
+        assert store.read(key, scans=k) == expected
+    fresh = open_store(store_dir)
+    dataset = StoreDataset(fresh, 56, scans=policy)
+    for i in range(len(dataset)):
+        dataset[i]
+    assert fresh.bytes_read == sum(store.prefix_size(k, policy.scans(k, 56)) for k in store.keys)
+    assert fresh.bytes_read < sum(store.size(k) for k in store.keys)
+
+
+def test_calibrate_end_to_end_writes_policy_records_and_figure(store_dir, checkpoint, tmp_path):
+    store = open_store(store_dir)
+    cfg = CalibrationConfig(target=0.0, crops=(1.0,), sweep=(0.94, 0.99, 1.0), batch_size=8)
+    record = calibrate(store, checkpoint, tmp_path, cfg, progress=False)
+    for s in record["search"]:  # on the calibration split the target holds by construction
+        assert s["acc_full"] - s["acc_calibrated"] <= 1e-9
+        assert 0.94 <= s["threshold"] <= 1.0
+    policy = load_policy(record["policy"])
+    held = {r["resolution"] for r in record["calibration"]}
+    assert held == set(RES) and {r["crop"] for r in record["calibration"]} == {0.765625, 1.0}
+    assert record["calibration_images"] + record["heldout_images"] == len(store.keys)
+    prov = policy.provenance
+    assert prov["target"] == 0.0 and prov["model_sha256"] and prov["store_manifest_hash"]
+    calib, held_keys = split_keys(store.keys, 0.5)
+    assert prov["heldout_images"] == len(held_keys)
+    for name in ("calibration.json", "calibration.md", "calibration_sweep.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "calibration.json").read_text())
+    assert {"resolution", "relative_bytes", "acc_change"} <= set(saved["calibration_sweep"][0])
+    assert all(0.0 <= r["read_savings"] < 1.0 for r in saved["calibration"])
