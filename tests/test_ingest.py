@@ -249,5 +249,8 @@ def test_cli_ingest_prints_skipped_files_and_a_summary(tmp_path):
 def test_a_missing_source_or_bad_setting_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="source directory not found"):
         ingest(tmp_path / "nope", tmp_path / "store", IngestConfig(workers=1), progress=False)
+    (tmp_path / "src/c").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="must not be inside the source tree"):
+        ingest(tmp_path / "src", tmp_path / "src/store", IngestConfig(workers=1), progress=False)
     with pytest.raises(ConfigError, match="quality"):
         IngestConfig(quality=0)

@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from dynres._jpeg import DEFAULT_MAX_PIXELS, check_scan_script, encode_progressive, load_rgb, parse_scans, prefix_crc32s
 from dynres._ui import track
 from dynres.errors import BadImageError, ConfigError, StoreError
@@ -116,6 +119,8 @@ def ingest(
     src, store = Path(src_dir), Path(store_dir)
     if not src.is_dir():
         raise StoreError(src, "source directory not found")
+    if store.resolve().is_relative_to(src.resolve()):
+        raise ConfigError(store, f"the store must not be inside the source tree {src}")
     if cfg.scans is not None:
         check_scan_script(cfg.scans)
     fingerprint = cfg.fingerprint()
@@ -164,8 +169,6 @@ def ingest(
         CONFIG_KEY: json.dumps(fingerprint).encode(),
         b"dynres.created": datetime.now(timezone.utc).isoformat().encode(),
     }
-    import pyarrow as pa
-
     _write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata)), manifest)
     _cleanup(store, {r["path"] for r in rows})
     return report
@@ -242,8 +245,6 @@ def _previous_records(manifest: Path, journal: Path, fingerprint: dict, config_k
     records: dict[str, dict] = {}
     manifest_paths: set[str] | None = set()
     if manifest.exists():
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(manifest)
             meta = table.schema.metadata or {}
@@ -388,9 +389,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_parquet_atomic(table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
+def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pq.write_table(table, tmp)
     with open(tmp, "rb+") as f:
