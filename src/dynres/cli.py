@@ -244,6 +244,65 @@ def bench_pipeline_cmd(
     console.print(f"wrote {out / 'pipeline.json'} and {out / 'pipeline.md'}")
 
 
+index_app = typer.Typer(no_args_is_help=True, help="Per-image indexes stored beside a store's manifest.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("quality")
+def index_quality_cmd(
+    store: str = typer.Argument(..., help="Store directory or fsspec URL."),
+    resolutions: str = typer.Option("112,168,224,280,336,392,448",
+                                    help="Comma-separated resolutions (the backbone grid and the scale model's)."),
+    crop: float = typer.Option(0.875, help="Center-crop side ratio of the compared views."),
+    floor: float = typer.Option(0.9, help="SSIM below which fewer scans are not scored (calibration needs >= 0.94)."),
+    workers: int = typer.Option(0, help="Processes (0: every core)."),
+    out: Path = typer.Option(Path("runs/index"), "--out", help="Where quality_index.json/.md go."),
+) -> None:
+    """SSIM of every scan prefix vs the full file, per image and resolution → STORE/quality.parquet (resumable)."""
+    from dynres.quality import QualityConfig, build_quality_index, quality_markdown
+    from dynres.records import write_records
+
+    cfg = QualityConfig(tuple(int(r) for r in resolutions.split(",")), crop, workers, floor=floor)
+    rep = build_quality_index(store, cfg)
+    write_records(out, "quality_index", rep, quality_markdown(rep))
+    cost = rep["ms_per_image_per_resolution"]
+    console.print(f"indexed {rep['computed']} images ({rep['reused']} reused) in {rep['seconds']:.1f} s; per image "
+                  f"per resolution: decode {cost['decode']:.1f} ms, SSIM {cost['ssim']:.1f} ms (one core)")
+    console.print(f"wrote {rep['index']} and {out / 'quality_index.json'}")
+
+
+@app.command()
+def calibrate(
+    store: str = typer.Argument(..., help="Store (with a quality index) the policy is for."),
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
+    out: Path = typer.Option(Path("runs/calibrate"), "--out", help="Records: calibration.json/.md + Figure 6 PNG."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Policy file (default OUT/policy.json)."),
+    calib_store: Optional[str] = typer.Option(None, "--calib-store",
+                                              help="Calibrate on this store (e.g. train); all of STORE is held out."),
+    target: float = typer.Option(0.05, help="Max accuracy loss (points) vs reading every scan."),
+    max_images: int = typer.Option(10_000, help="Calibration images at most."),
+    holdout: float = typer.Option(0.5, help="Share of STORE held out for the report (without --calib-store)."),
+    resolutions: Optional[str] = typer.Option(None, help="Comma-separated (default: every indexed resolution)."),
+    crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Crop areas of the held-out table (index crop added)."),
+    batch_size: int = typer.Option(64, help="Inference batch size."),
+    seed: int = typer.Option(0, help="Seed of the hashed split and of the calibration sample."),
+) -> None:
+    """Binary-search SSIM thresholds per resolution; save the read policy; Table III/IV + Figure 6 records."""
+    from dynres.calibrate import CalibrationConfig, calibrate as run_calibration
+    from dynres.store import open_store
+
+    cfg = CalibrationConfig(target=target, max_images=max_images, holdout_fraction=holdout, seed=seed,
+                            resolutions=tuple(int(r) for r in resolutions.split(",")) if resolutions else None,
+                            crops=tuple(float(c) for c in crops.split(",")), batch_size=batch_size)
+    rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,
+                          policy)
+    for s in rec["search"]:
+        console.print(f"{s['resolution']:>4}px  threshold {s['threshold']:.4f}")
+    sm = rec["summary"]
+    console.print(f"held-out: best resolution {sm['best_resolution']} saves {sm['best_read_savings']:.1%} of bytes; "
+                  f"max loss {sm['max_loss']:.3f} points; {sm['cells_over_target']}/{sm['cells']} cells over target")
+    console.print(f"wrote {rec['policy']} and {out / 'calibration.md'}")
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -44,6 +44,7 @@ from dynres._jpeg import scan_prefix
 from dynres._ui import track
 from dynres.decode import _crop_box, draft_size, to_tensor
 from dynres.errors import BadImageError, StoreError
+from dynres.records import markdown_table
 
 QUALITY = "quality.parquet"
 PARTS = ".quality"  # resumable part files while an index is being built
@@ -347,14 +348,43 @@ def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), p
     fs.rm(parts, recursive=True)
     n = len(todo)
     per = 1000.0 / max(n, 1)
+    ingest = _ingest_report(fs, root)
+    ips = n / seconds if seconds > 0 and n else None
     return {
+        "ingest_images_per_s": ingest.get("images_per_s"),
+        # time this index took per image relative to ingest's (same machine; compare at equal workers)
+        "index_time_over_ingest_time": (ingest["images_per_s"] / ips) if ips and ingest.get("images_per_s") else None,
         "store": str(store.root), "index": final, "images": len(store.keys), "computed": n, "reused": len(done),
-        "workers": workers, "seconds": seconds, "images_per_s": n / seconds if seconds > 0 and n else None,
+        "workers": workers, "seconds": seconds, "images_per_s": ips,
         "ms_per_image_per_resolution": {  # one core's time; divide by workers for wall time
             "decode": cost["decode_s"] * per / len(resolutions), "ssim": cost["ssim_s"] * per / len(resolutions),
             "read": cost["read_s"] * per / len(resolutions)},
         "config": asdict(config),
     }
+
+
+def _ingest_report(fs, root: str) -> dict:
+    """The store's ``ingest_report.json`` (images/s of the ingest that built it), or {} if absent."""
+    try:
+        return json.loads(fs.cat_file(f"{root}/ingest_report.json"))
+    except (OSError, ValueError):
+        return {}
+
+
+def quality_markdown(report: dict) -> str:
+    cost = report["ms_per_image_per_resolution"]
+    rows = [{"part": k, "ms": v} for k, v in cost.items()]
+    ratio = report.get("index_time_over_ingest_time")
+    return "\n".join([
+        f"# Quality index of `{report['store']}`", "",
+        f"{report['computed']} images indexed ({report['reused']} reused) in {report['seconds']:.1f} s with "
+        f"{report['workers']} workers; resolutions {report['config']['resolutions']}, crop side "
+        f"{report['config']['crop_side']}.", "",
+        "Cost per image per resolution (one core's time, ms):", "",
+        markdown_table(rows, ["part", "ms"]), "",
+        f"Ingest of this store: {report.get('ingest_images_per_s') or 'unknown'} images/s; index time / ingest time: "
+        f"{f'{ratio:.2f}' if ratio else 'unknown'}.",
+    ])
 
 
 # --- reading it back ----------------------------------------------------------------------------------------
