@@ -244,6 +244,162 @@ def bench_pipeline_cmd(
     console.print(f"wrote {out / 'pipeline.json'} and {out / 'pipeline.md'}")
 
 
+# --- train / eval (backbones, scale model, static and dynamic evaluation) -----------------------------------
+
+train_app = typer.Typer(no_args_is_help=True, help="Train backbones and the scale model.")
+eval_app = typer.Typer(no_args_is_help=True, help="Static and dynamic accuracy vs GFLOPs.")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+
+
+def _ints(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    return tuple(int(x) for x in text.split(",") if x.strip()) if text else None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _train_config(arch: str, resolution: int, epochs: int, batch_size: int, optimizer: str, lr: Optional[float],
+                  label_smoothing: float, seed: int, init: Optional[Path], no_cache: bool):
+    from dynres.train import TrainConfig
+
+    lr = lr if lr is not None else (TrainConfig.lr if optimizer == "sgd" else 0.002)
+    return TrainConfig(arch=arch, resolution=resolution, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                       lr=lr, label_smoothing=label_smoothing, seed=seed, init=str(init) if init else None,
+                       cache=not no_cache)
+
+
+@train_app.command("backbone")
+def train_backbone_cmd(
+    store: str = typer.Argument(..., help="Train store (directory or fsspec URL)."),
+    out: Path = typer.Option(Path("runs/backbone"), "--out", help="Checkpoint folder (model.pt + model.json)."),
+    arch: str = typer.Option("resnet_tiny", help="resnet_tiny, resnet_small or any torchvision classifier name."),
+    resolution: int = typer.Option(112, help="Train resolution (RandomResizedCrop size)."),
+    epochs: int = typer.Option(16),
+    batch_size: int = typer.Option(64),
+    optimizer: str = typer.Option("sgd", help="sgd (momentum, nesterov) or adamw."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.2 sgd, 0.002 adamw)."),
+    label_smoothing: float = typer.Option(0.1),
+    seed: int = typer.Option(0),
+    init: Optional[Path] = typer.Option(None, help="Local state_dict to fine-tune from."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Decode every view (no in-memory decoded images)."),
+) -> None:
+    """Train a classifier; re-running resumes from the last finished epoch."""
+    from dynres.store import open_store
+    from dynres.train import train_backbone
+
+    cfg = _train_config(arch, resolution, epochs, batch_size, optimizer, lr, label_smoothing, seed, init, no_cache)
+    path = train_backbone(open_store(store), out, cfg)
+    console.print(f"wrote {path} (+ model.json, train_log.json)")
+
+
+@train_app.command("scale")
+def train_scale_cmd(
+    store: str = typer.Argument(..., help="Train store (directory or fsspec URL)."),
+    out: Path = typer.Option(Path("runs/scale"), "--out", help="Shard backbones, labels, scale model, scale.json."),
+    folds: int = typer.Option(4, help="K disjoint shards (K backbones on K-1 shards each)."),
+    cheap: bool = typer.Option(False, "--cheap", help="One split only (the paper's footnote 2)."),
+    crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Crop areas the labels cover."),
+    grid: Optional[str] = typer.Option(None, help="Resolutions (default: 0.5x..2x of --resolution, step 0.25x)."),
+    arch: str = typer.Option("mobilenet_v2_tiny", help="Scale model architecture."),
+    scale_resolution: Optional[int] = typer.Option(None, help="Scale model input (default the grid minimum)."),
+    scans: Optional[int] = typer.Option(None, help="Scans the scale model reads (default all)."),
+    epochs: int = typer.Option(12, help="Scale model epochs."),
+    backbone_arch: str = typer.Option("resnet_tiny"),
+    resolution: int = typer.Option(112, help="Shard backbones' train resolution."),
+    backbone_epochs: int = typer.Option(16),
+    batch_size: int = typer.Option(64),
+    seed: int = typer.Option(0),
+) -> None:
+    """Cross-validated scale labels and the scale model, with label statistics and per-resolution AUC."""
+    from dynres.scale import ScaleConfig, train_scale
+    from dynres.store import open_store
+
+    bb = _train_config(backbone_arch, resolution, backbone_epochs, batch_size, "sgd", None, 0.1, seed, None, False)
+    cfg = ScaleConfig(folds=folds, cheap=cheap, crops=_floats(crops), grid=_ints(grid), backbone=bb, arch=arch,
+                      resolution=scale_resolution, scans=scans, epochs=epochs, batch_size=batch_size, seed=seed)
+    result = train_scale(open_store(store), out, cfg)
+    for row in result["auc"]:
+        console.print(f"AUC @{row['resolution']}: {row['auc'] if row['auc'] is None else round(row['auc'], 3)}")
+    console.print(f"wrote {result['scale_model']} and {out / 'scale.md'}")
+
+
+@eval_app.command("static")
+def eval_static_cmd(
+    checkpoint: Path = typer.Argument(..., help="Backbone checkpoint (model.pt or its folder)."),
+    store: str = typer.Argument(..., help="Evaluation store (directory or fsspec URL)."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", help="static.json/.md + static_images.parquet."),
+    grid: Optional[str] = typer.Option(None, help="Resolutions (default: the paper's ratios around train res)."),
+    crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Center-crop areas."),
+    exact: bool = typer.Option(False, "--exact", help="Decode every view (default: one decode per image)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+) -> None:
+    """Top-1 accuracy and GFLOPs for every resolution x crop (Table I layout)."""
+    from dynres.evaluate import EvalConfig, run_static
+    from dynres.store import open_store
+
+    result = run_static(checkpoint, open_store(store), out, EvalConfig(_ints(grid), _floats(crops), exact=exact,
+                                                                       limit=limit))
+    for row in result["best"]:
+        console.print(f"crop {row['crop']:.2f}: best static {row['resolution']} px, {row['accuracy']:.1f}%")
+    console.print(f"wrote {out / 'static.md'}")
+
+
+@eval_app.command("dynamic")
+def eval_dynamic_cmd(
+    backbone: Path = typer.Argument(..., help="Backbone trained on the full train set."),
+    scale_model: Path = typer.Argument(..., help="Scale model checkpoint (from `dynres train scale`)."),
+    store: str = typer.Argument(..., help="Evaluation store."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", help="dynamic.json/.md/.png (reuses static results here)."),
+    crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Center-crop areas."),
+    scans: Optional[int] = typer.Option(None, help="Scans the scale model reads (default: its checkpoint's)."),
+    cost_json: Optional[Path] = typer.Option(None, help="JSON {resolution: latency} for the cost-aware rule."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+) -> None:
+    """Scale model + backbone vs every static resolution and the oracle; cost-aware λ sweep."""
+    from dynres.dynamic import DynamicConfig, load_cost_table, run_dynamic
+    from dynres.evaluate import EvalConfig
+    from dynres.store import open_store
+
+    cfg = DynamicConfig(scans=scans, cost_table=load_cost_table(cost_json) if cost_json else None)
+    result = run_dynamic(backbone, scale_model, open_store(store), out, cfg,
+                         EvalConfig(crops=_floats(crops), limit=limit))
+    for s in result["summary"]:
+        console.print(f"crop {s['crop']:.2f}: best static {s['best_static_resolution']} px {s['best_static_accuracy']:.1f}% "
+                      f"{s['best_static_gflops']:.3f} GF | dynamic {s['dynamic_accuracy']:.1f}% "
+                      f"{s['dynamic_gflops']:.3f} GF | cost-aware λ={s['lambda']} "
+                      f"{s['cost_aware_savings_pct'] if s['cost_aware_savings_pct'] is None else round(s['cost_aware_savings_pct'])}% fewer GF")
+    console.print(f"wrote {out / 'dynamic.md'} and {out / 'dynamic.png'}")
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    store: str = typer.Argument(..., help="Store directory (requests are store keys)."),
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
+    scale: Path = typer.Option(..., "--scale", help="Scale-model checkpoint."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where serve_load.json/.md go."),
+    latency_target_ms: float = typer.Option(1000.0, help="Target for the load-adaptive scenario."),
+    overload: float = typer.Option(2.0, help="Burst rate as a multiple of the sustainable rate."),
+    burst_s: float = typer.Option(30.0, help="Burst length (seconds)."),
+    calm_s: float = typer.Option(8.0, help="Calm phase before and after (seconds, half the sustainable rate)."),
+    max_queue: int = typer.Option(32, help="Requests in flight before 503."),
+    kernels: str = typer.Option("tuned", help="eager or tuned."),
+) -> None:
+    """Loopback load test of `dynres serve`: a burst at 2x the sustainable rate, fixed λ vs load-adaptive λ."""
+    from dynres._loadtest import LoadTestConfig, run_load_test
+
+    cfg = LoadTestConfig(latency_target_ms=latency_target_ms, overload=overload, burst_s=burst_s, calm_s=calm_s,
+                         max_queue=max_queue, kernels=kernels)
+    p = run_load_test(store, str(model), str(scale), out, str(policy) if policy else None, cfg)
+    for name, row in p["scenarios"].items():
+        console.print(f"{name:>16}: {row['ok']} ok, {row['rejected_503']} x 503, {row['other']} other; "
+                      f"p99 {row['p99_ms']:.0f} ms; top-1 {row['accuracy']}; mean λ {row['mean_lambda']}; "
+                      f"RSS {row['rss_start_mb']:.0f} → max {row['rss_max_mb']:.0f} MB")
+    console.print(f"wrote {out / 'serve_load.json'} and {out / 'serve_load.md'}")
+
+
 index_app = typer.Typer(no_args_is_help=True, help="Per-image indexes stored beside a store's manifest.")
 app.add_typer(index_app, name="index")
 

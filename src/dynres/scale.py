@@ -178,7 +178,8 @@ def predict_scale(model: nn.Module, images: torch.Tensor, batch_size: int = 256)
     return torch.cat(out).numpy()
 
 
-def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), progress: bool = True) -> dict:
+def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache: ImageCache | None = None,
+                progress: bool = True) -> dict:
     """The whole chain of issue 3 part 3: shard backbones, labels, scale model, label statistics and AUC.
 
     Writes ``out/scale_model.pt`` (+ JSON), ``out/scale_labels.parquet`` and ``out/scale.json``/``.md``.
@@ -186,8 +187,7 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), progre
     cfg.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = None
-    if cfg.backbone.cache:
+    if cfg.backbone.cache and cache is None:
         cache = ImageCache.build(store, store.keys, round(cfg.backbone.cache_factor * cfg.backbone.resolution),
                                  progress)
     labels = make_labels(store, out, cfg, cache, progress)
