@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,7 +226,7 @@ def test_custom_scan_script_needs_jpegtran(tmp_path, monkeypatch):
     write(tmp_path / "src/c/a.png", image())
     script = tmp_path / "scans.txt"
     script.write_text("0,1,2: 0-0, 0, 0 ;\n0: 1-63, 0, 0 ;\n1: 1-63, 0, 0 ;\n2: 1-63, 0, 0 ;\n")
-    if __import__("shutil").which("jpegtran"):
+    if shutil.which("jpegtran"):  # libjpeg-turbo-progs; Pillow itself cannot set a scan script
         ingest(tmp_path / "src", tmp_path / "store", IngestConfig(workers=1, scans=str(script)), progress=False)
         assert open_store(tmp_path / "store").num_scans("c/a") == 4
     monkeypatch.setattr("shutil.which", lambda name: None)
