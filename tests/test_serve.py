@@ -18,7 +18,7 @@ from dynres.decode import decode
 from dynres.dynamic import choose
 from dynres.models import to_input
 from dynres.pipeline import EagerRunner
-from dynres.serve import LoadController, ServeConfig, Service, create_app
+from dynres.serve import LoadController, Rejected, ServeConfig, Service, create_app
 
 CLASSES = ("cat", "dog")
 
@@ -42,6 +42,7 @@ def noisy_jpeg() -> bytes:
 
 
 def client(store=None, **config) -> TestClient:
+    """An app around the tiny models; ``config`` goes to ServeConfig."""
     service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(), store=store, policy=StepPolicy(),
                       config=ServeConfig(**config))
     return TestClient(create_app(service))
@@ -162,6 +163,34 @@ def test_load_controller_raises_lambda_under_delay_and_lowers_it_after():
     for _ in range(40):
         ctl.observe(1.0)
     assert ctl.lam == 0.0
+
+
+def test_a_latency_target_sheds_requests_predicted_to_miss_it():
+    service = Service(EagerRunner(tiny_classifier()), CLASSES, config=ServeConfig(resolution=32, latency_target_ms=50))
+    now = __import__("time").perf_counter()
+    service._completed.extend(now - 1.0 + 0.1 * i for i in range(10))  # 10 req/s: 100 ms per request
+    assert service.predicted_wait_ms() > 50
+
+    async def one():
+        return await service.predict(data=jpeg())
+
+    with pytest.raises(Rejected) as err:
+        asyncio.run(one())
+    service.close()
+    assert err.value.status == 503 and err.value.headers["Retry-After"] == "1"
+
+
+def test_adaptive_service_answers_with_the_lambda_it_used_and_cheaper_resolutions_under_load():
+    service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(),
+                      config=ServeConfig(latency_target_ms=1000, adaptive=True))
+    app = TestClient(create_app(service))
+    dark = {"file": ("d.jpg", jpeg(level=10), "image/jpeg")}
+    with app as c:
+        calm = c.post("/predict", files=dark).json()
+        service.controller.lam = 1.0  # what a sustained queueing delay drives it to
+        loaded = c.post("/predict", files=dark).json()
+    assert calm["lam"] == 0.0 and loaded["lam"] == 1.0
+    assert loaded["resolution"] < calm["resolution"] == max(GRID)
 
 
 def test_openapi_spec_documents_the_error_statuses():

@@ -193,7 +193,8 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, help="Longest wait to fill a batch."),
     max_queue: int = typer.Option(32, help="Requests in flight before answering 503."),
     lam: float = typer.Option(0.0, "--lambda", help="Cost weight λ (the floor, when load-adaptive)."),
-    latency_target_ms: Optional[float] = typer.Option(None, help="Load-adaptive λ: keep latency under this."),
+    latency_target_ms: Optional[float] = typer.Option(None, help="Shed (503) requests predicted to miss this."),
+    adaptive: bool = typer.Option(False, help="Load-adaptive λ: raise it while queueing delay grows."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
 ) -> None:
     """The pipeline as an HTTP service: POST /predict (upload) or /predict/key; /healthz, /metrics, /docs."""
@@ -207,7 +208,7 @@ def serve(
     spec = EngineSpec(store or "", str(model), str(scale) if scale else None, str(policy) if policy else None,
                       kernels, PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution))
     cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, resolution=resolution,
-                      lam=lam, latency_target_ms=latency_target_ms)
+                      lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive)
     uvicorn.run(create_app(build_service(spec, cfg)), host=host, port=port, log_level="warning")
 
 

@@ -4,13 +4,14 @@ A request (an uploaded image or a store key) goes through the same stages as :mo
 scale resolution → scale model → chosen resolution → decode at it → backbone. Both models run behind dynamic
 batchers (one per resolution for the backbone) that wait at most ``max_wait_ms`` to fill a batch, on one compute
 thread; decoding runs in a small thread pool. Admission is bounded: past ``max_queue`` requests in flight the
-answer is 503 with Retry-After, never an unbounded wait. With a latency target the service is load-adaptive
-(paper VIII.a, beyond it): rising queueing delay raises the cost weight λ of the cost-aware choice (cheaper
+answer is 503 with Retry-After, never an unbounded wait; with a latency target, so is a request predicted (Little's
+law) to miss it. The load-adaptive mode (paper VIII.a, beyond it): rising queueing delay raises the cost weight λ of the cost-aware choice (cheaper
 resolutions), falling delay lowers it again; every response says which λ it used.
 """
 
 
 import asyncio
+import collections
 import io
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,8 @@ class ServeConfig:
     crop: float = 0.875
     resolution: int | None = None  # static mode (no scale model)
     lam: float = 0.0
-    latency_target_ms: float | None = None
+    latency_target_ms: float | None = None  # shed (503) requests predicted to miss it
+    adaptive: bool = False  # load-adaptive λ (needs latency_target_ms)
     lam_max: float = 1.0
     lam_step: float = 0.05
     workers: int = 2
@@ -47,6 +49,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.workers < 1 or self.max_wait_ms < 0:
             raise ConfigError("serve", "max_batch, max_queue, workers must be >= 1 and max_wait_ms >= 0")
+        if self.adaptive and not self.latency_target_ms:
+            raise ConfigError("serve", "the load-adaptive λ needs a latency target")
 
 
 class Rejected(Exception):
@@ -155,12 +159,23 @@ class Service:
         self.backbone, self.classes, self.scale, self.store, self.policy = backbone, tuple(classes), scale, store, policy
         self.config = config
         self.controller = (LoadController(config.latency_target_ms, config.lam, config.lam_max, config.lam_step)
-                           if config.latency_target_ms else None)
+                           if config.adaptive else None)
         self.inflight = 0
+        self._completed: collections.deque[float] = collections.deque()  # completion times, last 2 s
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="dynres-compute")
         self.decoders = ThreadPoolExecutor(config.workers, thread_name_prefix="dynres-decode")
         self._batchers: dict[object, Batcher] = {}
         self.metrics = _Metrics()
+
+    def predicted_wait_ms(self) -> float:
+        """Little's law: requests in flight / recent completion rate (0 until there is a rate to go by)."""
+        now = time.perf_counter()
+        while self._completed and now - self._completed[0] > 2.0:
+            self._completed.popleft()
+        if len(self._completed) < 4:
+            return 0.0
+        rate = len(self._completed) / max(now - self._completed[0], 1e-3)
+        return 1e3 * (self.inflight + 1) / rate
 
     @property
     def lam(self) -> float:
@@ -190,7 +205,10 @@ class Service:
     async def predict(self, *, data: bytes | None = None, key: str | None = None) -> dict:
         """One prediction: admission, validation, scale stage, backbone stage. Raises :class:`Rejected`."""
         cfg = self.config
-        if self.inflight >= cfg.max_queue:
+        full = self.inflight >= cfg.max_queue
+        if not full and cfg.latency_target_ms and self.predicted_wait_ms() > 0.8 * cfg.latency_target_ms:
+            full = True  # admitting it would break the latency target: shed it now instead
+        if full:
             self.metrics.count(503)
             raise Rejected(503, f"queue full ({self.inflight} requests in flight); retry later",
                            {"Retry-After": str(cfg.retry_after_s)})
@@ -205,6 +223,7 @@ class Service:
         finally:
             self.inflight -= 1
             self.metrics.queue_depth.set(self.inflight)
+        self._completed.append(time.perf_counter())
         self.metrics.observe(out)
         return out
 

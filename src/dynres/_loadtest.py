@@ -1,0 +1,231 @@
+"""`dynres bench serve`: a bounded loopback load test of `dynres serve`, with and without the load-adaptive λ.
+
+The server runs in its own process (as in production; its memory is sampled from /proc). First a closed-loop run
+measures the sustainable rate; then each scenario offers an open-loop burst — ``calm`` (0.5x) → ``burst``
+(``overload`` x the sustainable rate) → ``calm`` — of store-key requests, and records every answer: status,
+latency, chosen resolution and λ, correctness. Both scenarios shed requests predicted to miss the latency target;
+the adaptive one also raises λ, so the record shows the throughput/accuracy trade λ makes under the burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dynres._ui import log
+from dynres.errors import ConfigError
+from dynres.records import markdown_table, write_records
+
+
+@dataclass(frozen=True)
+class LoadTestConfig:
+    latency_target_ms: float = 1000.0
+    overload: float = 2.0
+    calm_s: float = 8.0
+    burst_s: float = 30.0
+    calibrate_s: float = 8.0
+    clients: int = 8  # closed-loop concurrency when measuring the sustainable rate
+    max_requests: int = 4000  # hard bound on requests per scenario
+    max_queue: int = 32
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    lam_max: float = 1.0
+    kernels: str = "tuned"
+    threads: int = 0
+    timeout_s: float = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class _Server:
+    """`dynres serve` in a subprocess on 127.0.0.1."""
+
+    def __init__(self, args: list[str]):
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "dynres.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env={**os.environ, "DYNRES_NO_PROGRESS": "1"})
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise ConfigError("serve", f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise ConfigError("serve", "server did not become ready")
+
+    def stop(self) -> int | None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return self.proc.returncode
+
+
+async def _one(client, url: str, key: str, phase: str, out: list, classes: dict) -> None:
+    t = time.perf_counter()
+    try:
+        res = await client.post(f"{url}/predict/key", json={"key": key})
+        status, body = res.status_code, (res.json() if res.status_code == 200 else {})
+    except Exception:  # a dropped connection counts as an error, the test goes on
+        status, body = -1, {}
+    out.append({"phase": phase, "status": status, "latency_ms": (time.perf_counter() - t) * 1e3,
+                "resolution": body.get("resolution"), "lam": body.get("lam"),
+                "correct": (body["top5"][0]["label"] == classes[key]) if body else None})
+
+
+async def _closed_loop(url: str, keys: list[str], classes: dict, seconds: float, clients: int) -> float:
+    import httpx
+
+    out: list = []
+    end = time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            while time.perf_counter() < end:
+                await _one(client, url, rng.choice(keys), "closed", out, classes)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return sum(1 for r in out if r["status"] == 200) / wall
+
+
+async def _open_loop(url: str, keys: list[str], classes: dict, phases: list[tuple[str, float, float]],
+                     max_requests: int, pid: int) -> tuple[list, list]:
+    """Requests at fixed intervals per phase (name, seconds, rate); RSS of the server sampled each 0.5 s."""
+    import httpx
+
+    out: list = []
+    rss: list = []
+    rng = random.Random(0)
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        start, tasks, clock, next_rss = time.perf_counter(), [], 0.0, 0.0
+        for name, seconds, rate in phases:
+            for i in range(int(seconds * rate)):
+                if len(tasks) >= max_requests:
+                    break
+                at = clock + i / rate
+                delay = start + at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if at >= next_rss:
+                    rss.append({"t": at, "rss_mb": _rss_mb(pid)})
+                    next_rss = at + 0.5
+                tasks.append(asyncio.create_task(_one(client, url, rng.choice(keys), name, out, classes)))
+            clock += seconds
+        await asyncio.gather(*tasks)
+        rss.append({"t": time.perf_counter() - start, "rss_mb": _rss_mb(pid)})
+    return out, rss
+
+
+def _stats(rows: list[dict], target_ms: float) -> dict:
+    ok = [r for r in rows if r["status"] == 200]
+    lat = np.array([r["latency_ms"] for r in ok]) if ok else np.zeros(1)
+    hist: dict[str, int] = {}
+    for r in ok:
+        hist[str(r["resolution"])] = hist.get(str(r["resolution"]), 0) + 1
+    lams = [r["lam"] for r in ok if r["lam"] is not None]
+    return {
+        "requests": len(rows), "ok": len(ok), "rejected_503": sum(r["status"] == 503 for r in rows),
+        "other": sum(r["status"] not in (200, 503) for r in rows),
+        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        "p99_under_target": bool(np.percentile(lat, 99) <= target_ms),
+        "accuracy": 100 * float(np.mean([r["correct"] for r in ok])) if ok else None,
+        "mean_lambda": float(np.mean(lams)) if lams else None, "max_lambda": max(lams) if lams else None,
+        "mean_resolution": float(np.mean([r["resolution"] for r in ok])) if ok else None,
+        "resolution_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+    }
+
+
+def run_load_test(store_path: str, backbone: str, scale: str, out: str | Path, policy: str | None = None,
+                  cfg: LoadTestConfig = LoadTestConfig()) -> dict:
+    """Sustainable rate, then the burst with a fixed λ=0 and with the load-adaptive λ; writes serve_load.json/.md."""
+    from dynres.store import open_store
+
+    store = open_store(store_path)
+    classes = {k: store.classes[store.label(k)] for k in store.keys}
+    keys = list(store.keys)
+    base = ["--model", backbone, "--scale", scale, "--store", store_path, "--kernels", cfg.kernels,
+            "--max-batch", str(cfg.max_batch), "--max-wait-ms", str(cfg.max_wait_ms),
+            "--max-queue", str(cfg.max_queue), "--threads", str(cfg.threads)]
+    if policy:
+        base += ["--policy", policy]
+
+    server = _Server(base)
+    try:
+        server.wait_ready()
+        asyncio.run(_closed_loop(server.url, keys, classes, 2.0, cfg.clients))  # warm-up: kernels, caches
+        sustainable = asyncio.run(_closed_loop(server.url, keys, classes, cfg.calibrate_s, cfg.clients))
+    finally:
+        server.stop()
+    log(f"sustainable rate {sustainable:.1f} req/s; bursting at {cfg.overload}x")
+    phases = [("calm", cfg.calm_s, 0.5 * sustainable), ("burst", cfg.burst_s, cfg.overload * sustainable),
+              ("calm", cfg.calm_s, 0.5 * sustainable)]
+    scenarios = {}
+    target = ["--latency-target-ms", str(cfg.latency_target_ms)]
+    for name, extra in (("fixed_lambda_0", target), ("adaptive_lambda", [*target, "--adaptive"])):
+        server = _Server(base + extra)
+        try:
+            server.wait_ready()
+            asyncio.run(_closed_loop(server.url, keys, classes, 2.0, 2))
+            rows, rss = asyncio.run(_open_loop(server.url, keys, classes, phases, cfg.max_requests, server.proc.pid))
+            alive = server.proc.poll() is None
+        finally:
+            code = server.stop()
+        stats = _stats(rows, cfg.latency_target_ms)
+        stats["burst"] = _stats([r for r in rows if r["phase"] == "burst"], cfg.latency_target_ms)
+        mem = [r["rss_mb"] for r in rss if r["rss_mb"] == r["rss_mb"]]
+        stats.update({"server_alive_at_end": alive, "server_exit_code": code,
+                      "rss_start_mb": mem[0] if mem else None, "rss_max_mb": max(mem) if mem else None,
+                      "rss_end_mb": mem[-1] if mem else None})
+        scenarios[name] = stats
+        log(f"{name}: {stats['ok']} ok, {stats['rejected_503']} x 503, p99 {stats['p99_ms']:.0f} ms, "
+            f"top-1 {stats['accuracy']}")
+    payload = {"store": store_path, "backbone": backbone, "scale_model": scale, "config": asdict(cfg),
+               "sustainable_rps": sustainable, "offered_burst_rps": cfg.overload * sustainable,
+               "phases": [{"phase": p, "seconds": s, "rate": r} for p, s, r in phases], "scenarios": scenarios}
+    write_records(out, "serve_load", payload, _markdown(payload))
+    return payload
+
+
+def _markdown(p: dict) -> str:
+    rows = [{"scenario": k, **v} for k, v in p["scenarios"].items()]
+    cols = ["scenario", "requests", "ok", "rejected_503", "other", "p50_ms", "p99_ms", "accuracy", "mean_lambda",
+            "mean_resolution", "rss_start_mb", "rss_max_mb", "server_alive_at_end"]
+    return (f"# Service under a burst (loopback)\n\nSustainable: {p['sustainable_rps']:.1f} req/s (closed loop, "
+            f"{p['config']['clients']} clients). Burst: {p['offered_burst_rps']:.1f} req/s for "
+            f"{p['config']['burst_s']:.0f} s between calm phases at half the sustainable rate. Latency target "
+            f"{p['config']['latency_target_ms']:.0f} ms; queue bound {p['config']['max_queue']}.\n\n"
+            + markdown_table(rows, cols) + "\n")
