@@ -124,3 +124,16 @@ def test_missing_index_is_a_clear_error(tmp_path, photo_store):
             load_quality(store)
     finally:
         (tmp_path / "q.parquet").rename(photo_store / QUALITY)
+
+
+def test_cli_index_quality_writes_the_index_and_its_cost_record(photo_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from dynres.cli import app
+
+    result = CliRunner().invoke(app, ["index", "quality", str(photo_store), "--resolutions", "56",
+                                      "--workers", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    record = (tmp_path / "quality_index.json").read_text()
+    assert '"ms_per_image_per_resolution"' in record and "ingest_images_per_s" in record
+    assert load_quality(open_store(photo_store)).resolutions == (56,)

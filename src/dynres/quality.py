@@ -24,9 +24,11 @@ How the two decodes are compared, and why:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -249,9 +251,12 @@ def _init_worker(store) -> None:
     _worker_store = store
 
 
-def _index_chunk(args: tuple[list[str], tuple[int, ...], float, float]) -> tuple[pa.Table, dict[str, float]]:
-    keys, resolutions, crop_side, floor = args
-    store = _worker_store
+def _worker_chunk(args: tuple[list[str], tuple[int, ...], float, float]) -> tuple[pa.Table, dict[str, float]]:
+    return _index_chunk(_worker_store, *args)
+
+
+def _index_chunk(store, keys: list[str], resolutions: tuple[int, ...], crop_side: float, floor: float
+                 ) -> tuple[pa.Table, dict[str, float]]:
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
     cost = {"decode_s": 0.0, "ssim_s": 0.0, "read_s": 0.0}
     for key in keys:
@@ -333,8 +338,15 @@ def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), p
     t0 = time.perf_counter()
     if chunks:
         start = len(part_files)
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(store,)) as pool:
-            results = pool.map(_index_chunk, [(c, resolutions, config.crop_side, config.floor) for c in chunks])
+        args = [(c, resolutions, config.crop_side, config.floor) for c in chunks]
+        with contextlib.ExitStack() as stack:
+            if workers == 1:
+                results = (_index_chunk(store, *a) for a in args)
+            else:  # forkserver, like ingest: forking a process whose torch runs OpenMP threads can hang
+                pool = stack.enter_context(ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker,
+                    initargs=(store,)))
+                results = pool.map(_worker_chunk, args)
             for i, (table, chunk_cost) in enumerate(track(results, len(chunks), "quality index", progress)):
                 _write_atomic(fs, table, f"{parts}/part-{start + i:06d}.parquet")
                 have.append(table)
