@@ -46,22 +46,22 @@ class ClassSpec:
 
 
 CLASSES: tuple[ClassSpec, ...] = (
-    ClassSpec("00_stripes_fine", "ellipse", "stripes", 1 / 11),
-    ClassSpec("01_stripes_coarse", "ellipse", "stripes", 1 / 4.5),
-    ClassSpec("02_checker_fine", "squircle", "checker", 1 / 8),
-    ClassSpec("03_checker_coarse", "squircle", "checker", 1 / 3),
-    ClassSpec("04_dots_dense", "triangle", "dots", 1 / 10),
-    ClassSpec("05_dots_sparse", "triangle", "dots", 1 / 4),
-    ClassSpec("06_outline_thin", "hexagon", "outline", 0.025),
-    ClassSpec("07_outline_thick", "hexagon", "outline", 0.10),
-    ClassSpec("08_pips_two", "pentagon", "pips", 2),
-    ClassSpec("09_pips_five", "pentagon", "pips", 5),
-    ClassSpec("10_rings_fine", "disc", "rings", 1 / 12),
-    ClassSpec("11_rings_coarse", "disc", "rings", 1 / 4.5),
-    ClassSpec("12_grid_fine", "diamond", "grid", 1 / 9),
-    ClassSpec("13_grid_coarse", "diamond", "grid", 1 / 3.5),
-    ClassSpec("14_waves_fine", "cross", "waves", 1 / 10),
-    ClassSpec("15_waves_coarse", "cross", "waves", 1 / 4),
+    ClassSpec("00_stripes_fine", "ellipse", "stripes", 1 / 14),
+    ClassSpec("01_stripes_coarse", "ellipse", "stripes", 1 / 8),
+    ClassSpec("02_checker_fine", "squircle", "checker", 1 / 7),
+    ClassSpec("03_checker_coarse", "squircle", "checker", 1 / 4),
+    ClassSpec("04_dots_dense", "triangle", "dots", 1 / 12),
+    ClassSpec("05_dots_sparse", "triangle", "dots", 1 / 7),
+    ClassSpec("06_outline_thin", "hexagon", "outline", 0.02),
+    ClassSpec("07_outline_thick", "hexagon", "outline", 0.055),
+    ClassSpec("08_pips_nine", "pentagon", "pips", 9),
+    ClassSpec("09_pips_sixteen", "pentagon", "pips", 16),
+    ClassSpec("10_rings_fine", "disc", "rings", 1 / 14),
+    ClassSpec("11_rings_coarse", "disc", "rings", 1 / 8),
+    ClassSpec("12_grid_fine", "diamond", "grid", 1 / 10),
+    ClassSpec("13_grid_coarse", "diamond", "grid", 1 / 6),
+    ClassSpec("14_waves_fine", "cross", "waves", 1 / 12),
+    ClassSpec("15_waves_coarse", "cross", "waves", 1 / 7),
 )
 
 # Photographs bundled in scikit-image's wheel (no pooch download). Grey ones are tinted when used.
@@ -229,13 +229,13 @@ def _pat_outline(a, b, u, v, d, w, rng):
     return d + w
 
 
-_PIPS = {2: ((-0.36, 0.0), (0.36, 0.0)), 5: ((-0.33, -0.33), (0.33, -0.33), (0.0, 0.0), (-0.33, 0.33), (0.33, 0.33))}
-
-
 def _pat_pips(a, b, u, v, d, n, rng):
-    radius = 0.14 * math.sqrt(5 / n)  # same inked area for every count: only the layout tells them apart
+    # a k x k grid of pips, the same inked area for every count: both blur into the same even blob
+    k = math.isqrt(int(n))
+    radius, step = 0.36 / k, 1.08 / k
+    centres = [(i - (k - 1) / 2) * step for i in range(k)]
     near = None
-    for px, py in _PIPS[int(n)]:
+    for px, py in ((x, y) for x in centres for y in centres):
         dist = np.sqrt((u - px) ** 2 + (v - py) ** 2)
         near = dist if near is None else np.minimum(near, dist)
     return radius - near
