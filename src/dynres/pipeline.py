@@ -232,6 +232,7 @@ class _Item:
     bytes_read: int = 0
     chunk: int = 0
     image: Future | None = None
+    small: torch.Tensor | None = None  # the scale model's input, reused when the choice is its resolution
 
 
 class Engine:
@@ -269,7 +270,8 @@ class Engine:
         scans = s.scans if s.scans is not None else self._scans(item.key, s.resolution)
         item.data = self._timed("scale_read", self.store.read, item.key, scans)
         item.scans = _clip(scans, self.store.num_scans(item.key))
-        return self._timed("scale_decode", decode, item.data, s.resolution, self.config.crop, item.key)
+        item.small = self._timed("scale_decode", decode, item.data, s.resolution, self.config.crop, item.key)
+        return item.small
 
     def _read(self, item: _Item) -> torch.Tensor:
         """Bytes for the chosen resolution (only the missing range is fetched), decoded at it."""
@@ -278,6 +280,9 @@ class Engine:
         have = item.scans
         if have is not None and want <= have:  # the scale prefix already holds enough: decode what is in hand
             data, want = item.data, have
+            if item.small is not None and r == self.scale.resolution:  # and it is decoded already
+                item.data, item.bytes_read = b"", self.store.prefix_size(key, want)
+                return item.small
         else:
             data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
         item.data = b""
