@@ -128,11 +128,19 @@ def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):
     save_checkpoint(create_model("resnet_tiny", 2), ModelMeta("resnet_tiny", ("cat", "dog"), 48), tmp_path / "b.pt")
     save_checkpoint(create_model("mobilenet_v2_tiny", len(GRID)),
                     ModelMeta("mobilenet_v2_tiny", (), SCALE_RES, task="scale", grid=GRID, scans=2), tmp_path / "s.pt")
+    from dynres.calibrate import CalibrationPolicy
+
+    counts = np.array([[1 + i % 3, 3, 4] for i in range(len(store.keys))])  # scans per (image, 32/48/64 px)
+    policy = CalibrationPolicy({32: 0.95, 48: 0.96, 64: 0.97}, tuple(store.keys), counts)
+    policy.save(tmp_path / "policy.json")
     out = tmp_path / "preds.parquet"
-    res = CliRunner().invoke(app, ["infer", str(store.root), "--model", str(tmp_path / "b.pt"),
-                                   "--scale", str(tmp_path / "s.pt"), "--out", str(out), "--batch-size", "4"])
+    res = CliRunner().invoke(app, ["infer", str(store.root), "--model", str(tmp_path / "b.pt"), "--scale",
+                                   str(tmp_path / "s.pt"), "--policy", str(tmp_path / "policy.json"),
+                                   "--out", str(out), "--batch-size", "4"])
     assert res.exit_code == 0, res.output
     rows = pq.read_table(out).to_pylist()
     assert [r["key"] for r in rows] == store.keys
-    assert all(r["resolution"] in GRID and r["bytes_read"] <= r["file_bytes"] for r in rows)
+    for row in rows:  # the scale model reads 2 scans (its checkpoint says so), the backbone the policy's count
+        want = max(2, policy.scans(row["key"], row["resolution"]))
+        assert row["bytes_read"] == store.prefix_size(row["key"], want) < row["file_bytes"]
     assert (tmp_path / "preds.json").is_file() and "images/s" in res.output
