@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dynres.errors import ConfigError, DynresError
-from dynres.synth import SynthConfig, synth
+from dynres.synth import SynthConfig, render, synth
 
 # Small images keep the tests fast; short sides >= 150 px keep objects above the 12 px floor at the smallest scale.
 SMALL = SynthConfig(classes=10, train_per_class=8, val_per_class=2, seed=3, min_size=200, max_size=256,
@@ -92,9 +92,10 @@ def test_scale_is_the_box_side_over_the_shorter_image_side(data):
         assert side == round(r["scale"] * min(r["width"], r["height"]))
 
 
-def test_rerun_replaces_an_earlier_output(tmp_path):
+def test_rerun_replaces_an_earlier_output_even_one_that_stopped_halfway(tmp_path):
     synth(tmp_path / "d", SynthConfig(classes=3, train_per_class=1, val_per_class=1, min_size=64, max_size=96),
           progress=False)
+    (tmp_path / "d/objects.parquet").unlink()  # as if interrupted before the table was written
     synth(tmp_path / "d", SynthConfig(classes=2, train_per_class=1, val_per_class=0, min_size=64, max_size=96),
           progress=False)
     assert sorted(p.name for p in (tmp_path / "d/train").iterdir()) == ["00_stripes_fine", "01_stripes_coarse"]
@@ -114,6 +115,13 @@ def test_refuses_a_foreign_non_empty_folder(tmp_path):
 def test_bad_settings_name_the_key(bad):
     with pytest.raises(ConfigError, match="synth\\."):
         SynthConfig(**bad)
+
+
+def test_render_one_image_without_writing():
+    image, obj = render(SynthConfig(classes=2, min_size=64, max_size=96), "val", 1, 7)
+    assert image.size == (obj.width, obj.height) and max(image.size) <= 96
+    with pytest.raises(ConfigError, match="no such image"):
+        render(SynthConfig(classes=2), "val", 2, 0)
 
 
 def test_cli_writes_the_data_set_and_a_summary(tmp_path):

@@ -30,6 +30,7 @@ from dynres.errors import ConfigError, DynresError
 
 SPLITS = ("train", "val")
 TABLE = "objects.parquet"
+MARKER = ".dynres-synth"  # marks a folder this module may clear and rewrite
 _META_KEY = b"dynres.synth"
 
 
@@ -347,6 +348,9 @@ def _centre(rng: np.random.Generator, extent: int, s: int) -> float:
 
 def render(config: SynthConfig, split: str, label: int, index: int) -> tuple[Image.Image, SynthObject]:
     """Image ``index`` of class ``label`` in ``split``: a pure function of the config's seed and these three."""
+    if split not in SPLITS or not 0 <= label < config.classes or index < 0:
+        raise ConfigError(f"{split}/{label}/{index}", f"no such image: split in {SPLITS}, 0 <= label < "
+                          f"{config.classes}, index >= 0")
     rng = np.random.default_rng([config.seed, SPLITS.index(split), label, index])
     spec = CLASSES[label]
     w, h = _size(rng, config)
@@ -411,22 +415,18 @@ def _write_chunk(out_dir: str, config: SynthConfig, tasks: list[tuple[str, int, 
 
 
 def _prepare(out: Path) -> None:
-    """Refuse to write into an unrelated non-empty folder; replace an earlier synth output."""
+    """Refuse to write into an unrelated non-empty folder; clear an earlier synth output, finished or not."""
     if out.exists() and not out.is_dir():
         raise DynresError(out, "exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        table = out / TABLE
-        try:
-            import pyarrow.parquet as pq
-
-            ours = table.is_file() and _META_KEY in (pq.read_schema(table).metadata or {})
-        except (OSError, ValueError):
-            ours = False
-        if not ours:
-            raise DynresError(out, f"is not empty and holds no earlier synth output ({TABLE}); choose a new folder")
+        if not (out / MARKER).is_file():
+            raise DynresError(out, f"is not empty and holds no earlier synth output ({MARKER}); choose a new folder")
         for split in SPLITS:
             shutil.rmtree(out / split, ignore_errors=True)
-        table.unlink()
+        (out / TABLE).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by dynres.synth; a new run may replace this folder's train/, val/ and "
+                              f"{TABLE}\n")
 
 
 def synth(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), progress: bool = True) -> SynthReport:
