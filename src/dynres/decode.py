@@ -16,13 +16,9 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
 from dynres.errors import BadImageError
-
-# A k-scan prefix plus EOI is a complete (lower quality) image to libjpeg; this flag only keeps Pillow from
-# refusing the rare prefix whose final scan leaves the entropy decoder short of bits.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 EOI = b"\xff\xd9"
 
