@@ -105,3 +105,20 @@ def test_dynamic_eval_records(tmp_path, models):
             assert point["gflops"] == pytest.approx(smallest + result["scale_gflops"])
     assert (tmp_path / "dynamic.png").stat().st_size > 1000
     assert "Oracle" in (tmp_path / "dynamic.md").read_text()
+
+
+def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path):
+    from dynres.accuracy import ChainConfig, run_accuracy_chain
+    from dynres.scale import ScaleConfig
+    from dynres.train import TrainConfig
+
+    backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
+    cfg = ChainConfig(backbone=backbone, scale=ScaleConfig(folds=2, cheap=True, crops=CROPS, epochs=1, batch_size=8),
+                      eval=EvalConfig(crops=CROPS))
+    train, val = MemoryStore(per_class=4), MemoryStore(per_class=2, offset=50)
+    result = run_accuracy_chain(train, val, tmp_path, cfg, progress=False)
+    dynamic = json.loads((tmp_path / "eval" / "dynamic.json").read_text())
+    assert dynamic["grid"] == [16, 24, 32, 40, 48, 56, 64]  # the paper's 0.5x..2x around 32
+    assert [s["crop"] for s in result["summary"]] == list(CROPS)
+    (tmp_path / "backbone" / "model.pt").unlink()  # a cached chain does not touch its outputs again
+    assert run_accuracy_chain(train, val, tmp_path, cfg, progress=False) == result
