@@ -460,6 +460,106 @@ def calibrate(
                   f"max loss {sm['max_loss']:.3f} points; {sm['cells_over_target']}/{sm['cells']} cells over target")
     console.print(f"wrote {rec['policy']} and {out / 'calibration.md'}")
 
+
+# --- kernels: resolution-specialized implementations (Table II, Figure 7) -------------------------------------
+
+
+def _kernel_config(resolutions: str, batches: str, threads: int, backends: str, runs: int, warmup: int,
+                   tolerance: float, tvm_trials: int, cache_dir: Optional[Path]):
+    from dynres.kernels import TuneConfig, parse_backends, parse_ints
+
+    extra = {"cache_dir": cache_dir} if cache_dir else {}
+    return TuneConfig(resolutions=parse_ints(resolutions, "--resolutions"), batch_sizes=parse_ints(batches, "--batches"),
+                      threads=threads, backends=parse_backends(backends), runs=runs, warmup=warmup,
+                      tolerance=tolerance, tvm_trials=tvm_trials, **extra)
+
+
+def _print_tuned(rows: list) -> None:
+    eager = {(r["model"], r["resolution"], r["batch"]): r for r in rows if r["backend"] == "eager"}
+    for r in (r for r in rows if r["backend"] == "tuned"):
+        e = eager.get((r["model"], r["resolution"], r["batch"]))
+        speed = f"{e['latency_ms'] / r['latency_ms']:.2f}x vs eager" if e and e.get("latency_ms") else ""
+        console.print(f"{r['model']:>14} {r['resolution']:>4}px b{r['batch']:<3} {r['chosen']:>14} "
+                      f"{r['latency_ms']:8.2f} ms  {r['gflops_per_s']:6.1f} GFLOP/s "
+                      f"({100 * (r['fraction_of_gemm_peak'] or 0):.0f}% GEMM)  {speed}{'  cached' if r.get('cached') else ''}")
+
+
+_TUNE_OPTS = dict(
+    resolutions=typer.Option("112..448:56", help="'112,168,224' or '112..448:56' (inclusive, step)."),
+    threads=typer.Option(2, help="Threads every backend gets (part of the cache key)."),
+    backends=typer.Option("default", help="'default' (eager, channels_last, ort, openvino), 'all' (+ inductor, "
+                          "inductor_max, tvm) or a comma-separated list."),
+    runs=typer.Option(20, help="Timed rounds per setting (alternating candidates; median)."),
+    warmup=typer.Option(3, help="Untimed calls per candidate first."),
+    tolerance=typer.Option(1e-4, help="Max relative error vs eager; worse candidates are rejected."),
+    tvm_trials=typer.Option(0, help="MetaSchedule trials for the tvm backend (0: untuned)."),
+    cache_dir=typer.Option(None, help="Tuning cache (default $DYNRES_CACHE/kernels or ~/.cache/dynres/kernels)."),
+)
+
+
+@app.command("tune")
+def tune_cmd(
+    model_ckpt: Optional[Path] = typer.Argument(None, help="Checkpoint (model.pt + model.json); or give --arch."),
+    arch: Optional[str] = typer.Option(None, help="Architecture with random weights instead (same speed)."),
+    num_classes: int = typer.Option(1000, help="Classes for --arch."),
+    batches: str = typer.Option("1", help="Batch sizes, comma-separated."),
+    out: Path = typer.Option(Path("runs/tune"), "--out", help="Where kernels.json/.md/-fig7.png go."),
+    resolutions: str = _TUNE_OPTS["resolutions"], threads: int = _TUNE_OPTS["threads"],
+    backends: str = _TUNE_OPTS["backends"], runs: int = _TUNE_OPTS["runs"], warmup: int = _TUNE_OPTS["warmup"],
+    tolerance: float = _TUNE_OPTS["tolerance"], tvm_trials: int = _TUNE_OPTS["tvm_trials"],
+    cache_dir: Optional[Path] = _TUNE_OPTS["cache_dir"],
+) -> None:
+    """Pick the fastest correct backend per resolution and batch size; cache it and its compiled artifact."""
+    import torch
+
+    from dynres.errors import ConfigError
+    from dynres.kernels import run_and_report
+    from dynres.models import build_backbone, load_checkpoint
+
+    if (model_ckpt is None) == (arch is None):
+        raise ConfigError("tune", "give either MODEL_CKPT or --arch")
+    torch.manual_seed(0)  # --arch: the same random weights every run, so the tuning cache (keyed by them) hits
+    model, name = (load_checkpoint(model_ckpt)[0], model_ckpt.stem) if model_ckpt else \
+        (build_backbone(arch, num_classes).eval(), arch)
+    cfg = _kernel_config(resolutions, batches, threads, backends, runs, warmup, tolerance, tvm_trials, cache_dir)
+    rec = run_and_report({name: model}, cfg, out)
+    _print_tuned(rec["rows"])
+    console.print(f"GEMM peak {rec['limits']['gemm_gflops_per_s']:.0f} GFLOP/s; wrote {rec['paths']['md']}")
+
+
+@bench_app.command("kernels")
+def bench_kernels_cmd(
+    models: str = typer.Option("resnet18,resnet50,mobilenet_v2", help="Architectures (random weights)."),
+    batches: str = typer.Option("1", help="Latency-mode batch sizes over every resolution."),
+    throughput_batch: int = typer.Option(8, help="Throughput-mode batch size (0: none) ..."),
+    throughput_resolutions: str = typer.Option("112,168", help="... at these resolutions."),
+    out: Path = typer.Option(Path("runs/bench-kernels"), "--out", help="Where kernels.json/.md/-fig7.png go."),
+    resolutions: str = _TUNE_OPTS["resolutions"], threads: int = _TUNE_OPTS["threads"],
+    backends: str = _TUNE_OPTS["backends"], runs: int = _TUNE_OPTS["runs"], warmup: int = _TUNE_OPTS["warmup"],
+    tolerance: float = _TUNE_OPTS["tolerance"], tvm_trials: int = _TUNE_OPTS["tvm_trials"],
+    cache_dir: Optional[Path] = _TUNE_OPTS["cache_dir"],
+) -> None:
+    """Table II (latency per resolution per backend, tuned vs eager) + Figure 7 (GFLOP/s, fraction of peak)."""
+    import dataclasses
+
+    import torch
+
+    from dynres.kernels import parse_ints, run_and_report
+    from dynres.models import build_backbone
+
+    cfg = _kernel_config(resolutions, batches, threads, backends, runs, warmup, tolerance, tvm_trials,
+                         cache_dir or out / "cache")
+    extra = [dataclasses.replace(cfg, resolutions=parse_ints(throughput_resolutions, "--throughput-resolutions"),
+                                 batch_sizes=(throughput_batch,))] if throughput_batch > 0 else []
+    torch.manual_seed(0)  # same random weights every run: a rerun hits the tuning cache
+    nets = {name: build_backbone(name, 1000).eval() for name in models.split(",") if name.strip()}
+    rec = run_and_report(nets, cfg, out, extra=extra)
+    _print_tuned(rec["rows"])
+    lim = rec["limits"]
+    console.print(f"GEMM peak {lim['gemm_gflops_per_s']:.0f} GFLOP/s, FMA ceiling "
+                  f"{lim.get('fma_gflops_per_s') or float('nan'):.0f} GFLOP/s; wrote {rec['paths']['md']}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
