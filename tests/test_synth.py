@@ -11,7 +11,7 @@ from dynres.errors import ConfigError, DynresError
 from dynres.synth import SynthConfig, render, synth
 
 # Small images keep the tests fast; short sides >= 150 px keep objects above the 12 px floor at the smallest scale.
-SMALL = SynthConfig(classes=10, train_per_class=8, val_per_class=2, seed=3, min_size=200, max_size=256,
+SMALL = SynthConfig(classes=10, train_per_class=6, val_per_class=2, seed=3, min_size=200, max_size=256,
                     aspect_range=(1.0, 1.33))
 
 
@@ -23,7 +23,7 @@ def files(root: Path) -> dict[str, bytes]:
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
     report = synth(out, SMALL, progress=False)
-    assert (report.train, report.val, report.images) == (80, 20, 100)
+    assert (report.train, report.val, report.images) == (60, 20, 80)
     return out
 
 
@@ -50,7 +50,7 @@ def test_layout_is_an_imagefolder(data):
     train, val = ImageFolder(data / "train"), ImageFolder(data / "val")
     assert train.classes == val.classes == SMALL.class_names
     assert train.classes[:2] == ["00_stripes_fine", "01_stripes_coarse"]
-    assert (len(train), len(val)) == (80, 20)
+    assert (len(train), len(val)) == (60, 20)
     image, label = val[len(val) - 1]
     assert image.mode == "RGB" and label == 9
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image, ImageChops, ImageDraw, ImageEnhance
 
 from dynres._ui import track
 from dynres.errors import ConfigError, DynresError
@@ -247,6 +247,10 @@ _PATTERNS = {
     "grid": _pat_grid, "waves": _pat_waves, "outline": _pat_outline, "pips": _pat_pips,
 }
 _PERIODIC = {"stripes", "checker", "dots", "rings", "grid", "waves"}
+# Sensor noise is added last with add_modulo (several times faster than a clipping add), so everything drawn
+# before it stays at or below _WHITE.
+_NOISE_MAX = 16
+_WHITE = 255 - _NOISE_MAX
 
 
 # ---------------------------------------------------------------- rendering
@@ -287,10 +291,19 @@ def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     gamma, contrast, bright = rng.uniform(0.7, 1.4), rng.uniform(0.7, 1.25), rng.uniform(-0.12, 0.12)
     base = (x**gamma - 0.5) * contrast + 0.5 + bright
     lut = np.concatenate([base * rng.uniform(0.8, 1.2) for _ in range(3)])
-    img = img.point(np.clip(lut * 255 + 0.5, 0, 255).astype(np.uint8).tolist())
+    img = img.point(np.clip(lut * 255 + 0.5, 0, _WHITE).astype(np.uint8).tolist())
     img = ImageEnhance.Color(img).enhance(rng.uniform(0.4, 1.4))
     box = (x0 - ix0, y0 - iy0, x0 - ix0 + cw, y0 - iy0 + ch)
     return img.resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
+
+
+@functools.lru_cache(maxsize=2)
+def _noise(side: int) -> Image.Image:
+    """A fixed tile of sensor-like noise in [0, _NOISE_MAX] (sigma 2.5): real photos carry it, and it is what
+    makes JPEG's last scans cost bytes. One tile per process; each image takes a random window of it."""
+    rng = np.random.default_rng(20240611)
+    noise = rng.normal(_NOISE_MAX / 2, 2.5, (side, side, 3)) + 0.5
+    return Image.fromarray(np.clip(noise, 0, _NOISE_MAX).astype(np.uint8))
 
 
 def _colour(rng: np.random.Generator, value: float) -> np.ndarray:
@@ -369,7 +382,7 @@ def render(config: SynthConfig, split: str, label: int, index: int) -> tuple[Ima
     sub = (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
     al = alpha[sub][..., None]
     region += (rgb[sub] - region) * al
-    img.paste(Image.fromarray(np.clip(region * 255 + 0.5, 0, 255).astype(np.uint8)), (ix0, iy0))
+    img.paste(Image.fromarray(np.clip(region * 255 + 0.5, 0, _WHITE).astype(np.uint8)), (ix0, iy0))
 
     rows, cols = np.flatnonzero(alpha.max(axis=1) >= 0.5), np.flatnonzero(alpha.max(axis=0) >= 0.5)
     scale = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) / short_side
@@ -386,6 +399,9 @@ def render(config: SynthConfig, split: str, label: int, index: int) -> tuple[Ima
             draw.ellipse((cx - r, cy - r * rng.uniform(0.5, 1.0), cx + r, cy + r), fill=fill)
         else:
             draw.rectangle((cx - r, cy - r, cx + r * rng.uniform(0.5, 1.0), cy + r), fill=fill)
+    tile = _noise(max(1024, 1 << (config.max_size - 1).bit_length()))
+    nx, ny = int(rng.integers(tile.width - w + 1)), int(rng.integers(tile.height - h + 1))
+    img = ImageChops.add_modulo(img, tile.crop((nx, ny, nx + w, ny + h)))  # cannot wrap: pixels <= _WHITE
     return img, SynthObject(w, h, box, float(scale), occluded)
 
 
