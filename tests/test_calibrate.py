@@ -35,7 +35,7 @@ def store_dir(tmp_path_factory):
                 Image.fromarray(img[y:y + ch, x:x + cw]).save(src / cls / f"{name}{i}.png")
     root = tmp_path_factory.mktemp("store") / "s"
     ingest(src, root, IngestConfig(workers=1), progress=False)
-    build_quality_index(root, QualityConfig(resolutions=RES, workers=1, floor=0.5), progress=False)
+    build_quality_index(root, QualityConfig(resolutions=RES, workers=1), progress=False)
     return root
 
 

@@ -11,8 +11,8 @@ from skimage.metrics import structural_similarity
 
 from dynres.decode import decode
 from dynres.errors import StoreError
-from dynres.quality import (QUALITY, QualityConfig, build_quality_index, decode_many, image_quality, load_quality,
-                            luma_scans, ssim, _draft_groups)
+from dynres.quality import (QUALITY, QualityConfig, _decode_batch, _draft_groups, build_quality_index, load_quality,
+                            luma_scans, ssim)
 from dynres.store import IngestConfig, ingest, open_store
 
 RES = (56, 112, 168)
@@ -47,11 +47,11 @@ def test_shared_dct_scale_decode_is_pixel_identical_to_decode(photo_store):
         data, ends = store.read(key), store.scan_ends(key)
         groups = _draft_groups(data, (56, 112, 168, 224), 0.875, key)
         assert sum(len(g) for g in groups) == 4
-        for k in (1, 3, len(ends)):
-            prefix = store.read(key, scans=k)
-            many = decode_many(prefix, groups, 0.875, key)
-            for r, arr in many.items():
-                assert torch.equal(arr, decode(prefix, r, 0.875))
+        prefixes = [store.read(key, scans=k) for k in (1, 3, len(ends))]
+        for group in groups:
+            for r, batch in _decode_batch(prefixes, group, 0.875, key).items():
+                for prefix, view in zip(prefixes, batch):
+                    assert torch.equal(view, decode(prefix, r, 0.875))
 
 
 def test_luma_scans_reads_the_scan_headers():
@@ -70,7 +70,7 @@ def test_luma_scans_reads_the_scan_headers():
 
 
 def test_ssim_rises_with_scans_and_reaches_one_on_real_photos(photo_store):
-    report = build_quality_index(photo_store, QualityConfig(resolutions=RES, workers=1, floor=0.0), progress=False)
+    report = build_quality_index(photo_store, QualityConfig(resolutions=RES, workers=1), progress=False)
     assert report["computed"] == 3 and (photo_store / QUALITY).is_file()
     assert not (photo_store / ".quality").exists()
     index = load_quality(open_store(photo_store))
@@ -79,6 +79,7 @@ def test_ssim_rises_with_scans_and_reaches_one_on_real_photos(photo_store):
         for j in range(len(RES)):
             s = index.ssim[i, j, : index.num_scans[i]]
             assert not np.isnan(s).any(), key
+            assert np.array_equal(s[2:4], [s[1], s[1]])  # chroma-only scans 3, 4: luma of scan 2
             assert s[-1] == 1.0 and s[0] < 0.99
             assert np.all(np.diff(s) > -2e-3), (key, RES[j], s)  # rises (up to rounding noise)
             assert s[-2] > s[0]
@@ -94,18 +95,8 @@ def test_index_is_resumable_and_rebuilt_when_the_config_changes(photo_store):
     assert load_quality(open_store(photo_store)).resolutions == (64,)
 
 
-def test_floor_stops_refining_low_scores_and_keeps_high_ones(photo_store):
-    store = open_store(photo_store)
-    key = store.keys[0]
-    full, _ = image_quality(store.read(key), store.scan_ends(key), (112,), floor=0.0, name=key)
-    cut, _ = image_quality(store.read(key), store.scan_ends(key), (112,), floor=0.999, name=key)
-    computed = ~np.isnan(cut[0])
-    np.testing.assert_allclose(cut[0][computed], full[0][computed])
-    assert np.isnan(cut[0]).any() and np.nanmin(cut[0]) < 0.999
-
-
 def test_fewest_scans_never_picks_a_prefix_below_the_threshold(photo_store):
-    build_quality_index(photo_store, QualityConfig(resolutions=RES, workers=1, floor=0.0), progress=False)
+    build_quality_index(photo_store, QualityConfig(resolutions=RES, workers=1), progress=False)
     index = load_quality(open_store(photo_store))
     for t in (0.5, 0.9, 0.95, 0.99, 0.999, 1.0):
         for j, r in enumerate(RES):

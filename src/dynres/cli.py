@@ -411,7 +411,6 @@ def index_quality_cmd(
     resolutions: str = typer.Option("112,168,224,280,336,392,448",
                                     help="Comma-separated resolutions (the backbone grid and the scale model's)."),
     crop: float = typer.Option(0.875, help="Center-crop side ratio of the compared views."),
-    floor: float = typer.Option(0.9, help="SSIM below which fewer scans are not scored (calibration needs >= 0.94)."),
     workers: int = typer.Option(0, help="Processes (0: every core)."),
     out: Path = typer.Option(Path("runs/index"), "--out", help="Where quality_index.json/.md go."),
 ) -> None:
@@ -419,7 +418,7 @@ def index_quality_cmd(
     from dynres.quality import QualityConfig, build_quality_index, quality_markdown
     from dynres.records import write_records
 
-    cfg = QualityConfig(tuple(int(r) for r in resolutions.split(",")), crop, workers, floor=floor)
+    cfg = QualityConfig(tuple(int(r) for r in resolutions.split(",")), crop, workers)
     rep = build_quality_index(store, cfg)
     write_records(out, "quality_index", rep, quality_markdown(rep))
     cost = rep["ms_per_image_per_resolution"]

@@ -19,7 +19,8 @@ How the two decodes are compared, and why:
 * A prefix whose decode is byte-identical to the full decode scores exactly 1.0; any other is capped just below
   1.0, so "SSIM == 1" means "this prefix gives the same pixels", which calibration uses to skip inference.
 * Each prefix is decoded once per DCT scale and resized to every resolution that shares that scale, which is what
-  ``decode`` would do for each resolution separately (tested to be pixel-identical).
+  ``decode`` would do for each resolution separately (tested to be pixel-identical). Prefixes that end in a
+  chroma-only scan are not decoded at all (luma SSIM cannot see them; see :func:`image_quality`).
 """
 
 from __future__ import annotations
@@ -66,12 +67,10 @@ class QualityConfig:
     crop_side: float = 0.875
     workers: int = 0  # processes; 0: every usable core
     chunk: int = 32  # images per resumable part file
-    floor: float = 0.9  # scores below it are not refined further down (calibration searches [0.94, 1])
 
     def fingerprint(self) -> dict:
         """What determines the numbers; an index with another fingerprint is recomputed, not mixed."""
         return {"version": FORMAT_VERSION, "resolutions": sorted(set(self.resolutions)), "crop_side": self.crop_side,
-                "floor": self.floor,
                 "ssim": {"window": 11, "sigma": 1.5, "k1": 0.01, "k2": 0.03, "channel": "luma601"}}
 
 
@@ -134,25 +133,29 @@ def _draft_groups(data: bytes, resolutions: tuple[int, ...], crop_side: float, n
     return list(groups.values())
 
 
-def decode_many(prefix: bytes, groups: list[list[int]], crop_side: float, name: str) -> dict[int, torch.Tensor]:
-    """``decode(prefix, r, crop_side)`` for every r, running the JPEG decoder once per DCT scale.
+def _decode_batch(prefixes: list[bytes], resolutions: list[int], crop_side: float, name: str
+                  ) -> dict[int, torch.Tensor]:
+    """``decode(p, r, crop_side)`` for every prefix p and every r of one DCT-scale group, as (P,3,r,r) batches.
 
-    The crop + resize below mirrors the tail of :func:`dynres.decode.decode`; ``test_quality`` checks that both
-    stay pixel-identical.
+    The JPEG decoder runs once per prefix (at the DCT scale ``decode`` drafts for these resolutions) and the resize
+    is one batched call per resolution. The crop + resize mirrors the tail of :func:`dynres.decode.decode`;
+    ``test_quality`` checks that both stay pixel-identical.
     """
     from torchvision.transforms.v2 import functional as TF
 
-    out = {}
-    for group in groups:
+    decoded = []
+    for prefix in prefixes:
         try:
             img = Image.open(io.BytesIO(prefix))
-            img.draft("RGB", draft_size(*img.size, group[0] / crop_side))
-            t = to_tensor(img)
+            img.draft("RGB", draft_size(*img.size, resolutions[0] / crop_side))
+            decoded.append(to_tensor(img))
         except Exception as err:  # Pillow raises several unrelated types for bad bytes
             raise BadImageError(name, f"cannot decode image: {err}") from err
-        for r in group:
-            x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(t.shape[2], t.shape[1], r, crop_side))
-            out[r] = TF.resize(t[:, y0:y1, x0:x1], [r, r], antialias=True)
+    batch = torch.stack(decoded)
+    out = {}
+    for r in resolutions:
+        x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(batch.shape[3], batch.shape[2], r, crop_side))
+        out[r] = TF.resize(batch[:, :, y0:y1, x0:x1], [r, r], antialias=True)
     return out
 
 
@@ -178,45 +181,31 @@ def luma_scans(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> list
 
 
 def image_quality(data: bytes, scan_ends: list[int], resolutions: tuple[int, ...], crop_side: float = 0.875,
-                  floor: float = 0.9, name: str = "<bytes>") -> tuple[np.ndarray, dict[str, float]]:
+                  name: str = "<bytes>") -> tuple[np.ndarray, dict[str, float]]:
     """SSIM of every k-scan prefix vs the whole file: array (len(resolutions), num_scans) + timings.
 
-    Two shortcuts keep this cheaper than decoding every prefix at every resolution, neither changes what a policy
-    reads: a prefix ending in a chroma-only scan has the luma of the prefix before it, so it gets that prefix's
-    score (and is never the fewest scans reaching a threshold); prefixes are scored from the most scans down, and
-    below the first score under ``floor`` (no threshold goes that low) the rest are left NaN, i.e. "not enough".
+    A prefix ending in a chroma-only scan has the luma of the prefix before it, so it is not decoded: it gets that
+    prefix's score (and so is never the fewest scans reaching a threshold).
     """
     k_total = len(scan_ends)
-    t0 = time.perf_counter()
     cost = {"decode_s": 0.0, "ssim_s": 0.0}
     has_luma = luma_scans(data, scan_ends, name)
-    groups = _draft_groups(data, resolutions, crop_side, name)
+    ks = [k for k in range(1, k_total) if has_luma[k - 1]] + [k_total]
+    prefixes = [scan_prefix(data, scan_ends, k) for k in ks]
     col = {r: j for j, r in enumerate(resolutions)}
-    result = np.full((len(resolutions), k_total), np.nan)
-    result[:, -1] = 1.0
-    full = decode_many(data, groups, crop_side, name)
-    ref = {r: luma(a[None]) for r, a in full.items()}
-    cost["decode_s"] += time.perf_counter() - t0
-    active = [list(g) for g in groups]
-    for k in range(k_total - 1, 0, -1):  # k scans
-        if not has_luma[k - 1] or not any(active):
-            continue
+    result = np.ones((len(resolutions), k_total), dtype=np.float64)
+    for group in _draft_groups(data, resolutions, crop_side, name):
+        t0 = time.perf_counter()
+        views = _decode_batch(prefixes, group, crop_side, name)
         t1 = time.perf_counter()
-        todo = [g for g in active if g]
-        decoded = decode_many(scan_prefix(data, scan_ends, k), todo, crop_side, name)
-        t2 = time.perf_counter()
-        for g in active:
-            for r in list(g):
-                if torch.equal(decoded[r], full[r]):
-                    score = 1.0
-                else:
-                    x = luma(decoded[r][None])
-                    score = min(float(ssim(x, ref[r])[0]), BELOW_ONE)
-                result[col[r], k - 1] = score
-                if score < floor:
-                    g.remove(r)
-        cost["decode_s"] += t2 - t1
-        cost["ssim_s"] += time.perf_counter() - t2
+        for r, batch in views.items():
+            same = (batch[:-1] == batch[-1:]).flatten(1).all(dim=1).numpy()
+            y = luma(batch)
+            scores = ssim(y[:-1], y[-1:]).clamp(max=BELOW_ONE).numpy()
+            scores[same] = 1.0
+            result[col[r], [k - 1 for k in ks[:-1]]] = scores
+        cost["decode_s"] += t1 - t0
+        cost["ssim_s"] += time.perf_counter() - t1
     for k in range(2, k_total + 1):  # chroma-only scans: the luma of the prefix before them
         if not has_luma[k - 1]:
             result[:, k - 1] = result[:, k - 2]
@@ -251,11 +240,11 @@ def _init_worker(store) -> None:
     _worker_store = store
 
 
-def _worker_chunk(args: tuple[list[str], tuple[int, ...], float, float]) -> tuple[pa.Table, dict[str, float]]:
+def _worker_chunk(args: tuple[list[str], tuple[int, ...], float]) -> tuple[pa.Table, dict[str, float]]:
     return _index_chunk(_worker_store, *args)
 
 
-def _index_chunk(store, keys: list[str], resolutions: tuple[int, ...], crop_side: float, floor: float
+def _index_chunk(store, keys: list[str], resolutions: tuple[int, ...], crop_side: float
                  ) -> tuple[pa.Table, dict[str, float]]:
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
     cost = {"decode_s": 0.0, "ssim_s": 0.0, "read_s": 0.0}
@@ -264,7 +253,7 @@ def _index_chunk(store, keys: list[str], resolutions: tuple[int, ...], crop_side
         data = store.read(key)
         cost["read_s"] += time.perf_counter() - t0
         ends = store.scan_ends(key)
-        values, timing = image_quality(data, ends, resolutions, crop_side, floor, name=key)
+        values, timing = image_quality(data, ends, resolutions, crop_side, name=key)
         for name in ("decode_s", "ssim_s"):
             cost[name] += timing[name]
         sha = store.record(key)["sha256"]
@@ -338,7 +327,7 @@ def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), p
     t0 = time.perf_counter()
     if chunks:
         start = len(part_files)
-        args = [(c, resolutions, config.crop_side, config.floor) for c in chunks]
+        args = [(c, resolutions, config.crop_side) for c in chunks]
         with contextlib.ExitStack() as stack:
             if workers == 1:
                 results = (_index_chunk(store, *a) for a in args)
