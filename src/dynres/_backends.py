@@ -13,6 +13,7 @@ import importlib.util
 import io
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     """Static-shape ONNX export (TorchScript exporter, opset 17: 0.3-1.2 s, versus much longer for dynamo)."""
     if not path.exists():
         tmp = path.with_suffix(".tmp.onnx")
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is chosen for its speed
             torch.onnx.export(model.eval(), (example,), str(tmp), dynamo=False, opset_version=17,
                               input_names=["input"], output_names=["logits"])
         os.replace(tmp, path)
