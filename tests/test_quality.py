@@ -128,3 +128,15 @@ def test_cli_index_quality_writes_the_index_and_its_cost_record(photo_store, tmp
     record = (tmp_path / "quality_index.json").read_text()
     assert '"ms_per_image_per_resolution"' in record and "ingest_images_per_s" in record
     assert load_quality(open_store(photo_store)).resolutions == (56,)
+
+
+def test_index_of_a_remote_store_is_read_like_its_manifest(photo_store):
+    import fsspec
+
+    build_quality_index(photo_store, QualityConfig(resolutions=(56,), workers=1), progress=False)
+    fs = fsspec.filesystem("memory")
+    fs.put(str(photo_store), "/remote-store", recursive=True)
+    remote = open_store("memory://remote-store")
+    local = load_quality(open_store(photo_store))
+    index = load_quality(remote)
+    assert index.keys == local.keys and np.array_equal(index.ssim, local.ssim, equal_nan=True)
