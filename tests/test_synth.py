@@ -111,7 +111,7 @@ def test_refuses_a_foreign_non_empty_folder(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"classes": 1}, {"classes": 99}, {"min_size": 900}, {"scale_range": (0.5, 0.1)},
-                                 {"train_per_class": 0, "val_per_class": 0}, {"workers": 0}])
+                                 {"train_per_class": 0, "val_per_class": 0}, {"workers": -1}])
 def test_bad_settings_name_the_key(bad):
     with pytest.raises(ConfigError, match="synth\\."):
         SynthConfig(**bad)

@@ -39,7 +39,7 @@ def data_synth(
     min_size: Optional[int] = typer.Option(None, help="Smallest long image side in px (default 300)."),
     max_size: Optional[int] = typer.Option(None, help="Largest long image side in px (default 800)."),
     quality: Optional[int] = typer.Option(None, help="Baseline JPEG quality (default 90)."),
-    workers: Optional[int] = typer.Option(None, help="Processes (default 1); the output does not depend on it."),
+    workers: Optional[int] = typer.Option(None, help="Processes (default 1, 0: every core); output does not change."),
 ) -> None:
     """Generate the built-in data set: objects at scales varying > 6x on photo backgrounds, fine-detail classes."""
     from dynres.synth import SynthConfig, synth
@@ -442,6 +442,8 @@ def calibrate(
     crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Crop areas of the held-out table (index crop added)."),
     batch_size: int = typer.Option(64, help="Inference batch size."),
     seed: int = typer.Option(0, help="Seed of the hashed split and of the calibration sample."),
+    scale_model: Optional[Path] = typer.Option(None, "--scale-model",
+                                               help="Also measure the dynamic pipeline (Table III/IV dynamic row)."),
 ) -> None:
     """Binary-search SSIM thresholds per resolution; save the read policy; Table III/IV + Figure 6 records."""
     from dynres.calibrate import CalibrationConfig, calibrate as run_calibration
@@ -451,12 +453,15 @@ def calibrate(
                             resolutions=tuple(int(r) for r in resolutions.split(",")) if resolutions else None,
                             crops=tuple(float(c) for c in crops.split(",")), batch_size=batch_size)
     rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,
-                          policy)
+                          policy, scale_model)
     for s in rec["search"]:
         console.print(f"{s['resolution']:>4}px  threshold {s['threshold']:.4f}")
     sm = rec["summary"]
     console.print(f"held-out: best resolution {sm['best_resolution']} saves {sm['best_read_savings']:.1%} of bytes; "
                   f"max loss {sm['max_loss']:.3f} points; {sm['cells_over_target']}/{sm['cells']} cells over target")
+    if "dynamic_read_savings" in sm:
+        console.print(f"dynamic pipeline: read savings {sm['dynamic_read_savings']:.1%} (scale model's read included), "
+                      f"loss {sm['dynamic_loss']:.3f} points")
     console.print(f"wrote {rec['policy']} and {out / 'calibration.md'}")
 
 
@@ -486,8 +491,8 @@ def _print_tuned(rows: list) -> None:
 _TUNE_OPTS = dict(
     resolutions=typer.Option("112..448:56", help="'112,168,224' or '112..448:56' (inclusive, step)."),
     threads=typer.Option(2, help="Threads every backend gets (part of the cache key)."),
-    backends=typer.Option("default", help="'default' (eager, channels_last, ort, openvino), 'all' (+ inductor, "
-                          "inductor_max, tvm) or a comma-separated list."),
+    backends=typer.Option("default", help="'default' (eager, channels_last, ort, ort_nospin, openvino), 'all' "
+                          "(+ inductor, inductor_max, tvm) or a comma-separated list."),
     runs=typer.Option(20, help="Timed rounds per setting (alternating candidates; median)."),
     warmup=typer.Option(3, help="Untimed calls per candidate first."),
     tolerance=typer.Option(1e-4, help="Max relative error vs eager; worse candidates are rejected."),
@@ -518,8 +523,11 @@ def tune_cmd(
     if (model_ckpt is None) == (arch is None):
         raise ConfigError("tune", "give either MODEL_CKPT or --arch")
     torch.manual_seed(0)  # --arch: the same random weights every run, so the tuning cache (keyed by them) hits
-    model, name = (load_checkpoint(model_ckpt)[0], model_ckpt.stem) if model_ckpt else \
-        (build_backbone(arch, num_classes).eval(), arch)
+    if model_ckpt:
+        model, meta = load_checkpoint(model_ckpt)
+        name = meta.arch
+    else:
+        model, name = build_backbone(arch, num_classes).eval(), arch
     cfg = _kernel_config(resolutions, batches, threads, backends, runs, warmup, tolerance, tvm_trials, cache_dir)
     rec = run_and_report({name: model}, cfg, out)
     _print_tuned(rec["rows"])

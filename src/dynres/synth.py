@@ -73,7 +73,8 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immu
 @dataclass(frozen=True)
 class SynthConfig:
     """What to generate. Sizes are the long side in pixels; ``aspect_range`` is long/short side; ``scale_range``
-    is the object side over the shorter image side, sampled log-uniformly."""
+    is the object side over the shorter image side, sampled log-uniformly. ``workers``: processes (0: every
+    usable core, 1: this process); the output does not depend on it."""
 
     classes: int = 10
     train_per_class: int = 300
@@ -104,8 +105,8 @@ class SynthConfig:
             raise bad("scale_range", f"need 0 < low <= high <= 1, got {self.scale_range}")
         if not 1 <= self.jpeg_quality <= 100:
             raise bad("jpeg_quality", f"must be in 1..100, got {self.jpeg_quality}")
-        if self.workers < 1:
-            raise bad("workers", f"must be >= 1, got {self.workers}")
+        if self.workers < 0:
+            raise bad("workers", f"must be >= 0 (0: every usable core), got {self.workers}")
 
     @property
     def class_names(self) -> list[str]:
@@ -465,11 +466,12 @@ def synth(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), progr
     work = functools.partial(_write_chunk, str(out), config)
     records: list[dict] = []
     bar = "synth"
-    if config.workers == 1:
+    workers = config.workers or len(os.sched_getaffinity(0))
+    if workers == 1:
         for part in track(map(work, chunks), len(chunks), bar, progress):
             records.extend(part)
     else:
-        with ProcessPoolExecutor(config.workers) as pool:
+        with ProcessPoolExecutor(workers) as pool:
             for part in track(pool.map(work, chunks), len(chunks), bar, progress):
                 records.extend(part)
 
