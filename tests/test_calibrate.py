@@ -121,3 +121,20 @@ def test_calibrate_end_to_end_writes_policy_records_and_figure(store_dir, checkp
     saved = json.loads((tmp_path / "calibration.json").read_text())
     assert {"resolution", "relative_bytes", "acc_change"} <= set(saved["calibration_sweep"][0])
     assert all(0.0 <= r["read_savings"] < 1.0 for r in saved["calibration"])
+
+
+def test_dynamic_row_counts_the_scale_models_calibrated_read(store_dir, checkpoint, tmp_path):
+    torch.manual_seed(1)
+    store = open_store(store_dir)
+    scale = save_checkpoint(create_model("resnet_tiny", len(RES)).eval(),
+                            ModelMeta("resnet_tiny", tuple(store.classes), 56, task="scale", grid=RES),
+                            tmp_path / "scale" / "model.pt")
+    cfg = CalibrationConfig(target=0.0, crops=(1.0,), sweep=(1.0,), batch_size=8)
+    record = calibrate(store, checkpoint, tmp_path / "out", cfg, scale_model=scale, progress=False)
+    rows = record["dynamic"]
+    assert [r["crop"] for r in rows] == [0.765625, 1.0]
+    for r in rows:
+        assert abs(r["read_savings_full"]) < 1e-12  # without a policy the pipeline reads whole files
+        assert 0.0 <= r["read_savings"] < 1.0
+        assert sum(r["resolution_histogram"].values()) == record["heldout_images"]
+    assert "dynamic" in (tmp_path / "out" / "calibration.md").read_text()
