@@ -52,7 +52,7 @@ def check_kernel(name: str, tmp_path) -> None:
     assert torch.equal(x, before)
 
 
-@pytest.mark.parametrize("name", ["eager", "channels_last", "ort", "openvino"])
+@pytest.mark.parametrize("name", ["eager", "channels_last", "ort", "ort_nospin", "openvino"])
 def test_backend_matches_eager(name, tmp_path):
     check_kernel(name, tmp_path)
 

@@ -268,11 +268,7 @@ def _entry_covers(entry: dict, config: TuneConfig) -> bool:
         return False
     if "tvm" in config.backends and entry.get("tvm_trials") != config.tvm_trials:
         return False
-    return (Path(config.cache_dir) / entry["artifact_dir"]).exists() or not _has_artifact(entry["chosen"])
-
-
-def _has_artifact(backend: str) -> bool:
-    return backend in ("ort", "openvino", "tvm")
+    return (Path(config.cache_dir) / entry["artifact_dir"]).exists()
 
 
 def load(model: nn.Module, resolution: int, batch: int = 1, threads: int = 2,
