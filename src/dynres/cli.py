@@ -48,7 +48,8 @@ def data_synth(
              "min_size": min_size, "max_size": max_size, "jpeg_quality": quality, "workers": workers}
     report = synth(out, SynthConfig(**{k: v for k, v in given.items() if v is not None}), progress=True)
     console.print(f"wrote {report.images} images ({report.train} train, {report.val} val, {report.classes} classes) "
-                  f"and {out / 'objects.parquet'} in {report.seconds:.1f} s ({report.images_per_s:.0f} images/s)")
+                  f"and {out / 'objects.parquet'} in {report.seconds:.1f} s ({report.images_per_s:.0f} images/s)",
+                  soft_wrap=True, markup=False)
 
 
 @bench_app.command("io")
