@@ -130,5 +130,6 @@ def test_cli_writes_the_data_set_and_a_summary(tmp_path):
     result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "d"), "--classes", "3", "--per-class", "2",
                                       "--val-per-class", "1", "--min-size", "64", "--max-size", "96"])
     assert result.exit_code == 0, result.output
+    assert "wrote 9 images (6 train, 3 val, 3 classes)" in result.output
     assert len(list((tmp_path / "d").rglob("*.jpg"))) == 9
     assert pq.read_table(tmp_path / "d/objects.parquet").num_rows == 9
