@@ -220,6 +220,9 @@ class Service:
         except Rejected as err:
             self.metrics.count(err.status)
             raise
+        except Exception:  # a bug or a broken store: FastAPI answers 500, the metrics still see it
+            self.metrics.count(500)
+            raise
         finally:
             self.inflight -= 1
             self.metrics.queue_depth.set(self.inflight)
@@ -273,9 +276,12 @@ class _BytesSource:
 
     def __init__(self, data: bytes):
         self.data, self.bytes_read, self.file_bytes = data, len(data), len(data)
+        self.decoded: dict[int, torch.Tensor] = {}  # the scale input is reused if the choice is its resolution
 
     def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
-        return decode(self.data, resolution, crop, name="upload")
+        if resolution not in self.decoded:
+            self.decoded[resolution] = decode(self.data, resolution, crop, name="upload")
+        return self.decoded[resolution]
 
 
 class _StoreSource:
@@ -285,6 +291,7 @@ class _StoreSource:
         self.store, self.key, self.policy = store, key, policy
         self.file_bytes, self.bytes_read = store.size(key), 0
         self.have, self.data = 0, b""
+        self.decoded: dict[tuple[int, int], torch.Tensor] = {}
 
     def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
         total = self.store.num_scans(self.key)
@@ -295,7 +302,9 @@ class _StoreSource:
             self.data = self.store.read(self.key, None if want >= total else want)
             self.have = want
         self.bytes_read = self.store.prefix_size(self.key, self.have)
-        return decode(self.data, resolution, crop, name=self.key)
+        if (self.have, resolution) not in self.decoded:
+            self.decoded[self.have, resolution] = decode(self.data, resolution, crop, name=self.key)
+        return self.decoded[self.have, resolution]
 
 
 class _Metrics:
