@@ -353,9 +353,10 @@ def _size(rng: np.random.Generator, cfg: SynthConfig) -> tuple[int, int]:
     return (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
 
 
-def _centre(rng: np.random.Generator, extent: int, s: int) -> float:
-    # most objects near the centre (centre crops then matter as on ImageNet), some anywhere; at most ~20% cut off
-    pos = rng.normal(extent / 2, 0.15 * extent) if rng.random() < 0.75 else rng.uniform(0, extent)
+def _centre(rng: np.random.Generator, extent: int, s: int, spread: float) -> float:
+    # most objects near the centre (centre crops then magnify them as on ImageNet), some anywhere; at most ~20%
+    # of an object is cut off by the image border
+    pos = rng.normal(extent / 2, spread) if rng.random() < 0.85 else rng.uniform(0, extent)
     margin = min(0.3 * s, extent / 2)
     return float(np.clip(pos, margin, extent - margin))
 
@@ -373,8 +374,8 @@ def render(config: SynthConfig, split: str, label: int, index: int) -> tuple[Ima
     lo, hi = config.scale_range
     s = max(12, int(round(short_side * math.exp(rng.uniform(math.log(lo), math.log(hi))))))
     s = min(s, short_side)
-    x0 = int(round(_centre(rng, w, s) - s / 2))
-    y0 = int(round(_centre(rng, h, s) - s / 2))
+    x0 = int(round(_centre(rng, w, s, 0.12 * short_side) - s / 2))
+    y0 = int(round(_centre(rng, h, s, 0.12 * short_side) - s / 2))
     # the part of the patch inside the image
     ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + s, w), min(y0 + s, h)
     region = np.asarray(img.crop((ix0, iy0, ix1, iy1)), dtype=np.float32) * np.float32(1 / 255)
