@@ -307,6 +307,10 @@ def _noise(side: int) -> Image.Image:
     return Image.fromarray(np.clip(noise, 0, _NOISE_MAX).astype(np.uint8))
 
 
+def _noise_side(config: SynthConfig) -> int:
+    return max(1024, 1 << (config.max_size - 1).bit_length())
+
+
 def _colour(rng: np.random.Generator, value: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.25, 0.95), value), dtype=np.float32)
 
@@ -401,7 +405,7 @@ def render(config: SynthConfig, split: str, label: int, index: int) -> tuple[Ima
             draw.ellipse((cx - r, cy - r * rng.uniform(0.5, 1.0), cx + r, cy + r), fill=fill)
         else:
             draw.rectangle((cx - r, cy - r, cx + r * rng.uniform(0.5, 1.0), cy + r), fill=fill)
-    tile = _noise(max(1024, 1 << (config.max_size - 1).bit_length()))
+    tile = _noise(_noise_side(config))
     nx, ny = int(rng.integers(tile.width - w + 1)), int(rng.integers(tile.height - h + 1))
     img = ImageChops.add_modulo(img, tile.crop((nx, ny, nx + w, ny + h)))  # cannot wrap: pixels <= _WHITE
     return img, SynthObject(w, h, box, float(scale), occluded)
@@ -460,14 +464,14 @@ def synth(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), progr
     for split in SPLITS:
         for name in config.class_names if counts[split] else []:
             (out / split / name).mkdir(parents=True, exist_ok=True)
-    _photos()  # load once before forking, so workers inherit them
+    _photos(), _noise(_noise_side(config))  # load once before forking, so workers inherit them
 
     chunk = 8
     chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
     work = functools.partial(_write_chunk, str(out), config)
     records: list[dict] = []
     bar = "synth"
-    workers = config.workers or len(os.sched_getaffinity(0))
+    workers = config.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if workers == 1:
         for part in track(map(work, chunks), len(chunks), bar, progress):
             records.extend(part)
