@@ -144,3 +144,34 @@ def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):
         want = max(2, policy.scans(row["key"], row["resolution"]))
         assert row["bytes_read"] == store.prefix_size(row["key"], want) < row["file_bytes"]
     assert (tmp_path / "preds.json").is_file() and "images/s" in res.output
+
+
+def test_bench_pipeline_writes_the_three_modes_and_their_ratios(store, tmp_path):
+    import json
+
+    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
+    from dynres.models import ModelMeta, create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(create_model("resnet_tiny", 2), ModelMeta("resnet_tiny", ("cat", "dog"), 48), tmp_path / "b.pt")
+    save_checkpoint(create_model("mobilenet_v2_tiny", len(GRID)),
+                    ModelMeta("mobilenet_v2_tiny", (), SCALE_RES, task="scale", grid=GRID, scans=2), tmp_path / "s.pt")
+    from dynres.calibrate import CalibrationPolicy
+
+    counts = np.full((len(store.keys), len(GRID)), 3)
+    CalibrationPolicy(dict.fromkeys(GRID, 0.95), tuple(store.keys), counts).save(tmp_path / "policy.json")
+    cfg = PipelineBenchConfig(batch_size=4, kernels="eager", warmup=2)
+    run_bench_pipeline(str(store.root), str(tmp_path / "b.pt"), str(tmp_path / "s.pt"), tmp_path / "out",
+                       str(tmp_path / "policy.json"), cfg=cfg, progress=False)
+    record = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    rows = record["pipeline"]
+    assert set(rows) == {"baseline", "static_tuned", "dynamic"}
+    assert all({"images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms"} <= set(r) for r in rows.values())
+    assert rows["baseline"]["read_fraction"] == 1.0  # the baseline always reads whole files
+    assert rows["dynamic"]["bytes_per_image"] == rows["static_tuned"]["bytes_per_image"] == pytest.approx(
+        sum(store.prefix_size(k, 3) for k in store.keys) / len(store.keys))  # the policy's 3 scans, nothing more
+    assert record["static_resolution"] == max(record["static_sweep"], key=lambda r: (r["accuracy"], -r["resolution"]))[
+        "resolution"]
+    assert record["ratios"]["dynamic_vs_baseline_images_per_s"] == pytest.approx(
+        rows["dynamic"]["images_per_s"] / rows["baseline"]["images_per_s"])
+    assert "(c)/(a)" in (tmp_path / "out" / "pipeline.md").read_text()
