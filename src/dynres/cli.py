@@ -486,7 +486,8 @@ def _print_tuned(rows: list) -> None:
         speed = f"{e['latency_ms'] / r['latency_ms']:.2f}x vs eager" if e and e.get("latency_ms") else ""
         console.print(f"{r['model']:>14} {r['resolution']:>4}px b{r['batch']:<3} {r['chosen']:>14} "
                       f"{r['latency_ms']:8.2f} ms  {r['gflops_per_s']:6.1f} GFLOP/s "
-                      f"({100 * (r['fraction_of_gemm_peak'] or 0):.0f}% GEMM)  {speed}{'  cached' if r.get('cached') else ''}")
+                      f"({100 * (r['fraction_of_gemm_peak'] or 0):.0f}% GEMM)  {speed}{'  cached' if r.get('cached') else ''}",
+                      soft_wrap=True)
 
 
 _TUNE_OPTS = dict(
