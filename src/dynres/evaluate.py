@@ -14,7 +14,6 @@ affordable on 2 cores; the views differ from ``decode``'s only by resampling rou
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,14 +22,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from dynres._ui import track
 from dynres.data import Scans, scans_for
-from dynres.decode import crop_side, decode, draft_size, to_tensor
-from dynres.errors import BadImageError, ConfigError
+from dynres.decode import crop_side, decode
+from dynres.errors import ConfigError
 from dynres.models import gflops, load_checkpoint, to_input
 from dynres.records import markdown_table, write_records
+from dynres.train import decode_short_side
 
 PAPER_GRID = (112, 168, 224, 280, 336, 392, 448)
 PAPER_CROPS = (0.25, 0.56, 0.75, 1.0)
@@ -60,23 +59,6 @@ class EvalConfig:
 # --- views --------------------------------------------------------------------------------------------------
 
 
-def decode_square(data: bytes, side: int, name: str = "<bytes>") -> torch.Tensor:
-    """The center square of the shorter side, at ``side`` pixels or the native size if that is smaller."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if img.format == "JPEG":
-            img.draft("RGB", draft_size(w, h, side))
-        img = img.convert("RGB")
-        w, h = img.size
-        short = min(w, h)
-        box = ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2)
-        out = min(side, short)
-        return to_tensor(img.resize((out, out), Image.Resampling.BILINEAR, box=box))
-    except Exception as err:  # Pillow raises several unrelated types for bad bytes
-        raise BadImageError(name, f"cannot decode image: {err}") from None
-
-
 def image_views(store, key: str, grid: Sequence[int], crops: Sequence[float], scans: Scans = None,
                 exact: bool = False) -> dict[tuple[float, int], torch.Tensor]:
     """Every (crop area, resolution) view of one image, each from the prefix the scans policy allows."""
@@ -93,7 +75,7 @@ def image_views(store, key: str, grid: Sequence[int], crops: Sequence[float], sc
                 for r in resolutions:
                     views[(c, r)] = decode(data, r, crop_side(c), name=key)
             continue
-        base = decode_square(data, math.ceil(max(resolutions) / crop_side(min(crops))), name=key)
+        base = decode_short_side(data, math.ceil(max(resolutions) / crop_side(min(crops))), True, key)
         for c in crops:
             side = max(1, round(base.shape[-1] * crop_side(c)))
             square = F.center_crop(base, [side, side])

@@ -75,19 +75,21 @@ def data_hash(store, keys: Sequence[str]) -> str:
 # --- data ---------------------------------------------------------------------------------------------------
 
 
-def decode_short_side(data: bytes, short_side: int, name: str = "<bytes>") -> torch.Tensor:
-    """Decode to a uint8 tensor whose shorter side is ``short_side`` (never upsampled), aspect ratio kept."""
+def decode_short_side(data: bytes, short_side: int, square: bool = False, name: str = "<bytes>") -> torch.Tensor:
+    """Decode to a uint8 tensor whose shorter side is ``short_side`` (never upsampled); ``square`` keeps only the
+    center square of the shorter side, otherwise the aspect ratio is kept."""
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if img.format == "JPEG":
             img.draft("RGB", draft_size(w, h, short_side))
         img = img.convert("RGB")
-        scale = short_side / min(img.size)
-        if scale < 1:
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                             Image.Resampling.BILINEAR, reducing_gap=None)
-        return to_tensor(img)
+        w, h = img.size
+        short = min(w, h)
+        box = ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2) if square else (0, 0, w, h)
+        scale = min(1.0, short_side / short)
+        size = (max(1, round((box[2] - box[0]) * scale)), max(1, round((box[3] - box[1]) * scale)))
+        return to_tensor(img.resize(size, Image.Resampling.BILINEAR, box=box))
     except Exception as err:  # Pillow raises several unrelated types for bad bytes
         raise BadImageError(name, f"cannot decode image: {err}") from None
 
