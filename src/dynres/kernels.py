@@ -326,6 +326,10 @@ def render_markdown(record: dict, png_name: str) -> str:
              f", FMA ceiling **{_fmt(limits.get('fma_gflops_per_s'))} GFLOP/s** "
              f"({limits.get('threads')} threads). GFLOPs count 2 x MACs. Latency = median of alternated runs; "
              "± is the interquartile range (machine shared, timings noisy).", ""]
+    for t in record["meta"].get("tune_seconds", []):
+        lines.append(f"- tuning {t['model']} at {len(t['resolutions'])} resolutions x batch {t['batch_sizes']}: "
+                     f"{t['seconds']:.0f} s (cache hits included)")
+    lines.append("")
     for (model_name, batch), rows in _groups(record["rows"]).items():
         backends = [b for b in dict.fromkeys(r["backend"] for r in rows) if b != "tuned"]
         by = {(r["resolution"], r["backend"]): r for r in rows}
@@ -391,10 +395,15 @@ def run_and_report(models: dict[str, nn.Module], config: TuneConfig, out_dir: Pa
     throughput-mode batch size at low resolutions), then write kernels.json/.md/-fig7.png. Returns the record."""
     limits = measure_limits(config.threads)
     rows: list[dict] = []
+    tune_seconds = []  # wall time per model and grid, cache hits included: the "tune in minutes" claim
     for name, model in models.items():
         for cfg in (config, *extra):
+            start = time.perf_counter()
             rows += tune(model, cfg, model_name=name, gemm_peak=limits["gemm_gflops_per_s"], progress=progress)
+            tune_seconds.append({"model": name, "resolutions": cfg.resolutions, "batch_sizes": cfg.batch_sizes,
+                                 "seconds": time.perf_counter() - start})
     meta = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-            "extra_grids": [{"resolutions": c.resolutions, "batch_sizes": c.batch_sizes} for c in extra]}
+            "extra_grids": [{"resolutions": c.resolutions, "batch_sizes": c.batch_sizes} for c in extra],
+            "tune_seconds": tune_seconds}
     paths = write_report(rows, limits, out_dir, meta)
     return {"rows": rows, "limits": limits, "paths": paths}
