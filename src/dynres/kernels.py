@@ -26,9 +26,10 @@ from torch import nn
 from dynres._backends import BACKENDS, Kernel, build_kernel, measure_limits
 from dynres._ui import log, track
 from dynres.errors import BackendError, ConfigError
+from dynres.models import gflops as model_gflops
 from dynres.records import cpu_model, machine_info, write_records
 
-__all__ = ["TuneConfig", "Kernel", "tune", "load", "model_gflops", "cache_key", "measure_limits",
+__all__ = ["TuneConfig", "Kernel", "tune", "load", "cache_key", "measure_limits",
            "default_backends", "parse_ints", "write_report"]
 
 DEFAULT_RESOLUTIONS = (112, 168, 224, 280, 336, 392, 448)
@@ -132,16 +133,6 @@ def _write_entry(cache_dir: Path, key: str, entry: dict) -> None:
 
 # --- measurement ------------------------------------------------------------------------------------------------
 
-def model_gflops(model: nn.Module, example: torch.Tensor) -> float:
-    """GFLOP of one call, counted by FlopCounterMode as 2 x MACs (conv and matmul only)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(example)
-    return counter.get_total_flops() / 1e9
-
-
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|: scale-free, and a wrong shape counts as infinitely wrong."""
     if tuple(out.shape) != tuple(ref.shape):
@@ -193,7 +184,7 @@ def tune_one(model: nn.Module, resolution: int, batch: int, config: TuneConfig, 
     """Build, check, time and choose for one setting; returns the cache entry (rows + chosen backend)."""
     artifacts = Path(config.cache_dir) / "artifacts" / key
     x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(resolution))
-    gflops = model_gflops(model, x)
+    gflops = model_gflops(model, resolution) * batch  # conv/matmul FLOPs scale with the batch
     with torch.inference_mode():
         ref = model.eval()(x).float()
     rows, candidates, errors = [], {}, {}
