@@ -29,7 +29,7 @@ def test_training_is_deterministic_and_writes_metadata(tmp_path):
     meta = json.loads((tmp_path / "a" / "model.json").read_text())
     assert meta["arch"] == "resnet_tiny" and meta["classes"] == store.classes
     assert meta["train_resolution"] == 32 and meta["epochs_done"] == 2
-    assert meta["recipe"]["optimizer"] == "sgd" and meta["data_hash"] == data_hash(store, store.keys)
+    assert meta["recipe"]["optimizer"] == "adamw" and meta["data_hash"] == data_hash(store, store.keys)
     log = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert [h["epoch"] for h in log["history"]] == [1, 2]
 
@@ -43,7 +43,8 @@ def test_rerunning_a_finished_training_returns_the_same_weights(tmp_path):
 
 def test_resume_continues_from_the_last_epoch(tmp_path, monkeypatch):
     store = MemoryStore(per_class=4)
-    reference = train_backbone(store, tmp_path / "ref", TINY, progress=False)
+    sgd = TrainConfig(**{**TINY.__dict__, "optimizer": "sgd", "lr": 0.05})  # momentum state must resume too
+    reference = train_backbone(store, tmp_path / "ref", sgd, progress=False)
     import dynres.train as train_mod
 
     calls = {"n": 0}
@@ -57,10 +58,10 @@ def test_resume_continues_from_the_last_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_backbone(store, tmp_path / "run", TINY, progress=False)
+        train_backbone(store, tmp_path / "run", sgd, progress=False)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["epoch"] == 1
-    resumed = train_backbone(store, tmp_path / "run", TINY, progress=False)
+    resumed = train_backbone(store, tmp_path / "run", sgd, progress=False)
     for (name, x), y in zip(_weights(reference).items(), _weights(resumed).values()):
         assert torch.allclose(x, y, atol=1e-6), name
 

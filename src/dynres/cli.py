@@ -266,7 +266,7 @@ def _train_config(arch: str, resolution: int, epochs: int, batch_size: int, opti
                   label_smoothing: float, seed: int, init: Optional[Path], no_cache: bool):
     from dynres.train import TrainConfig
 
-    lr = lr if lr is not None else (TrainConfig.lr if optimizer == "sgd" else 0.002)
+    lr = lr if lr is not None else (TrainConfig.lr if optimizer == TrainConfig.optimizer else 0.1)
     return TrainConfig(arch=arch, resolution=resolution, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                        lr=lr, label_smoothing=label_smoothing, seed=seed, init=str(init) if init else None,
                        cache=not no_cache)
@@ -278,10 +278,10 @@ def train_backbone_cmd(
     out: Path = typer.Option(Path("runs/backbone"), "--out", help="Checkpoint folder (model.pt + model.json)."),
     arch: str = typer.Option("resnet_tiny", help="resnet_tiny, resnet_small or any torchvision classifier name."),
     resolution: int = typer.Option(112, help="Train resolution (RandomResizedCrop size)."),
-    epochs: int = typer.Option(16),
-    batch_size: int = typer.Option(64),
-    optimizer: str = typer.Option("sgd", help="sgd (momentum, nesterov) or adamw."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.2 sgd, 0.002 adamw)."),
+    epochs: int = typer.Option(20),
+    batch_size: int = typer.Option(32),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd (momentum, nesterov)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.003 adamw, 0.1 sgd)."),
     label_smoothing: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     init: Optional[Path] = typer.Option(None, help="Local state_dict to fine-tune from."),
@@ -310,15 +310,15 @@ def train_scale_cmd(
     epochs: int = typer.Option(12, help="Scale model epochs."),
     backbone_arch: str = typer.Option("resnet_tiny"),
     resolution: int = typer.Option(112, help="Shard backbones' train resolution."),
-    backbone_epochs: int = typer.Option(16),
-    batch_size: int = typer.Option(64),
+    backbone_epochs: int = typer.Option(20),
+    batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
 ) -> None:
     """Cross-validated scale labels and the scale model, with label statistics and per-resolution AUC."""
     from dynres.scale import ScaleConfig, train_scale
     from dynres.store import open_store
 
-    bb = _train_config(backbone_arch, resolution, backbone_epochs, batch_size, "sgd", None, 0.1, seed, None, False)
+    bb = _train_config(backbone_arch, resolution, backbone_epochs, batch_size, "adamw", None, 0.1, seed, None, False)
     cfg = ScaleConfig(folds=folds, cheap=cheap, crops=_floats(crops), grid=_ints(grid), backbone=bb, arch=arch,
                       resolution=scale_resolution, scans=scans, epochs=epochs, batch_size=batch_size, seed=seed)
     result = train_scale(open_store(store), out, cfg)

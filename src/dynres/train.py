@@ -1,6 +1,6 @@
 """Backbone training: a visible loop, a frozen recipe, resumable checkpoints that carry their metadata.
 
-Recipe: RandomResizedCrop at the train resolution + horizontal flip, SGD with momentum (or AdamW), linear warm-up
+Recipe: RandomResizedCrop at the train resolution + horizontal flip, AdamW (or SGD with momentum), linear warm-up
 then cosine decay per step, optional label smoothing. Deterministic for a seed: each epoch reseeds the shuffle and
 the augmentation RNG from (seed, epoch), so a resumed run continues exactly as an uninterrupted one would.
 
@@ -41,12 +41,12 @@ class TrainConfig:
 
     arch: str = "resnet_tiny"
     resolution: int = 112
-    epochs: int = 16
-    batch_size: int = 64
-    optimizer: str = "sgd"  # "sgd" (momentum, nesterov) or "adamw"
-    lr: float = 0.2
+    epochs: int = 20
+    batch_size: int = 32  # small data: more steps per epoch matter more than batch efficiency
+    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum, nesterov)
+    lr: float = 0.003  # peak; use ~0.1 for sgd
     momentum: float = 0.9
-    weight_decay: float = 5e-5
+    weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0
     crop_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range
