@@ -138,3 +138,5 @@ def test_dynamic_row_counts_the_scale_models_calibrated_read(store_dir, checkpoi
         assert 0.0 <= r["read_savings"] < 1.0
         assert sum(r["resolution_histogram"].values()) == record["heldout_images"]
     assert "dynamic" in (tmp_path / "out" / "calibration.md").read_text()
+    # whatever the scale model picks, the pipeline reads no more than the largest calibrated prefix
+    assert min(r["read_savings"] for r in rows) >= record["summary"]["dynamic_read_savings_worst_case"] - 1e-12

@@ -279,6 +279,13 @@ def heldout_table(model, store, policy: CalibrationPolicy, keys: Sequence[str], 
     return rows
 
 
+def worst_case_dynamic_savings(store, policy: CalibrationPolicy, keys: Sequence[str]) -> float:
+    """Read savings of the dynamic pipeline whatever resolutions the scale model picks: per image, the largest
+    prefix the policy gives any resolution (the scale model's own included, as it is one of them)."""
+    read = sum(store.prefix_size(k, max(policy.scans(k, r) for r in policy.resolutions)) for k in keys)
+    return 1.0 - read / sum(store.size(k) for k in keys)
+
+
 def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy_path: str | Path,
                  keys: Sequence[str], crops: Sequence[float], target: float) -> list[dict]:
     """The dynamic row of Tables III/IV: the pipeline (scale model → resolution → backbone) with every scan vs the
@@ -382,6 +389,7 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
         "max_loss": max(r["acc_full"] - r["acc_calibrated"] for r in rows),
         "max_loss_at_calibration_crop": max(r["acc_full"] - r["acc_calibrated"] for r in main),
         "cells_over_target": sum(bool(r["flag"]) for r in rows), "cells": len(rows),
+        "dynamic_read_savings_worst_case": worst_case_dynamic_savings(store, policy, held),
     }
     for r in record.get("dynamic", []):
         if math.isclose(r["crop"], crop_side**2, abs_tol=1e-6):
