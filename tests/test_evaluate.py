@@ -122,3 +122,15 @@ def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path):
     assert [s["crop"] for s in result["summary"]] == list(CROPS)
     (tmp_path / "backbone" / "model.pt").unlink()  # a cached chain does not touch its outputs again
     assert run_accuracy_chain(train, val, tmp_path, cfg, progress=False) == result
+
+
+def test_dynamic_eval_does_not_reuse_another_backbones_static_results(tmp_path, models):
+    store, backbone, scale = models
+    cfg = EvalConfig(grid=GRID, crops=CROPS, batch_size=4)
+    run_static(backbone, store, tmp_path, cfg, progress=False)
+    torch.manual_seed(1)
+    other = save_checkpoint(create_model("resnet_tiny", 3),
+                            ModelMeta(arch="resnet_tiny", classes=tuple(store.classes), train_resolution=32),
+                            tmp_path / "other" / "model.pt")
+    run_dynamic(other, scale, store, tmp_path, DynamicConfig(lambdas=(0.0,), plot=False), cfg, progress=False)
+    assert json.loads((tmp_path / "static.json").read_text())["checkpoint"] == str(other)  # recomputed

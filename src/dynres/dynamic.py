@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from dynres.decode import crop_side, decode
 from dynres.errors import ConfigError
 from dynres.evaluate import EvalConfig, run_static
-from dynres.models import gflops, load_checkpoint
+from dynres.models import checkpoint_digest, gflops, load_checkpoint
 from dynres.records import markdown_table, write_records
 from dynres.scale import auc, predict_scale, scale_inputs
 
@@ -75,7 +75,7 @@ def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str |
         raise ConfigError(scale_model, f"not a scale model (task {smeta.task!r})")
     grid = list(smeta.grid)
     static_dir = Path(static_dir) if static_dir else out
-    static = _load_static(static_dir, grid, eval_cfg.crops)
+    static = _load_static(static_dir, backbone, grid, eval_cfg.crops)
     if static is None:
         static = run_static(backbone, store, static_dir, EvalConfig(tuple(grid), eval_cfg.crops, eval_cfg.batch_size,
                                                                     eval_cfg.exact, eval_cfg.limit), progress=progress)
@@ -149,13 +149,15 @@ def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str |
     return payload
 
 
-def _load_static(static_dir: Path, grid: list[int], crops: list[float]) -> dict | None:
-    """A previous ``run_static`` result that covers ``grid`` x ``crops``, or None."""
+def _load_static(static_dir: Path, backbone: str | Path, grid: list[int], crops: list[float]) -> dict | None:
+    """A previous ``run_static`` result of this very backbone that covers ``grid`` x ``crops``, or None."""
     try:
         static = json.loads((static_dir / "static.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     if not (static_dir / "static_images.parquet").is_file():
+        return None
+    if static.get("checkpoint_sha256") != checkpoint_digest(backbone):
         return None
     if set(grid) <= set(static["grid"]) and set(crops) <= set(static["crops"]):
         return static

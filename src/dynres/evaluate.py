@@ -27,7 +27,7 @@ from dynres._ui import track
 from dynres.data import Scans, scans_for
 from dynres.decode import crop_side, decode
 from dynres.errors import ConfigError
-from dynres.models import gflops, load_checkpoint, to_input
+from dynres.models import checkpoint_digest, gflops, load_checkpoint, to_input
 from dynres.records import markdown_table, write_records
 from dynres.train import decode_short_side
 
@@ -154,7 +154,7 @@ def run_static(checkpoint: str | Path, store, out: str | Path, cfg: EvalConfig =
     rows = [{"crop": c, "resolution": r, "accuracy": acc[(c, r)], "gflops": cost[r]} for c in cfg.crops for r in grid]
     best = {c: max(grid, key=lambda r: acc[(c, r)]) for c in cfg.crops}
     payload = {
-        "checkpoint": str(checkpoint), "arch": meta.arch, "train_resolution": meta.train_resolution,
+        "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_digest(checkpoint), "arch": meta.arch, "train_resolution": meta.train_resolution,
         "images": len(keys), "grid": list(grid), "crops": list(cfg.crops), "exact_views": cfg.exact,
         "flop_convention": "FlopCounterMode: 2 x MACs (the paper quotes MACs)",
         "static": rows, "best": [{"crop": c, "resolution": best[c], "accuracy": acc[(c, best[c])]} for c in cfg.crops],

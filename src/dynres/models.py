@@ -235,6 +235,13 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelMeta]:
     return model.eval(), meta
 
 
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 (16 hex) of a checkpoint's weights file: tells results of different checkpoints apart."""
+    import hashlib
+
+    return hashlib.sha256(_resolve(path).read_bytes()).hexdigest()[:16]
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Initialise ``model`` (the bare network) from a local state_dict for fine-tuning; a mismatched head is
     skipped (different class count), anything else must fit."""

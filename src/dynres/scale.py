@@ -59,12 +59,12 @@ class ScaleConfig:
             raise ConfigError("holdout", f"must be in [0, 0.5), got {self.holdout}")
 
     @property
-    def grid_(self) -> tuple[int, ...]:
+    def label_grid(self) -> tuple[int, ...]:
         return tuple(self.grid or scaled_grid(self.backbone.resolution))
 
     @property
-    def resolution_(self) -> int:
-        return self.resolution or min(self.grid_)
+    def input_resolution(self) -> int:
+        return self.resolution or min(self.label_grid)
 
 
 def shard_split(store, keys: Sequence[str], folds: int, seed: int = 0) -> list[list[str]]:
@@ -93,7 +93,7 @@ def make_labels(store, out: Path, cfg: ScaleConfig, cache: ImageCache | None = N
         train_keys = [k for i, s in enumerate(shards) if i != fold for k in s]
         ckpt = train_backbone(store, out / f"fold{fold}", cfg.backbone, train_keys, cache, progress)
         model, _ = load_checkpoint(ckpt)
-        table = predict_grid(model, store, shards[fold], cfg.grid_, cfg.crops, None, False,
+        table = predict_grid(model, store, shards[fold], cfg.label_grid, cfg.crops, None, False,
                              progress=progress, description=f"label shard {fold}")
         tables.append(table.append_column("fold", pa.array([fold] * len(table), pa.int32())))
     labels = pa.concat_tables(tables)
@@ -192,7 +192,7 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
                                  progress)
     labels = make_labels(store, out, cfg, cache, progress)
     del cache
-    grid, res = cfg.grid_, cfg.resolution_
+    grid, res = cfg.label_grid, cfg.input_resolution
     targets = multi_hot(labels, grid)
     keys = sorted({k for k, _ in targets})
     rng = random.Random(cfg.seed + 1)
