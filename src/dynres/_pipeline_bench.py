@@ -50,8 +50,10 @@ def _row(summary: dict) -> dict:
 
 
 def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Path, policy: str | None = None,
-                       cfg: PipelineBenchConfig = PipelineBenchConfig(), progress: bool = True) -> dict:
-    """Run (a), (b), (c) on the same images; write ``pipeline.json`` / ``pipeline.md`` under ``out``."""
+                       cfg: PipelineBenchConfig = PipelineBenchConfig(), progress: bool = True,
+                       keys: list[str] | None = None) -> dict:
+    """Run (a), (b), (c) on the same images (``keys``, e.g. a split the scale model never saw; default the whole
+    store); write ``pipeline.json`` / ``pipeline.md`` under ``out``."""
     from dynres.models import load_checkpoint
     from dynres.store import open_store
 
@@ -67,7 +69,7 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         calibrated = load_policy(policy)
     tuned.warm(stage.grid)
     stage.runner.warm([stage.resolution])
-    keys = _sample(store.keys, cfg.images, cfg.seed)
+    keys = _sample(list(store.keys if keys is None else keys), cfg.images, cfg.seed)
     base = dict(batch_size=cfg.batch_size, workers=cfg.workers, torch_threads=cfg.torch_threads, crop=cfg.crop)
 
     sweep = []

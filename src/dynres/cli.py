@@ -221,6 +221,7 @@ def bench_pipeline_cmd(
     policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy."),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Where pipeline.json/.md go."),
     images: int = typer.Option(0, help="Images sampled from the store (0: all)."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="Text file, one key a line: bench only these."),
     kernels: str = typer.Option("tuned", help="Kernels for (b) and (c): tuned or eager."),
     static_resolution: Optional[int] = typer.Option(None, help="(b)'s resolution (default: best of a sweep)."),
     baseline_resolution: Optional[int] = typer.Option(None, help="(a)'s resolution (default: train resolution)."),
@@ -235,7 +236,8 @@ def bench_pipeline_cmd(
     cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
                               baseline_resolution=baseline_resolution, static_resolution=static_resolution,
                               lam=lam, kernels=kernels)
-    p = run_bench_pipeline(store, str(model), str(scale), out, str(policy) if policy else None, cfg)
+    only = [k.strip() for k in keys.read_text().splitlines() if k.strip()] if keys else None
+    p = run_bench_pipeline(store, str(model), str(scale), out, str(policy) if policy else None, cfg, keys=only)
     for name, row in p["pipeline"].items():
         acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2f}%"
         console.print(f"{name:>13}: {row['images_per_s']:7.1f} img/s  top-1 {acc}  "
