@@ -329,7 +329,9 @@ def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), p
         start = len(part_files)
         args = [(c, resolutions, config.crop_side) for c in chunks]
         with contextlib.ExitStack() as stack:
-            if workers == 1:
+            if workers == 1:  # in this process, on one thread like a worker (torch's pool oversubscribes)
+                stack.callback(torch.set_num_threads, torch.get_num_threads())
+                torch.set_num_threads(1)
                 results = (_index_chunk(store, *a) for a in args)
             else:  # forkserver, like ingest: forking a process whose torch runs OpenMP threads can hang
                 pool = stack.enter_context(ProcessPoolExecutor(
