@@ -338,13 +338,19 @@ def eval_static_cmd(
     crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Center-crop areas."),
     exact: bool = typer.Option(False, "--exact", help="Decode every view (default: one decode per image)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Read calibrated prefixes (`dynres calibrate`)."),
 ) -> None:
     """Top-1 accuracy and GFLOPs for every resolution x crop (Table I layout)."""
     from dynres.evaluate import EvalConfig, run_static
     from dynres.store import open_store
 
+    scans = None
+    if policy:
+        from dynres.calibrate import load_policy
+
+        scans = load_policy(policy)
     result = run_static(checkpoint, open_store(store), out, EvalConfig(_ints(grid), _floats(crops), exact=exact,
-                                                                       limit=limit))
+                                                                       limit=limit), scans=scans)
     for row in result["best"]:
         console.print(f"crop {row['crop']:.2f}: best static {row['resolution']} px, {row['accuracy']:.1f}%")
     console.print(f"wrote {out / 'static.md'}")
