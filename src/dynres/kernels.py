@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynres._backends import BACKENDS, Kernel, build_kernel, measure_limits
+from dynres._backends import BACKENDS, Kernel, build_kernel, gemm_gflops, measure_limits
 from dynres._ui import log, track
 from dynres.errors import BackendError, ConfigError
 from dynres.models import gflops as model_gflops
@@ -315,7 +315,9 @@ def render_markdown(record: dict, png_name: str) -> str:
     lines = [f"# Kernel tuning ({cpu_model()})", "",
              f"Machine limits measured in this run: fp32 GEMM **{_fmt(limits.get('gemm_gflops_per_s'))} GFLOP/s**"
              f", FMA ceiling **{_fmt(limits.get('fma_gflops_per_s'))} GFLOP/s** "
-             f"({limits.get('threads')} threads). GFLOPs count 2 x MACs. Latency = median of alternated runs; "
+             f"({limits.get('threads')} threads; GEMM again after tuning: "
+             f"{_fmt(limits.get('gemm_gflops_per_s_after'))} GFLOP/s; % of peak uses the first). "
+             "GFLOPs count 2 x MACs. Latency = median of alternated runs; "
              "± is the interquartile range (machine shared, timings noisy).", ""]
     for t in record["meta"].get("tune_seconds", []):
         lines.append(f"- tuning {t['model']} at {len(t['resolutions'])} resolutions x batch {t['batch_sizes']}: "
@@ -361,17 +363,24 @@ def plot_throughput(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = _groups(record["rows"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
-    for ax, ((model_name, batch), rows) in zip(axes[0], groups.items()):
+    models = list(dict.fromkeys(m for m, _ in groups))
+    batches = sorted({b for _, b in groups})
+    fig, axes = plt.subplots(len(models), len(batches), figsize=(5 * len(batches), 3.4 * len(models)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for (model_name, batch), rows in groups.items():
+        ax = axes[models.index(model_name)][batches.index(batch)]
+        ax.set_visible(True)
         for backend in dict.fromkeys(r["backend"] for r in rows):
             pts = sorted((r["resolution"], r["gflops_per_s"]) for r in rows
                          if r["backend"] == backend and r["gflops_per_s"])
             if pts:
                 ax.plot(*zip(*pts), marker="o", lw=2.5 if backend == "tuned" else 1,
                         color="black" if backend == "tuned" else None, label=backend)
-        for name, style in (("gemm_gflops_per_s", "--"), ("fma_gflops_per_s", ":")):
+        for name, style, label in (("gemm_gflops_per_s", "--", "GEMM peak"), ("fma_gflops_per_s", ":", "FMA ceiling")):
             if record["limits"].get(name):
-                ax.axhline(record["limits"][name], ls=style, color="gray", lw=1)
+                ax.axhline(record["limits"][name], ls=style, color="gray", lw=1, label=label)
         ax.set(title=f"{model_name}, batch {batch}", xlabel="resolution (px)", ylabel="GFLOP/s")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
@@ -393,6 +402,8 @@ def run_and_report(models: dict[str, nn.Module], config: TuneConfig, out_dir: Pa
             rows += tune(model, cfg, model_name=name, gemm_peak=limits["gemm_gflops_per_s"], progress=progress)
             tune_seconds.append({"model": name, "resolutions": cfg.resolutions, "batch_sizes": cfg.batch_sizes,
                                  "seconds": time.perf_counter() - start})
+    # the same GEMM again: on a shared machine the limit itself drifts, and the two bracket it
+    limits["gemm_gflops_per_s_after"] = gemm_gflops(config.threads)[0]
     meta = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
             "extra_grids": [{"resolutions": c.resolutions, "batch_sizes": c.batch_sizes} for c in extra],
             "tune_seconds": tune_seconds}
