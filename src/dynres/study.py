@@ -45,7 +45,9 @@ class StudyConfig:
     workers: int = 0  # 0: every usable core
     io_images: int = 64
     io_repeats: int = 3
+    quick: bool = False
     force: bool = False
+    chain: Any = None  # dynres.accuracy.ChainConfig; None: the demo's preset
 
     @property
     def n_workers(self) -> int:
@@ -98,13 +100,16 @@ class Study:
             print(msg, flush=True)
 
 
+def _read(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def run_study(config: StudyConfig) -> dict:
-    """synth → ingest → bench io (grows with the later stages). Returns the summary record."""
-    from dynres.bench import IOBenchConfig, run_bench_io
-    from dynres.store import IngestConfig, ingest
+    """data → ingest → accuracy chain → quality index → calibration → kernels → pipeline → io → summary → report."""
+    from dynres.store import IngestConfig, ingest, open_store
 
     out = Path(config.out)
-    study = Study(config, total_stages=3)
+    study = Study(config, total_stages=9)
 
     if config.data is None:
         from dynres.synth import SynthConfig, synth
@@ -129,26 +134,222 @@ def run_study(config: StudyConfig) -> dict:
         result = {}
         for split in ("train", "val"):
             rep = ingest(data_dir / split, out / "store" / split, IngestConfig(workers=config.n_workers))
-            result[split] = {"store": str(out / "store" / split), "ingested": rep.ingested,
+            result[split] = {"store": str(out / "store" / split), "ingested": rep.images,
                              "skipped": len(rep.skipped), "images_per_s": rep.images_per_s}
         return result
 
     stores = study.stage("ingest", {"workers": config.n_workers}, make_stores, after=("data",))
+    train_store, val_store = open_store(stores["train"]["store"]), open_store(stores["val"]["store"])
 
-    io_cfg = IOBenchConfig(images=config.io_images, repeats=config.io_repeats)
+    from dynres.accuracy import demo_config, run_accuracy_chain
+
+    chain_cfg = config.chain or demo_config(quick=config.quick, seed=config.seed)
+
+    def accuracy() -> dict:
+        return run_accuracy_chain(train_store, val_store, out / "accuracy", chain_cfg)
+
+    acc = study.stage("accuracy", {"chain": asdict(chain_cfg)}, accuracy, after=("ingest",))
+    dyn = _read(out / "accuracy" / "eval" / "dynamic.json")
+    grid = tuple(dyn["grid"])
+    scale_res = int(dyn["scale_resolution"])
+
+    from dynres.quality import QualityConfig, build_quality_index
+
+    q_cfg = QualityConfig(resolutions=tuple(sorted({*grid, scale_res})), workers=config.n_workers)
+    study.stage("quality", {"quality": asdict(q_cfg)},
+                lambda: build_quality_index(val_store, q_cfg, progress=True), after=("ingest",))
+
+    from dynres.calibrate import CalibrationConfig, calibrate
+
+    cal_cfg = CalibrationConfig()
+
+    def calibration() -> dict:
+        rec = calibrate(open_store(stores["val"]["store"]), acc["backbone"], out / "calibration", cal_cfg,
+                        scale_model=acc["scale_model"])
+        return {"policy": rec["policy"], "json": str(out / "calibration" / "calibration.json")}
+
+    cal = study.stage("calibration", {"calibration": asdict(cal_cfg)}, calibration, after=("accuracy", "quality"))
+
+    from dynres.kernels import TuneConfig, run_and_report
+    from dynres.models import load_checkpoint
+
+    tune_cfg = TuneConfig(resolutions=grid, runs=10 if config.quick else 20)
+
+    def kernels() -> dict:
+        models = {"backbone": load_checkpoint(acc["backbone"])[0]}
+        scale_cfg = TuneConfig(resolutions=(scale_res,), runs=tune_cfg.runs)
+        rec = run_and_report(models, tune_cfg, out / "kernels")
+        rec_scale = run_and_report({"scale": load_checkpoint(acc["scale_model"])[0]}, scale_cfg,
+                                   out / "kernels" / "scale")
+        return {"json": str(out / "kernels" / "kernels.json"), "scale_json": str(rec_scale["paths"]["json"]),
+                "gemm_gflops_per_s": rec["limits"]["gemm_gflops_per_s"]}
+
+    kern = study.stage("kernels", {"tune": {k: v for k, v in asdict(tune_cfg).items() if k != "cache_dir"}},
+                       kernels, after=("accuracy",))
+
+    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
+
+    pipe_cfg = PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0)
+
+    def pipeline() -> dict:
+        from dynres.calibrate import split_keys
+
+        held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never saw
+        run_bench_pipeline(stores["val"]["store"], acc["backbone"], acc["scale_model"], out / "pipeline",
+                           policy=cal["policy"], cfg=pipe_cfg, keys=held)
+        return {"json": str(out / "pipeline" / "pipeline.json")}
+
+    pipe = study.stage("pipeline", {"pipeline": asdict(pipe_cfg)}, pipeline, after=("calibration", "kernels"))
+
+    from dynres.bench import IOBenchConfig, run_bench_io
+
+    io_cfg = IOBenchConfig(resolutions=grid, images=config.io_images, repeats=config.io_repeats)
 
     def io() -> dict:
-        res = run_bench_io(stores["val"]["store"], out / "bench", io_cfg, src=data_dir / "val")
-        return {"json": str(out / "bench" / "bench_io.json")} | {"ingest_images_per_s": res["ingest"]["images_per_s"]}
+        run_bench_io(stores["val"]["store"], out / "bench", io_cfg, src=data_dir / "val")
+        return {"json": str(out / "bench" / "bench_io.json")}
 
-    study.stage("bench_io", {"io": asdict(io_cfg)}, io, after=("ingest",))
+    io_rec = study.stage("bench_io", {"io": asdict(io_cfg)}, io, after=("ingest",))
 
-    summary = {
-        "wall_s": time.perf_counter() - study.t0,
-        "machine": machine_info(),
-        "stages": {name: {"seconds": rec["seconds"], "outputs": rec["outputs"]} for name, rec in study.records.items()},
-    }
+    from dynres.calibrate import split_keys
+
+    held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]
+    samples = scale_choices(val_store, acc["scale_model"], cal["policy"], held[:: max(1, len(held) // 16)][:16])
+    summary = assemble_summary(study, dyn, _read(cal["json"]), _read(kern["json"]), _read(kern["scale_json"]),
+                               _read(pipe["json"]), _read(io_rec["json"]), samples)
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "summary.json")
+
+    from dynres.report import build_report
+
+    study.stage("report", {"summary": _digest(summary)}, lambda: {"html": str(build_report(out)[0])})
     return summary
+
+
+def _kernel_rows(record: dict, model: str) -> list[dict]:
+    rows = [r for r in record["rows"] if r.get("batch", 1) == 1 and r.get("latency_ms") is not None]
+    return [{"model": model, "resolution": r["resolution"], "backend": r["backend"],
+             "latency_ms": r["latency_ms"], "gflops_per_s": r.get("gflops_per_s")} for r in rows]
+
+
+def assemble_summary(study: Study, dyn: dict, cal: dict, kern: dict, kern_scale: dict, pipe: dict, io: dict,
+                     samples: list[dict]) -> dict:
+    """The fixed summary schema (docs/summary-schema.md) from each stage's own records."""
+    savings = {r["crop"]: r["read_savings"] for r in cal.get("dynamic", [])}
+    dynamic = [{"crop": r["crop"], "accuracy": r["accuracy"], "gflops": r["gflops"],
+                "read_savings": savings.get(r["crop"]), "lambda": r.get("lambda")}
+               for r in dyn["dynamic"] + dyn.get("cost_aware", [])]
+    calibration = [{k: r[k] for k in ("resolution", "crop", "acc_full", "acc_calibrated", "read_savings")}
+                   for r in cal["calibration"]]
+    return {
+        "wall_s": time.perf_counter() - study.t0,
+        "machine": machine_info(),
+        "stages": {name: {"seconds": rec["seconds"], "outputs": rec["outputs"]} for name, rec in study.records.items()},
+        "static": [{k: r[k] for k in ("crop", "resolution", "accuracy", "gflops")} for r in dyn["static"]],
+        "dynamic": dynamic,
+        "oracle": [{"crop": r["crop"], "accuracy": r["accuracy"]} for r in dyn["oracle"]],
+        "dynamic_summary": dyn.get("summary", []),
+        "calibration": calibration,
+        "calibration_target": cal.get("target", 0.05),
+        "calibration_sweep": cal.get("calibration_sweep", []),
+        "kernels": _kernel_rows(kern, "backbone") + _kernel_rows(kern_scale, "scale"),
+        "gemm_gflops_per_s": kern.get("limits", {}).get("gemm_gflops_per_s"),
+        "pipeline": {m: {k: pipe["pipeline"][m].get(k) for k in
+                         ("images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms")}
+                     for m in ("baseline", "static_tuned", "dynamic")},
+        "pipeline_ratios": pipe.get("ratios", {}),
+        "io": {"decode": io["decode"], "bytes_per_scan": io["bytes_per_scan"], "ingest": io.get("ingest")},
+        "samples": samples,
+    }
+
+
+def scale_choices(val_store, scale_model: str, policy_path: str, keys: list[str], crop: float = 0.75) -> list[dict]:
+    """The scale model's pick for a few images, from exactly the prefix the policy lets it read (thumbnails)."""
+    from dynres.calibrate import load_policy
+    from dynres.dynamic import decide
+    from dynres.models import load_checkpoint
+
+    scale = load_checkpoint(scale_model)
+    policy = load_policy(policy_path)
+    rows = []
+    for key in keys:
+        prefix = val_store.read(key, scans=policy.scans(key, scale[1].train_resolution))
+        resolution, _ = decide(scale, prefix, crop)
+        rows.append({"key": key, "path": val_store.location(key), "resolution": int(resolution),
+                     "class_name": val_store.classes[val_store.label(key)]})
+    return rows
+
+
+# --- `dynres run CONFIG`: the same stages on the user's data --------------------------------------------------
+
+_SECTIONS = {"backbone", "scale", "eval", "dynamic"}
+_TOP = {"data", "out", "seed", "workers", "quick", "io_images", "io_repeats", *_SECTIONS}
+
+
+def _override(obj, section: str, values: dict, source: str):
+    """``dataclasses.replace`` that names the file and key of an unknown or ill-typed setting."""
+    import dataclasses
+
+    from dynres.errors import ConfigError
+
+    if not isinstance(values, dict):
+        raise ConfigError(source, f"[{section}] must be a table of settings, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(source, f"unknown setting {section}.{key}; known: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if isinstance(value, list):  # configs hold tuples (frozen, hashable)
+            values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif current is not None and not isinstance(value, type(current)) and not (
+                isinstance(current, float) and isinstance(value, int)):
+            raise ConfigError(source, f"{section}.{key} must be {type(current).__name__}, got {value!r}")
+    return dataclasses.replace(obj, **values)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read a TOML or YAML run file (see docs/run-config.md) into a validated :class:`StudyConfig`."""
+    from dataclasses import replace
+
+    from dynres.accuracy import demo_config
+    from dynres.errors import ConfigError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+    except OSError as err:
+        raise ConfigError(path, f"cannot read config: {err.strerror}") from err
+    except Exception as err:  # tomllib / yaml parse errors carry line numbers in their message
+        raise ConfigError(path, f"not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "the config must be a mapping of settings")
+    unknown = set(raw) - _TOP
+    if unknown:
+        raise ConfigError(path, f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_TOP))}")
+    if "data" not in raw or "out" not in raw:
+        raise ConfigError(path, "needs `data` (an ImageFolder root with train/ and val/) and `out` (run directory)")
+    data = (path.parent / raw["data"]).resolve()
+    for split in ("train", "val"):
+        if not (data / split).is_dir():
+            raise ConfigError(path, f"data: {data / split} is not a directory (expected DATA/train and DATA/val)")
+    seed = int(raw.get("seed", 0))
+    chain = demo_config(quick=bool(raw.get("quick", False)), seed=seed)
+    backbone = _override(chain.backbone, "backbone", dict(raw.get("backbone", {})), str(path))
+    scale = _override(replace(chain.scale, backbone=backbone), "scale", dict(raw.get("scale", {})), str(path))
+    chain = replace(chain, backbone=backbone, scale=scale,
+                    eval=_override(chain.eval, "eval", dict(raw.get("eval", {})), str(path)),
+                    dynamic=_override(chain.dynamic, "dynamic", dict(raw.get("dynamic", {})), str(path)))
+    for sub in (chain.backbone, chain.scale, chain.eval):
+        sub.check()
+    return StudyConfig(out=(path.parent / raw["out"]).resolve(), data=data, seed=seed,
+                       workers=int(raw.get("workers", 0)), quick=bool(raw.get("quick", False)),
+                       io_images=int(raw.get("io_images", 64)), io_repeats=int(raw.get("io_repeats", 3)), chain=chain)

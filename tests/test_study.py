@@ -1,0 +1,73 @@
+"""study: cached stages and the run-config file of `dynres run`."""
+
+import pytest
+
+from dynres.errors import ConfigError
+from dynres.study import Study, StudyConfig, load_study_config
+
+
+def test_a_stage_runs_once_and_reruns_when_its_inputs_or_upstream_change(tmp_path):
+    calls = []
+
+    def run(settings, seed):
+        study = Study(StudyConfig(out=tmp_path), total_stages=2)
+        study.stage("a", {"seed": seed}, lambda: calls.append("a") or {"v": seed})
+        return study.stage("b", settings, lambda: calls.append("b") or {"ok": True}, after=("a",))
+
+    run({"x": 1}, 0)
+    run({"x": 1}, 0)
+    assert calls == ["a", "b"]  # second run fully cached
+    run({"x": 2}, 0)
+    assert calls == ["a", "b", "b"]  # own input changed
+    run({"x": 2}, 1)
+    assert calls == ["a", "b", "b", "a", "b"]  # upstream changed → downstream reruns
+
+
+def test_a_crashed_stage_leaves_no_record_so_the_next_run_redoes_it(tmp_path):
+    study = Study(StudyConfig(out=tmp_path), total_stages=1)
+    with pytest.raises(RuntimeError):
+        study.stage("a", {}, lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert not (tmp_path / "stages" / "a.json").exists()
+
+
+def _data(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+
+
+def test_run_config_maps_sections_to_the_dataclasses(tmp_path):
+    _data(tmp_path)
+    (tmp_path / "run.toml").write_text(
+        'data = "data"\nout = "runs/mine"\nseed = 3\n'
+        '[backbone]\narch = "resnet18"\nresolution = 224\nepochs = 2\ncrop_scale = [0.08, 1.0]\n'
+        '[eval]\ngrid = [112, 224, 448]\ncrops = [0.25, 1.0]\n'
+    )
+    cfg = load_study_config(tmp_path / "run.toml")
+    assert cfg.data == (tmp_path / "data").resolve() and cfg.out == (tmp_path / "runs" / "mine").resolve()
+    assert cfg.chain.backbone.arch == "resnet18" and cfg.chain.backbone.resolution == 224
+    assert cfg.chain.backbone.crop_scale == (0.08, 1.0)
+    assert cfg.chain.scale.backbone == cfg.chain.backbone  # shard backbones use the same recipe
+    assert cfg.chain.eval.grid == (112, 224, 448) and cfg.seed == 3
+
+
+def test_yaml_works_too(tmp_path):
+    _data(tmp_path)
+    (tmp_path / "run.yaml").write_text("data: data\nout: out\nscale:\n  folds: 3\n")
+    assert load_study_config(tmp_path / "run.yaml").chain.scale.folds == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ('data = "data"\nout = "o"\n[backbone]\narchitecture = "x"\n', "unknown setting backbone.architecture"),
+    ('data = "data"\nout = "o"\n[backbone]\nepochs = "ten"\n', "backbone.epochs must be int"),
+    ('data = "data"\nout = "o"\nspeed = 3\n', "unknown setting"),
+    ('out = "o"\n', "needs `data`"),
+    ('data = "nowhere"\nout = "o"\n', "is not a directory"),
+    ('data = "data"\nout = "o"\n[scale]\nfolds = 1\n', "at least 2 shards"),
+    ('data = [unclosed\n', "not valid TOML"),
+])
+def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, message):
+    _data(tmp_path)
+    (tmp_path / "run.toml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_study_config(tmp_path / "run.toml")
+    assert "run.toml" in str(err.value) or "folds" in str(err.value)
