@@ -27,7 +27,8 @@ class PipelineBenchConfig:
     images: int = 0  # 0: every image of the store
     batch_size: int = 16
     workers: int = 2
-    torch_threads: int = 0
+    torch_threads: int = 0  # eager PyTorch (0: torch's default)
+    kernel_threads: int = 2  # the tuned kernels' setting (part of their cache key; `dynres tune` defaults to 2)
     crop: float = 0.875
     baseline_resolution: int | None = None  # None: the backbone's train resolution
     static_resolution: int | None = None  # None: the most accurate grid resolution on ``sweep_images``
@@ -59,7 +60,7 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
 
     store = open_store(store_path)
     model, meta = load_checkpoint(backbone)
-    threads = cfg.torch_threads or torch.get_num_threads()
+    threads = cfg.kernel_threads if cfg.kernels == "tuned" else cfg.torch_threads or torch.get_num_threads()
     tuned = make_runner(model, cfg.kernels, cfg.batch_size, threads)
     stage = load_scale(scale, model, cfg.kernels, cfg.batch_size, threads)
     calibrated = None
