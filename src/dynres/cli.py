@@ -584,8 +584,11 @@ def bench_kernels_cmd(
                          cache_dir or out / "cache")
     extra = [dataclasses.replace(cfg, resolutions=parse_ints(throughput_resolutions, "--throughput-resolutions"),
                                  batch_sizes=(throughput_batch,))] if throughput_batch > 0 else []
-    torch.manual_seed(0)  # same random weights every run: a rerun hits the tuning cache
-    nets = {name: build_backbone(name, 1000).eval() for name in models.split(",") if name.strip()}
+    def seeded(name: str) -> torch.nn.Module:  # same random weights every run, whatever the model list
+        torch.manual_seed(0)  # (the tuning cache is keyed by them, so a rerun hits it)
+        return build_backbone(name, 1000).eval()
+
+    nets = {name: seeded(name) for name in models.split(",") if name.strip()}
     rec = run_and_report(nets, cfg, out, extra=extra)
     _print_tuned(rec["rows"])
     lim = rec["limits"]
