@@ -16,7 +16,7 @@ import shutil
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,8 +29,8 @@ from dynres.errors import BackendError, ConfigError
 from dynres.models import gflops as model_gflops
 from dynres.records import cpu_model, machine_info, write_records
 
-__all__ = ["TuneConfig", "Kernel", "tune", "load", "cache_key", "measure_limits",
-           "default_backends", "parse_ints", "write_report"]
+__all__ = ["TuneConfig", "Kernel", "tune", "load", "run_and_report", "write_report", "cache_key", "measure_limits",
+           "default_backends", "parse_backends", "parse_ints"]
 
 DEFAULT_RESOLUTIONS = (112, 168, 224, 280, 336, 392, 448)
 INDEX = "index.json"
