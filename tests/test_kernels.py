@@ -178,3 +178,22 @@ def test_cli_tune_writes_records(tmp_path):
     record = json.loads((tmp_path / "out" / "kernels.json").read_text())
     assert {r["backend"] for r in record["rows"]} == {"eager", "tuned"}
     assert record["limits"]["gemm_gflops_per_s"] > 0
+
+
+def test_cli_tune_a_checkpoint_then_load_its_kernel(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynres.cli import app
+    from dynres.models import ModelMeta, create_model, load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(create_model("resnet_tiny", 3), ModelMeta("resnet_tiny", ("a", "b", "c"), RES),
+                           tmp_path / "model.pt")
+    args = ["tune", str(path), "--resolutions", str(RES), "--backends", "eager,channels_last", "--threads", "1",
+            "--runs", "2", "--warmup", "1", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "out" / "kernels.json").read_text())["rows"]
+    chosen = next(r["chosen"] for r in rows if r["backend"] == "tuned")
+    assert {r["model"] for r in rows} == {"resnet_tiny"}
+    model, _ = load_checkpoint(path)  # a fresh load of the same file hits the cache: the key is the weights
+    assert load(model, RES, 1, 1, tmp_path / "c").backend == chosen
