@@ -218,3 +218,16 @@ def test_schemathesis_fuzzes_every_endpoint_without_a_server_error(store):
             case.call_and_validate(excluded_checks=[positive_data_acceptance])
 
         check()
+
+
+def test_server_latency_quantile_reads_the_bucket_bound_from_metrics():
+    from dynres._loadtest import server_latency_quantile
+    from dynres.serve import _Metrics
+
+    metrics = _Metrics()
+    for seconds in [0.01] * 98 + [0.3, 2.0]:
+        metrics.latency.observe(seconds)
+    text = metrics.render().decode()
+    assert server_latency_quantile(text, 0.5) == 10.0
+    assert server_latency_quantile(text, 0.99) == 500.0
+    assert server_latency_quantile(_Metrics().render().decode()) is None
