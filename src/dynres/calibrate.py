@@ -275,7 +275,7 @@ def heldout_table(model, store, policy: CalibrationPolicy, keys: Sequence[str], 
             loss = acc_full[(c, r)] - acc_cal[(c, r)]
             rows.append({"resolution": r, "crop": c, "acc_full": acc_full[(c, r)], "acc_calibrated": acc_cal[(c, r)],
                          "read_savings": savings, "read_savings_mean_image": mean_savings,
-                         "flag": loss > target + 1e-9})
+                         "flag": bool(loss > target + 1e-9)})
     return rows
 
 
@@ -305,7 +305,8 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
                      "acc_calibrated": runs["calibrated"]["accuracy"],
                      "read_savings": 1.0 - runs["calibrated"]["read_fraction"],
                      "read_savings_full": 1.0 - runs["full"]["read_fraction"],
-                     "resolution_histogram": runs["calibrated"]["resolution_histogram"], "flag": loss > target + 1e-9})
+                     "resolution_histogram": runs["calibrated"]["resolution_histogram"],
+                     "flag": bool(loss > target + 1e-9)})
     return rows
 
 
