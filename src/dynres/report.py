@@ -142,9 +142,18 @@ def section_static(s: dict) -> Section:
             handles.setdefault(label, h)
     axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
     sec.figure("accuracy_vs_gflops", fig)
-    if dynamic:
-        sec.table(dynamic, ["crop", "lambda", "accuracy", "gflops", "read_savings"],
-                  ["crop", "λ", "accuracy %", "GFLOPs", "read savings"])
+    plain_rows = [d for d in dynamic if d.get("lambda") is None]
+    if plain_rows:
+        sec.table(plain_rows, ["crop", "accuracy", "gflops", "read_savings"],
+                  ["crop", "dynamic accuracy %", "GFLOPs (scale model included)", "read savings"])
+    if s.get("dynamic_summary"):
+        sec.text("Best static resolution per crop vs the dynamic pipeline, and the cheapest cost-aware point "
+                 "(argmax p(r) − λ·cost(r)) within 0.5 points of the best static accuracy.")
+        sec.table(s["dynamic_summary"], ["crop", "best_static_resolution", "best_static_accuracy",
+                                         "best_static_gflops", "dynamic_accuracy", "dynamic_gflops", "lambda",
+                                         "cost_aware_accuracy", "cost_aware_gflops", "cost_aware_savings_pct"],
+                  ["crop", "best static res", "acc %", "GFLOPs", "dynamic acc %", "GFLOPs", "λ", "cost-aware acc %",
+                   "GFLOPs", "GFLOPs saved %"])
     if oracle:
         sec.table(oracle, ["crop", "accuracy"], ["crop", "oracle accuracy %"])
     return sec

@@ -173,11 +173,16 @@ def run_study(config: StudyConfig) -> dict:
     from dynres.kernels import TuneConfig, run_and_report
     from dynres.models import load_checkpoint
 
-    tune_cfg = TuneConfig(resolutions=grid, runs=10 if config.quick else 20)
+    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
+
+    pipe_cfg = PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0)
+    # the pipeline runs whole batches and batch-1 tails: both shapes get tuned kernels
+    batches = tuple(sorted({1, pipe_cfg.batch_size}))
+    tune_cfg = TuneConfig(resolutions=grid, batch_sizes=batches, runs=10 if config.quick else 20)
 
     def kernels() -> dict:
         models = {"backbone": load_checkpoint(acc["backbone"])[0]}
-        scale_cfg = TuneConfig(resolutions=(scale_res,), runs=tune_cfg.runs)
+        scale_cfg = TuneConfig(resolutions=(scale_res,), batch_sizes=batches, runs=tune_cfg.runs)
         rec = run_and_report(models, tune_cfg, out / "kernels")
         rec_scale = run_and_report({"scale": load_checkpoint(acc["scale_model"])[0]}, scale_cfg,
                                    out / "kernels" / "scale")
@@ -186,10 +191,6 @@ def run_study(config: StudyConfig) -> dict:
 
     kern = study.stage("kernels", {"tune": {k: v for k, v in asdict(tune_cfg).items() if k != "cache_dir"}},
                        kernels, after=("accuracy",))
-
-    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
-
-    pipe_cfg = PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0)
 
     def pipeline() -> dict:
         from dynres.calibrate import split_keys
