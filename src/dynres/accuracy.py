@@ -30,7 +30,9 @@ def demo_config(quick: bool = False, seed: int = 0) -> ChainConfig:
     """The demo's settings: ``resnet_tiny`` at 112 px, grid 56..224 (the paper's 0.5x..2x), a width-0.25
     MobileNetV2 scale model at 56 px, and the paper's one-split option (footnote 2), which keeps the chain to two
     backbone trainings on 2 cores. ``quick``: fewer epochs. ``dynres train scale`` defaults to K=4."""
-    backbone = TrainConfig(epochs=8 if quick else 20, seed=seed)
+    # lr 0.01 and crops of >= 50% area: measured to lift resnet_tiny from chance to ~43% top-1 on the built-in data
+    # in 40 epochs (smaller random crops often cut the object out; the default lr learns too slowly for the budget)
+    backbone = TrainConfig(epochs=12 if quick else 40, lr=0.01, crop_scale=(0.5, 1.0), seed=seed)
     return ChainConfig(backbone=backbone, scale=ScaleConfig(backbone=backbone, cheap=True, epochs=8 if quick else 12,
                                                             seed=seed))
 
