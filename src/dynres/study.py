@@ -159,9 +159,10 @@ def run_study(config: StudyConfig) -> dict:
     study.stage("quality", {"quality": asdict(q_cfg)},
                 lambda: build_quality_index(val_store, q_cfg, progress=True), after=("ingest",))
 
-    from dynres.calibrate import CalibrationConfig, calibrate
+    from dynres.calibrate import CalibrationConfig, calibrate, split_keys
 
     cal_cfg = CalibrationConfig()
+    held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never sees
 
     def calibration() -> dict:
         rec = calibrate(open_store(stores["val"]["store"]), acc["backbone"], out / "calibration", cal_cfg,
@@ -170,10 +171,9 @@ def run_study(config: StudyConfig) -> dict:
 
     cal = study.stage("calibration", {"calibration": asdict(cal_cfg)}, calibration, after=("accuracy", "quality"))
 
+    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
     from dynres.kernels import TuneConfig, run_and_report
     from dynres.models import load_checkpoint
-
-    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
 
     pipe_cfg = PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0)
     # the pipeline runs whole batches and batch-1 tails: both shapes get tuned kernels
@@ -193,9 +193,6 @@ def run_study(config: StudyConfig) -> dict:
                        kernels, after=("accuracy",))
 
     def pipeline() -> dict:
-        from dynres.calibrate import split_keys
-
-        held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never saw
         run_bench_pipeline(stores["val"]["store"], acc["backbone"], acc["scale_model"], out / "pipeline",
                            policy=cal["policy"], cfg=pipe_cfg, keys=held)
         return {"json": str(out / "pipeline" / "pipeline.json")}
@@ -212,9 +209,6 @@ def run_study(config: StudyConfig) -> dict:
 
     io_rec = study.stage("bench_io", {"io": asdict(io_cfg)}, io, after=("ingest",))
 
-    from dynres.calibrate import split_keys
-
-    held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]
     samples = scale_choices(val_store, acc["scale_model"], cal["policy"], held[:: max(1, len(held) // 16)][:16])
     summary = assemble_summary(study, dyn, _read(cal["json"]), _read(kern["json"]), _read(kern["scale_json"]),
                                _read(pipe["json"]), _read(io_rec["json"]), samples)
