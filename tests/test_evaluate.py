@@ -103,6 +103,10 @@ def test_dynamic_eval_records(tmp_path, models):
     for point in result["cost_aware"]:
         if point["lambda"] == 5.0:  # a huge cost weight always picks the cheapest resolution
             assert point["gflops"] == pytest.approx(smallest + result["scale_gflops"])
+    for row in result["summary"]:  # iso-cost: the most accurate sweep point within the best static's GFLOPs
+        affordable = [q for q in result["cost_aware"] if q["crop"] == row["crop"]
+                      and q["gflops"] <= row["best_static_gflops"]]
+        assert row["iso_cost_accuracy"] == (max(q["accuracy"] for q in affordable) if affordable else None)
     assert (tmp_path / "dynamic.png").stat().st_size > 1000
     assert "Oracle" in (tmp_path / "dynamic.md").read_text()
 

@@ -91,3 +91,18 @@ def test_gflops_counts_two_flops_per_mac():
     assert gflops(create_model("resnet18", 1000), 224) == pytest.approx(3.64, abs=0.03)
     tiny = create_model("resnet_tiny", 10)
     assert gflops(tiny, 128) == pytest.approx(4 * gflops(tiny, 64), rel=0.05)
+
+
+def test_shipped_demo_weights_fit_their_architecture_and_name_their_provenance():
+    from dynres.models import demo_weights
+    from dynres.synth import CLASSES, PRETRAIN_SEED
+
+    path = demo_weights("resnet_tiny")
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["synth"]["seed"] == PRETRAIN_SEED and info["classes"] == [c.name for c in CLASSES[:10]]
+    net = build_backbone("resnet_tiny", 10)
+    load_weights(net, path)
+    assert torch.equal(net.state_dict()[next(iter(net.state_dict()))],
+                       torch.load(path, weights_only=True)[next(iter(net.state_dict()))])
+    with pytest.raises(CheckpointError, match="no shipped demo weights"):
+        demo_weights("resnet50")

@@ -95,10 +95,24 @@ def test_predictions_parquet_has_class_names_and_accuracy_matches(store, tmp_pat
 def test_kernel_runner_cuts_and_pads_batches_like_eager():
     model = tiny_classifier()
     x = torch.randint(0, 255, (7, 3, 32, 32), dtype=torch.uint8)
-    runner = KernelRunner(model, batch=3)
+    runner = KernelRunner(model, batch=3, batches=(3, 1))
     runner._kernels = {(32, 3): lambda t: (t.shape[0] == 3 or pytest.fail("not padded")) and model(t),
                        (32, 1): model}
     assert torch.allclose(runner(x, 32), EagerRunner(model)(x, 32), atol=1e-5)
+
+
+def test_kernel_runner_cuts_a_batch_down_the_ladder_of_tuned_sizes():
+    model, calls = tiny_classifier(), []
+
+    def kernel(size):
+        return lambda t: (calls.append(size), t.shape[0] == size or pytest.fail("wrong shape"))[1] and model(t)
+
+    runner = KernelRunner(model, batch=16)
+    assert runner.batches == (16, 4, 1)
+    runner._kernels = {(32, b): kernel(b) for b in runner.batches}
+    x = torch.randint(0, 255, (23, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(runner(x, 32), EagerRunner(model)(x, 32), atol=1e-5)
+    assert calls == [16, 4, 4]  # 23 = 16 + 4 + 3 (padded to 4); never seven batch-1 calls
 
 
 def test_a_higher_cost_weight_picks_cheaper_resolutions(store):
@@ -172,6 +186,10 @@ def test_bench_pipeline_writes_the_three_modes_and_their_ratios(store, tmp_path)
         sum(store.prefix_size(k, 3) for k in store.keys) / len(store.keys))  # the policy's 3 scans, nothing more
     assert record["static_resolution"] == max(record["static_sweep"], key=lambda r: (r["accuracy"], -r["resolution"]))[
         "resolution"]
+    static_acc = next(r["accuracy"] for r in record["static_sweep"] if r["resolution"] == record["static_resolution"])
+    within = [r["lam"] for r in record["lam_sweep"] if r["accuracy"] >= static_acc - cfg.tolerance]
+    assert record["lam"] == max(within, default=0.0)  # (c) runs at the cheapest λ that keeps (b)'s accuracy
+    assert [r["lam"] for r in record["lam_sweep"]] == list(cfg.lambdas)
     assert record["ratios"]["dynamic_vs_baseline_images_per_s"] == pytest.approx(
         rows["dynamic"]["images_per_s"] / rows["baseline"]["images_per_s"])
     assert "(c)/(a)" in (tmp_path / "out" / "pipeline.md").read_text()

@@ -71,3 +71,12 @@ def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, me
     with pytest.raises(ConfigError, match=message) as err:
         load_study_config(tmp_path / "run.toml")
     assert "run.toml" in str(err.value) or "folds" in str(err.value)
+
+
+def test_the_demo_refuses_the_seed_its_shipped_weights_were_trained_on(tmp_path):
+    from dynres.study import run_study
+    from dynres.synth import PRETRAIN_SEED
+
+    with pytest.raises(ConfigError, match="shipped weights"):
+        run_study(StudyConfig(out=tmp_path, seed=PRETRAIN_SEED))
+    assert not (tmp_path / "data").exists()

@@ -125,3 +125,18 @@ def test_label_statistics_and_auc():
     assert stats["all_correct"] == 50.0 and stats["p@32"] == 100.0 and stats["mean_correct"] == 1.5
     assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
     assert auc(np.array([0.1, 0.2]), np.array([1, 1])) is None
+
+
+def test_scale_model_trunk_starts_from_the_given_weights(tmp_path):
+    from dynres.models import build_backbone
+
+    source = build_backbone("mobilenet_v2_tiny", 5)  # a classifier: its head does not fit the scale grid
+    torch.save(source.state_dict(), tmp_path / "init.pt")
+    store = MemoryStore(per_class=4)
+    cfg = ScaleConfig(folds=2, cheap=True, backbone=TrainConfig(resolution=32, epochs=1, batch_size=8),
+                      grid=(16, 32), crops=(1.0,), epochs=1, batch_size=8, holdout=0.0, lr=0.0,
+                      init=str(tmp_path / "init.pt"))
+    result = train_scale(store, tmp_path / "run", cfg, progress=False)
+    scale, meta = load_checkpoint(result["scale_model"])
+    assert torch.equal(scale.net.features[0][0].weight, source.features[0][0].weight)  # lr 0: still the init
+    assert scale.net.classifier[-1].out_features == 2 == len(meta.grid)

@@ -33,7 +33,9 @@ class PipelineBenchConfig:
     baseline_resolution: int | None = None  # None: the backbone's train resolution
     static_resolution: int | None = None  # None: the most accurate grid resolution on ``sweep_images``
     sweep_images: int = 200
-    lam: float = 0.0
+    lam: float | None = None  # None: the largest of ``lambdas`` within ``tolerance`` of (b), on the sweep images
+    lambdas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+    tolerance: float = 0.5  # points below (b)'s sweep accuracy a picked λ may lose
     kernels: str = "tuned"
     warmup: int = 32
     seed: int = 0
@@ -82,6 +84,21 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
                        classes=meta.classes).run(sweep_keys, progress=progress).summary
             sweep.append({"resolution": r, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"]})
         static_r = max(sweep, key=lambda row: (row["accuracy"] or 0.0, -row["resolution"]))["resolution"]
+    lam, lam_sweep = cfg.lam, []
+    if lam is None:  # (c)'s operating point, chosen like (b)'s resolution: on the sweep images, not the timed ones
+        sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
+        target = next((row["accuracy"] for row in sweep if row["resolution"] == static_r), None)
+        if target is None:
+            target = Engine(store, tuned, policy=calibrated, config=PipelineConfig(resolution=static_r, **base),
+                            classes=meta.classes).run(sweep_keys, progress=False).summary["accuracy"]
+        target = target or 0.0
+        for value in cfg.lambdas:
+            s = Engine(store, tuned, scale=stage, policy=calibrated, classes=meta.classes,
+                       config=PipelineConfig(lam=value, **base)).run(sweep_keys, progress=progress).summary
+            lam_sweep.append({"lam": value, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"],
+                              "mean_resolution": _mean_resolution(s["resolution_histogram"])})
+        ok = [row for row in lam_sweep if (row["accuracy"] or 0.0) >= target - cfg.tolerance]
+        lam = max(ok, key=lambda row: row["lam"])["lam"] if ok else 0.0
 
     engines = {
         "baseline": Engine(store, EagerRunner(model), classes=meta.classes, config=PipelineConfig(
@@ -89,7 +106,7 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         "static_tuned": Engine(store, tuned, policy=calibrated, classes=meta.classes,
                                config=PipelineConfig(resolution=static_r, **base)),
         "dynamic": Engine(store, tuned, scale=stage, policy=calibrated, classes=meta.classes,
-                          config=PipelineConfig(lam=cfg.lam, **base)),
+                          config=PipelineConfig(lam=lam, **base)),
     }
     rows: dict[str, dict] = {}
     for name, engine in engines.items():
@@ -117,10 +134,15 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         "store": str(store_path), "backbone": str(backbone), "scale_model": str(scale), "policy": policy,
         "images": len(keys), "config": asdict(cfg), "baseline_resolution": engines["baseline"].config.resolution,
         "static_resolution": static_r, "scale_resolution": stage.resolution, "grid": list(stage.grid),
-        "static_sweep": sweep, "pipeline": rows, "ratios": ratios, "targets": targets,
+        "static_sweep": sweep, "lam": lam, "lam_sweep": lam_sweep, "pipeline": rows, "ratios": ratios, "targets": targets,
     }
     write_records(out, "pipeline", payload, render_markdown(payload))
     return payload
+
+
+def _mean_resolution(histogram: dict) -> float:
+    n = sum(histogram.values())
+    return sum(int(r) * k for r, k in histogram.items()) / n if n else 0.0
 
 
 def _diff(x: float | None, y: float | None) -> float | None:
@@ -130,7 +152,7 @@ def _diff(x: float | None, y: float | None) -> float | None:
 def render_markdown(p: dict) -> str:
     names = {"baseline": f"(a) baseline: full read + Pillow decode, eager @{p['baseline_resolution']}",
              "static_tuned": f"(b) best static @{p['static_resolution']}, tuned kernels, calibrated reads",
-             "dynamic": f"(c) dynamic (scale model @{p['scale_resolution']}, λ={p['config']['lam']})"}
+             "dynamic": f"(c) dynamic (scale model @{p['scale_resolution']}, λ={p.get('lam', p['config']['lam'])})"}
     rows = [{"mode": names[m], **p["pipeline"][m]} for m in MODES]
     table = markdown_table(rows, ["mode", *COLUMNS, "read_fraction", "scale_overhead"],
                            ["Mode", "Images/s", "Top-1 %", "Bytes/image", "p50 ms", "p99 ms", "Read fraction",
@@ -153,6 +175,10 @@ def render_markdown(p: dict) -> str:
         lines += ["", "## Static sweep (choosing (b))", "",
                   markdown_table(p["static_sweep"], ["resolution", "accuracy", "images_per_s"],
                                  ["Resolution", "Top-1 %", "Images/s"])]
+    if p.get("lam_sweep"):
+        lines += ["", f"## λ sweep (choosing (c): the largest λ within {p['config']['tolerance']} points of (b))", "",
+                  markdown_table(p["lam_sweep"], ["lam", "accuracy", "images_per_s", "mean_resolution"],
+                                 ["λ", "Top-1 %", "Images/s", "Mean resolution"])]
     return "\n".join(lines)
 
 

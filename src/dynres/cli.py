@@ -240,7 +240,8 @@ def bench_pipeline_cmd(
     kernels: str = typer.Option("tuned", help="Kernels for (b) and (c): tuned or eager."),
     static_resolution: Optional[int] = typer.Option(None, help="(b)'s resolution (default: best of a sweep)."),
     baseline_resolution: Optional[int] = typer.Option(None, help="(a)'s resolution (default: train resolution)."),
-    lam: float = typer.Option(0.0, "--lambda", help="Cost weight λ for (c)."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Cost weight λ for (c) (default: the largest λ "
+                                        "within 0.5 points of (b), picked on the sweep images)."),
     batch_size: int = typer.Option(16, help="Batch size for every mode."),
     workers: int = typer.Option(2, help="Read/decode threads for every mode."),
     threads: int = typer.Option(0, help="torch threads for eager PyTorch (0: torch's default)."),
@@ -323,6 +324,8 @@ def train_scale_cmd(
     crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Crop areas the labels cover."),
     grid: Optional[str] = typer.Option(None, help="Resolutions (default: 0.5x..2x of --resolution, step 0.25x)."),
     arch: str = typer.Option("mobilenet_v2_tiny", help="Scale model architecture."),
+    init: Optional[Path] = typer.Option(None, help="Local state_dict for the scale model's trunk."),
+    backbone_init: Optional[Path] = typer.Option(None, help="Local state_dict the shard backbones fine-tune from."),
     scale_resolution: Optional[int] = typer.Option(None, help="Scale model input (default the grid minimum)."),
     scans: Optional[int] = typer.Option(None, help="Scans the scale model reads (default all)."),
     epochs: int = typer.Option(12, help="Scale model epochs."),
@@ -336,8 +339,10 @@ def train_scale_cmd(
     from dynres.scale import ScaleConfig, train_scale
     from dynres.store import open_store
 
-    bb = _train_config(backbone_arch, resolution, backbone_epochs, batch_size, "adamw", None, 0.1, seed, None, False)
+    bb = _train_config(backbone_arch, resolution, backbone_epochs, batch_size, "adamw", None, 0.1, seed,
+                       backbone_init, False)
     cfg = ScaleConfig(folds=folds, cheap=cheap, crops=_floats(crops), grid=_ints(grid), backbone=bb, arch=arch,
+                      init=str(init) if init else None,
                       resolution=scale_resolution, scans=scans, epochs=epochs, batch_size=batch_size, seed=seed)
     result = train_scale(open_store(store), out, cfg)
     for row in result["auc"]:

@@ -124,6 +124,9 @@ def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str |
         best = max(crop_static, key=lambda r: r["accuracy"])
         ok_points = [q for q in curve if q["accuracy"] >= best["accuracy"] - cfg.tolerance]
         pick = min(ok_points, key=lambda q: q["gflops"]) if ok_points else None
+        # the same budget as the best static resolution: the most accurate λ that costs no more
+        budget = [q for q in curve if q["gflops"] <= best["gflops"]]
+        iso = max(budget, key=lambda q: (q["accuracy"], -q["gflops"])) if budget else None
         plain = dynamic_rows[-1]
         chosen_rows.append({
             "crop": c, "best_static_resolution": best["resolution"], "best_static_accuracy": best["accuracy"],
@@ -134,6 +137,9 @@ def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str |
             "lambda": pick["lambda"] if pick else None, "cost_aware_accuracy": pick["accuracy"] if pick else None,
             "cost_aware_gflops": pick["gflops"] if pick else None,
             "cost_aware_savings_pct": 100 * (1 - pick["gflops"] / best["gflops"]) if pick else None,
+            "iso_cost_lambda": iso["lambda"] if iso else None, "iso_cost_accuracy": iso["accuracy"] if iso else None,
+            "iso_cost_gflops": iso["gflops"] if iso else None,
+            "iso_cost_within_1pt": bool(iso and iso["accuracy"] >= best["accuracy"] - 1.0),
         })
     payload = {
         "backbone": str(backbone), "scale_model": str(scale_model), "images": len(keys), "grid": grid,
@@ -171,6 +177,10 @@ def dynamic_markdown(p: dict) -> str:
          "dynamic_gflops", "lambda", "cost_aware_accuracy", "cost_aware_gflops", "cost_aware_savings_pct"],
         ["Crop (area)", "Best static res", "Acc.", "GFLOPs", "Dynamic acc.", "Dynamic GFLOPs", "λ (cost-aware)",
          "Acc.", "GFLOPs", "Saving vs best static %"])
+    iso = markdown_table(
+        p["summary"], ["crop", "best_static_accuracy", "best_static_gflops", "iso_cost_lambda", "iso_cost_accuracy",
+                       "iso_cost_gflops"],
+        ["Crop (area)", "Best static acc.", "Its GFLOPs", "λ", "Dynamic acc.", "Dynamic GFLOPs"])
     oracle = markdown_table(p["oracle"], ["crop", "accuracy", "gflops"], ["Crop", "Oracle acc.", "Oracle GFLOPs"])
     aucs = {}
     for row in p["auc"]:
@@ -181,7 +191,9 @@ def dynamic_markdown(p: dict) -> str:
             f"Scale model at {p['scale_resolution']} px ({p['scale_gflops']:.4f} GFLOPs, included in every dynamic "
             f"number; {p['scale_bytes_read']:,} bytes read for it). GFLOPs = 2 x MACs. Cost-aware rule: "
             f"argmax p(r) - λ·cost(r)/cost(max) with cost = {p['cost_rule']}; λ = the cheapest within "
-            f"0.5 points of the best static.\n\n{summary}\n\n## Oracle\n\n{oracle}\n\n"
+            f"0.5 points of the best static.\n\n{summary}\n\n## At the best static resolution's cost\n\n"
+            f"The most accurate λ of the sweep whose mean GFLOPs (scale model included) do not exceed the best "
+            f"static resolution's.\n\n{iso}\n\n## Oracle\n\n{oracle}\n\n"
             f"## Scale model AUC on this split\n\n{auc_md}\n")
 
 

@@ -265,6 +265,15 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                                     f"unexpected {list(unexpected)[:3]})")
 
 
+def demo_weights(arch: str) -> Path:
+    """Shipped initial weights for a demo architecture (trained on synthetic images no demo uses; see
+    ``tools/pretrain_demo.py`` and the JSON beside each file for the recipe and held-out accuracy)."""
+    path = Path(__file__).parent / "assets" / f"{arch}.pt"
+    if not path.is_file():
+        raise CheckpointError(path, f"no shipped demo weights for {arch!r} (reinstall dynres?)")
+    return path
+
+
 def _resolve(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():

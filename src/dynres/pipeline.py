@@ -55,15 +55,26 @@ class EagerRunner:
         """Nothing to build for eager PyTorch."""
 
 
+def batch_ladder(batch: int) -> tuple[int, ...]:
+    """Tuned batch sizes a runner cuts a batch into, largest first: ``batch``, 4 and 1. Dynamic resolution splits
+    a batch over several resolutions, so per-resolution pieces are often small; without the middle size they would
+    run one image at a time."""
+    return tuple(sorted({batch, min(batch, 4), 1}, reverse=True))
+
+
 class KernelRunner:
     """Tuned kernels from :func:`dynres.kernels.load`, built lazily per (resolution, batch size).
 
-    Tuned kernels are shape-specialized, so a batch is cut into tuned ``batch`` pieces; a tail is padded to
-    ``batch`` when it fills more than half of it, else run on batch-1 kernels.
+    Tuned kernels are shape-specialized, so a batch is cut greedily into pieces of the ``batches`` sizes (largest
+    first); a remainder smaller than the smallest size above 1 is padded to it when it fills more than half of it,
+    else it runs on batch-1 kernels.
     """
 
-    def __init__(self, model: torch.nn.Module, batch: int = 8, threads: int = 2, cache_dir: Path | None = None):
-        self.model, self.batch, self.threads, self.cache_dir = model.eval(), batch, threads, cache_dir
+    def __init__(self, model: torch.nn.Module, batch: int = 8, threads: int = 2, cache_dir: Path | None = None,
+                 batches: Sequence[int] | None = None):
+        self.model, self.threads, self.cache_dir = model.eval(), threads, cache_dir
+        self.batches = tuple(sorted(set(batches or batch_ladder(batch)) | {1}, reverse=True))
+        self.batch = self.batches[0]
         self._kernels: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def kernel(self, resolution: int, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -77,21 +88,22 @@ class KernelRunner:
     def warm(self, resolutions: Sequence[int]) -> None:
         """Build every kernel ``resolutions`` may need now, so no timed run pays for loading them."""
         for r in resolutions:
-            self.kernel(r, self.batch)
-            self.kernel(r, 1)
+            for b in self.batches:
+                self.kernel(r, b)
 
     def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
-        x, n, out = to_input(images), len(images), []
+        x, out, i = to_input(images), [], 0
         with torch.inference_mode():
-            full = n - n % self.batch
-            for i in range(0, full, self.batch):
-                out.append(self.kernel(resolution, self.batch)(x[i : i + self.batch]))
-            tail = x[full:]
-            if len(tail) * 2 > self.batch:
-                pad = torch.zeros(self.batch - len(tail), *tail.shape[1:])
-                out.append(self.kernel(resolution, self.batch)(torch.cat([tail, pad]))[: len(tail)])
+            for b in self.batches[:-1]:
+                while len(x) - i >= b:
+                    out.append(self.kernel(resolution, b)(x[i : i + b]))
+                    i += b
+            tail, smallest = x[i:], (self.batches[-2] if len(self.batches) > 1 else 1)
+            if smallest > 1 and len(tail) * 2 > smallest:
+                pad = torch.zeros(smallest - len(tail), *tail.shape[1:])
+                out.append(self.kernel(resolution, smallest)(torch.cat([tail, pad]))[: len(tail)])
             else:
-                out += [self.kernel(resolution, 1)(tail[i : i + 1]) for i in range(len(tail))]
+                out += [self.kernel(resolution, 1)(tail[j : j + 1]) for j in range(len(tail))]
         return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from dynres.data import Scans
 from dynres.errors import ConfigError
 from dynres.evaluate import PAPER_CROPS, image_views, predict_grid, scaled_grid
-from dynres.models import ModelMeta, create_model, load_checkpoint, to_input
+from dynres.models import ModelMeta, create_model, load_checkpoint, load_weights, to_input
 from dynres.records import markdown_table, write_records
 from dynres.train import ImageCache, TrainConfig, data_hash, fit, train_backbone
 from dynres._ui import track
@@ -42,6 +42,7 @@ class ScaleConfig:
     grid: tuple[int, ...] | None = None  # None: the paper's ratios around the backbone's train resolution
     backbone: TrainConfig = field(default_factory=TrainConfig)
     arch: str = "mobilenet_v2_tiny"
+    init: str | None = None  # local state_dict for the scale model's trunk (its head is always new)
     resolution: int | None = None  # scale model input; None: the grid minimum
     scans: int | None = None  # prefix the scale model reads (None: all scans; calibration sets it later)
     epochs: int = 12
@@ -210,6 +211,8 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
                        seed=cfg.seed, cache=False)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, len(grid))
+    if cfg.init:
+        load_weights(model.net, cfg.init)
     recipe = asdict(cfg) | {"samples": len(train_pairs)}
     meta = ModelMeta(arch=cfg.arch, classes=(), train_resolution=res, task="scale", grid=grid, scans=cfg.scans,
                      recipe=json.loads(json.dumps(recipe, default=str)), data_hash=data_hash(store, keys))

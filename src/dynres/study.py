@@ -112,7 +112,13 @@ def run_study(config: StudyConfig) -> dict:
     study = Study(config, total_stages=9)
 
     if config.data is None:
-        from dynres.synth import SynthConfig, synth
+        from dynres.synth import PRETRAIN_SEED, SynthConfig, synth
+
+        if config.seed == PRETRAIN_SEED:
+            from dynres.errors import ConfigError
+
+            raise ConfigError("seed", f"{PRETRAIN_SEED} made the images the demo's shipped weights were trained on; "
+                                      "pick another seed")
 
         data_dir = out / "data"
         synth_cfg = SynthConfig(
@@ -143,7 +149,7 @@ def run_study(config: StudyConfig) -> dict:
 
     from dynres.accuracy import demo_config, run_accuracy_chain
 
-    chain_cfg = config.chain or demo_config(quick=config.quick, seed=config.seed)
+    chain_cfg = config.chain or demo_config(quick=config.quick, seed=config.seed, pretrained=config.data is None)
 
     def accuracy() -> dict:
         return run_accuracy_chain(train_store, val_store, out / "accuracy", chain_cfg)
@@ -176,8 +182,10 @@ def run_study(config: StudyConfig) -> dict:
     from dynres.models import load_checkpoint
 
     pipe_cfg = PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0)
-    # the pipeline runs whole batches and batch-1 tails: both shapes get tuned kernels
-    batches = tuple(sorted({1, pipe_cfg.batch_size}))
+    # the pipeline cuts batches down a ladder of sizes (full, 4, 1): every size gets tuned kernels
+    from dynres.pipeline import batch_ladder
+
+    batches = tuple(sorted(batch_ladder(pipe_cfg.batch_size)))
     tune_cfg = TuneConfig(resolutions=grid, batch_sizes=batches, runs=10 if config.quick else 20)
 
     def kernels() -> dict:

@@ -30,6 +30,7 @@ from dynres.errors import ConfigError, DynresError
 
 SPLITS = ("train", "val")
 TABLE = "objects.parquet"
+PRETRAIN_SEED = 1_000_003  # the shipped demo weights were trained on this seed: demos must use another
 MARKER = ".dynres-synth"  # marks a folder this module may clear and rewrite
 _META_KEY = b"dynres.synth"
 
