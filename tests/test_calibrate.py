@@ -140,3 +140,40 @@ def test_dynamic_row_counts_the_scale_models_calibrated_read(store_dir, checkpoi
     assert "dynamic" in (tmp_path / "out" / "calibration.md").read_text()
     # whatever the scale model picks, the pipeline reads no more than the largest calibrated prefix
     assert min(r["read_savings"] for r in rows) >= record["summary"]["dynamic_read_savings_worst_case"] - 1e-12
+
+
+def test_a_lucky_gain_does_not_buy_a_loss(monkeypatch):
+    """Short reads turn image a wrong and image b right: the net accuracy is unchanged, but a was lost."""
+    import dynres.calibrate as cal
+
+    class Preds:
+        evaluated = 0
+
+        def __init__(self, *args):
+            pass
+
+        def predict(self, keys, scans):  # label 0 everywhere; full reads: a right, b wrong
+            short = np.asarray(scans) < 5
+            return np.where(short, [1, 0, 0, 0], [0, 1, 0, 0])
+
+    class Index:
+        rows = {k: i for i, k in enumerate("abcd")}
+        num_scans = np.full(4, 5)
+
+        def fewest_scans(self, t, resolution, rows):
+            return np.where(np.full(len(rows), t) < 0.97, 2, 5)
+
+    class Store:
+        def label(self, key):
+            return 0
+
+        def prefix_size(self, key, scans):
+            return 100 * scans
+
+        def size(self, key):
+            return 500
+
+    monkeypatch.setattr(cal, "PrefixPredictions", Preds)
+    result = cal.calibrate_resolution(None, Store(), Index(), list("abcd"), 32, CalibrationConfig(sweep=()), 1.0)
+    assert result["threshold"] >= 0.97 and result["acc_calibrated"] == result["acc_full"] == 75.0
+    assert result["read_savings"] == 0.0
