@@ -61,13 +61,17 @@ def _rss_mb(pid: int) -> float:
 
 
 class _Server:
-    """`dynres serve` in a subprocess on 127.0.0.1."""
+    """`dynres serve` in a subprocess on 127.0.0.1; its stderr goes to ``log`` (a pipe nobody drains would fill
+    up under a burst of warnings and block the server mid-test)."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], log: Path):
         self.port = _free_port()
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "dynres.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     env={**os.environ, "DYNRES_NO_PROGRESS": "1"})
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                         env={**os.environ, "DYNRES_NO_PROGRESS": "1"})
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -76,13 +80,14 @@ class _Server:
         end = time.time() + timeout
         while time.time() < end:
             if self.proc.poll() is not None:
-                raise ConfigError("serve", f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise ConfigError("serve", f"server exited (log {self.log}): {tail}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.3)
-        raise ConfigError("serve", "server did not become ready")
+        raise ConfigError("serve", f"server did not become ready (log {self.log})")
 
     def stop(self) -> int | None:
         self.proc.terminate()
@@ -198,7 +203,7 @@ def run_load_test(store_path: str, backbone: str, scale: str, out: str | Path, p
     if policy:
         base += ["--policy", policy]
 
-    server = _Server(base)
+    server = _Server(base, Path(out) / "serve_sustainable.log")
     try:
         server.wait_ready()
         asyncio.run(_closed_loop(server.url, keys, classes, 2.0, cfg.clients))  # warm-up: kernels, caches
@@ -211,7 +216,7 @@ def run_load_test(store_path: str, backbone: str, scale: str, out: str | Path, p
     scenarios = {}
     target = ["--latency-target-ms", str(cfg.latency_target_ms)]
     for name, extra in (("fixed_lambda_0", target), ("adaptive_lambda", [*target, "--adaptive"])):
-        server = _Server(base + extra)
+        server = _Server(base + extra, Path(out) / f"serve_{name}.log")
         try:
             server.wait_ready()
             asyncio.run(_closed_loop(server.url, keys, classes, 2.0, 2))

@@ -154,6 +154,12 @@ def section_static(s: dict) -> Section:
                                          "cost_aware_accuracy", "cost_aware_gflops", "cost_aware_savings_pct"],
                   ["crop", "best static res", "acc %", "GFLOPs", "dynamic acc %", "GFLOPs", "λ", "cost-aware acc %",
                    "GFLOPs", "GFLOPs saved %"])
+        if any(r.get("iso_cost_accuracy") is not None for r in s["dynamic_summary"]):
+            sec.text("At the best static resolution's cost: the most accurate λ whose mean GFLOPs (scale model "
+                     "included) do not exceed the best static resolution's.")
+            sec.table(s["dynamic_summary"], ["crop", "best_static_accuracy", "iso_cost_lambda", "iso_cost_accuracy",
+                                             "iso_cost_gflops"],
+                      ["crop", "best static acc %", "λ", "dynamic acc %", "GFLOPs"])
     if oracle:
         sec.table(oracle, ["crop", "accuracy"], ["crop", "oracle accuracy %"])
     return sec
