@@ -85,7 +85,7 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
             sweep.append({"resolution": r, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"]})
         static_r = max(sweep, key=lambda row: (row["accuracy"] or 0.0, -row["resolution"]))["resolution"]
     lam, lam_sweep = cfg.lam, []
-    if lam is None:  # (c)'s operating point, chosen like (b)'s resolution: on the sweep images, not the timed ones
+    if lam is None:  # (c)'s operating point, chosen like (b)'s resolution: on the sweep sample of the same images
         sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
         target = next((row["accuracy"] for row in sweep if row["resolution"] == static_r), None)
         if target is None:
