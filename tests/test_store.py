@@ -203,10 +203,11 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         else:
             body = data
             self.send_response(200)
+        # recorded before the body goes out: once the client has the bytes, the test may read the log
+        self.server.log.append((urllib.parse.unquote(self.path), rng, len(body)))
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.server.log.append((urllib.parse.unquote(self.path), rng, len(body)))
 
     def log_message(self, *args):
         pass
