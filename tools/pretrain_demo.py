@@ -32,15 +32,16 @@ from dynres.train import TrainConfig, train_backbone
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "dynres" / "assets"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--per-class", type=int, default=800)
+    ap.add_argument("--val-per-class", type=int, default=60)
     ap.add_argument("--install", action="store_true", help="copy the weights into src/dynres/assets")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     data, store = args.out / "data", args.out / "store"
-    cfg = SynthConfig(classes=10, train_per_class=args.per_class, val_per_class=60, seed=PRETRAIN_SEED,
+    cfg = SynthConfig(classes=10, train_per_class=args.per_class, val_per_class=args.val_per_class, seed=PRETRAIN_SEED,
                       min_size=300, max_size=640, workers=0)
     if not (store / "val" / "manifest.parquet").exists():
         synth(data, cfg)
