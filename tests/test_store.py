@@ -138,7 +138,7 @@ def test_a_changed_file_fails_its_checksum_naming_key_and_path(copy_of):
     with open(path, "wb") as f:
         f.write(data)
     assert store.read(key, scans=4)  # the first four scans are intact
-    with pytest.raises(ChecksumError, match=rf"dog/a \(.*a\.jpg\): crc32 of the first 5 scans"):
+    with pytest.raises(ChecksumError, match=r"dog/a \(.*a\.jpg\): crc32 of the first 5 scans"):
         store.read(key, scans=5)
     with pytest.raises(ChecksumError, match="sha256 does not match"):
         store.read(key)

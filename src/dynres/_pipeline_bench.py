@@ -75,29 +75,30 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
     keys = _sample(list(store.keys if keys is None else keys), cfg.images, cfg.seed)
     base = dict(batch_size=cfg.batch_size, workers=cfg.workers, torch_threads=cfg.torch_threads, crop=cfg.crop)
 
+    sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
+
+    def on_sweep(**mode) -> dict:  # one run over the sweep sample: picks (b)'s resolution and (c)'s λ
+        scale = stage if "lam" in mode else None
+        return Engine(store, tuned, scale=scale, policy=calibrated, classes=meta.classes,
+                      config=PipelineConfig(**mode, **base)).run(sweep_keys, progress=progress).summary
+
     sweep = []
     static_r = cfg.static_resolution
     if static_r is None:
-        sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
         for r in stage.grid:
-            s = Engine(store, tuned, policy=calibrated, config=PipelineConfig(resolution=r, **base),
-                       classes=meta.classes).run(sweep_keys, progress=progress).summary
+            s = on_sweep(resolution=r)
             sweep.append({"resolution": r, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"]})
         static_r = max(sweep, key=lambda row: (row["accuracy"] or 0.0, -row["resolution"]))["resolution"]
     lam, lam_sweep = cfg.lam, []
     if lam is None:  # (c)'s operating point, chosen like (b)'s resolution: on the sweep sample of the same images
-        sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
         target = next((row["accuracy"] for row in sweep if row["resolution"] == static_r), None)
         if target is None:
-            target = Engine(store, tuned, policy=calibrated, config=PipelineConfig(resolution=static_r, **base),
-                            classes=meta.classes).run(sweep_keys, progress=False).summary["accuracy"]
-        target = target or 0.0
+            target = on_sweep(resolution=static_r)["accuracy"]
         for value in cfg.lambdas:
-            s = Engine(store, tuned, scale=stage, policy=calibrated, classes=meta.classes,
-                       config=PipelineConfig(lam=value, **base)).run(sweep_keys, progress=progress).summary
+            s = on_sweep(lam=value)
             lam_sweep.append({"lam": value, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"],
                               "mean_resolution": _mean_resolution(s["resolution_histogram"])})
-        ok = [row for row in lam_sweep if (row["accuracy"] or 0.0) >= target - cfg.tolerance]
+        ok = [row for row in lam_sweep if (row["accuracy"] or 0.0) >= (target or 0.0) - cfg.tolerance]
         lam = max(ok, key=lambda row: row["lam"])["lam"] if ok else 0.0
 
     engines = {
@@ -134,7 +135,8 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         "store": str(store_path), "backbone": str(backbone), "scale_model": str(scale), "policy": policy,
         "images": len(keys), "config": asdict(cfg), "baseline_resolution": engines["baseline"].config.resolution,
         "static_resolution": static_r, "scale_resolution": stage.resolution, "grid": list(stage.grid),
-        "static_sweep": sweep, "lam": lam, "lam_sweep": lam_sweep, "pipeline": rows, "ratios": ratios, "targets": targets,
+        "static_sweep": sweep, "lam": lam, "lam_sweep": lam_sweep, "pipeline": rows, "ratios": ratios,
+        "targets": targets,
     }
     write_records(out, "pipeline", payload, render_markdown(payload))
     return payload

@@ -85,7 +85,7 @@ def run_accuracy_chain(train_store, val_store, out: str | Path, cfg: ChainConfig
     del cache
     t = time.perf_counter()
     eval_cfg = replace(cfg.eval, grid=scale_cfg.label_grid, crops=scale_cfg.crops)
-    static = run_static(backbone, val_store, out / "eval", eval_cfg, progress=progress)
+    run_static(backbone, val_store, out / "eval", eval_cfg, progress=progress)
     seconds["static"] = time.perf_counter() - t
     t = time.perf_counter()
     dynamic = run_dynamic(backbone, scale["scale_model"], val_store, out / "eval", cfg.dynamic, eval_cfg,

@@ -3,9 +3,10 @@
 For each resolution r, binary search an SSIM threshold t(r) over [0.94, 1.0] (until the step is below 1e-4) for the
 largest read saving whose top-1 accuracy loss, versus reading every scan, stays within the target (default 0.05
 points) on a calibration split. The loss searched on counts only images a full read gets right and the calibrated
-read gets wrong (an upper bound of the accuracy drop: images a shorter read happens to fix do not buy losses). The policy for an image at r is then the fewest scans whose SSIM (quality index)
-reaches t(r); :class:`CalibrationPolicy` implements the ``ScanPolicy`` protocol, so the dataset, the evaluation and
-the pipeline read calibrated prefixes by being handed it.
+read gets wrong (an upper bound of the accuracy drop: images a shorter read happens to fix do not buy losses). The
+policy for an image at r is then the fewest scans whose SSIM (quality index) reaches t(r); :class:`CalibrationPolicy`
+implements the ``ScanPolicy`` protocol, so the dataset, the evaluation and the pipeline read calibrated prefixes by
+being handed it.
 
 Calibration data never includes the images the result is reported on: either a deterministic hashed split of the
 store (``holdout_fraction`` of it is held out for the report), or a separate calibration store (the paper used
@@ -26,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dynres import __version__
 from dynres._ui import log, track

@@ -251,8 +251,8 @@ def bench_pipeline_cmd(
     from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
 
     cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
-                              kernel_threads=kernel_threads, baseline_resolution=baseline_resolution, static_resolution=static_resolution,
-                              lam=lam, kernels=kernels)
+                              kernel_threads=kernel_threads, baseline_resolution=baseline_resolution,
+                              static_resolution=static_resolution, lam=lam, kernels=kernels)
     only = [k.strip() for k in keys.read_text().splitlines() if k.strip()] if keys else None
     p = run_bench_pipeline(store, str(model), str(scale), out, str(policy) if policy else None, cfg, keys=only)
     for name, row in p["pipeline"].items():

@@ -73,6 +73,25 @@ def draft_size(width: int, height: int, short_side: float) -> tuple[int, int]:
     return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
 
 
+def decode_short_side(data: bytes, short_side: int, square: bool = False, name: str = "<bytes>") -> torch.Tensor:
+    """Decode to a uint8 tensor whose shorter side is ``short_side`` (never upsampled); ``square`` keeps only the
+    center square of the shorter side, otherwise the aspect ratio is kept."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if img.format == "JPEG":
+            img.draft("RGB", draft_size(w, h, short_side))
+        img = img.convert("RGB")
+        w, h = img.size
+        short = min(w, h)
+        box = ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2) if square else (0, 0, w, h)
+        scale = min(1.0, short_side / short)
+        size = (max(1, round((box[2] - box[0]) * scale)), max(1, round((box[3] - box[1]) * scale)))
+        return to_tensor(img.resize(size, Image.Resampling.BILINEAR, box=box))
+    except Exception as err:  # Pillow raises several unrelated types for bad bytes
+        raise BadImageError(name, f"cannot decode image: {err}") from None
+
+
 def decode(prefix: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
     """Decode a scan prefix to a uint8 CHW tensor of shape (3, resolution, resolution).
 

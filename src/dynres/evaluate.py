@@ -25,11 +25,10 @@ import torch
 
 from dynres._ui import track
 from dynres.data import Scans, scans_for
-from dynres.decode import crop_side, decode
+from dynres.decode import crop_side, decode, decode_short_side
 from dynres.errors import ConfigError
 from dynres.models import checkpoint_digest, gflops, load_checkpoint, to_input
 from dynres.records import markdown_table, write_records
-from dynres.train import decode_short_side
 
 PAPER_GRID = (112, 168, 224, 280, 336, 392, 448)
 PAPER_CROPS = (0.25, 0.56, 0.75, 1.0)
@@ -154,7 +153,8 @@ def run_static(checkpoint: str | Path, store, out: str | Path, cfg: EvalConfig =
     rows = [{"crop": c, "resolution": r, "accuracy": acc[(c, r)], "gflops": cost[r]} for c in cfg.crops for r in grid]
     best = {c: max(grid, key=lambda r: acc[(c, r)]) for c in cfg.crops}
     payload = {
-        "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_digest(checkpoint), "arch": meta.arch, "train_resolution": meta.train_resolution,
+        "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_digest(checkpoint), "arch": meta.arch,
+        "train_resolution": meta.train_resolution,
         "images": len(keys), "grid": list(grid), "crops": list(cfg.crops), "exact_views": cfg.exact,
         "flop_convention": "FlopCounterMode: 2 x MACs (the paper quotes MACs)",
         "static": rows, "best": [{"crop": c, "resolution": best[c], "accuracy": acc[(c, best[c])]} for c in cfg.crops],

@@ -171,8 +171,7 @@ def run_study(config: StudyConfig) -> dict:
     held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never sees
 
     def calibration() -> dict:
-        rec = calibrate(open_store(stores["val"]["store"]), acc["backbone"], out / "calibration", cal_cfg,
-                        scale_model=acc["scale_model"])
+        rec = calibrate(val_store, acc["backbone"], out / "calibration", cal_cfg, scale_model=acc["scale_model"])
         return {"policy": rec["policy"], "json": str(out / "calibration" / "calibration.json")}
 
     cal = study.stage("calibration", {"calibration": asdict(cal_cfg)}, calibration, after=("accuracy", "quality"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import time
@@ -23,13 +22,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dynres._ui import enabled, make_progress, track
-from dynres.decode import draft_size, to_tensor
-from dynres.errors import BadImageError, CheckpointError, ConfigError
+from dynres.decode import decode_short_side
+from dynres.errors import CheckpointError, ConfigError
 from dynres.models import ModelMeta, build_backbone, create_model, load_weights, save_checkpoint, to_input
 
 STATE_NAME = "train_state.pt"
@@ -73,25 +71,6 @@ def data_hash(store, keys: Sequence[str]) -> str:
 
 
 # --- data ---------------------------------------------------------------------------------------------------
-
-
-def decode_short_side(data: bytes, short_side: int, square: bool = False, name: str = "<bytes>") -> torch.Tensor:
-    """Decode to a uint8 tensor whose shorter side is ``short_side`` (never upsampled); ``square`` keeps only the
-    center square of the shorter side, otherwise the aspect ratio is kept."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if img.format == "JPEG":
-            img.draft("RGB", draft_size(w, h, short_side))
-        img = img.convert("RGB")
-        w, h = img.size
-        short = min(w, h)
-        box = ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2) if square else (0, 0, w, h)
-        scale = min(1.0, short_side / short)
-        size = (max(1, round((box[2] - box[0]) * scale)), max(1, round((box[3] - box[1]) * scale)))
-        return to_tensor(img.resize(size, Image.Resampling.BILINEAR, box=box))
-    except Exception as err:  # Pillow raises several unrelated types for bad bytes
-        raise BadImageError(name, f"cannot decode image: {err}") from None
 
 
 class ImageCache:
