@@ -350,8 +350,11 @@ def load_study_config(path: str | Path) -> StudyConfig:
     chain = replace(chain, backbone=backbone, scale=scale,
                     eval=_override(chain.eval, "eval", dict(raw.get("eval", {})), str(path)),
                     dynamic=_override(chain.dynamic, "dynamic", dict(raw.get("dynamic", {})), str(path)))
-    for sub in (chain.backbone, chain.scale, chain.eval):
-        sub.check()
+    for section, sub in (("backbone", chain.backbone), ("scale", chain.scale), ("eval", chain.eval)):
+        try:
+            sub.check()
+        except ConfigError as err:  # the dataclasses know the setting, not the file it came from
+            raise ConfigError(path, f"[{section}] {err}") from None
     return StudyConfig(out=(path.parent / raw["out"]).resolve(), data=data, seed=seed,
                        workers=int(raw.get("workers", 0)), quick=bool(raw.get("quick", False)),
                        io_images=int(raw.get("io_images", 64)), io_repeats=int(raw.get("io_repeats", 3)), chain=chain)
