@@ -113,6 +113,20 @@ def test_asking_for_more_backends_retunes(tmp_path):
     assert not any(r["cached"] for r in rows) and "channels_last" in {r["backend"] for r in rows}
 
 
+def test_a_cached_winner_outside_the_backends_asked_for_is_not_reused(tmp_path, monkeypatch):
+    def fast(model, example, threads, artifact_dir):
+        right = model(example).detach()  # correct and instant: it wins
+        return lambda x: right
+
+    _fake(monkeypatch, "fast", fast)
+    net = tiny_net()
+    first = tune(net, config(tmp_path, backends=("eager", "fast")), gemm_peak=100.0, progress=False)
+    assert next(r["chosen"] for r in first if r["backend"] == "tuned") == "fast"
+    rows = tune(net, config(tmp_path, backends=("eager",)), gemm_peak=100.0, progress=False)
+    assert not any(r["cached"] for r in rows)
+    assert next(r["chosen"] for r in rows if r["backend"] == "tuned") == "eager"
+
+
 def _fake(monkeypatch, name: str, build, requires=()) -> None:
     monkeypatch.setitem(BACKENDS, name, Backend(name, build, tuple(requires)))
 

@@ -14,7 +14,7 @@ from _pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_cla
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dynres.decode import decode
+from dynres.decode import crop_resize, decode_scaled
 from dynres.dynamic import choose
 from dynres.models import to_input
 from dynres.pipeline import EagerRunner
@@ -49,12 +49,13 @@ def client(store=None, **config) -> TestClient:
 
 
 def expected(data: bytes, scans=None) -> tuple[int, list[str]]:
-    small = decode(data, SCALE_RES)
+    once = decode_scaled(data, max(GRID) / ServeConfig().crop)  # one decode; both views are resizes of it
+    small = crop_resize(once, SCALE_RES)
     with torch.inference_mode():
         probs = torch.sigmoid(tiny_scale().runner.model(to_input(small[None]))).numpy()
     r = GRID[int(choose(probs, np.array(tiny_scale().costs), 0.0)[0])]
     with torch.inference_mode():
-        logits = tiny_classifier()(to_input(decode(data, r)[None]))[0]
+        logits = tiny_classifier()(to_input(crop_resize(once, r)[None]))[0]
     return r, [CLASSES[i] for i in logits.softmax(0).topk(2).indices.tolist()]
 
 

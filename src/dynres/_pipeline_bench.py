@@ -2,7 +2,9 @@
 
 (a) ``baseline``: the common baseline — full read, full Pillow decode + torchvision resize, eager PyTorch at the
 backbone's train resolution (the paper's 224); (b) ``static_tuned``: the best static resolution with tuned kernels
-and calibrated reads; (c) ``dynamic``: scale model → per-image resolution, tuned kernels, calibrated reads. All three
+and calibrated reads; (c) ``dynamic``: scale model → per-image resolution, tuned kernels, calibrated reads, the
+backbone fetching only the range it misses; (c') ``dynamic_read_ahead``: the same, but each image's longest policy
+prefix is read up front, so it is read and decoded once (more bytes, less CPU). All of them
 run the same images through the same pipelined engine (same workers, batch size, threads), after a warm-up run
 that builds every kernel, so the numbers differ only by what the modes do.
 """
@@ -18,7 +20,7 @@ import torch
 from dynres.pipeline import Engine, EagerRunner, PipelineConfig, load_scale, make_runner
 from dynres.records import markdown_table, write_records
 
-MODES = ("baseline", "static_tuned", "dynamic")
+MODES = ("baseline", "static_tuned", "dynamic", "dynamic_read_ahead")
 COLUMNS = ("images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms")
 
 
@@ -108,6 +110,8 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
                                config=PipelineConfig(resolution=static_r, **base)),
         "dynamic": Engine(store, tuned, scale=stage, policy=calibrated, classes=meta.classes,
                           config=PipelineConfig(lam=lam, **base)),
+        "dynamic_read_ahead": Engine(store, tuned, scale=stage, policy=calibrated, classes=meta.classes,
+                                     config=PipelineConfig(lam=lam, read_ahead=True, **base)),
     }
     rows: dict[str, dict] = {}
     for name, engine in engines.items():
@@ -115,8 +119,13 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         store.reset_stats()
         rows[name] = _row(engine.run(keys, progress=progress).summary)
 
-    a, b, c = (rows[m] for m in MODES)
+    a, b = rows["baseline"], rows["static_tuned"]
+    best = max(("dynamic", "dynamic_read_ahead"), key=lambda m: rows[m]["images_per_s"])
+    c = rows[best]  # the targets judge the faster dynamic variant; both rows are reported
     ratios = {
+        "dynamic_mode": best,
+        "read_ahead_vs_dynamic_images_per_s": rows["dynamic_read_ahead"]["images_per_s"] / rows["dynamic"]["images_per_s"],
+        "read_ahead_vs_dynamic_bytes": rows["dynamic_read_ahead"]["bytes_per_image"] / rows["dynamic"]["bytes_per_image"],
         "dynamic_vs_baseline_images_per_s": c["images_per_s"] / a["images_per_s"],
         "dynamic_vs_static_images_per_s": c["images_per_s"] / b["images_per_s"],
         "dynamic_minus_baseline_accuracy": _diff(c["accuracy"], a["accuracy"]),
@@ -154,16 +163,21 @@ def _diff(x: float | None, y: float | None) -> float | None:
 def render_markdown(p: dict) -> str:
     names = {"baseline": f"(a) baseline: full read + Pillow decode, eager @{p['baseline_resolution']}",
              "static_tuned": f"(b) best static @{p['static_resolution']}, tuned kernels, calibrated reads",
-             "dynamic": f"(c) dynamic (scale model @{p['scale_resolution']}, λ={p.get('lam', p['config']['lam'])})"}
+             "dynamic": f"(c) dynamic (scale model @{p['scale_resolution']}, λ={p.get('lam', p['config']['lam'])})",
+             "dynamic_read_ahead": "(c') dynamic, read ahead (one read + one decode per image)"}
     rows = [{"mode": names[m], **p["pipeline"][m]} for m in MODES]
     table = markdown_table(rows, ["mode", *COLUMNS, "read_fraction", "scale_overhead"],
                            ["Mode", "Images/s", "Top-1 %", "Bytes/image", "p50 ms", "p99 ms", "Read fraction",
                             "Scale overhead"])
     r = p["ratios"]
-    hist = ", ".join(f"{k}: {v}" for k, v in p["pipeline"]["dynamic"]["resolution_histogram"].items())
+    best = r.get("dynamic_mode", "dynamic")
+    hist = ", ".join(f"{k}: {v}" for k, v in p["pipeline"][best]["resolution_histogram"].items())
     lines = [
         f"# Pipeline benchmark ({p['images']} images, batch {p['config']['batch_size']}, "
         f"{p['config']['workers']} decode workers, kernels: {p['config']['kernels']})", "", table, "",
+        f"- ratios below use the faster dynamic variant, {names[best].split(' (')[0]}; read-ahead vs fetching the "
+        f"missing range: {r['read_ahead_vs_dynamic_images_per_s']:.2f}x images/s, "
+        f"{r['read_ahead_vs_dynamic_bytes']:.2f}x bytes",
         f"- (c)/(a) images/s: **{r['dynamic_vs_baseline_images_per_s']:.2f}x**, accuracy "
         f"{_fmt(r['dynamic_minus_baseline_accuracy'])} points, bytes {r['dynamic_vs_baseline_bytes']:.2f}x",
         f"- (c)/(b) images/s: **{r['dynamic_vs_static_images_per_s']:.2f}x**, accuracy "

@@ -158,6 +158,8 @@ def infer(
     kernels: str = typer.Option("eager", help="eager, or tuned (the cached winners of `dynres tune`)."),
     lam: float = typer.Option(0.0, "--lambda", help="Cost weight λ of the cost-aware choice (0: argmax p)."),
     baseline: bool = typer.Option(False, help="The common baseline: full read + full decode (needs --resolution)."),
+    read_ahead: bool = typer.Option(False, help="Dynamic: read up front the longest prefix any resolution needs "
+                                    "(one read + one decode per image; more bytes, less CPU)."),
     batch_size: int = typer.Option(16, help="Images per scale-model batch and per backbone batch."),
     workers: int = typer.Option(2, help="Read/decode threads."),
     threads: int = typer.Option(0, help="torch threads for the models (0: torch's default)."),
@@ -171,7 +173,7 @@ def infer(
     from dynres.records import write_records
 
     cfg = PipelineConfig(batch_size=batch_size, workers=workers, torch_threads=threads, crop=crop,
-                         resolution=resolution, lam=lam, baseline=baseline)
+                         resolution=resolution, lam=lam, baseline=baseline, read_ahead=read_ahead)
     spec = EngineSpec(store, str(model), str(scale) if scale else None, str(policy) if policy else None, kernels, cfg)
     if engine == "ray":
         from dynres._ray import run_ray

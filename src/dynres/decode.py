@@ -98,25 +98,46 @@ def decode(prefix: bytes, resolution: int, crop: float = 0.875, name: str = "<by
     Pillow decodes at the DCT scale; torch's uint8 resize (antialiased, vectorized) then scales only the crop
     region, which measured 1.3-2.7x faster than Pillow's own resize here.
     """
-    from torchvision.transforms.v2 import functional as F
+    _check_crop(crop)
+    return crop_resize(decode_scaled(prefix, resolution / crop, name), resolution, crop, name)
 
-    if not 0 < crop <= 1:
-        raise ValueError(f"crop (side ratio) must be in (0, 1], got {crop}")
+
+def decode_scaled(prefix: bytes, short_side: float, name: str = "<bytes>") -> torch.Tensor:
+    """Decode at the smallest DCT scale whose shorter side is still >= ``short_side``: a uint8 CHW view.
+
+    One such decode serves every view up to ``short_side`` (:func:`crop_resize`): the entropy decoding of a
+    progressive JPEG costs most of a decode whatever the DCT scale (measured 2.97 ms full size, 2.35 ms at 1/8 on
+    the demo's images), so a pipeline that needs two views of one prefix decodes it once.
+    """
     img = _open(prefix, name)
     try:
         w, h = img.size
         if img.format == "JPEG":
-            img.draft("RGB", draft_size(w, h, resolution / crop))
-        t = _chw_view(img)
-        # The exact box rounded to whole source pixels: at most half a source pixel off torchvision's
-        # geometry (a fraction of an output pixel), which costs nothing in accuracy and saves a resample.
-        x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(t.shape[2], t.shape[1], resolution, crop))
-        out = F.resize(t[:, y0:y1, x0:x1], [resolution, resolution], antialias=True)
-        return torch.from_numpy(np.ascontiguousarray(out.numpy()))
-    except BadImageError:
-        raise
+            img.draft("RGB", draft_size(w, h, short_side))
+        return _chw_view(img)
     except Exception as err:
         raise BadImageError(name, f"cannot decode image: {err}") from err
+
+
+def crop_resize(image: torch.Tensor, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
+    """The (3, resolution, resolution) center view of a decoded uint8 CHW image: torchvision's
+    Resize(int(R / crop)) + CenterCrop(R) geometry, resampled once."""
+    from torchvision.transforms.v2 import functional as F
+
+    _check_crop(crop)
+    try:
+        # The exact box rounded to whole source pixels: at most half a source pixel off torchvision's
+        # geometry (a fraction of an output pixel), which costs nothing in accuracy and saves a resample.
+        x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(image.shape[2], image.shape[1], resolution, crop))
+        out = F.resize(image[:, y0:y1, x0:x1], [resolution, resolution], antialias=True)
+        return torch.from_numpy(np.ascontiguousarray(out.numpy()))
+    except Exception as err:
+        raise BadImageError(name, f"cannot resize image: {err}") from err
+
+
+def _check_crop(crop: float) -> None:
+    if not 0 < crop <= 1:
+        raise ValueError(f"crop (side ratio) must be in (0, 1], got {crop}")
 
 
 def decode_image(data: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> Image.Image:

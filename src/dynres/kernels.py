@@ -256,9 +256,11 @@ def tune(model: nn.Module, config: TuneConfig = TuneConfig(), *, model_name: str
 
 
 def _entry_covers(entry: dict, config: TuneConfig) -> bool:
-    """A cached choice answers this request if it considered every backend asked for (same TVM budget) and its
-    artifact is still on disk."""
+    """A cached choice answers this request if it considered every backend asked for (same TVM budget), its
+    winner is one of them (then it is also the winner among them) and its artifact is still on disk."""
     if not set(config.backends) <= set(entry.get("backends", ())):
+        return False
+    if entry.get("chosen") not in set(config.backends) | {"eager"}:
         return False
     if "tvm" in config.backends and entry.get("tvm_trials") != config.tvm_trials:
         return False

@@ -25,7 +25,7 @@ import torch
 
 from dynres._ui import track
 from dynres.data import Scans, scans_for
-from dynres.decode import decode, decode_baseline
+from dynres.decode import crop_resize, decode, decode_baseline, decode_scaled
 from dynres.errors import ConfigError
 from dynres.models import to_input
 
@@ -162,7 +162,9 @@ def load_scale(checkpoint: str | Path, backbone: torch.nn.Module, kernels: str =
 class PipelineConfig:
     """How to run. ``resolution`` set: static mode. ``baseline``: the common baseline (full read, full Pillow
     decode + torchvision resize, no policy). ``max_wait`` is how many chunks a partly filled per-resolution batch
-    may wait for more images before it runs anyway."""
+    may wait for more images before it runs anyway. ``read_ahead`` trades bytes for CPU in dynamic mode: one read
+    and one decode per image instead of the scale prefix first and, when the backbone needs more scans, a second
+    read and decode (decoding a progressive JPEG costs about as much per scan read whatever the output size)."""
 
     batch_size: int = 16
     workers: int = 2
@@ -173,6 +175,7 @@ class PipelineConfig:
     baseline: bool = False
     prefetch: int = 2
     max_wait: int = 2
+    read_ahead: bool = False  # dynamic: read the longest prefix any grid resolution needs up front
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
@@ -244,7 +247,8 @@ class _Item:
     bytes_read: int = 0
     chunk: int = 0
     image: Future | None = None
-    small: torch.Tensor | None = None  # the scale model's input, reused when the choice is its resolution
+    decoded: torch.Tensor | None = None  # the scale prefix decoded once, large enough for every grid resolution
+    decode_s: float = 0.0  # what that decode cost: the backbone's decode if it is reused, else scale overhead
 
 
 class Engine:
@@ -278,27 +282,36 @@ class Engine:
         return None if self.config.baseline else scans_for(self.policy, key, resolution)
 
     def _scale_read(self, item: _Item) -> torch.Tensor:
-        s = self.scale
+        """The scale prefix, decoded once at the size the largest grid resolution needs: the scale model's input
+        is a resize of it, and so is the backbone's whenever the prefix already holds the scans it needs."""
+        s, crop = self.scale, self.config.crop
         scans = s.scans if s.scans is not None else self._scans(item.key, s.resolution)
+        if self.config.read_ahead:
+            scans = _longest(scans, (self._scans(item.key, r) for r in s.grid))
         item.data = self._timed("scale_read", self.store.read, item.key, scans)
         item.scans = _clip(scans, self.store.num_scans(item.key))
-        item.small = self._timed("scale_decode", decode, item.data, s.resolution, self.config.crop, item.key)
-        return item.small
+        t = time.thread_time()
+        item.decoded = decode_scaled(item.data, max(s.grid) / crop, item.key)
+        item.decode_s = time.thread_time() - t
+        return self._timed("scale_decode", crop_resize, item.decoded, s.resolution, crop, item.key)
 
     def _read(self, item: _Item) -> torch.Tensor:
-        """Bytes for the chosen resolution (only the missing range is fetched), decoded at it."""
+        """The view at the chosen resolution: a resize of the scale prefix's decode when that prefix holds the
+        scans the policy wants, else only the missing range is fetched and the longer prefix decoded."""
         key, r, cfg = item.key, item.resolution, self.config
         want = _clip(self._scans(key, r), self.store.num_scans(key))
-        have = item.scans
-        if have is not None and want <= have:  # the scale prefix already holds enough: decode what is in hand
-            data, want = item.data, have
-            if item.small is not None and r == self.scale.resolution:  # and it is decoded already
-                item.data, item.bytes_read = b"", self.store.prefix_size(key, want)
-                return item.small
-        else:
-            data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
-        item.data = b""
-        item.bytes_read = self.store.prefix_size(key, want)
+        decoded, item.decoded = item.decoded, None
+        if item.scans is not None and want <= item.scans:
+            if decoded is None:  # the prefix came without its decode (Ray's hand-off): decode it the same way
+                decoded = self._timed("decode", decode_scaled, item.data, max(self.scale.grid) / cfg.crop, key)
+            else:
+                self._add("decode", item.decode_s)  # the backbone's decode, done early
+            item.data, item.bytes_read = b"", self.store.prefix_size(key, item.scans)
+            return self._timed("decode", crop_resize, decoded, r, cfg.crop, key)
+        if decoded is not None:
+            self._add("scale_decode", item.decode_s)  # a decode the backbone cannot use: scale-model overhead
+        data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
+        item.data, item.bytes_read = b"", self.store.prefix_size(key, want)
         fn = decode_baseline if cfg.baseline else decode
         return self._timed("decode", fn, data, r, cfg.crop, key)
 
@@ -386,6 +399,15 @@ class Engine:
     def _add(self, name: str, seconds: float) -> None:
         with self._lock:
             self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+
+def _longest(scans: int | None, others) -> int | None:
+    """The longest of several prefixes (None: the whole file)."""
+    for k in others:
+        if scans is None or k is None:
+            return None
+        scans = max(scans, k)
+    return scans
 
 
 def _clip(scans: int | None, total: int) -> int:

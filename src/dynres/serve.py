@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from dynres.data import Scans, scans_for
-from dynres.decode import decode
+from dynres.decode import crop_resize, decode_scaled
 from dynres.errors import BadImageError, ConfigError, KeyNotFoundError
 from dynres.pipeline import Runner, ScaleStage, top5
 
@@ -158,6 +158,8 @@ class Service:
             raise ConfigError("serve", "no scale model: give a static resolution")
         self.backbone, self.classes, self.scale, self.store, self.policy = backbone, tuple(classes), scale, store, policy
         self.config = config
+        # one decode per prefix serves every view: large enough for the largest resolution this service runs
+        self.short_side = max(scale.grid if scale is not None else (config.resolution,)) / config.crop
         self.controller = (LoadController(config.latency_target_ms, config.lam, config.lam_max, config.lam_step)
                            if config.adaptive else None)
         self.inflight = 0
@@ -238,10 +240,10 @@ class Service:
                 raise Rejected(400, "this service has no store: upload an image instead")
             if key not in self.store:
                 raise Rejected(404, f"{key}: not in the store")
-            source = _StoreSource(self.store, key, self.policy)
+            source = _StoreSource(self.store, key, self.policy, self.short_side)
         else:
             await loop.run_in_executor(self.decoders, check_upload, data, cfg.max_bytes, cfg.max_pixels)
-            source = _BytesSource(data)
+            source = _BytesSource(data, self.short_side)
         lam = None
         try:
             if self.scale is not None:
@@ -272,26 +274,26 @@ class Service:
 
 
 class _BytesSource:
-    """An uploaded image: everything is already in hand."""
+    """An uploaded image: everything is already in hand, decoded once for the scale and the backbone views."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, short_side: float):
         self.data, self.bytes_read, self.file_bytes = data, len(data), len(data)
-        self.decoded: dict[int, torch.Tensor] = {}  # the scale input is reused if the choice is its resolution
+        self.short_side, self.decoded = short_side, None
 
     def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
-        if resolution not in self.decoded:
-            self.decoded[resolution] = decode(self.data, resolution, crop, name="upload")
-        return self.decoded[resolution]
+        if self.decoded is None:
+            self.decoded = decode_scaled(self.data, self.short_side, name="upload")
+        return crop_resize(self.decoded, resolution, crop, "upload")
 
 
 class _StoreSource:
-    """A stored image: the scale prefix first, later only the missing range; counts what it fetched."""
+    """A stored image: the scale prefix first, later only the missing range; counts what it fetched. A prefix is
+    decoded once (large enough for every view): a view of the scans in hand is a resize, not a second decode."""
 
-    def __init__(self, store, key: str, policy: Scans):
-        self.store, self.key, self.policy = store, key, policy
+    def __init__(self, store, key: str, policy: Scans, short_side: float):
+        self.store, self.key, self.policy, self.short_side = store, key, policy, short_side
         self.file_bytes, self.bytes_read = store.size(key), 0
-        self.have, self.data = 0, b""
-        self.decoded: dict[tuple[int, int], torch.Tensor] = {}
+        self.have, self.data, self.decoded = 0, b"", None
 
     def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
         total = self.store.num_scans(self.key)
@@ -300,11 +302,11 @@ class _StoreSource:
         want = total if scans is None else max(1, min(int(scans), total))
         if want > self.have:
             self.data = self.store.read(self.key, None if want >= total else want)
-            self.have = want
+            self.have, self.decoded = want, None
         self.bytes_read = self.store.prefix_size(self.key, self.have)
-        if (self.have, resolution) not in self.decoded:
-            self.decoded[self.have, resolution] = decode(self.data, resolution, crop, name=self.key)
-        return self.decoded[self.have, resolution]
+        if self.decoded is None:
+            self.decoded = decode_scaled(self.data, self.short_side, name=self.key)
+        return crop_resize(self.decoded, resolution, crop, self.key)
 
 
 class _Metrics:

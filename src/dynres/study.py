@@ -259,7 +259,7 @@ def assemble_summary(study: Study, dyn: dict, cal: dict, kern: dict, kern_scale:
         "gemm_gflops_per_s": kern.get("limits", {}).get("gemm_gflops_per_s"),
         "pipeline": {m: {k: pipe["pipeline"][m].get(k) for k in
                          ("images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms")}
-                     for m in ("baseline", "static_tuned", "dynamic")},
+                     for m in pipe["pipeline"]},
         "pipeline_ratios": pipe.get("ratios", {}),
         "io": {"decode": io["decode"], "bytes_per_scan": io["bytes_per_scan"], "ingest": io.get("ingest")},
         "samples": samples,
