@@ -27,7 +27,7 @@ from dynres._ui import track
 from dynres.data import Scans, scans_for
 from dynres.decode import crop_side, decode, decode_short_side
 from dynres.errors import ConfigError
-from dynres.models import checkpoint_digest, gflops, load_checkpoint, to_input
+from dynres.models import channels_last, checkpoint_digest, gflops, load_checkpoint, to_input
 from dynres.records import markdown_table, write_records
 
 PAPER_GRID = (112, 168, 224, 280, 336, 392, 448)
@@ -88,7 +88,7 @@ def predict_grid(model: torch.nn.Module, store, keys: Sequence[str], grid: Seque
                  scans: Scans = None, exact: bool = False, batch_size: int = 64, progress: bool = True,
                  description: str = "evaluate") -> pa.Table:
     """Run ``model`` on every (key, crop, resolution) view; one row per view."""
-    model.eval()
+    channels_last(model).eval()
     cols: dict[str, list] = {n: [] for n in ("key", "label", "crop", "resolution", "pred", "prob", "correct")}
     keys = list(keys)
     chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
@@ -98,7 +98,7 @@ def predict_grid(model: torch.nn.Module, store, keys: Sequence[str], grid: Seque
         labels = [store.label(k) for k in chunk]
         for c in crops:
             for r in grid:
-                probs = torch.softmax(model(to_input(torch.stack([v[(c, r)] for v in views]))), dim=1)
+                probs = torch.softmax(model(to_input(torch.stack([v[(c, r)] for v in views]), True)), dim=1)
                 prob, pred = probs.max(dim=1)
                 for key, label, p, q in zip(chunk, labels, pred.tolist(), prob.tolist()):
                     for name, value in zip(cols, (key, label, c, r, p, q, p == label)):

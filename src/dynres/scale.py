@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from dynres.data import Scans
 from dynres.errors import ConfigError
 from dynres.evaluate import PAPER_CROPS, image_views, predict_grid, scaled_grid
-from dynres.models import ModelMeta, create_model, load_checkpoint, load_weights, to_input
+from dynres.models import ModelMeta, channels_last, create_model, load_checkpoint, load_weights, to_input
 from dynres.records import markdown_table, write_records
 from dynres.train import ImageCache, TrainConfig, data_hash, fit, train_backbone
 from dynres._ui import track
@@ -174,8 +174,8 @@ def scale_inputs(store, pairs: Sequence[tuple[str, float]], resolution: int, cro
 @torch.no_grad()
 def predict_scale(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Sigmoid probabilities (N, len(grid)) that the backbone is right at each resolution."""
-    model.eval()
-    out = [torch.sigmoid(model(to_input(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]
+    channels_last(model).eval()
+    out = [torch.sigmoid(model(to_input(images[i:i + batch_size], True))) for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
 
 

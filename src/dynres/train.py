@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from dynres._ui import enabled, make_progress, track
 from dynres.decode import decode_short_side
 from dynres.errors import CheckpointError, ConfigError
-from dynres.models import ModelMeta, build_backbone, create_model, load_weights, save_checkpoint, to_input
+from dynres.models import (ModelMeta, build_backbone, channels_last, create_model, load_weights, save_checkpoint,
+                           to_input)
 
 STATE_NAME = "train_state.pt"
 
@@ -150,6 +151,7 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn: Callable,
     """Train ``model`` (with its Normalize front) on ``dataset``; after each epoch save ``out/model.pt`` (+ JSON)
     and ``out/train_state.pt``. Resumes from that state when its recipe and data hash match ``meta``."""
     out.mkdir(parents=True, exist_ok=True)
+    channels_last(model)
     opt = _optimizer(cfg, model.parameters())
     history: list[dict] = []
     start = 0
@@ -183,7 +185,7 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn: Callable,
             for i, (x, y) in enumerate(loader):
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr)
-                logits = model(to_input(x))
+                logits = model(to_input(x, channels_last=True))
                 loss = loss_fn(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
