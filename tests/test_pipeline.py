@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -123,18 +125,32 @@ def test_kernel_runner_cuts_and_pads_batches_like_eager():
     assert torch.allclose(runner(x, 32), EagerRunner(model)(x, 32), atol=1e-5)
 
 
-def test_kernel_runner_cuts_a_batch_down_the_ladder_of_tuned_sizes():
+def test_kernel_runner_cuts_a_batch_down_the_ladder_of_tuned_sizes(tmp_path):
     model, calls = tiny_classifier(), []
 
     def kernel(size):
         return lambda t: (calls.append(size), t.shape[0] == size or pytest.fail("wrong shape"))[1] and model(t)
 
-    runner = KernelRunner(model, batch=16)
-    assert runner.batches == (16, 4, 1)
-    runner._kernels = {(32, b): kernel(b) for b in runner.batches}
+    runner = KernelRunner(model, batch=16, cache_dir=Path(tmp_path))  # nothing tuned: the default ladder
+    assert runner.ladder(32) == (16, 4, 1)
+    runner._kernels = {(32, b): kernel(b) for b in runner.ladder(32)}
     x = torch.randint(0, 255, (23, 3, 32, 32), dtype=torch.uint8)
     assert torch.allclose(runner(x, 32), EagerRunner(model)(x, 32), atol=1e-5)
     assert calls == [16, 4, 4]  # 23 = 16 + 4 + 3 (padded to 4); never seven batch-1 calls
+
+
+def test_kernel_runner_uses_the_batch_sizes_the_cache_holds(tmp_path):
+    from dynres.kernels import TuneConfig, tune
+
+    model = tiny_classifier()
+    tune(model, TuneConfig(resolutions=(32,), batch_sizes=(1, 4), threads=1, runs=2, min_runs=1,
+                           backends=("eager",), cache_dir=tmp_path), gemm_peak=1.0, progress=False)
+    runner = KernelRunner(model, batch=8, threads=1, cache_dir=tmp_path)  # a service allowing batches of 8
+    assert runner.ladder(32) == (4, 1)  # the tuned sizes, not an untuned 8
+    assert runner.ladder(48) == (8, 4, 1)  # nothing tuned at 48 px: the default ladder
+    x = torch.randint(0, 255, (9, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(runner(x, 32), EagerRunner(model)(x, 32), atol=1e-5)
+    assert set(runner._kernels) == {(32, 4), (32, 1)}
 
 
 def test_a_higher_cost_weight_picks_cheaper_resolutions(store):

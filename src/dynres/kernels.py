@@ -16,7 +16,7 @@ import shutil
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -265,6 +265,17 @@ def _entry_covers(entry: dict, config: TuneConfig) -> bool:
     if "tvm" in config.backends and entry.get("tvm_trials") != config.tvm_trials:
         return False
     return (Path(config.cache_dir) / entry["artifact_dir"]).exists()
+
+
+def tuned_batches(model: nn.Module, resolution: int, threads: int, batches: Iterable[int],
+                  cache_dir: Path | None = None) -> tuple[int, ...]:
+    """Which of ``batches`` have a tuned kernel cached for this (weights, resolution, threads, CPU, versions)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    index = _read_index(cache_dir) if cache_dir.exists() else {}
+    if not index:
+        return ()
+    weights = weights_hash(model)
+    return tuple(b for b in batches if cache_key(weights, resolution, b, threads) in index)
 
 
 def load(model: nn.Module, resolution: int, batch: int = 1, threads: int = 2,

@@ -65,17 +65,32 @@ def batch_ladder(batch: int) -> tuple[int, ...]:
 class KernelRunner:
     """Tuned kernels from :func:`dynres.kernels.load`, built lazily per (resolution, batch size).
 
-    Tuned kernels are shape-specialized, so a batch is cut greedily into pieces of the ``batches`` sizes (largest
+    Tuned kernels are shape-specialized, so a batch is cut greedily into pieces of the ladder's sizes (largest
     first); a remainder smaller than the smallest size above 1 is padded to it when it fills more than half of it,
-    else it runs on batch-1 kernels.
+    else it runs on batch-1 kernels. The ladder is ``batches`` if given, else the sizes up to ``batch`` that the
+    tuning cache holds for that resolution (a service allowing batches of 8 uses the 4s and 1s tuned for a
+    16/4/1 pipeline instead of an untuned 8), else :func:`batch_ladder`.
     """
 
     def __init__(self, model: torch.nn.Module, batch: int = 8, threads: int = 2, cache_dir: Path | None = None,
                  batches: Sequence[int] | None = None):
-        self.model, self.threads, self.cache_dir = model.eval(), threads, cache_dir
-        self.batches = tuple(sorted(set(batches or batch_ladder(batch)) | {1}, reverse=True))
-        self.batch = self.batches[0]
+        self.model, self.threads, self.cache_dir, self.batch = model.eval(), threads, cache_dir, batch
+        self._fixed = tuple(sorted(set(batches) | {1}, reverse=True)) if batches else None
+        self._ladders: dict[int, tuple[int, ...]] = {}
         self._kernels: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def ladder(self, resolution: int) -> tuple[int, ...]:
+        """The batch sizes a batch at ``resolution`` is cut into, largest first (always ending in 1)."""
+        if self._fixed:
+            return self._fixed
+        if resolution not in self._ladders:
+            from dynres import kernels
+
+            tuned = kernels.tuned_batches(self.model, resolution, self.threads, range(1, self.batch + 1),
+                                          self.cache_dir)
+            sizes = set(tuned) if tuned else set(batch_ladder(self.batch))
+            self._ladders[resolution] = tuple(sorted(sizes | {1}, reverse=True))
+        return self._ladders[resolution]
 
     def kernel(self, resolution: int, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
         if (resolution, batch) not in self._kernels:
@@ -88,17 +103,17 @@ class KernelRunner:
     def warm(self, resolutions: Sequence[int]) -> None:
         """Build every kernel ``resolutions`` may need now, so no timed run pays for loading them."""
         for r in resolutions:
-            for b in self.batches:
+            for b in self.ladder(r):
                 self.kernel(r, b)
 
     def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
-        x, out, i = to_input(images), [], 0
+        x, out, i, ladder = to_input(images), [], 0, self.ladder(resolution)
         with torch.inference_mode():
-            for b in self.batches[:-1]:
+            for b in ladder[:-1]:
                 while len(x) - i >= b:
                     out.append(self.kernel(resolution, b)(x[i : i + b]))
                     i += b
-            tail, smallest = x[i:], (self.batches[-2] if len(self.batches) > 1 else 1)
+            tail, smallest = x[i:], (ladder[-2] if len(ladder) > 1 else 1)
             if smallest > 1 and len(tail) * 2 > smallest:
                 pad = torch.zeros(smallest - len(tail), *tail.shape[1:])
                 out.append(self.kernel(resolution, smallest)(torch.cat([tail, pad]))[: len(tail)])
