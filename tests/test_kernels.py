@@ -127,6 +127,25 @@ def test_a_cached_winner_outside_the_backends_asked_for_is_not_reused(tmp_path, 
     assert next(r["chosen"] for r in rows if r["backend"] == "tuned") == "eager"
 
 
+def test_an_ort_winner_loads_without_spinning_threads_for_the_engines(tmp_path, monkeypatch):
+    built = []
+
+    def fake(tag):
+        def build(model, example, threads, artifact_dir):
+            built.append(tag)
+            right = model(example).detach()  # correct and instant: it wins
+            return lambda x: right
+        return build
+
+    _fake(monkeypatch, "ort", fake("ort"))
+    _fake(monkeypatch, "ort_nospin", fake("ort_nospin"))
+    net, cfg = tiny_net(), config(tmp_path, backends=("eager", "ort"))
+    tune(net, cfg, gemm_peak=100.0, progress=False)
+    assert load(net, RES, 1, 1, cfg.cache_dir).backend == "ort"  # alone on the cores: the timed winner
+    assert load(net, RES, 1, 1, cfg.cache_dir, spinning=False).backend == "ort_nospin"  # beside decode threads
+    assert built[-2:] == ["ort", "ort_nospin"]
+
+
 def _fake(monkeypatch, name: str, build, requires=()) -> None:
     monkeypatch.setitem(BACKENDS, name, Backend(name, build, tuple(requires)))
 

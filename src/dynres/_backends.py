@@ -177,11 +177,11 @@ def _ort(model: nn.Module, example: torch.Tensor, threads: int, artifact_dir: Pa
     return run
 
 
-@register("ort", requires=("onnx", "onnxruntime"), default=False)
+@register("ort", requires=("onnx", "onnxruntime"))
 def build_ort(model: nn.Module, example: torch.Tensor, threads: int, artifact_dir: Path) -> Fn:
-    """ORT's default: worker threads spin between calls. Opt-in only: it wins an idle-machine microbenchmark by a
-    few percent, but in the pipeline the spinning threads take the cores the decode workers need (demo store,
-    600 images: static @140 326 vs 468 img/s, dynamic 128 vs 288 img/s against ``ort_nospin``)."""
+    """ORT's default: worker threads spin between calls. Fastest alone on idle cores (ResNet-18 @224 batch 1:
+    16.0 vs 25.0 ms without spinning), but where other threads need the cores, as the engines' decode workers do,
+    the spinning takes their time: :func:`dynres.kernels.load` turns it off there (``spinning=False``)."""
     return _ort(model, example, threads, artifact_dir, spinning=True)
 
 

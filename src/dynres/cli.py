@@ -524,8 +524,8 @@ def _print_tuned(rows: list) -> None:
 _TUNE_OPTS = dict(
     resolutions=typer.Option("112..448:56", help="'112,168,224' or '112..448:56' (inclusive, step)."),
     threads=typer.Option(2, help="Threads every backend gets (part of the cache key)."),
-    backends=typer.Option("default", help="'default' (eager, channels_last, ort_nospin, openvino), 'all' "
-                          "(+ ort with spinning threads, inductor, inductor_max, tvm) or a comma-separated list."),
+    backends=typer.Option("default", help="'default' (eager, channels_last, ort, ort_nospin, openvino), 'all' "
+                          "(+ inductor, inductor_max, tvm) or a comma-separated list."),
     runs=typer.Option(20, help="Timed rounds per setting (alternating candidates; median)."),
     warmup=typer.Option(3, help="Untimed calls per candidate first."),
     tolerance=typer.Option(1e-4, help="Max relative error vs eager; worse candidates are rejected."),

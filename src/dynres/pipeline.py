@@ -96,8 +96,9 @@ class KernelRunner:
         if (resolution, batch) not in self._kernels:
             from dynres import kernels
 
+            # the engines' decode threads share the cores: ORT winners run without spinning worker threads
             self._kernels[resolution, batch] = kernels.load(self.model, resolution, batch, self.threads,
-                                                            self.cache_dir)
+                                                            self.cache_dir, spinning=False)
         return self._kernels[resolution, batch]
 
     def warm(self, resolutions: Sequence[int]) -> None:
