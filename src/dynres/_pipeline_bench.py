@@ -3,8 +3,10 @@
 (a) ``baseline``: the common baseline — full read, full Pillow decode + torchvision resize, eager PyTorch at the
 backbone's train resolution (the paper's 224); (b) ``static_tuned``: the best static resolution with tuned kernels
 and calibrated reads; (c) ``dynamic``: scale model → per-image resolution, tuned kernels, calibrated reads, the
-backbone fetching only the range it misses; (c') ``dynamic_read_ahead``: the same, but each image's longest policy
-prefix is read up front, so it is read and decoded once (more bytes, less CPU). All of them
+backbone fetching only the range it misses, each prefix decoded once and its views resized from it; (c')
+``dynamic_read_ahead``: the same, but each image's longest policy prefix is read up front, so it is read and decoded
+once (more bytes, less CPU); (c'') ``dynamic_exact``: every view decoded at its own DCT scale, pixel-identical to
+what ``dynres eval`` and calibration measured (the paper's pipeline: two decodes per image). All of them
 run the same images through the same pipelined engine (same workers, batch size, threads), after a warm-up run
 that builds every kernel, so the numbers differ only by what the modes do.
 """
@@ -20,8 +22,12 @@ import torch
 from dynres.pipeline import Engine, EagerRunner, PipelineConfig, load_scale, make_runner
 from dynres.records import markdown_table, write_records
 
-MODES = ("baseline", "static_tuned", "dynamic", "dynamic_read_ahead")
-DYNAMIC = {"dynamic": False, "dynamic_read_ahead": True}  # the dynamic variants and their read_ahead setting
+MODES = ("baseline", "static_tuned", "dynamic", "dynamic_read_ahead", "dynamic_exact")
+DYNAMIC = {  # the dynamic variants: how each reads and decodes
+    "dynamic": {"read_ahead": False, "decode_once": True},
+    "dynamic_read_ahead": {"read_ahead": True, "decode_once": True},
+    "dynamic_exact": {"read_ahead": False, "decode_once": False},
+}
 COLUMNS = ("images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms")
 
 
@@ -99,10 +105,10 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         target = next((row["accuracy"] for row in sweep if row["resolution"] == static_r), None)
         if target is None:
             target = on_sweep(resolution=static_r)["accuracy"]
-        for name, ahead in DYNAMIC.items():
+        for name, variant in DYNAMIC.items():
             rows = []
             for value in cfg.lambdas:
-                s = on_sweep(lam=value, read_ahead=ahead)
+                s = on_sweep(lam=value, **variant)
                 rows.append({"mode": name, "lam": value, "accuracy": s["accuracy"],
                              "images_per_s": s["images_per_s"],
                              "mean_resolution": _mean_resolution(s["resolution_histogram"])})
@@ -116,8 +122,8 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         "static_tuned": Engine(store, tuned, policy=calibrated, classes=meta.classes,
                                config=PipelineConfig(resolution=static_r, **base)),
         **{name: Engine(store, tuned, scale=stage, policy=calibrated, classes=meta.classes,
-                        config=PipelineConfig(lam=lams[name], read_ahead=ahead, **base))
-           for name, ahead in DYNAMIC.items()},
+                        config=PipelineConfig(lam=lams[name], **variant, **base))
+           for name, variant in DYNAMIC.items()},
     }
     rows: dict[str, dict] = {}
     for name, engine in engines.items():
@@ -126,13 +132,19 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         rows[name] = _row(engine.run(keys, progress=progress).summary)
 
     a, b = rows["baseline"], rows["static_tuned"]
-    best = max(DYNAMIC, key=lambda m: rows[m]["images_per_s"])
-    c = rows[best]  # the targets judge the faster dynamic variant; both rows are reported
+    # the targets judge the fastest dynamic variant that keeps (b)'s accuracy within the tolerance (if none does, the
+    # most accurate one); every variant's row is reported
+    ok = [m for m in DYNAMIC if (rows[m]["accuracy"] or 0.0) >= (b["accuracy"] or 0.0) - cfg.tolerance]
+    best = (max(ok, key=lambda m: rows[m]["images_per_s"]) if ok
+            else max(DYNAMIC, key=lambda m: (rows[m]["accuracy"] or 0.0, rows[m]["images_per_s"])))
+    c = rows[best]
     ahead, fetch = rows["dynamic_read_ahead"], rows["dynamic"]
     ratios = {
         "dynamic_mode": best,
         "read_ahead_vs_dynamic_images_per_s": ahead["images_per_s"] / fetch["images_per_s"],
         "read_ahead_vs_dynamic_bytes": ahead["bytes_per_image"] / fetch["bytes_per_image"],
+        "decode_once_vs_exact_images_per_s": fetch["images_per_s"] / rows["dynamic_exact"]["images_per_s"],
+        "decode_once_minus_exact_accuracy": _diff(fetch["accuracy"], rows["dynamic_exact"]["accuracy"]),
         "dynamic_vs_baseline_images_per_s": c["images_per_s"] / a["images_per_s"],
         "dynamic_vs_static_images_per_s": c["images_per_s"] / b["images_per_s"],
         "dynamic_minus_baseline_accuracy": _diff(c["accuracy"], a["accuracy"]),
@@ -151,7 +163,7 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         "store": str(store_path), "backbone": str(backbone), "scale_model": str(scale), "policy": policy,
         "images": len(keys), "config": asdict(cfg), "baseline_resolution": engines["baseline"].config.resolution,
         "static_resolution": static_r, "scale_resolution": stage.resolution, "grid": list(stage.grid),
-        "static_sweep": sweep, "lam": lams["dynamic"], "lam_read_ahead": lams["dynamic_read_ahead"],
+        "static_sweep": sweep, "lam": lams["dynamic"], "lams": lams,
         "lam_sweep": lam_sweep, "pipeline": rows, "ratios": ratios,
         "targets": targets,
     }
@@ -173,8 +185,10 @@ def render_markdown(p: dict) -> str:
              "static_tuned": f"(b) best static @{p['static_resolution']}, tuned kernels, calibrated reads",
              "dynamic": f"(c) dynamic (scale model @{p['scale_resolution']}, λ={p.get('lam', p['config']['lam'])})",
              "dynamic_read_ahead": f"(c') dynamic, read ahead (one read + one decode per image, "
-                                   f"λ={p.get('lam_read_ahead', p['config']['lam'])})"}
-    rows = [{"mode": names[m], **p["pipeline"][m]} for m in MODES]
+                                   f"λ={p['lams']['dynamic_read_ahead']})",
+             "dynamic_exact": f"(c'') dynamic, exact views (each decoded at its own scale, "
+                              f"λ={p['lams']['dynamic_exact']})"}
+    rows = [{"mode": names[m], **p["pipeline"][m]} for m in MODES if m in p["pipeline"]]
     table = markdown_table(rows, ["mode", *COLUMNS, "read_fraction", "scale_overhead"],
                            ["Mode", "Images/s", "Top-1 %", "Bytes/image", "p50 ms", "p99 ms", "Read fraction",
                             "Scale overhead"])
@@ -184,9 +198,11 @@ def render_markdown(p: dict) -> str:
     lines = [
         f"# Pipeline benchmark ({p['images']} images, batch {p['config']['batch_size']}, "
         f"{p['config']['workers']} decode workers, kernels: {p['config']['kernels']})", "", table, "",
-        f"- ratios below use the faster dynamic variant, {names[best].split(' (')[0]}; read-ahead vs fetching the "
-        f"missing range: {r['read_ahead_vs_dynamic_images_per_s']:.2f}x images/s, "
-        f"{r['read_ahead_vs_dynamic_bytes']:.2f}x bytes",
+        f"- ratios below use {names[best].split(' (')[0]}: the fastest dynamic variant within "
+        f"{p['config']['tolerance']} points of (b) (or the most accurate); read-ahead vs fetching the missing range: "
+        f"{r['read_ahead_vs_dynamic_images_per_s']:.2f}x images/s, {r['read_ahead_vs_dynamic_bytes']:.2f}x bytes; "
+        f"decode once vs exact views: {r['decode_once_vs_exact_images_per_s']:.2f}x images/s, "
+        f"{_fmt(r['decode_once_minus_exact_accuracy'])} points",
         f"- (c)/(a) images/s: **{r['dynamic_vs_baseline_images_per_s']:.2f}x**, accuracy "
         f"{_fmt(r['dynamic_minus_baseline_accuracy'])} points, bytes {r['dynamic_vs_baseline_bytes']:.2f}x",
         f"- (c)/(b) images/s: **{r['dynamic_vs_static_images_per_s']:.2f}x**, accuracy "

@@ -160,6 +160,9 @@ def infer(
     baseline: bool = typer.Option(False, help="The common baseline: full read + full decode (needs --resolution)."),
     read_ahead: bool = typer.Option(False, help="Dynamic: read up front the longest prefix any resolution needs "
                                     "(one read + one decode per image; more bytes, less CPU)."),
+    decode_once: bool = typer.Option(True, "--decode-once/--exact-views",
+                                     help="Dynamic: resize every view from one decode per prefix, or decode each "
+                                     "view at its own DCT scale (pixel-identical to `dynres eval`; two decodes)."),
     batch_size: int = typer.Option(16, help="Images per scale-model batch and per backbone batch."),
     workers: int = typer.Option(2, help="Read/decode threads."),
     threads: int = typer.Option(0, help="torch threads for the models (0: torch's default)."),
@@ -173,7 +176,8 @@ def infer(
     from dynres.records import write_records
 
     cfg = PipelineConfig(batch_size=batch_size, workers=workers, torch_threads=threads, crop=crop,
-                         resolution=resolution, lam=lam, baseline=baseline, read_ahead=read_ahead)
+                         resolution=resolution, lam=lam, baseline=baseline, read_ahead=read_ahead,
+                         decode_once=decode_once)
     spec = EngineSpec(store, str(model), str(scale) if scale else None, str(policy) if policy else None, kernels, cfg)
     if engine == "ray":
         from dynres._ray import run_ray

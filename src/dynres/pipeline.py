@@ -180,7 +180,11 @@ class PipelineConfig:
     decode + torchvision resize, no policy). ``max_wait`` is how many chunks a partly filled per-resolution batch
     may wait for more images before it runs anyway. ``read_ahead`` trades bytes for CPU in dynamic mode: one read
     and one decode per image instead of the scale prefix first and, when the backbone needs more scans, a second
-    read and decode (decoding a progressive JPEG costs about as much per scan read whatever the output size)."""
+    read and decode (decoding a progressive JPEG costs about as much per scan read whatever the output size).
+    ``decode_once=False`` decodes every view at its own DCT scale, pixel-identical to :func:`dynres.decode.decode`
+    (what ``dynres eval`` and calibration measured); the default decodes a prefix once, at the largest view's scale,
+    and resizes: the views differ by resampling only, which moved the demo's top-1 by about a point (either way,
+    depending on the model's training views)."""
 
     batch_size: int = 16
     workers: int = 2
@@ -192,6 +196,7 @@ class PipelineConfig:
     prefetch: int = 2
     max_wait: int = 2
     read_ahead: bool = False  # dynamic: read the longest prefix any grid resolution needs up front
+    decode_once: bool = True  # dynamic: views are resizes of one decode per prefix (False: each view decoded)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
@@ -299,13 +304,16 @@ class Engine:
 
     def _scale_read(self, item: _Item) -> torch.Tensor:
         """The scale prefix, decoded once at the size the largest grid resolution needs: the scale model's input
-        is a resize of it, and so is the backbone's whenever the prefix already holds the scans it needs."""
+        is a resize of it, and so is the backbone's whenever the prefix already holds the scans it needs
+        (``decode_once=False``: decoded at the scale resolution only, the backbone's view decoded again)."""
         s, crop = self.scale, self.config.crop
         scans = s.scans if s.scans is not None else self._scans(item.key, s.resolution)
         if self.config.read_ahead:
             scans = _longest(scans, (self._scans(item.key, r) for r in s.grid))
         item.data = self._timed("scale_read", self.store.read, item.key, scans)
         item.scans = _clip(scans, self.store.num_scans(item.key))
+        if not self.config.decode_once:
+            return self._timed("scale_decode", decode, item.data, s.resolution, crop, item.key)
         t = time.thread_time()
         item.decoded = decode_scaled(item.data, max(s.grid) / crop, item.key)
         item.decode_s = time.thread_time() - t
@@ -318,6 +326,9 @@ class Engine:
         want = _clip(self._scans(key, r), self.store.num_scans(key))
         decoded, item.decoded = item.decoded, None
         if item.scans is not None and want <= item.scans:
+            if not cfg.decode_once:  # each view from its own decode, exactly as `decode` makes it
+                data, item.data, item.bytes_read = item.data, b"", self.store.prefix_size(key, item.scans)
+                return self._timed("decode", decode, data, r, cfg.crop, key)
             if decoded is None:  # the prefix came without its decode (Ray's hand-off): decode it the same way
                 decoded = self._timed("decode", decode_scaled, item.data, max(self.scale.grid) / cfg.crop, key)
             else:
