@@ -1,6 +1,7 @@
 """Training: determinism, resume, shard split, held-out labels, the scale model chain (tiny models, tiny data)."""
 
 import json
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -111,6 +112,26 @@ def test_cheap_option_trains_one_shard_backbone(tmp_path):
     result = train_scale(store, tmp_path, cfg, progress=False)
     assert result["folds"] == 1 and not (tmp_path / "fold1").exists()
     assert result["labelled_images"] == len(shard_split(store, store.keys, 4, 0)[0])
+
+
+def test_existing_labels_retrain_only_the_scale_model(tmp_path):
+    import pyarrow as pa
+
+    store = MemoryStore(per_class=4)
+    first = ScaleConfig(folds=2, cheap=True, backbone=TrainConfig(resolution=32, epochs=1, batch_size=8),
+                        grid=(16, 32), crops=(0.5, 1.0), epochs=1, batch_size=8, holdout=0.0)
+    train_scale(store, tmp_path / "a", first, progress=False)
+    labels = tmp_path / "a" / "scale_labels.parquet"
+    again = ScaleConfig(labels=str(labels), grid=(8, 99), crops=(0.1,), epochs=1, batch_size=8, holdout=0.0)
+    result = train_scale(store, tmp_path / "b", again, progress=False)
+    assert not (tmp_path / "b" / "fold0").exists() and result["backbones"] == []
+    assert result["grid"] == [16, 32] and result["crops"] == [0.5, 1.0]  # the labels' own, not the config's
+    assert load_checkpoint(result["scale_model"])[1].grid == (16, 32) and result["labels"] == str(labels)
+
+    pq.write_table(pa.table({"key": ["nope"], "crop": [1.0], "resolution": [16], "correct": [True]}),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ConfigError, match="not in the store"):
+        train_scale(store, tmp_path / "c", replace(again, labels=str(tmp_path / "bad.parquet")), progress=False)
 
 
 def test_label_statistics_and_auc():

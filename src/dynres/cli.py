@@ -334,6 +334,7 @@ def train_scale_cmd(
     backbone_init: Optional[Path] = typer.Option(None, help="Local state_dict the shard backbones fine-tune from."),
     scale_resolution: Optional[int] = typer.Option(None, help="Scale model input (default the grid minimum)."),
     scans: Optional[int] = typer.Option(None, help="Scans the scale model reads (default all)."),
+    labels: Optional[Path] = typer.Option(None, help="Reuse this scale_labels.parquet: retrain only the scale model."),
     epochs: int = typer.Option(12, help="Scale model epochs."),
     backbone_arch: str = typer.Option("resnet_tiny"),
     resolution: int = typer.Option(112, help="Shard backbones' train resolution."),
@@ -349,7 +350,8 @@ def train_scale_cmd(
                        backbone_init, False)
     cfg = ScaleConfig(folds=folds, cheap=cheap, crops=_floats(crops), grid=_ints(grid), backbone=bb, arch=arch,
                       init=str(init) if init else None,
-                      resolution=scale_resolution, scans=scans, epochs=epochs, batch_size=batch_size, seed=seed)
+                      resolution=scale_resolution, scans=scans, epochs=epochs, batch_size=batch_size, seed=seed,
+                      labels=str(labels) if labels else None)
     result = train_scale(open_store(store), out, cfg)
     for row in result["auc"]:
         console.print(f"AUC @{row['resolution']}: {row['auc'] if row['auc'] is None else round(row['auc'], 3)}")

@@ -52,6 +52,7 @@ class ScaleConfig:
     weight_decay: float = 0.01
     holdout: float = 0.1  # fraction of labelled images kept out of scale training for the AUC report
     seed: int = 0
+    labels: str | None = None  # an existing scale_labels.parquet: retrain only the scale model (no shard backbones)
 
     def check(self) -> None:
         if self.folds < 2:
@@ -62,10 +63,6 @@ class ScaleConfig:
     @property
     def label_grid(self) -> tuple[int, ...]:
         return tuple(self.grid or scaled_grid(self.backbone.resolution))
-
-    @property
-    def input_resolution(self) -> int:
-        return self.resolution or min(self.label_grid)
 
 
 def shard_split(store, keys: Sequence[str], folds: int, seed: int = 0) -> list[list[str]]:
@@ -99,6 +96,21 @@ def make_labels(store, out: Path, cfg: ScaleConfig, cache: ImageCache | None = N
         tables.append(table.append_column("fold", pa.array([fold] * len(table), pa.int32())))
     labels = pa.concat_tables(tables)
     pq.write_table(labels, out / "scale_labels.parquet")
+    return labels
+
+
+def read_labels(path: str | Path, store) -> pa.Table:
+    """A ``scale_labels.parquet`` written by :func:`make_labels`, checked against the store it will be used with."""
+    try:
+        labels = pq.read_table(path)
+    except Exception as err:
+        raise ConfigError(path, f"cannot read scale labels: {err}") from None
+    missing = {"key", "crop", "resolution", "correct"} - set(labels.column_names)
+    if missing:
+        raise ConfigError(path, f"not a scale-labels table (missing columns {sorted(missing)})")
+    unknown = set(labels.column("key").to_pylist()) - set(store.keys)
+    if unknown:
+        raise ConfigError(path, f"{len(unknown)} labelled keys are not in the store (e.g. {sorted(unknown)[0]!r})")
     return labels
 
 
@@ -188,12 +200,22 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
     cfg.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.backbone.cache and cache is None:
-        cache = ImageCache.build(store, store.keys, round(cfg.backbone.cache_factor * cfg.backbone.resolution),
-                                 progress)
-    labels = make_labels(store, out, cfg, cache, progress)
-    del cache
-    grid, res = cfg.label_grid, cfg.input_resolution
+    if cfg.labels is not None:  # grid and crops are the labels' own
+        labels = read_labels(cfg.labels, store)
+        grid = tuple(sorted(set(labels.column("resolution").to_pylist())))
+        crops = tuple(sorted(set(labels.column("crop").to_pylist())))
+        folds = len(set(labels.column("fold").to_pylist())) if "fold" in labels.column_names else None
+        labels_path, backbones = str(cfg.labels), []
+    else:
+        if cfg.backbone.cache and cache is None:
+            cache = ImageCache.build(store, store.keys, round(cfg.backbone.cache_factor * cfg.backbone.resolution),
+                                     progress)
+        labels = make_labels(store, out, cfg, cache, progress)
+        del cache
+        grid, crops, folds = cfg.label_grid, cfg.crops, 1 if cfg.cheap else cfg.folds
+        labels_path = str(out / "scale_labels.parquet")
+        backbones = [str(out / f"fold{f}" / "model.pt") for f in range(folds)]
+    res = cfg.resolution or min(grid)
     targets = multi_hot(labels, grid)
     keys = sorted({k for k, _ in targets})
     rng = random.Random(cfg.seed + 1)
@@ -202,7 +224,7 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
     pairs = sorted(targets)
     train_pairs = [p for p in pairs if p[0] not in held]
     test_pairs = [p for p in pairs if p[0] in held]
-    images = scale_inputs(store, pairs, res, cfg.crops, cfg.scans, progress)
+    images = scale_inputs(store, pairs, res, crops, cfg.scans, progress)
     y = torch.from_numpy(np.stack([targets[p] for p in pairs]))
     idx = {p: i for i, p in enumerate(pairs)}
     tr = torch.tensor([idx[p] for p in train_pairs], dtype=torch.long)
@@ -224,12 +246,11 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
         probs, truth = predict_scale(model, images[te]), y[te].numpy()
         aucs = [{"resolution": r, "auc": auc(probs[:, i], truth[:, i]),
                  "positive_rate": 100 * float(truth[:, i].mean())} for i, r in enumerate(grid)]
-    stats = label_stats(targets, grid, cfg.crops)
-    payload = {"grid": list(grid), "crops": list(cfg.crops), "folds": 1 if cfg.cheap else cfg.folds,
+    stats = label_stats(targets, grid, crops)
+    payload = {"grid": list(grid), "crops": list(crops), "folds": folds,
                "cheap": cfg.cheap, "scale_resolution": res, "scale_arch": cfg.arch, "scans": cfg.scans,
                "labelled_images": len(keys), "heldout_images": len(held), "label_stats": stats, "auc": aucs,
-               "scale_model": str(out / "scale_model" / "model.pt"), "labels": str(out / "scale_labels.parquet"),
-               "backbones": [str(out / f"fold{f}" / "model.pt") for f in range(1 if cfg.cheap else cfg.folds)]}
+               "scale_model": str(out / "scale_model" / "model.pt"), "labels": labels_path, "backbones": backbones}
     stat_cols = ["crop", "samples", "none_correct", "all_correct", "mean_correct"] + [f"p@{r}" for r in grid]
     md = (f"# Scale labels and scale model\n\n{payload['folds']} held-out shard(s), {len(keys)} labelled images; "
           f"scale model {cfg.arch} at {res} px.\n\n## Labels (percent of samples; p@r = backbone right at r)\n\n"
