@@ -140,6 +140,13 @@ def resnet_small(*, num_classes: int) -> nn.Module:
     return SlimResNet(layers=(2, 2, 2, 2), widths=(32, 64, 128, 256), num_classes=num_classes)
 
 
+@register_model("resnet_micro")
+def resnet_micro(*, num_classes: int) -> nn.Module:
+    """ResNet-10 shape at widths 8-16-32-64 (0.0036 GFLOPs at 56 px): a scale model made of dense convolutions,
+    which train ~4x faster per sample on CPU than MobileNetV2's depthwise ones (the demo's scale model)."""
+    return SlimResNet(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64), num_classes=num_classes)
+
+
 @register_model("mobilenet_v2_tiny")
 def mobilenet_v2_tiny(*, num_classes: int) -> nn.Module:
     """MobileNetV2 at width 0.25: a scale model that costs a small fraction of a demo backbone."""
