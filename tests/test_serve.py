@@ -71,6 +71,23 @@ def test_an_upload_gets_the_models_answer():
     assert body["timings_ms"]["total"] > 0
 
 
+def test_exact_views_decode_each_view_like_decode():
+    from dynres.decode import decode
+
+    data = jpeg((400, 300))  # large enough for DCT scaling, so the two kinds of views differ
+    service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(),
+                      config=ServeConfig(decode_once=False))
+    with TestClient(create_app(service)) as c:
+        body = c.post("/predict", files={"file": ("a.jpg", data, "image/jpeg")}).json()
+    small = decode(data, SCALE_RES)
+    with torch.inference_mode():
+        probs = torch.sigmoid(tiny_scale().runner.model(to_input(small[None]))).numpy()
+        r = GRID[int(choose(probs, np.array(tiny_scale().costs), 0.0)[0])]
+        logits = tiny_classifier()(to_input(decode(data, r)[None]))[0]
+    assert body["resolution"] == r
+    assert [t["prob"] for t in body["top5"]] == pytest.approx(logits.softmax(0).topk(2).values.tolist(), abs=1e-5)
+
+
 def test_a_store_key_reads_only_the_policys_prefix(store):
     key = store.keys[3]
     store.reset_stats()

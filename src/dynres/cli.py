@@ -217,6 +217,8 @@ def serve(
     lam: float = typer.Option(0.0, "--lambda", help="Cost weight λ (the floor, when load-adaptive)."),
     latency_target_ms: Optional[float] = typer.Option(None, help="Shed (503) requests predicted to miss this."),
     adaptive: bool = typer.Option(False, help="Load-adaptive λ: raise it while queueing delay grows."),
+    decode_once: bool = typer.Option(True, "--decode-once/--exact-views",
+                                     help="Resize every view from one decode per prefix, or decode each view."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
 ) -> None:
     """The pipeline as an HTTP service: POST /predict (upload) or /predict/key; /healthz, /metrics, /docs."""
@@ -230,7 +232,7 @@ def serve(
     spec = EngineSpec(store or "", str(model), str(scale) if scale else None, str(policy) if policy else None,
                       kernels, PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution))
     cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, resolution=resolution,
-                      lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive)
+                      lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive, decode_once=decode_once)
     uvicorn.run(create_app(build_service(spec, cfg)), host=host, port=port, log_level="warning")
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from dynres.data import Scans, scans_for
-from dynres.decode import crop_resize, decode_scaled
+from dynres.decode import crop_resize, decode, decode_scaled
 from dynres.errors import BadImageError, ConfigError, KeyNotFoundError
 from dynres.pipeline import Runner, ScaleStage, top5
 
@@ -45,6 +45,7 @@ class ServeConfig:
     lam_max: float = 1.0
     lam_step: float = 0.05
     workers: int = 2
+    decode_once: bool = True  # one decode per prefix, views resized from it (False: each view decoded; see Engine)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.workers < 1 or self.max_wait_ms < 0:
@@ -159,7 +160,10 @@ class Service:
         self.backbone, self.classes, self.scale, self.store, self.policy = backbone, tuple(classes), scale, store, policy
         self.config = config
         # one decode per prefix serves every view: large enough for the largest resolution this service runs
+        # (None: exact views, each decoded at its own DCT scale)
         self.short_side = max(scale.grid if scale is not None else (config.resolution,)) / config.crop
+        if not config.decode_once:
+            self.short_side = None
         self.controller = (LoadController(config.latency_target_ms, config.lam, config.lam_max, config.lam_step)
                            if config.adaptive else None)
         self.inflight = 0
@@ -276,11 +280,13 @@ class Service:
 class _BytesSource:
     """An uploaded image: everything is already in hand, decoded once for the scale and the backbone views."""
 
-    def __init__(self, data: bytes, short_side: float):
+    def __init__(self, data: bytes, short_side: float | None):
         self.data, self.bytes_read, self.file_bytes = data, len(data), len(data)
         self.short_side, self.decoded = short_side, None
 
     def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
+        if self.short_side is None:  # exact views
+            return decode(self.data, resolution, crop, name="upload")
         if self.decoded is None:
             self.decoded = decode_scaled(self.data, self.short_side, name="upload")
         return crop_resize(self.decoded, resolution, crop, "upload")
@@ -290,7 +296,7 @@ class _StoreSource:
     """A stored image: the scale prefix first, later only the missing range; counts what it fetched. A prefix is
     decoded once (large enough for every view): a view of the scans in hand is a resize, not a second decode."""
 
-    def __init__(self, store, key: str, policy: Scans, short_side: float):
+    def __init__(self, store, key: str, policy: Scans, short_side: float | None):
         self.store, self.key, self.policy, self.short_side = store, key, policy, short_side
         self.file_bytes, self.bytes_read = store.size(key), 0
         self.have, self.data, self.decoded = 0, b"", None
@@ -304,6 +310,8 @@ class _StoreSource:
             self.data = self.store.read(self.key, None if want >= total else want)
             self.have, self.decoded = want, None
         self.bytes_read = self.store.prefix_size(self.key, self.have)
+        if self.short_side is None:  # exact views
+            return decode(self.data, resolution, crop, name=self.key)
         if self.decoded is None:
             self.decoded = decode_scaled(self.data, self.short_side, name=self.key)
         return crop_resize(self.decoded, resolution, crop, self.key)
