@@ -168,7 +168,8 @@ def test_rerun_reuses_verified_files_and_redoes_only_what_changed(tmp_path):
 
 
 SLOW_INGEST = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts us with SIGINT ignored
 import dynres._ingest as ing
 from dynres.store import IngestConfig, ingest
 real = ing._encode_one
