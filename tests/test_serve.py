@@ -252,3 +252,15 @@ def test_server_latency_quantile_reads_the_bucket_bound_from_metrics():
     assert server_latency_quantile(text, 0.5) == 10.0
     assert server_latency_quantile(text, 0.99) == 500.0
     assert server_latency_quantile(_Metrics().render().decode()) is None
+
+
+def test_load_test_stats_show_when_the_generator_fell_behind():
+    from dynres._loadtest import _stats
+
+    rows = [{"phase": "burst", "status": 200, "latency_ms": 10.0 * (i + 1), "resolution": 32, "lam": 0.0,
+             "correct": True, "sent_s": 0.5 * i, "lag_ms": lag} for i, lag in enumerate((0.0, 10.0, 400.0))]
+    rows.append({**rows[0], "status": 503, "sent_s": 1.5, "lag_ms": 0.0, "resolution": None, "correct": None})
+    s = _stats(rows, target_ms=25.0)
+    assert (s["requests"], s["ok"], s["rejected_503"]) == (4, 3, 1)
+    assert s["achieved_rps"] == pytest.approx(2.0)  # 4 requests sent over 1.5 s
+    assert 300 < s["client_lag_p99_ms"] <= 400 and not s["p99_under_target"]
