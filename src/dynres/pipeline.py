@@ -183,8 +183,8 @@ class PipelineConfig:
     read and decode (decoding a progressive JPEG costs about as much per scan read whatever the output size).
     ``decode_once=False`` decodes every view at its own DCT scale, pixel-identical to :func:`dynres.decode.decode`
     (what ``dynres eval`` and calibration measured); the default decodes a prefix once, at the largest view's scale,
-    and resizes: the views differ by resampling only, which cost the demo's model 1.0 point of top-1 (it was trained
-    and evaluated on DCT-scaled views) for 1.25x the images/s (docs/bench-pipeline.md)."""
+    and resizes: the views differ by resampling only, which moved the demo's top-1 by -1.0 to +0.3 points at the
+    same λ, for 1.3x the images/s (docs/bench-pipeline.md)."""
 
     batch_size: int = 16
     workers: int = 2
