@@ -254,6 +254,16 @@ def test_server_latency_quantile_reads_the_bucket_bound_from_metrics():
     assert server_latency_quantile(_Metrics().render().decode()) is None
 
 
+def test_server_status_counts_read_the_services_own_counter():
+    from dynres._loadtest import server_status_counts
+    from dynres.serve import _Metrics
+
+    metrics = _Metrics()
+    for status in (200, 200, 503):
+        metrics.count(status)
+    assert server_status_counts(metrics.render().decode()) == {"200": 2, "503": 1}
+
+
 def test_load_test_stats_show_when_the_generator_fell_behind():
     from dynres._loadtest import _stats
 

@@ -174,6 +174,20 @@ def server_latency_quantile(metrics_text: str, q: float = 0.99) -> float | None:
     return next(1e3 * le for le, count in buckets if count >= q * total)
 
 
+def server_status_counts(metrics_text: str) -> dict[str, int]:
+    """Requests the service itself answered, by HTTP status (its /metrics counter): set against what the client
+    saw, it tells a request the service failed from one the client never got through."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "dynres_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["status"]] = int(sample.value)
+    return dict(sorted(counts.items()))
+
+
 def _stats(rows: list[dict], target_ms: float) -> dict:
     ok = [r for r in rows if r["status"] == 200]
     lat = np.array([r["latency_ms"] for r in ok]) if ok else np.zeros(1)
@@ -234,13 +248,15 @@ def run_load_test(store_path: str, backbone: str, scale: str, out: str | Path, p
             alive = server.proc.poll() is None
             import httpx
 
-            server_p99 = server_latency_quantile(httpx.get(f"{server.url}/metrics", timeout=30).text)
+            metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+            server_p99, server_counts = server_latency_quantile(metrics), server_status_counts(metrics)
         finally:
             code = server.stop()
         stats = _stats(rows, cfg.latency_target_ms)
         stats["burst"] = _stats([r for r in rows if r["phase"] == "burst"], cfg.latency_target_ms)
         mem = [r["rss_mb"] for r in rss if r["rss_mb"] == r["rss_mb"]]
         stats.update({"server_alive_at_end": alive, "server_exit_code": code, "server_p99_ms_bucket": server_p99,
+                      "server_answered": server_counts,
                       "rss_start_mb": mem[0] if mem else None, "rss_max_mb": max(mem) if mem else None,
                       "rss_end_mb": mem[-1] if mem else None})
         scenarios[name] = stats
@@ -256,7 +272,11 @@ def run_load_test(store_path: str, backbone: str, scale: str, out: str | Path, p
 def _markdown(p: dict) -> str:
     rows = [{"scenario": k, **v} for k, v in p["scenarios"].items()]
     rows += [{"scenario": f"{k} (burst phase)", **v["burst"]} for k, v in p["scenarios"].items()]
-    cols = ["scenario", "requests", "ok", "rejected_503", "other", "p50_ms", "p99_ms", "server_p99_ms_bucket",
+    for row in rows:
+        if "server_answered" in row:
+            row["server_answered"] = ", ".join(f"{k}: {v}" for k, v in row["server_answered"].items())
+    cols = ["scenario", "requests", "ok", "rejected_503", "other", "server_answered", "p50_ms", "p99_ms",
+            "server_p99_ms_bucket",
             "client_lag_p99_ms", "achieved_rps", "accuracy", "mean_lambda",
             "mean_resolution", "rss_start_mb", "rss_max_mb", "server_alive_at_end"]
     return (f"# Service under a burst (loopback)\n\nSustainable: {p['sustainable_rps']:.1f} req/s (closed loop, "
@@ -267,4 +287,6 @@ def _markdown(p: dict) -> str:
             "server p99: the bucket bound of the service's own latency histogram (whole scenario). The load "
             "generator (one Python process) shares the cores with the server: client lag p99 is how late it sent "
             "requests against its schedule and achieved req/s the rate it really offered; where these fall short "
-            "of the burst, client-side latency measures the generator, not the service.\n")
+            "of the burst, client-side latency measures the generator, not the service. Server answered: the "
+            "service's own count by status (the closed-loop warm-up included); client-side 'other' errors it "
+            "does not count never reached it.\n")
