@@ -270,7 +270,8 @@ def test_load_test_stats_show_when_the_generator_fell_behind():
     rows = [{"phase": "burst", "status": 200, "latency_ms": 10.0 * (i + 1), "resolution": 32, "lam": 0.0,
              "correct": True, "sent_s": 0.5 * i, "lag_ms": lag} for i, lag in enumerate((0.0, 10.0, 400.0))]
     rows.append({**rows[0], "status": 503, "sent_s": 1.5, "lag_ms": 0.0, "resolution": None, "correct": None})
+    rows.append({**rows[-1], "status": 0, "sent_s": 1.6})  # due while the generator was at its bound: not sent
     s = _stats(rows, target_ms=25.0)
-    assert (s["requests"], s["ok"], s["rejected_503"]) == (4, 3, 1)
-    assert s["achieved_rps"] == pytest.approx(2.0)  # 4 requests sent over 1.5 s
+    assert (s["requests"], s["ok"], s["rejected_503"], s["not_sent"], s["other"]) == (5, 3, 1, 1, 0)
+    assert s["achieved_rps"] == pytest.approx(2.0)  # 4 requests really sent over 1.5 s
     assert 300 < s["client_lag_p99_ms"] <= 400 and not s["p99_under_target"]
