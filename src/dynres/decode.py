@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import warnings
 
 import numpy as np
@@ -133,6 +134,30 @@ def crop_resize(image: torch.Tensor, resolution: int, crop: float = 0.875, name:
         return torch.from_numpy(np.ascontiguousarray(out.numpy()))
     except Exception as err:
         raise BadImageError(name, f"cannot resize image: {err}") from err
+
+
+class PrefixViews:
+    """Center views of one (possibly partial) image at any resolution, for callers that need several.
+
+    With ``short_side`` the bytes are decoded once, on the first view, at the DCT scale that size needs, and every
+    view up to it is a :func:`crop_resize` of that decode; ``None`` decodes each view with :func:`decode` (exact
+    views: what evaluation and calibration see). ``decode_s`` is the shared decode's thread time, so a pipeline can
+    charge it to whichever stage the decode really served.
+    """
+
+    def __init__(self, data: bytes, short_side: float | None, name: str = "<bytes>"):
+        self.data, self.short_side, self.name = data, short_side, name
+        self.decode_s = 0.0
+        self._image: torch.Tensor | None = None
+
+    def view(self, resolution: int, crop: float = 0.875) -> torch.Tensor:
+        if self.short_side is None:
+            return decode(self.data, resolution, crop, self.name)
+        if self._image is None:
+            t = time.thread_time()
+            self._image = decode_scaled(self.data, self.short_side, self.name)
+            self.decode_s = time.thread_time() - t
+        return crop_resize(self._image, resolution, crop, self.name)
 
 
 def _check_crop(crop: float) -> None:

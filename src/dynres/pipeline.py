@@ -25,7 +25,7 @@ import torch
 
 from dynres._ui import track
 from dynres.data import Scans, scans_for
-from dynres.decode import crop_resize, decode, decode_baseline, decode_scaled
+from dynres.decode import PrefixViews, decode, decode_baseline
 from dynres.errors import ConfigError
 from dynres.models import to_input
 
@@ -268,8 +268,7 @@ class _Item:
     bytes_read: int = 0
     chunk: int = 0
     image: Future | None = None
-    decoded: torch.Tensor | None = None  # the scale prefix decoded once, large enough for every grid resolution
-    decode_s: float = 0.0  # what that decode cost: the backbone's decode if it is reused, else scale overhead
+    views: PrefixViews | None = None  # the scale prefix's views (its decode is the backbone's if reused)
 
 
 class Engine:
@@ -302,41 +301,41 @@ class Engine:
     def _scans(self, key: str, resolution: int) -> int | None:
         return None if self.config.baseline else scans_for(self.policy, key, resolution)
 
+    @property
+    def _short_side(self) -> float | None:
+        """What one decode of a scale prefix must cover: the largest grid view (None: exact views, see config)."""
+        return max(self.scale.grid) / self.config.crop if self.config.decode_once else None
+
     def _scale_read(self, item: _Item) -> torch.Tensor:
-        """The scale prefix, decoded once at the size the largest grid resolution needs: the scale model's input
-        is a resize of it, and so is the backbone's whenever the prefix already holds the scans it needs
-        (``decode_once=False``: decoded at the scale resolution only, the backbone's view decoded again)."""
-        s, crop = self.scale, self.config.crop
+        """The scale prefix and the scale model's view of it. The prefix is decoded once, at the size the largest
+        grid resolution needs, and the backbone's view is a resize of it too whenever the prefix already holds
+        the scans the policy wants (``decode_once=False``: each view decoded on its own)."""
+        s = self.scale
         scans = s.scans if s.scans is not None else self._scans(item.key, s.resolution)
         if self.config.read_ahead:
             scans = _longest(scans, (self._scans(item.key, r) for r in s.grid))
         item.data = self._timed("scale_read", self.store.read, item.key, scans)
         item.scans = _clip(scans, self.store.num_scans(item.key))
-        if not self.config.decode_once:
-            return self._timed("scale_decode", decode, item.data, s.resolution, crop, item.key)
+        item.views = PrefixViews(item.data, self._short_side, item.key)
         t = time.thread_time()
-        item.decoded = decode_scaled(item.data, max(s.grid) / crop, item.key)
-        item.decode_s = time.thread_time() - t
-        return self._timed("scale_decode", crop_resize, item.decoded, s.resolution, crop, item.key)
+        small = item.views.view(s.resolution, self.config.crop)
+        self._add("scale_decode", time.thread_time() - t - item.views.decode_s)  # the shared decode: see _read
+        return small
 
     def _read(self, item: _Item) -> torch.Tensor:
-        """The view at the chosen resolution: a resize of the scale prefix's decode when that prefix holds the
-        scans the policy wants, else only the missing range is fetched and the longer prefix decoded."""
+        """The view at the chosen resolution: from the scale prefix when it holds the scans the policy wants,
+        else only the missing range is fetched and the longer prefix decoded."""
         key, r, cfg = item.key, item.resolution, self.config
         want = _clip(self._scans(key, r), self.store.num_scans(key))
-        decoded, item.decoded = item.decoded, None
+        views, item.views = item.views, None
         if item.scans is not None and want <= item.scans:
-            if not cfg.decode_once:  # each view from its own decode, exactly as `decode` makes it
-                data, item.data, item.bytes_read = item.data, b"", self.store.prefix_size(key, item.scans)
-                return self._timed("decode", decode, data, r, cfg.crop, key)
-            if decoded is None:  # the prefix came without its decode (Ray's hand-off): decode it the same way
-                decoded = self._timed("decode", decode_scaled, item.data, max(self.scale.grid) / cfg.crop, key)
-            else:
-                self._add("decode", item.decode_s)  # the backbone's decode, done early
+            if views is None:  # the prefix came without its views (Ray's hand-off): make them the same way
+                views = PrefixViews(item.data, self._short_side, key)
+            self._add("decode", views.decode_s)  # the backbone's decode, done early by the scale stage
             item.data, item.bytes_read = b"", self.store.prefix_size(key, item.scans)
-            return self._timed("decode", crop_resize, decoded, r, cfg.crop, key)
-        if decoded is not None:
-            self._add("scale_decode", item.decode_s)  # a decode the backbone cannot use: scale-model overhead
+            return self._timed("decode", views.view, r, cfg.crop)
+        if views is not None:
+            self._add("scale_decode", views.decode_s)  # a decode the backbone cannot use: scale-model overhead
         data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
         item.data, item.bytes_read = b"", self.store.prefix_size(key, want)
         fn = decode_baseline if cfg.baseline else decode

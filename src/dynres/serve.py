@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from dynres.data import Scans, scans_for
-from dynres.decode import crop_resize, decode, decode_scaled
+from dynres.decode import PrefixViews
 from dynres.errors import BadImageError, ConfigError, KeyNotFoundError
 from dynres.pipeline import Runner, ScaleStage, top5
 
@@ -161,9 +161,8 @@ class Service:
         self.config = config
         # one decode per prefix serves every view: large enough for the largest resolution this service runs
         # (None: exact views, each decoded at its own DCT scale)
-        self.short_side = max(scale.grid if scale is not None else (config.resolution,)) / config.crop
-        if not config.decode_once:
-            self.short_side = None
+        self.short_side = (max(scale.grid if scale is not None else (config.resolution,)) / config.crop
+                           if config.decode_once else None)
         self.controller = (LoadController(config.latency_target_ms, config.lam, config.lam_max, config.lam_step)
                            if config.adaptive else None)
         self.inflight = 0
@@ -278,28 +277,24 @@ class Service:
 
 
 class _BytesSource:
-    """An uploaded image: everything is already in hand, decoded once for the scale and the backbone views."""
+    """An uploaded image: everything is already in hand; its views share one decode (see :class:`PrefixViews`)."""
 
     def __init__(self, data: bytes, short_side: float | None):
-        self.data, self.bytes_read, self.file_bytes = data, len(data), len(data)
-        self.short_side, self.decoded = short_side, None
+        self.bytes_read = self.file_bytes = len(data)
+        self.views = PrefixViews(data, short_side, "upload")
 
     def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
-        if self.short_side is None:  # exact views
-            return decode(self.data, resolution, crop, name="upload")
-        if self.decoded is None:
-            self.decoded = decode_scaled(self.data, self.short_side, name="upload")
-        return crop_resize(self.decoded, resolution, crop, "upload")
+        return self.views.view(resolution, crop)
 
 
 class _StoreSource:
-    """A stored image: the scale prefix first, later only the missing range; counts what it fetched. A prefix is
-    decoded once (large enough for every view): a view of the scans in hand is a resize, not a second decode."""
+    """A stored image: the scale prefix first, later only the missing range; counts what it fetched. The views of
+    the scans in hand share one decode (see :class:`PrefixViews`)."""
 
     def __init__(self, store, key: str, policy: Scans, short_side: float | None):
         self.store, self.key, self.policy, self.short_side = store, key, policy, short_side
         self.file_bytes, self.bytes_read = store.size(key), 0
-        self.have, self.data, self.decoded = 0, b"", None
+        self.have, self.views = 0, None
 
     def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
         total = self.store.num_scans(self.key)
@@ -307,14 +302,10 @@ class _StoreSource:
             scans = scans_for(self.policy, self.key, resolution)
         want = total if scans is None else max(1, min(int(scans), total))
         if want > self.have:
-            self.data = self.store.read(self.key, None if want >= total else want)
-            self.have, self.decoded = want, None
+            data = self.store.read(self.key, None if want >= total else want)
+            self.have, self.views = want, PrefixViews(data, self.short_side, self.key)
         self.bytes_read = self.store.prefix_size(self.key, self.have)
-        if self.short_side is None:  # exact views
-            return decode(self.data, resolution, crop, name=self.key)
-        if self.decoded is None:
-            self.decoded = decode_scaled(self.data, self.short_side, name=self.key)
-        return crop_resize(self.decoded, resolution, crop, self.key)
+        return self.views.view(resolution, crop)
 
 
 class _Metrics:
