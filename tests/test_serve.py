@@ -275,3 +275,25 @@ def test_load_test_stats_show_when_the_generator_fell_behind():
     assert (s["requests"], s["ok"], s["rejected_503"], s["not_sent"], s["other"]) == (5, 3, 1, 1, 0)
     assert s["achieved_rps"] == pytest.approx(2.0)  # 4 requests really sent over 1.5 s
     assert 300 < s["client_lag_p99_ms"] <= 400 and not s["p99_under_target"]
+
+
+def test_the_load_generator_never_holds_more_than_its_bound(monkeypatch):
+    import asyncio
+    import os
+
+    from dynres import _loadtest
+
+    running, peak = [0], [0]
+
+    async def slow_one(client, url, key, phase, out, classes, sent_s=0.0, lag_ms=0.0):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.2)  # a slow service: answers come back long after the next requests fall due
+        running[0] -= 1
+        out.append({"phase": phase, "status": 200, "latency_ms": 200.0, "sent_s": sent_s, "lag_ms": lag_ms})
+
+    monkeypatch.setattr(_loadtest, "_one", slow_one)
+    rows, _ = asyncio.run(_loadtest._open_loop("http://unused", ["k"], {}, [("burst", 0.5, 100.0)], 1000,
+                                               os.getpid(), max_outstanding=5))
+    assert len(rows) == 50 and peak[0] == 5
+    assert 0 < sum(r["status"] == 0 for r in rows) < 50  # due while 5 were unanswered: recorded, not sent

@@ -145,11 +145,12 @@ async def _open_loop(url: str, keys: list[str], classes: dict, phases: list[tupl
     rng = random.Random(0)
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        start, tasks, clock, next_rss, live = time.perf_counter(), [], 0.0, 0.0, set()
+        start, tasks, offered, clock, next_rss, live = time.perf_counter(), [], 0, 0.0, 0.0, set()
         for name, seconds, rate in phases:
             for i in range(int(seconds * rate)):
-                if len(tasks) >= max_requests:
+                if offered >= max_requests:
                     break
+                offered += 1
                 at = clock + i / rate
                 delay = start + at - time.perf_counter()
                 if delay > 0:
@@ -161,7 +162,6 @@ async def _open_loop(url: str, keys: list[str], classes: dict, phases: list[tupl
                 if len(live) >= max_outstanding:
                     out.append({"phase": name, "status": 0, "latency_ms": 0.0, "sent_s": sent,
                                 "lag_ms": (sent - at) * 1e3, "resolution": None, "lam": None, "correct": None})
-                    tasks.append(None)
                     continue
                 task = asyncio.create_task(_one(client, url, rng.choice(keys), name, out, classes, sent,
                                                 (sent - at) * 1e3))
@@ -169,7 +169,7 @@ async def _open_loop(url: str, keys: list[str], classes: dict, phases: list[tupl
                 task.add_done_callback(live.discard)
                 tasks.append(task)
             clock += seconds
-        await asyncio.gather(*(t for t in tasks if t is not None))
+        await asyncio.gather(*tasks)
         rss.append({"t": time.perf_counter() - start, "rss_mb": _rss_mb(pid)})
     return out, rss
 
