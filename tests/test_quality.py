@@ -9,10 +9,10 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
-from dynres.decode import decode
+from dynres.decode import PrefixViews
 from dynres.errors import StoreError
-from dynres.quality import (QUALITY, QualityConfig, _decode_batch, _draft_groups, build_quality_index, load_quality,
-                            luma_scans, ssim)
+from dynres.quality import (QUALITY, QualityConfig, build_quality_index, chroma_scans, image_quality, load_quality,
+                            luma, luma_scans, ssim)
 from dynres.store import IngestConfig, ingest, open_store
 
 RES = (56, 112, 168)
@@ -41,17 +41,19 @@ def test_ssim_matches_scikit_image_wang_settings():
     assert ours[0] > ours[1] > ours[2]
 
 
-def test_shared_dct_scale_decode_is_pixel_identical_to_decode(photo_store):
+def test_index_scores_the_luma_of_the_engines_views(photo_store):
+    """One luma-only decode per prefix, resized per resolution: the SSIM of what PrefixViews hands the backbone."""
     store = open_store(photo_store)
+    res = (56, 112, 168, 224)
     for key in store.keys:
         data, ends = store.read(key), store.scan_ends(key)
-        groups = _draft_groups(data, (56, 112, 168, 224), 0.875, key)
-        assert sum(len(g) for g in groups) == 4
-        prefixes = [store.read(key, scans=k) for k in (1, 3, len(ends))]
-        for group in groups:
-            for r, batch in _decode_batch(prefixes, group, 0.875, key).items():
-                for prefix, view in zip(prefixes, batch):
-                    assert torch.equal(view, decode(prefix, r, 0.875))
+        scores, _ = image_quality(data, ends, res, 0.875, key)
+        ks = [k for k, has in enumerate(luma_scans(data, ends), 1) if has][:-1]
+        for j, r in enumerate(res):
+            views = luma(torch.stack([PrefixViews(store.read(key, scans=k), max(res) / 0.875).view(r, 0.875)
+                                      for k in ks + [len(ends)]]))
+            engine = ssim(views[:-1], views[-1:]).numpy()
+            np.testing.assert_allclose(scores[j, [k - 1 for k in ks]], engine, atol=0.01)
 
 
 def test_luma_scans_reads_the_scan_headers():
@@ -61,12 +63,14 @@ def test_luma_scans_reads_the_scan_headers():
 
     colour = buf.getvalue()
     # libjpeg's default colour script: DC, Y AC1-5, Cr, Cb, Y AC6-63, Y refine, DC refine, Cr, Cb, Y refine
-    assert luma_scans(colour, parse_scans(colour).scan_ends) == [True, True, False, False, True, True, True,
-                                                                  False, False, True]
+    ends = parse_scans(colour).scan_ends
+    assert luma_scans(colour, ends) == [True, True, False, False, True, True, True, False, False, True]
+    assert chroma_scans(colour, ends) == [True, False, True, True, False, False, True, True, True, False]
     buf = io.BytesIO()
     Image.fromarray(skdata.camera()).save(buf, "JPEG", quality=90, progressive=True)
     gray = buf.getvalue()
     assert all(luma_scans(gray, parse_scans(gray).scan_ends))
+    assert not any(chroma_scans(gray, parse_scans(gray).scan_ends))
 
 
 def test_ssim_rises_with_scans_and_reaches_one_on_real_photos(photo_store):

@@ -162,7 +162,7 @@ def run_study(config: StudyConfig) -> dict:
     from dynres.quality import QualityConfig, build_quality_index
 
     q_cfg = QualityConfig(resolutions=tuple(sorted({*grid, scale_res})), workers=config.n_workers)
-    study.stage("quality", {"quality": asdict(q_cfg)},
+    study.stage("quality", {"quality": asdict(q_cfg), "index": q_cfg.fingerprint()},  # index format included
                 lambda: build_quality_index(val_store, q_cfg, progress=True), after=("ingest",))
 
     from dynres.calibrate import CalibrationConfig, calibrate, split_keys
