@@ -23,6 +23,25 @@ def test_a_stage_runs_once_and_reruns_when_its_inputs_or_upstream_change(tmp_pat
     assert calls == ["a", "b", "b", "a", "b"]  # upstream changed → downstream reruns
 
 
+def test_weights_named_by_init_count_by_content_not_path(tmp_path):
+    """The demo's bundled weights live wherever the package is installed: moving them must not rerun a stage."""
+    calls = []
+    here, there = tmp_path / "a" / "w.pt", tmp_path / "b" / "w.pt"
+    for path in (here, there):
+        path.parent.mkdir()
+        path.write_bytes(b"weights")
+
+    def run(init):
+        Study(StudyConfig(out=tmp_path / "run"), 1).stage("s", {"cfg": {"init": str(init)}}, lambda: calls.append(1) or {})
+
+    run(here)
+    run(there)
+    assert len(calls) == 1
+    there.write_bytes(b"other weights")
+    run(there)
+    assert len(calls) == 2
+
+
 def test_a_crashed_stage_leaves_no_record_so_the_next_run_redoes_it(tmp_path):
     study = Study(StudyConfig(out=tmp_path), total_stages=1)
     with pytest.raises(RuntimeError):

@@ -55,7 +55,24 @@ class StudyConfig:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_by_content(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _by_content(obj: Any) -> Any:
+    """Weight files named by an ``init`` setting count by their content, not their path: the same demo run from
+    another checkout (its bundled weights elsewhere) is the same run."""
+    if isinstance(obj, dict):
+        return {k: _file_hash(v) if k == "init" and v else _by_content(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_by_content(v) for v in obj]
+    return obj
+
+
+def _file_hash(path: Any) -> str:
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return str(path)
 
 
 class Study:
