@@ -210,7 +210,7 @@ def test_adaptive_service_answers_with_the_lambda_it_used_and_cheaper_resolution
         calm = c.post("/predict", files=dark).json()
         service.controller.lam = 1.0  # what a sustained queueing delay drives it to
         loaded = c.post("/predict", files=dark).json()
-    assert calm["lam"] == 0.0 and loaded["lam"] == 1.0
+    assert calm["lam"] == 0.0 and loaded["lam"] == pytest.approx(0.95)  # its own calm admission: one step down
     assert loaded["resolution"] < calm["resolution"] == max(GRID)
 
 
@@ -297,3 +297,94 @@ def test_the_load_generator_never_holds_more_than_its_bound(monkeypatch):
                                                os.getpid(), max_outstanding=5))
     assert len(rows) == 50 and peak[0] == 5
     assert 0 < sum(r["status"] == 0 for r in rows) < 50  # due while 5 were unanswered: recorded, not sent
+
+
+def test_the_load_generator_drives_a_real_server_and_counts_what_it_answered(store):
+    """The burst's client (aiohttp) against uvicorn on loopback: every request answered and counted both sides."""
+    import socket
+
+    import uvicorn
+
+    from dynres import _loadtest
+
+    service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(), store=store, policy=StepPolicy())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            threading.Event().wait(0.05)
+        url = f"http://127.0.0.1:{port}"
+        classes = {k: store.classes[store.label(k)] for k in store.keys}
+        rows, rss = asyncio.run(_loadtest._open_loop(url, list(store.keys), classes, [("burst", 1.0, 20.0)], 100,
+                                                     threading.get_native_id()))
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert len(rows) == 20 and {r["status"] for r in rows} == {200}
+    assert all(r["resolution"] in GRID and isinstance(r["correct"], bool) for r in rows)
+    assert _loadtest.server_status_counts(metrics) == {"200": 20} and rss
+
+
+def test_loop_lag_sees_a_blocked_event_loop():
+    from dynres.serve import LoopLag
+
+    async def main():
+        lag = LoopLag(period_s=0.01, smoothing=1.0)
+        task = asyncio.get_running_loop().create_task(lag.run())
+        await asyncio.sleep(0.05)
+        calm = lag.ms
+        import time
+        time.sleep(0.2)  # a handler hogging the loop: the next wake-up is ~200 ms late
+        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)
+        task.cancel()
+        return calm, lag.ms
+
+    calm, blocked = asyncio.run(main())
+    assert calm < 20 and blocked > 150
+
+
+def test_a_lagging_event_loop_sheds_requests_that_would_miss_the_target():
+    service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(),
+                      config=ServeConfig(latency_target_ms=100))
+
+    async def one():
+        return await service.predict(data=jpeg())
+
+    assert asyncio.run(one())["timings_ms"]["loop_lag"] >= 0
+    service._lag_task = None
+    service.loop_lag.ms = 90.0  # requests already wait 90 ms before they are read: 0.8 x target is 80 ms
+    with pytest.raises(Rejected) as err:
+        asyncio.run(one())
+    service.close()
+    assert err.value.status == 503
+
+
+def test_shedding_raises_lambda_and_calm_traffic_lowers_it_again():
+    """A service turning requests away runs cheaper resolutions to serve more of them; calm brings λ back to 0."""
+    runner = BlockingRunner(tiny_classifier())
+    service = Service(runner, CLASSES, scale=tiny_scale(),
+                      config=ServeConfig(max_queue=2, latency_target_ms=1000, adaptive=True, lam_step=0.1))
+
+    async def scenario():
+        first = [asyncio.create_task(service.predict(data=jpeg(level=10))) for _ in range(2)]
+        while service.inflight < 2:
+            await asyncio.sleep(0.01)
+        for _ in range(5):  # the queue is full: each of these is shed
+            with pytest.raises(Rejected):
+                await service.predict(data=jpeg(level=10))
+        shedding = service.lam
+        runner.release.set()
+        await asyncio.gather(*first)
+        answers = [await service.predict(data=jpeg(level=10)) for _ in range(20)]
+        return shedding, answers
+
+    shedding, answers = asyncio.run(scenario())
+    service.close()
+    assert shedding >= 0.2  # the smoothed delay crosses the threshold after two shed requests, then steps up
+    assert answers[0]["lam"] > 0 and answers[-1]["lam"] == 0.0  # steps down while requests get through quickly
