@@ -223,6 +223,9 @@ def test_bench_pipeline_writes_every_mode_and_their_ratios(store, tmp_path):
     rows = record["pipeline"]
     assert set(rows) == {"baseline", "static_tuned", "dynamic", "dynamic_read_ahead", "dynamic_exact"}
     assert all({"images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms"} <= set(r) for r in rows.values())
+    for row in rows.values():  # the median of the interleaved timed runs
+        assert len(row["images_per_s_runs"]) == cfg.repeats
+        assert row["images_per_s"] == sorted(row["images_per_s_runs"])[(cfg.repeats - 1) // 2]
     assert rows["baseline"]["read_fraction"] == 1.0  # the baseline always reads whole files
     assert rows["dynamic"]["bytes_per_image"] == rows["static_tuned"]["bytes_per_image"] == pytest.approx(
         sum(store.prefix_size(k, 3) for k in store.keys) / len(store.keys))  # the policy's 3 scans, nothing more

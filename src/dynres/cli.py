@@ -254,13 +254,14 @@ def bench_pipeline_cmd(
     workers: int = typer.Option(2, help="Read/decode threads for every mode."),
     threads: int = typer.Option(0, help="torch threads for eager PyTorch (0: torch's default)."),
     kernel_threads: int = typer.Option(2, help="Threads of the tuned kernels (as tuned by `dynres tune`)."),
+    repeats: int = typer.Option(3, help="Timed runs per mode (interleaved); each row is the median run."),
 ) -> None:
     """(a) common baseline vs (b) best static + tuned kernels + calibrated reads vs (c) the dynamic pipeline."""
     from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
 
     cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
                               kernel_threads=kernel_threads, baseline_resolution=baseline_resolution,
-                              static_resolution=static_resolution, lam=lam, kernels=kernels)
+                              static_resolution=static_resolution, lam=lam, kernels=kernels, repeats=repeats)
     only = [k.strip() for k in keys.read_text().splitlines() if k.strip()] if keys else None
     p = run_bench_pipeline(store, str(model), str(scale), out, str(policy) if policy else None, cfg, keys=only)
     for name, row in p["pipeline"].items():
