@@ -260,7 +260,8 @@ def run_load_test(store_path: str, backbone: str, scale: str, out: str | Path, p
               ("calm", cfg.calm_s, 0.5 * sustainable)]
     scenarios = {}
     target = ["--latency-target-ms", str(cfg.latency_target_ms)]
-    for name, extra in (("fixed_lambda_0", target), ("adaptive_lambda", [*target, "--adaptive"])):
+    adaptive = [*target, "--adaptive", "--lambda-max", str(cfg.lam_max)]
+    for name, extra in (("fixed_lambda_0", target), ("adaptive_lambda", adaptive)):
         server = _Server(base + extra, Path(out) / f"serve_{name}.log")
         try:
             server.wait_ready()

@@ -217,6 +217,8 @@ def serve(
     lam: float = typer.Option(0.0, "--lambda", help="Cost weight λ (the floor, when load-adaptive)."),
     latency_target_ms: Optional[float] = typer.Option(None, help="Shed (503) requests predicted to miss this."),
     adaptive: bool = typer.Option(False, help="Load-adaptive λ: raise it while queueing delay grows."),
+    lam_max: float = typer.Option(1.0, "--lambda-max", help="The load-adaptive λ's ceiling (the most accuracy it "
+                                  "may trade; `dynres eval dynamic` shows what each λ costs)."),
     decode_once: bool = typer.Option(True, "--decode-once/--exact-views",
                                      help="Resize every view from one decode per prefix, or decode each view."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
@@ -232,7 +234,8 @@ def serve(
     spec = EngineSpec(store or "", str(model), str(scale) if scale else None, str(policy) if policy else None,
                       kernels, PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution))
     cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, resolution=resolution,
-                      lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive, decode_once=decode_once)
+                      lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive, lam_max=lam_max,
+                      decode_once=decode_once)
     uvicorn.run(create_app(build_service(spec, cfg)), host=host, port=port, log_level="warning")
 
 
@@ -427,13 +430,14 @@ def bench_serve_cmd(
     burst_s: float = typer.Option(30.0, help="Burst length (seconds)."),
     calm_s: float = typer.Option(8.0, help="Calm phase before and after (seconds, half the sustainable rate)."),
     max_queue: int = typer.Option(32, help="Requests in flight before 503."),
+    lam_max: float = typer.Option(1.0, "--lambda-max", help="Ceiling of the load-adaptive λ."),
     kernels: str = typer.Option("tuned", help="eager or tuned."),
 ) -> None:
     """Loopback load test of `dynres serve`: a burst at 2x the sustainable rate, fixed λ vs load-adaptive λ."""
     from dynres._loadtest import LoadTestConfig, run_load_test
 
     cfg = LoadTestConfig(latency_target_ms=latency_target_ms, overload=overload, burst_s=burst_s, calm_s=calm_s,
-                         max_queue=max_queue, kernels=kernels)
+                         max_queue=max_queue, lam_max=lam_max, kernels=kernels)
     p = run_load_test(store, str(model), str(scale), out, str(policy) if policy else None, cfg)
     for name, row in p["scenarios"].items():
         console.print(f"{name:>16}: {row['ok']} ok, {row['rejected_503']} x 503, {row['other']} other; "
