@@ -1,5 +1,6 @@
 """Static and dynamic evaluation on a fixed tiny model and tiny in-memory data."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,8 +11,8 @@ from tiny_store import MemoryStore
 
 from dynres.decode import crop_side, decode
 from dynres.dynamic import DynamicConfig, choose, decide, run_dynamic
-from dynres.evaluate import EvalConfig, image_views, run_static, scaled_grid
-from dynres.models import ModelMeta, create_model, save_checkpoint
+from dynres.evaluate import EvalConfig, GridModel, image_views, predict_grid, run_static, scaled_grid
+from dynres.models import ModelMeta, create_model, load_checkpoint, save_checkpoint
 
 GRID = (16, 24, 32, 48)
 CROPS = (0.25, 1.0)
@@ -47,6 +48,30 @@ def test_fast_views_match_decode_up_to_resampling():
         assert fast[view].shape == (3, view[1], view[1])
         assert torch.equal(exact[view], decode(store.read(key), view[1], crop_side(view[0])))
         assert (fast[view].float() - exact[view].float()).abs().mean() < 12  # same geometry, other resampler
+
+
+def test_ort_and_eager_evaluation_give_the_same_predictions(models):
+    """ONNX Runtime (one session, any batch and size) runs the grid like PyTorch does."""
+    store, backbone, _ = models
+    model, _ = load_checkpoint(backbone)
+    ort, eager = GridModel(model, "ort"), GridModel(model, "eager")
+    assert (ort.backend, eager.backend, GridModel(model).backend) == ("ort", "eager", "ort")
+    tables = [predict_grid(m, store, store.keys, GRID, CROPS, batch_size=4, progress=False) for m in (ort, eager)]
+    assert tables[0].column("pred").to_pylist() == tables[1].column("pred").to_pylist()
+    np.testing.assert_allclose(tables[0].column("prob").to_numpy(), tables[1].column("prob").to_numpy(), atol=1e-5)
+
+
+def test_evaluation_without_onnx_runtime_falls_back_to_eager_unless_asked_for_it(models, monkeypatch):
+    from dynres import _backends
+    from dynres.errors import ConfigError
+
+    store, backbone, _ = models
+    model, _ = load_checkpoint(backbone)
+    absent = dataclasses.replace(_backends.BACKENDS["ort"], requires=("onnxruntime_not_here",))
+    monkeypatch.setitem(_backends.BACKENDS, "ort", absent)
+    assert GridModel(model).backend == "eager"
+    with pytest.raises(ConfigError, match="'onnxruntime_not_here' is not installed"):
+        GridModel(model, "ort")
 
 
 def test_static_eval_is_reproducible_and_consistent(tmp_path, models):

@@ -51,6 +51,7 @@ class CalibrationConfig:
     crops: tuple[float, ...] = PAPER_CROPS  # area fractions of the held-out table (the index's crop is added)
     sweep: tuple[float, ...] = (0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995, 0.998, 0.999, 1.0)
     batch_size: int = 64
+    backend: str = "auto"  # how the model runs (dynres.evaluate.GridModel): predictions, not thresholds, depend on it
 
     def check(self) -> None:
         if not 0 <= self.low < self.high <= 1 or self.step <= 0:
@@ -360,9 +361,12 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
     if not calib_keys or not held:
         raise StoreError(store.root, f"need calibration and held-out images, got {len(calib_keys)} and {len(held)}")
 
+    from dynres.evaluate import GridModel
+
+    run = GridModel(model, cfg.backend)  # one model (ORT session) for every search step and the held-out table
     searches = []
     for r in track(resolutions, len(resolutions), f"calibrate ({len(calib_keys)} images)", progress):
-        searches.append(calibrate_resolution(model, calib_src, calib_index, calib_keys, r, cfg, crop_side))
+        searches.append(calibrate_resolution(run, calib_src, calib_index, calib_keys, r, cfg, crop_side))
         s = searches[-1]
         log(f"{r}px: threshold {s['threshold']:.4f}, calibration-split loss {s['acc_full'] - s['acc_calibrated']:.3f}"
             f" points, read savings {s['read_savings']:.1%}")
@@ -375,12 +379,13 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
         "calibration_store": str(calib_src.root), "calibration_manifest_hash": manifest_hash(calib_src),
         "quality_index": index.meta, "crop_side": crop_side, "target": cfg.target, "split": split,
         "calibration_images": len(calib_keys), "heldout_images": len(held), "config": asdict(cfg),
+        "backend": run.backend,
     }
     policy = CalibrationPolicy.from_index(thresholds, index, provenance)
     policy_file = policy.save(policy_path or out / "policy.json")
 
     crops = tuple(sorted(set(cfg.crops) | {round(crop_side**2, 6)}))
-    rows = heldout_table(model, store, policy, held, crops, cfg.target, cfg.batch_size, progress)
+    rows = heldout_table(run, store, policy, held, crops, cfg.target, cfg.batch_size, progress)
     record = {
         "policy": str(policy_file), "model": str(checkpoint), "store": str(store.root), "split": split,
         "calibration_images": len(calib_keys), "heldout_images": len(held), "crop_side": crop_side,

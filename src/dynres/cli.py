@@ -374,6 +374,7 @@ def eval_static_cmd(
     exact: bool = typer.Option(False, "--exact", help="Decode every view (default: one decode per image)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Read calibrated prefixes (`dynres calibrate`)."),
+    backend: str = typer.Option("auto", help="Run the model on 'ort' (ONNX Runtime), 'eager' PyTorch, or 'auto'."),
 ) -> None:
     """Top-1 accuracy and GFLOPs for every resolution x crop (Table I layout)."""
     from dynres.evaluate import EvalConfig, run_static
@@ -385,7 +386,7 @@ def eval_static_cmd(
 
         scans = load_policy(policy)
     result = run_static(checkpoint, open_store(store), out, EvalConfig(_ints(grid), _floats(crops), exact=exact,
-                                                                       limit=limit), scans=scans)
+                                                                       limit=limit, backend=backend), scans=scans)
     for row in result["best"]:
         console.print(f"crop {row['crop']:.2f}: best static {row['resolution']} px, {row['accuracy']:.1f}%")
     console.print(f"wrote {out / 'static.md'}")
@@ -489,6 +490,7 @@ def calibrate(
     seed: int = typer.Option(0, help="Seed of the hashed split and of the calibration sample."),
     scale_model: Optional[Path] = typer.Option(None, "--scale-model",
                                                help="Also measure the dynamic pipeline (Table III/IV dynamic row)."),
+    backend: str = typer.Option("auto", help="Run the model on 'ort' (ONNX Runtime), 'eager' PyTorch, or 'auto'."),
 ) -> None:
     """Binary-search SSIM thresholds per resolution; save the read policy; Table III/IV + Figure 6 records."""
     from dynres.calibrate import CalibrationConfig, calibrate as run_calibration
@@ -496,7 +498,8 @@ def calibrate(
 
     cfg = CalibrationConfig(target=target, max_images=max_images, holdout_fraction=holdout, seed=seed,
                             resolutions=tuple(int(r) for r in resolutions.split(",")) if resolutions else None,
-                            crops=tuple(float(c) for c in crops.split(",")), batch_size=batch_size)
+                            crops=tuple(float(c) for c in crops.split(",")), batch_size=batch_size,
+                            backend=backend)
     rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,
                           policy, scale_model)
     for s in rec["search"]:

@@ -15,6 +15,7 @@ affordable on 2 cores; the views differ from ``decode``'s only by resampling rou
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,45 @@ class EvalConfig:
     batch_size: int = 64
     exact: bool = False
     limit: int | None = None  # evaluate only the first N keys (smoke runs)
+    backend: str = "auto"  # how the model runs: see GridModel
 
     def check(self) -> None:
         if self.grid is not None and (not self.grid or min(self.grid) < 8):
             raise ConfigError("grid", f"need resolutions >= 8, got {self.grid}")
         if not self.crops or not all(0 < c <= 1 for c in self.crops):
             raise ConfigError("crops", f"crop areas must be in (0, 1], got {self.crops}")
+
+
+# --- running the model ---------------------------------------------------------------------------------------
+
+
+class GridModel:
+    """A classifier as evaluation runs it, over many batch and image sizes: ``backend`` "ort" (one ONNX Runtime
+    session with dynamic shapes, see :func:`dynres._backends.ort_any_shape`), "eager" (channels-last PyTorch), or
+    "auto": ORT where onnx and onnxruntime are installed. Build it once and pass it to every
+    :func:`predict_grid` call (an export takes about a second)."""
+
+    def __init__(self, model: torch.nn.Module, backend: str = "auto", threads: int = 0):
+        from dynres import _backends
+
+        if backend not in ("auto", "ort", "eager"):
+            raise ConfigError("backend", f"unknown evaluation backend {backend!r} (auto, ort, eager)")
+        missing = _backends.BACKENDS["ort"].missing()
+        if backend == "ort" and missing:
+            raise ConfigError("backend", f"ONNX Runtime unavailable: {missing}")
+        self.backend = "ort" if backend == "ort" or (backend == "auto" and not missing) else "eager"
+        self.model = channels_last(model).eval()
+        self._ort = None
+        if self.backend == "ort":
+            with tempfile.TemporaryDirectory(prefix="dynres-eval-") as tmp:
+                self._ort = _backends.ort_any_shape(model, threads or torch.get_num_threads(), Path(tmp))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N,3,R,R) → logits."""
+        if self._ort is not None:
+            return self._ort(to_input(images))
+        return self.model(to_input(images, True))
 
 
 # --- views --------------------------------------------------------------------------------------------------
@@ -84,11 +118,12 @@ def image_views(store, key: str, grid: Sequence[int], crops: Sequence[float], sc
 
 
 @torch.no_grad()
-def predict_grid(model: torch.nn.Module, store, keys: Sequence[str], grid: Sequence[int], crops: Sequence[float],
-                 scans: Scans = None, exact: bool = False, batch_size: int = 64, progress: bool = True,
-                 description: str = "evaluate") -> pa.Table:
-    """Run ``model`` on every (key, crop, resolution) view; one row per view."""
-    channels_last(model).eval()
+def predict_grid(model: torch.nn.Module | GridModel, store, keys: Sequence[str], grid: Sequence[int],
+                 crops: Sequence[float], scans: Scans = None, exact: bool = False, batch_size: int = 64,
+                 progress: bool = True, description: str = "evaluate", backend: str = "auto") -> pa.Table:
+    """Run ``model`` on every (key, crop, resolution) view; one row per view (a module runs as
+    ``GridModel(model, backend)``)."""
+    run = model if isinstance(model, GridModel) else GridModel(model, backend)
     cols: dict[str, list] = {n: [] for n in ("key", "label", "crop", "resolution", "pred", "prob", "correct")}
     keys = list(keys)
     chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
@@ -98,7 +133,7 @@ def predict_grid(model: torch.nn.Module, store, keys: Sequence[str], grid: Seque
         labels = [store.label(k) for k in chunk]
         for c in crops:
             for r in grid:
-                probs = torch.softmax(model(to_input(torch.stack([v[(c, r)] for v in views]), True)), dim=1)
+                probs = torch.softmax(run(torch.stack([v[(c, r)] for v in views])), dim=1)
                 prob, pred = probs.max(dim=1)
                 for key, label, p, q in zip(chunk, labels, pred.tolist(), prob.tolist()):
                     for name, value in zip(cols, (key, label, c, r, p, q, p == label)):
@@ -144,7 +179,8 @@ def run_static(checkpoint: str | Path, store, out: str | Path, cfg: EvalConfig =
         raise ConfigError(checkpoint, f"checkpoint classes {list(meta.classes)[:5]}... differ from the store's")
     grid = tuple(cfg.grid or scaled_grid(meta.train_resolution))
     keys = list(store.keys)[: cfg.limit]
-    table = predict_grid(model, store, keys, grid, cfg.crops, scans, cfg.exact, cfg.batch_size, progress,
+    run = GridModel(model, cfg.backend)
+    table = predict_grid(run, store, keys, grid, cfg.crops, scans, cfg.exact, cfg.batch_size, progress,
                          "eval static")
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "static_images.parquet")
@@ -156,6 +192,7 @@ def run_static(checkpoint: str | Path, store, out: str | Path, cfg: EvalConfig =
         "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_digest(checkpoint), "arch": meta.arch,
         "train_resolution": meta.train_resolution,
         "images": len(keys), "grid": list(grid), "crops": list(cfg.crops), "exact_views": cfg.exact,
+        "backend": run.backend,
         "flop_convention": "FlopCounterMode: 2 x MACs (the paper quotes MACs)",
         "static": rows, "best": [{"crop": c, "resolution": best[c], "accuracy": acc[(c, best[c])]} for c in cfg.crops],
         "per_image": str(out / "static_images.parquet"),
