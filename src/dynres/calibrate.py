@@ -16,7 +16,7 @@ Predictions are cached per (image, scans): the search evaluates each distinct pr
 ``decode`` does), and a prefix whose decode equals the full decode (SSIM exactly 1.0 in the index) reuses the
 full-read prediction. The held-out table (every resolution x crop, full vs calibrated reads) uses the static
 evaluation's views by default, one decode per image and prefix: the same numbers as Table I for full reads, and
-1.7x faster than decoding each of the 35 views on its own (``exact=True``).
+the demo's calibration 1.7x faster than decoding each of the 35 views on its own (``exact=True``).
 """
 
 from __future__ import annotations
