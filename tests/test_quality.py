@@ -56,6 +56,18 @@ def test_index_scores_the_luma_of_the_engines_views(photo_store):
             np.testing.assert_allclose(scores[j, [k - 1 for k in ks]], engine, atol=0.01)
 
 
+def test_a_grayscale_progressive_jpeg_is_indexed_like_a_colour_one():
+    from dynres._jpeg import parse_scans
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.camera()).save(buf, "JPEG", quality=90, progressive=True)
+    data = buf.getvalue()
+    scores, _ = image_quality(data, parse_scans(data).scan_ends, RES)
+    assert scores.shape == (len(RES), 6)
+    assert (scores[:, -1] == 1.0).all() and (scores[:, :-1] < 1.0).all()
+    assert (np.diff(scores, axis=1) > -2e-3).all() and (scores[:, 0] < 0.99).all()
+
+
 def test_luma_scans_reads_the_scan_headers():
     buf = io.BytesIO()
     Image.fromarray(skdata.astronaut()).save(buf, "JPEG", quality=90, progressive=True)
