@@ -12,10 +12,16 @@ from skimage.metrics import structural_similarity
 from dynres.decode import PrefixViews
 from dynres.errors import StoreError
 from dynres.quality import (QUALITY, QualityConfig, build_quality_index, chroma_scans, image_quality, load_quality,
-                            luma, luma_scans, ssim)
+                            luma_scans, ssim)
 from dynres.store import IngestConfig, ingest, open_store
 
 RES = (56, 112, 168)
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,3,H,W) RGB → float32 (N,1,H,W) ITU-R 601 luminance: the reference the index's luma decode meets."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.float() * w).sum(dim=1, keepdim=True)
 
 
 @pytest.fixture(scope="module")

@@ -169,8 +169,9 @@ def test_metrics_and_health_after_traffic():
         c.post("/predict", files={"file": ("a.jpg", b"junk", "image/jpeg")})
         health = c.get("/healthz").json()
         text = c.get("/metrics").text
-    assert health["status"] == "ok" and health["queue_depth"] == 0
+    assert health["status"] == "ok" and health["queue_depth"] == 0 and health["loop_lag_ms"] >= 0
     assert 'dynres_requests_total{status="200"} 2.0' in text
+    assert "dynres_event_loop_lag_seconds " in text
     assert 'dynres_requests_total{status="415"} 1.0' in text
     assert "dynres_request_latency_seconds_bucket" in text and "dynres_bytes_read_total" in text
     assert "dynres_resolution_total{resolution=" in text

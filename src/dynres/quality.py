@@ -100,12 +100,6 @@ def _filter(t: torch.Tensor) -> torch.Tensor:
     return F.conv2d(t, w.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous(), groups=c)
 
 
-def luma(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,3,H,W) → float32 (N,1,H,W) ITU-R 601 luminance in [0, 255]."""
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)
-    return (images.float() * w).sum(dim=1, keepdim=True)
-
-
 def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
     """Mean SSIM of each image in ``x`` (N,1,H,W) against ``ref`` (1,1,H,W); returns (N,) float64."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
@@ -157,12 +151,12 @@ def luma_views(planes: torch.Tensor, resolution: int, crop_side: float) -> torch
 
 def luma_scans(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> list[bool]:
     """Per scan: does it carry coefficients of the first (luma) component? Read from each scan's SOS header."""
-    return [ids[0] in ids[1] for ids in _scan_components(data, scan_ends, name)]
+    return [first in ids for first, ids in _scan_components(data, scan_ends, name)]
 
 
 def chroma_scans(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> list[bool]:
     """Per scan: does it carry coefficients of any other component than luma?"""
-    return [any(c != ids[0] for c in ids[1]) for ids in _scan_components(data, scan_ends, name)]
+    return [any(c != first for c in ids) for first, ids in _scan_components(data, scan_ends, name)]
 
 
 def _scan_components(data: bytes, scan_ends: list[int], name: str) -> list[tuple[int, bytes]]:
@@ -196,7 +190,9 @@ def image_quality(data: bytes, scan_ends: list[int], resolutions: tuple[int, ...
     """
     k_total = len(scan_ends)
     cost = {"decode_s": 0.0, "ssim_s": 0.0}
-    has_luma, has_chroma = luma_scans(data, scan_ends, name), chroma_scans(data, scan_ends, name)
+    comps = _scan_components(data, scan_ends, name)
+    has_luma = [first in ids for first, ids in comps]
+    has_chroma = [any(c != first for c in ids) for first, ids in comps]
     ks = [k for k in range(1, k_total) if has_luma[k - 1]] + [k_total]
     result = np.ones((len(resolutions), k_total), dtype=np.float64)
     if k_total == 1:
