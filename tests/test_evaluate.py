@@ -74,6 +74,20 @@ def test_evaluation_without_onnx_runtime_falls_back_to_eager_unless_asked_for_it
         GridModel(model, "ort")
 
 
+def test_an_onnx_runtime_model_that_disagrees_with_pytorch_is_never_used(models, monkeypatch):
+    """Like the tuner's rejected candidates: a wrong export (injected) falls back to eager, with the number."""
+    from dynres import _backends
+    from dynres.errors import ConfigError
+
+    store, backbone, _ = models
+    model, _ = load_checkpoint(backbone)
+    real = _backends.ort_any_shape
+    monkeypatch.setattr(_backends, "ort_any_shape", lambda *a: (lambda x, run=real(*a): run(x) * 1.01))
+    assert GridModel(model).backend == "eager"
+    with pytest.raises(ConfigError, match="differs from PyTorch's by 1.0e-02"):
+        GridModel(model, "ort")
+
+
 def test_static_eval_is_reproducible_and_consistent(tmp_path, models):
     store, backbone, _ = models
     cfg = EvalConfig(grid=GRID, crops=CROPS, batch_size=4)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dynres._ui import track
+from dynres._ui import log, track
 from dynres.data import Scans, scans_for
 from dynres.decode import crop_side, decode, decode_short_side
 from dynres.errors import ConfigError
@@ -63,23 +63,45 @@ class EvalConfig:
 class GridModel:
     """A classifier as evaluation runs it, over many batch and image sizes: ``backend`` "ort" (one ONNX Runtime
     session with dynamic shapes, see :func:`dynres._backends.ort_any_shape`), "eager" (channels-last PyTorch), or
-    "auto": ORT where onnx and onnxruntime are installed. Build it once and pass it to every
-    :func:`predict_grid` call (an export takes about a second)."""
+    "auto": ORT where onnx and onnxruntime are installed and the exported model agrees with PyTorch (relative error
+    <= 1e-4 on two image sizes, the tuner's bar), else eager with the reason logged. Build it once and pass it to
+    every :func:`predict_grid` call (an export takes about a second)."""
 
     def __init__(self, model: torch.nn.Module, backend: str = "auto", threads: int = 0):
         from dynres import _backends
 
         if backend not in ("auto", "ort", "eager"):
             raise ConfigError("backend", f"unknown evaluation backend {backend!r} (auto, ort, eager)")
-        missing = _backends.BACKENDS["ort"].missing()
-        if backend == "ort" and missing:
-            raise ConfigError("backend", f"ONNX Runtime unavailable: {missing}")
-        self.backend = "ort" if backend == "ort" or (backend == "auto" and not missing) else "eager"
         self.model = channels_last(model).eval()
-        self._ort = None
-        if self.backend == "ort":
+        self.backend, self._ort = "eager", None
+        if backend == "eager":
+            return
+        try:
+            missing = _backends.BACKENDS["ort"].missing()
+            if missing:
+                raise RuntimeError(missing)
             with tempfile.TemporaryDirectory(prefix="dynres-eval-") as tmp:
-                self._ort = _backends.ort_any_shape(model, threads or torch.get_num_threads(), Path(tmp))
+                run = _backends.ort_any_shape(model, threads or torch.get_num_threads(), Path(tmp))
+            err = self._disagreement(run)
+            if err > 1e-4:
+                raise RuntimeError(f"its output differs from PyTorch's by {err:.1e} (relative)")
+        except Exception as err:  # export and runtime failures take many forms; eager always works
+            if backend == "ort":
+                raise ConfigError("backend", f"ONNX Runtime cannot run this model: {err}") from None
+            log(f"evaluation runs on eager PyTorch: ONNX Runtime cannot run this model ({err})")
+            return
+        self.backend, self._ort = "ort", run
+
+    @torch.no_grad()
+    def _disagreement(self, run) -> float:
+        """Largest relative difference between ``run`` and the eager model on random images of two sizes."""
+        gen = torch.Generator().manual_seed(0)
+        worst = 0.0
+        for size in (32, 64):
+            x = torch.rand(2, 3, size, size, generator=gen)
+            ref = self.model(x.contiguous(memory_format=torch.channels_last))
+            worst = max(worst, float((run(x) - ref).abs().max() / ref.abs().max().clamp(min=1e-12)))
+        return worst
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
