@@ -222,6 +222,7 @@ def serve(
     decode_once: bool = typer.Option(True, "--decode-once/--exact-views",
                                      help="Resize every view from one decode per prefix, or decode each view."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    workers: int = typer.Option(2, help="Read + decode threads."),
 ) -> None:
     """The pipeline as an HTTP service: POST /predict (upload) or /predict/key; /healthz, /metrics, /docs."""
     import uvicorn
@@ -235,7 +236,7 @@ def serve(
                       kernels, PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution))
     cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, resolution=resolution,
                       lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive, lam_max=lam_max,
-                      decode_once=decode_once)
+                      decode_once=decode_once, workers=workers)
     uvicorn.run(create_app(build_service(spec, cfg)), host=host, port=port, log_level="warning")
 
 
