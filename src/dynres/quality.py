@@ -142,11 +142,12 @@ def _luma_plane(prefix: bytes, short_side: float, name: str) -> torch.Tensor:
 
 def luma_views(planes: torch.Tensor, resolution: int, crop_side: float) -> torch.Tensor:
     """Center views of luma planes (P,H,W) uint8 at one resolution: float32 (P,r,r), the geometry and resampling
-    of :func:`dynres.decode.crop_resize`."""
-    from torchvision.transforms.v2 import functional as TF
-
+    of :func:`dynres.decode.crop_resize` (torchvision's uint8 resize is this very call; importing torchvision's
+    transforms would cost each index worker 1.1 s)."""
     x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(planes.shape[2], planes.shape[1], resolution, crop_side))
-    return TF.resize(planes[:, None, y0:y1, x0:x1], [resolution, resolution], antialias=True)[:, 0].float()
+    crop = planes[:, None, y0:y1, x0:x1]
+    return F.interpolate(crop, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                         antialias=True)[:, 0].float()
 
 
 def luma_scans(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> list[bool]:
