@@ -236,8 +236,9 @@ class Service:
     async def predict(self, *, data: bytes | None = None, key: str | None = None) -> dict:
         """One prediction: admission, validation, scale stage, backbone stage. Raises :class:`Rejected`."""
         cfg = self.config
-        if self._lag_task is None:
-            self._lag_task = asyncio.get_running_loop().create_task(self.loop_lag.run())
+        loop = asyncio.get_running_loop()
+        if self._lag_task is None or self._lag_task.get_loop() is not loop:  # first request (on this loop)
+            self._lag_task = loop.create_task(self.loop_lag.run())
         wait = self.loop_lag.ms + self.predicted_wait_ms()  # what a request admitted now would wait
         # past the queue bound, or predicted to miss the latency target: shed it now instead
         full = self.inflight >= cfg.max_queue or bool(cfg.latency_target_ms and wait > 0.8 * cfg.latency_target_ms)
