@@ -15,8 +15,10 @@ affordable on 2 cores; the views differ from ``decode``'s only by resampling rou
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,24 +144,36 @@ def image_views(store, key: str, grid: Sequence[int], crops: Sequence[float], sc
 @torch.no_grad()
 def predict_grid(model: torch.nn.Module | GridModel, store, keys: Sequence[str], grid: Sequence[int],
                  crops: Sequence[float], scans: Scans = None, exact: bool = False, batch_size: int = 64,
-                 progress: bool = True, description: str = "evaluate", backend: str = "auto") -> pa.Table:
+                 progress: bool = True, description: str = "evaluate", backend: str = "auto",
+                 workers: int = 0) -> pa.Table:
     """Run ``model`` on every (key, crop, resolution) view; one row per view (a module runs as
-    ``GridModel(model, backend)``)."""
+    ``GridModel(model, backend)``).
+
+    Views are decoded by ``workers`` threads (0: one per core; Pillow and torch release the GIL), the next batch's
+    while the model runs on this one: decoding and resizing 28 views per image cost more than the inference.
+    """
     run = model if isinstance(model, GridModel) else GridModel(model, backend)
     cols: dict[str, list] = {n: [] for n in ("key", "label", "crop", "resolution", "pred", "prob", "correct")}
     keys = list(keys)
     chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
-    for chunk in track(chunks, len(chunks), f"{description} ({len(keys)} images x {len(grid)}x{len(crops)} views)",
-                       progress):
-        views = [image_views(store, k, grid, crops, scans, exact) for k in chunk]
-        labels = [store.label(k) for k in chunk]
-        for c in crops:
-            for r in grid:
-                probs = torch.softmax(run(torch.stack([v[(c, r)] for v in views])), dim=1)
-                prob, pred = probs.max(dim=1)
-                for key, label, p, q in zip(chunk, labels, pred.tolist(), prob.tolist()):
-                    for name, value in zip(cols, (key, label, c, r, p, q, p == label)):
-                        cols[name].append(value)
+    with ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)), thread_name_prefix="dynres-views") as pool:
+        def submit(j: int) -> list:
+            return [pool.submit(image_views, store, k, grid, crops, scans, exact) for k in chunks[j]] \
+                if j < len(chunks) else []
+
+        ahead = submit(0)
+        for j in track(range(len(chunks)), len(chunks),
+                       f"{description} ({len(keys)} images x {len(grid)}x{len(crops)} views)", progress):
+            views, chunk = [f.result() for f in ahead], chunks[j]
+            ahead = submit(j + 1)
+            labels = [store.label(k) for k in chunk]
+            for c in crops:
+                for r in grid:
+                    probs = torch.softmax(run(torch.stack([v[(c, r)] for v in views])), dim=1)
+                    prob, pred = probs.max(dim=1)
+                    for key, label, p, q in zip(chunk, labels, pred.tolist(), prob.tolist()):
+                        for name, value in zip(cols, (key, label, c, r, p, q, p == label)):
+                            cols[name].append(value)
     return pa.table(cols)
 
 
