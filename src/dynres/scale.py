@@ -13,8 +13,10 @@ A tenth of the labelled images (by key) is held out of scale training to report 
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,9 +179,11 @@ def scale_inputs(store, pairs: Sequence[tuple[str, float]], resolution: int, cro
     """Decoded scale-model inputs for (key, crop) pairs, each image decoded once for all its crops."""
     keys = list(dict.fromkeys(k for k, _ in pairs))
     views = {}
-    for key in track(keys, len(keys), f"scale inputs @{resolution}", progress):
-        for (c, _), v in image_views(store, key, [resolution], crops, scans).items():
-            views[(key, c)] = v
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # Pillow and torch decode outside the GIL
+        decoded = pool.map(lambda key: image_views(store, key, [resolution], crops, scans), keys)
+        for key, image in zip(keys, track(decoded, len(keys), f"scale inputs @{resolution}", progress)):
+            for (c, _), v in image.items():
+                views[(key, c)] = v
     return torch.stack([views[p] for p in pairs])
 
 

@@ -16,8 +16,10 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -83,9 +85,11 @@ class ImageCache:
 
     @classmethod
     def build(cls, store, keys: Sequence[str], short_side: int, progress: bool = True) -> ImageCache:
-        images = {}
-        for key in track(keys, len(keys), f"decode {len(keys)} images (short side {short_side})", progress):
-            images[key] = decode_short_side(store.read(key), short_side, name=key)
+        keys = list(keys)
+        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # Pillow decodes outside the GIL
+            decoded = pool.map(lambda key: decode_short_side(store.read(key), short_side, name=key), keys)
+            images = dict(zip(keys, track(decoded, len(keys), f"decode {len(keys)} images (short side {short_side})",
+                                          progress)))
         return cls(images, short_side)
 
 
