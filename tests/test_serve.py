@@ -302,6 +302,7 @@ def test_the_load_generator_never_holds_more_than_its_bound(monkeypatch):
 
 def test_the_load_generator_drives_a_real_server_and_counts_what_it_answered(store):
     """The burst's client (aiohttp) against uvicorn on loopback: every request answered and counted both sides."""
+    import os
     import socket
 
     import uvicorn
@@ -316,12 +317,15 @@ def test_the_load_generator_drives_a_real_server_and_counts_what_it_answered(sto
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        while not server.started:
+        for _ in range(200):  # up to 10 s to start
+            if server.started:
+                break
             threading.Event().wait(0.05)
+        assert server.started
         url = f"http://127.0.0.1:{port}"
         classes = {k: store.classes[store.label(k)] for k in store.keys}
         rows, rss = asyncio.run(_loadtest._open_loop(url, list(store.keys), classes, [("burst", 1.0, 20.0)], 100,
-                                                     threading.get_native_id()))
+                                                     os.getpid()))
         metrics = httpx.get(f"{url}/metrics").text
     finally:
         server.should_exit = True
