@@ -61,6 +61,14 @@ def test_ort_and_eager_evaluation_give_the_same_predictions(models):
     np.testing.assert_allclose(tables[0].column("prob").to_numpy(), tables[1].column("prob").to_numpy(), atol=1e-5)
 
 
+def test_views_decoded_in_threads_give_the_rows_of_a_single_thread(models):
+    store, backbone, _ = models
+    model = GridModel(load_checkpoint(backbone)[0], "eager")
+    one, two = (predict_grid(model, store, store.keys, GRID, CROPS, batch_size=2, progress=False, workers=w)
+                for w in (1, 2))
+    assert one.equals(two) and one.num_rows == len(store.keys) * len(GRID) * len(CROPS)
+
+
 def test_evaluation_without_onnx_runtime_falls_back_to_eager_unless_asked_for_it(models, monkeypatch):
     from dynres import _backends
     from dynres.errors import ConfigError
