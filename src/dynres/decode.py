@@ -124,19 +124,26 @@ def decode_scaled(prefix: bytes, short_side: float, name: str = "<bytes>") -> to
 
 
 def crop_resize(image: torch.Tensor, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
-    """The (3, resolution, resolution) center view of a decoded uint8 CHW image: torchvision's
-    Resize(int(R / crop)) + CenterCrop(R) geometry, resampled once."""
-    from torchvision.transforms.v2 import functional as F
-
+    """The (3, resolution, resolution) center view of a decoded uint8 CHW image (see :func:`resize_center`)."""
     _check_crop(crop)
     try:
-        # The exact box rounded to whole source pixels: at most half a source pixel off torchvision's
-        # geometry (a fraction of an output pixel), which costs nothing in accuracy and saves a resample.
-        x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(image.shape[2], image.shape[1], resolution, crop))
-        out = F.resize(image[:, y0:y1, x0:x1], [resolution, resolution], antialias=True)
-        return torch.from_numpy(np.ascontiguousarray(out.numpy()))
+        return torch.from_numpy(np.ascontiguousarray(resize_center(image[None], resolution, crop)[0].numpy()))
     except Exception as err:
         raise BadImageError(name, f"cannot resize image: {err}") from err
+
+
+def resize_center(images: torch.Tensor, resolution: int, crop: float) -> torch.Tensor:
+    """Center views (N,C,R,R) of uint8 images (N,C,H,W): torchvision's Resize(int(R / crop)) + CenterCrop(R)
+    geometry, resampled once.
+
+    The exact box is rounded to whole source pixels: at most half a source pixel off torchvision's geometry (a
+    fraction of an output pixel), which costs nothing in accuracy and saves a resample. The resample is torch's
+    antialiased bilinear, which is what torchvision's uint8 resize runs (pixel-identical), without importing
+    torchvision's transforms (1.1 s per process).
+    """
+    x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(images.shape[-1], images.shape[-2], resolution, crop))
+    return torch.nn.functional.interpolate(images[..., y0:y1, x0:x1], size=(resolution, resolution),
+                                           mode="bilinear", align_corners=False, antialias=True)
 
 
 class PrefixViews:

@@ -49,7 +49,7 @@ from PIL import Image
 
 from dynres._jpeg import scan_prefix
 from dynres._ui import track
-from dynres.decode import _crop_box, draft_size
+from dynres.decode import draft_size, resize_center
 from dynres.errors import BadImageError, StoreError
 from dynres.records import markdown_table
 
@@ -141,13 +141,9 @@ def _luma_plane(prefix: bytes, short_side: float, name: str) -> torch.Tensor:
 
 
 def luma_views(planes: torch.Tensor, resolution: int, crop_side: float) -> torch.Tensor:
-    """Center views of luma planes (P,H,W) uint8 at one resolution: float32 (P,r,r), the geometry and resampling
-    of :func:`dynres.decode.crop_resize` (torchvision's uint8 resize is this very call; importing torchvision's
-    transforms would cost each index worker 1.1 s)."""
-    x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(planes.shape[2], planes.shape[1], resolution, crop_side))
-    crop = planes[:, None, y0:y1, x0:x1]
-    return F.interpolate(crop, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                         antialias=True)[:, 0].float()
+    """Center views of luma planes (P,H,W) uint8 at one resolution, as the engine's :func:`crop_resize` makes
+    them: float32 (P,r,r)."""
+    return resize_center(planes[:, None], resolution, crop_side)[:, 0].float()
 
 
 def luma_scans(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> list[bool]:
