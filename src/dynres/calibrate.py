@@ -325,14 +325,6 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
     return rows
 
 
-def _file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationConfig = CalibrationConfig(),
               calib_store=None, policy_path: str | Path | None = None, scale_model: str | Path | None = None,
               progress: bool = True) -> dict:
@@ -341,7 +333,7 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
     Calibration images: up to ``max_images`` of ``calib_store`` if given (then all of ``store`` is held out), else
     the hashed calibration part of ``store``. Returns the record.
     """
-    from dynres.models import load_checkpoint
+    from dynres.models import checkpoint_digest, load_checkpoint
 
     cfg.check()
     t0 = time.perf_counter()
@@ -379,8 +371,7 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
     thresholds = {s["resolution"]: s["threshold"] for s in searches}
     provenance = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dynres": __version__,
-        "model": str(checkpoint), "model_sha256": _file_hash(Path(checkpoint) / "model.pt"
-                                                              if Path(checkpoint).is_dir() else checkpoint),
+        "model": str(checkpoint), "model_sha256": checkpoint_digest(checkpoint),
         "store": str(store.root), "store_manifest_hash": manifest_hash(store),
         "calibration_store": str(calib_src.root), "calibration_manifest_hash": manifest_hash(calib_src),
         "quality_index": index.meta, "crop_side": crop_side, "target": cfg.target, "split": split,

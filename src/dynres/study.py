@@ -62,16 +62,19 @@ def _by_content(obj: Any) -> Any:
     """Weight files named by an ``init`` setting count by their content, not their path: the same demo run from
     another checkout (its bundled weights elsewhere) is the same run."""
     if isinstance(obj, dict):
-        return {k: _file_hash(v) if k == "init" and v else _by_content(v) for k, v in obj.items()}
+        return {k: _weights_hash(v) if k == "init" and v else _by_content(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_by_content(v) for v in obj]
     return obj
 
 
-def _file_hash(path: Any) -> str:
+def _weights_hash(path: Any) -> str:
+    from dynres.errors import CheckpointError
+    from dynres.models import checkpoint_digest
+
     try:
-        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
+        return "sha256:" + checkpoint_digest(path)
+    except CheckpointError:  # not there (yet): the stage will say so; its name is all there is to key on
         return str(path)
 
 
