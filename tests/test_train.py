@@ -161,3 +161,14 @@ def test_scale_model_trunk_starts_from_the_given_weights(tmp_path):
     scale, meta = load_checkpoint(result["scale_model"])
     assert torch.equal(scale.net.features[0][0].weight, source.features[0][0].weight)  # lr 0: still the init
     assert scale.net.classifier[-1].out_features == 2 == len(meta.grid)
+
+
+def test_the_image_cache_decodes_in_threads_but_keeps_each_key_its_own_image():
+    from dynres.decode import decode_short_side
+    from dynres.train import ImageCache
+
+    store = MemoryStore(per_class=4)
+    cache = ImageCache.build(store, store.keys, 40, progress=False)
+    assert list(cache.images) == list(store.keys)
+    for key in store.keys:
+        assert torch.equal(cache.images[key], decode_short_side(store.read(key), 40, name=key))

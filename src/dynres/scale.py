@@ -13,10 +13,8 @@ A tenth of the labelled images (by key) is held out of scale training to report 
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from dynres.evaluate import PAPER_CROPS, image_views, predict_grid, scaled_grid
 from dynres.models import ModelMeta, channels_last, create_model, load_checkpoint, load_weights, to_input
 from dynres.records import markdown_table, write_records
 from dynres.train import ImageCache, TrainConfig, data_hash, fit, train_backbone
-from dynres._ui import track
+from dynres._ui import track_threads
 
 
 @dataclass(frozen=True)
@@ -178,12 +176,9 @@ def scale_inputs(store, pairs: Sequence[tuple[str, float]], resolution: int, cro
                  scans: Scans, progress: bool = True) -> torch.Tensor:
     """Decoded scale-model inputs for (key, crop) pairs, each image decoded once for all its crops."""
     keys = list(dict.fromkeys(k for k, _ in pairs))
-    views = {}
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # Pillow and torch decode outside the GIL
-        decoded = pool.map(lambda key: image_views(store, key, [resolution], crops, scans), keys)
-        for key, image in zip(keys, track(decoded, len(keys), f"scale inputs @{resolution}", progress)):
-            for (c, _), v in image.items():
-                views[(key, c)] = v
+    decoded = track_threads(lambda key: image_views(store, key, [resolution], crops, scans), keys,
+                            f"scale inputs @{resolution}", progress)
+    views = {(key, c): v for key, image in zip(keys, decoded) for (c, _), v in image.items()}
     return torch.stack([views[p] for p in pairs])
 
 

@@ -16,10 +16,8 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dynres._ui import enabled, make_progress, track
+from dynres._ui import enabled, make_progress, track_threads
 from dynres.decode import decode_short_side
 from dynres.errors import CheckpointError, ConfigError
 from dynres.models import (ModelMeta, build_backbone, channels_last, create_model, load_weights, save_checkpoint,
@@ -86,11 +84,9 @@ class ImageCache:
     @classmethod
     def build(cls, store, keys: Sequence[str], short_side: int, progress: bool = True) -> ImageCache:
         keys = list(keys)
-        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # Pillow decodes outside the GIL
-            decoded = pool.map(lambda key: decode_short_side(store.read(key), short_side, name=key), keys)
-            images = dict(zip(keys, track(decoded, len(keys), f"decode {len(keys)} images (short side {short_side})",
-                                          progress)))
-        return cls(images, short_side)
+        decoded = track_threads(lambda key: decode_short_side(store.read(key), short_side, name=key), keys,
+                                f"decode {len(keys)} images (short side {short_side})", progress)
+        return cls(dict(zip(keys, decoded)), short_side)
 
 
 class CachedTrainSet(Dataset):
