@@ -167,8 +167,7 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         "store": str(store_path), "backbone": str(backbone), "scale_model": str(scale), "policy": policy,
         "images": len(keys), "config": asdict(cfg), "baseline_resolution": engines["baseline"].config.resolution,
         "static_resolution": static_r, "scale_resolution": stage.resolution, "grid": list(stage.grid),
-        "static_sweep": sweep, "lam": lams["dynamic"], "lams": lams,
-        "lam_sweep": lam_sweep, "pipeline": rows, "ratios": ratios,
+        "static_sweep": sweep, "lams": lams, "lam_sweep": lam_sweep, "pipeline": rows, "ratios": ratios,
         "targets": targets,
     }
     write_records(out, "pipeline", payload, render_markdown(payload))
@@ -193,7 +192,7 @@ def _diff(x: float | None, y: float | None) -> float | None:
 def render_markdown(p: dict) -> str:
     names = {"baseline": f"(a) baseline: full read + Pillow decode, eager @{p['baseline_resolution']}",
              "static_tuned": f"(b) best static @{p['static_resolution']}, tuned kernels, calibrated reads",
-             "dynamic": f"(c) dynamic (scale model @{p['scale_resolution']}, λ={p.get('lam', p['config']['lam'])})",
+             "dynamic": f"(c) dynamic (scale model @{p['scale_resolution']}, λ={p['lams']['dynamic']})",
              "dynamic_read_ahead": f"(c') dynamic, read ahead (one read + one decode per image, "
                                    f"λ={p['lams']['dynamic_read_ahead']})",
              "dynamic_exact": f"(c'') dynamic, exact views (each decoded at its own scale, "
