@@ -74,12 +74,12 @@ def draft_size(width: int, height: int, short_side: float) -> tuple[int, int]:
     return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
 
 
-def _open_drafted(data: bytes, short_side: float, name: str) -> Image.Image:
+def _open_drafted(data: bytes, short_side: float, name: str, mode: str = "RGB") -> Image.Image:
     """Open and, for a JPEG, pick the smallest DCT scale whose shorter side is still >= ``short_side`` (the decode
-    itself happens on first pixel access)."""
+    itself happens on first pixel access). ``mode="L"`` has libjpeg output luma only."""
     img = _open(data, name)
     if img.format == "JPEG":
-        img.draft("RGB", draft_size(*img.size, short_side))
+        img.draft(mode, draft_size(*img.size, short_side))
     return img
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -45,11 +44,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from dynres._jpeg import scan_prefix
 from dynres._ui import track
-from dynres.decode import draft_size, resize_center
+from dynres.decode import _open_drafted, resize_center
 from dynres.errors import BadImageError, StoreError
 from dynres.records import markdown_table
 
@@ -128,14 +126,11 @@ def _luma_plane(prefix: bytes, short_side: float, name: str) -> torch.Tensor:
     Asking libjpeg for grayscale output skips the chroma inverse DCT, upsampling and colour conversion (27% of
     the decode here); JFIF's Y is ITU-R 601 luma, so this is the luma of the RGB decode up to rounding.
     """
+    img = _open_drafted(prefix, short_side, name, mode="L")
+    if img.format != "JPEG":
+        raise BadImageError(name, "not a JPEG")
     try:
-        img = Image.open(io.BytesIO(prefix))
-        if img.format != "JPEG":
-            raise BadImageError(name, "not a JPEG")
-        img.draft("L", draft_size(*img.size, short_side))
         return torch.from_numpy(np.array(img if img.mode == "L" else img.convert("L"), dtype=np.uint8))
-    except BadImageError:
-        raise
     except Exception as err:  # Pillow raises several unrelated types for bad bytes
         raise BadImageError(name, f"cannot decode image: {err}") from err
 
