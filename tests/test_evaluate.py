@@ -10,6 +10,7 @@ import torch
 from tiny_store import MemoryStore
 
 from dynres.decode import crop_side, decode
+from dynres.errors import ConfigError
 from dynres.dynamic import DynamicConfig, choose, decide, run_dynamic
 from dynres.evaluate import EvalConfig, GridModel, image_views, predict_grid, run_static, scaled_grid
 from dynres.models import ModelMeta, create_model, load_checkpoint, save_checkpoint
@@ -173,6 +174,27 @@ def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path):
     assert [s["crop"] for s in result["summary"]] == list(CROPS)
     (tmp_path / "backbone" / "model.pt").unlink()  # a cached chain does not touch its outputs again
     assert run_accuracy_chain(train, val, tmp_path, cfg, progress=False) == result
+
+
+def test_an_eval_grid_is_the_whole_chains_grid(tmp_path):
+    """A grid set for the evaluations is also the scale labels' and the scale model's (it was silently replaced
+    by the default ratios once); two different grids are refused before anything trains."""
+    from dynres.accuracy import ChainConfig, run_accuracy_chain
+    from dynres.models import load_checkpoint
+    from dynres.scale import ScaleConfig
+    from dynres.train import TrainConfig
+
+    backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
+    scale = ScaleConfig(folds=2, cheap=True, crops=(1.0,), epochs=1, batch_size=8)
+    train, val = MemoryStore(per_class=4), MemoryStore(per_class=2, offset=50)
+    cfg = ChainConfig(backbone=backbone, scale=scale, eval=EvalConfig(grid=(24, 40), crops=(1.0,)))
+    result = run_accuracy_chain(train, val, tmp_path, cfg, progress=False)
+    assert load_checkpoint(result["scale_model"])[1].grid == (24, 40)
+    assert json.loads((tmp_path / "eval" / "static.json").read_text())["grid"] == [24, 40]
+    clash = ChainConfig(backbone=backbone, scale=dataclasses.replace(scale, grid=(24, 48)), eval=cfg.eval)
+    with pytest.raises(ConfigError, match="differ"):
+        run_accuracy_chain(train, val, tmp_path / "clash", clash, progress=False)
+    assert not (tmp_path / "clash" / "backbone").exists()
 
 
 def test_dynamic_eval_does_not_reuse_another_backbones_static_results(tmp_path, models):

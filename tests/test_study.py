@@ -83,6 +83,7 @@ def test_yaml_works_too(tmp_path):
     ('data = "nowhere"\nout = "o"\n', "is not a directory"),
     ('data = "data"\nout = "o"\n[scale]\nfolds = 1\n', "at least 2 shards"),
     ('data = [unclosed\n', "not valid TOML"),
+    ('data = "data"\nout = "o"\n[scale]\ngrid = [56, 112]\n[eval]\ngrid = [56, 224]\n', "grid .* differ"),
 ])
 def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, message):
     _data(tmp_path)

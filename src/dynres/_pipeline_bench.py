@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dynres._ui import status_bar
 from dynres.pipeline import Engine, EagerRunner, PipelineConfig, load_scale, make_runner
 from dynres.records import markdown_table, write_records
 
@@ -87,35 +88,40 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
 
     sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
 
-    def on_sweep(**mode) -> dict:  # one run over the sweep sample: picks (b)'s resolution and (c)'s λ
-        scale = stage if "lam" in mode else None
-        return Engine(store, tuned, scale=scale, policy=calibrated, classes=meta.classes,
-                      config=PipelineConfig(**mode, **base)).run(sweep_keys, progress=progress).summary
-
-    sweep = []
-    static_r = cfg.static_resolution
-    if static_r is None:
-        for r in stage.grid:
-            s = on_sweep(resolution=r)
-            sweep.append({"resolution": r, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"]})
-        static_r = max(sweep, key=lambda row: (row["accuracy"] or 0.0, -row["resolution"]))["resolution"]
-    # (c)'s operating point, chosen like (b)'s resolution, on the same images: per dynamic variant (what it reads
-    # changes its inputs a little), the largest λ whose accuracy is within the tolerance of (b)'s
     lams, lam_sweep = dict.fromkeys(DYNAMIC, cfg.lam), []
-    if cfg.lam is None:
-        target = next((row["accuracy"] for row in sweep if row["resolution"] == static_r), None)
-        if target is None:
-            target = on_sweep(resolution=static_r)["accuracy"]
-        for name, variant in DYNAMIC.items():
-            rows = []
-            for value in cfg.lambdas:
-                s = on_sweep(lam=value, **variant)
-                rows.append({"mode": name, "lam": value, "accuracy": s["accuracy"],
-                             "images_per_s": s["images_per_s"],
-                             "mean_resolution": _mean_resolution(s["resolution_histogram"])})
-            ok = [row for row in rows if (row["accuracy"] or 0.0) >= (target or 0.0) - cfg.tolerance]
-            lams[name] = max(ok, key=lambda row: row["lam"])["lam"] if ok else 0.0
-            lam_sweep += rows
+    static_r = cfg.static_resolution
+    runs = (len(stage.grid) if static_r is None else int(cfg.lam is None)) \
+        + (len(DYNAMIC) * len(cfg.lambdas) if cfg.lam is None else 0)
+    with status_bar(runs, f"sweep {len(sweep_keys)} images", progress) as done:
+        def on_sweep(label: str, **mode) -> dict:  # one run over the sweep sample
+            scale = stage if "lam" in mode else None
+            summary = Engine(store, tuned, scale=scale, policy=calibrated, classes=meta.classes,
+                             config=PipelineConfig(**mode, **base)).run(sweep_keys, progress=False).summary
+            done(label)
+            return summary
+
+        sweep = []
+        if static_r is None:
+            for r in stage.grid:
+                s = on_sweep(f"(b) @{r}", resolution=r)
+                sweep.append({"resolution": r, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"]})
+            static_r = max(sweep, key=lambda row: (row["accuracy"] or 0.0, -row["resolution"]))["resolution"]
+        # (c)'s operating point, chosen like (b)'s resolution, on the same images: per dynamic variant (what it
+        # reads changes its inputs a little), the largest λ whose accuracy is within the tolerance of (b)'s
+        if cfg.lam is None:
+            target = next((row["accuracy"] for row in sweep if row["resolution"] == static_r), None)
+            if target is None:
+                target = on_sweep(f"(b) @{static_r}", resolution=static_r)["accuracy"]
+            for name, variant in DYNAMIC.items():
+                rows = []
+                for value in cfg.lambdas:
+                    s = on_sweep(f"{name} λ={value}", lam=value, **variant)
+                    rows.append({"mode": name, "lam": value, "accuracy": s["accuracy"],
+                                 "images_per_s": s["images_per_s"],
+                                 "mean_resolution": _mean_resolution(s["resolution_histogram"])})
+                ok = [row for row in rows if (row["accuracy"] or 0.0) >= (target or 0.0) - cfg.tolerance]
+                lams[name] = max(ok, key=lambda row: row["lam"])["lam"] if ok else 0.0
+                lam_sweep += rows
 
     engines = {
         "baseline": Engine(store, EagerRunner(model), classes=meta.classes, config=PipelineConfig(
@@ -129,10 +135,13 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
     for engine in engines.values():
         engine.run(keys[: cfg.warmup], progress=False)  # page cache, allocator, lazily built kernels
     runs: dict[str, list[dict]] = {name: [] for name in engines}
-    for i in range(max(1, cfg.repeats)):  # round robin: machine drift hits every mode alike
-        for name, engine in engines.items():
-            store.reset_stats()
-            runs[name].append(_row(engine.run(keys, progress=progress and i == 0).summary))
+    repeats = max(1, cfg.repeats)
+    with status_bar(repeats * len(engines), f"time {len(engines)} modes x {repeats}", progress) as done:
+        for _ in range(repeats):  # round robin: machine drift hits every mode alike
+            for name, engine in engines.items():
+                store.reset_stats()
+                runs[name].append(_row(engine.run(keys, progress=False).summary))
+                done(name)
     rows = {name: _median_run(r) for name, r in runs.items()}
 
     a, b = rows["baseline"], rows["static_tuned"]

@@ -6,6 +6,7 @@ Library functions take ``progress: bool`` and call :func:`track`; the CLI decide
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,17 @@ def track(items: Iterable[T], total: int | None, description: str, progress: boo
             bar.advance(task)
 
 
+@contextlib.contextmanager
+def status_bar(total: int, description: str, progress: bool = True) -> Iterator[Callable[[str], None]]:
+    """A bar the caller advances one step at a time, setting its status text (a loss, the setting just run)."""
+    if not enabled(progress):
+        yield lambda status: None
+        return
+    with make_progress() as bar:
+        task = bar.add_task(description, total=total, status="")
+        yield lambda status: bar.update(task, advance=1, status=status)
+
+
 def track_threads(fn: Callable[[T], U], items: Sequence[T], description: str, progress: bool = True) -> list[U]:
     """``[fn(x) for x in items]`` on one thread per core, in order, with a bar: for decoding many images (Pillow
     and torch release the GIL), where every result is kept anyway."""
@@ -65,4 +77,4 @@ def track_threads(fn: Callable[[T], U], items: Sequence[T], description: str, pr
 
 def log(message: str) -> None:
     if enabled():
-        console.print(message)
+        console.print(message, soft_wrap=True)  # one line per message, whatever the terminal's width

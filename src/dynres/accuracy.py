@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dynres.dynamic import DynamicConfig, run_dynamic
+from dynres.errors import ConfigError
 from dynres.evaluate import EvalConfig, run_static
 from dynres.scale import ScaleConfig, train_scale
 from dynres.train import ImageCache, TrainConfig, train_backbone
@@ -55,6 +56,16 @@ def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) ->
                                                             seed=seed))
 
 
+def chain_grid(cfg: ChainConfig) -> tuple[int, ...] | None:
+    """The chain's one resolution grid: the scale model predicts over the grid the evaluations report, so a grid
+    set in either ``[scale]`` or ``[eval]`` is both's (None: the paper's ratios around the train resolution)."""
+    if cfg.scale.grid and cfg.eval.grid and tuple(cfg.scale.grid) != tuple(cfg.eval.grid):
+        raise ConfigError("grid", f"scale grid {list(cfg.scale.grid)} and eval grid {list(cfg.eval.grid)} differ; "
+                                  "the scale model must predict over the grid the evaluations use: set one of them")
+    grid = cfg.scale.grid or cfg.eval.grid
+    return tuple(grid) if grid else None
+
+
 def _done(path: Path, settings: dict) -> dict | None:
     try:
         rec = json.loads(path.read_text())
@@ -66,6 +77,7 @@ def _done(path: Path, settings: dict) -> dict | None:
 def run_accuracy_chain(train_store, val_store, out: str | Path, cfg: ChainConfig = ChainConfig(),
                        progress: bool = True) -> dict:
     """Run (or resume) the whole chain under ``out``; returns ``{backbone, static, scale, dynamic, seconds}``."""
+    grid = chain_grid(cfg)  # a bad grid fails before anything trains
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(asdict(cfg), default=str))
@@ -83,12 +95,13 @@ def run_accuracy_chain(train_store, val_store, out: str | Path, cfg: ChainConfig
     backbone = train_backbone(train_store, out / "backbone", cfg.backbone, cache=cache, progress=progress)
     seconds["backbone"] = time.perf_counter() - t
     t = time.perf_counter()
-    scale_cfg = replace(cfg.scale, backbone=cfg.backbone)  # shard backbones share the full backbone's recipe
+    # shard backbones share the full backbone's recipe; labels, scale model and evaluations share one grid
+    scale_cfg = replace(cfg.scale, backbone=cfg.backbone, grid=grid)
     scale = train_scale(train_store, out / "scale", scale_cfg, cache=cache, progress=progress)
     seconds["scale"] = time.perf_counter() - t
     del cache
     t = time.perf_counter()
-    eval_cfg = replace(cfg.eval, grid=scale_cfg.label_grid, crops=scale_cfg.crops)
+    eval_cfg = replace(cfg.eval, grid=scale_cfg.label_grid)
     run_static(backbone, val_store, out / "eval", eval_cfg, progress=progress)
     seconds["static"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -78,13 +78,17 @@ def bench_io_cmd(
     console.print(f"wrote {out / 'bench_io.json'} and {out / 'bench_io.md'}")
 
 
+FORCE_HELP = ("Run every stage even if its record is up to date; each still reuses its own finished work (stored "
+              "images, trained epochs, tuned kernels): delete the run directory to start from nothing.")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory (cached stages, records, report)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller data and budgets: a few minutes."),
     workers: int = typer.Option(0, help="Processes for data generation, ingest and decoding (0: every core)."),
     seed: int = typer.Option(0, help="Seed for the built-in data set and training."),
-    force: bool = typer.Option(False, "--force", help="Re-run every stage even if cached."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """The main job on the built-in data set: the whole study (data → … → report) in one cached run."""
     from dynres.study import FULL, QUICK, StudyConfig, run_study
@@ -126,7 +130,7 @@ def ingest(
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="TOML or YAML run file (docs/run-config.md)."),
-    force: bool = typer.Option(False, "--force", help="Re-run every stage even if cached."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """The demo's stages on your own ImageFolder data and architecture, from a config file."""
     from dataclasses import replace

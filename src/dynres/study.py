@@ -98,10 +98,10 @@ class Study:
             except json.JSONDecodeError:
                 rec = {}
             if rec.get("key") == key:
-                self._say(f"[{n}/{self.total}] {name}: up to date (cached {rec['seconds']:.1f} s)")
+                self.say(f"[{n}/{self.total}] {name}: up to date (cached {rec['seconds']:.1f} s)")
                 self.records[name] = rec
                 return rec["outputs"]
-        self._say(f"[{n}/{self.total}] {name} …")
+        self.say(f"[{n}/{self.total}] {name} …")
         t0 = time.perf_counter()
         outputs = fn()
         rec = {"name": name, "key": key, "inputs": inputs, "outputs": outputs, "seconds": time.perf_counter() - t0}
@@ -110,12 +110,12 @@ class Study:
         tmp.write_text(json.dumps(rec, indent=2, default=str))
         os.replace(tmp, path)
         self.records[name] = rec
-        self._say(f"[{n}/{self.total}] {name}: done in {rec['seconds']:.1f} s")
+        self.say(f"[{n}/{self.total}] {name}: done in {rec['seconds']:.1f} s")
         return outputs
 
-    def _say(self, msg: str) -> None:
+    def say(self, msg: str, style: str = "bold cyan") -> None:
         if enabled():
-            console.print(f"[bold cyan]{msg}[/bold cyan]")
+            console.print(msg, style=style, markup=False, highlight=False, soft_wrap=True)
         else:
             print(msg, flush=True)
 
@@ -160,6 +160,11 @@ def run_study(config: StudyConfig) -> dict:
         result = {}
         for split in ("train", "val"):
             rep = ingest(data_dir / split, out / "store" / split, IngestConfig(workers=config.n_workers))
+            if rep.skipped:  # a few named here; every one in the store's ingest_report.json
+                shown = "; ".join(f"{name}: {reason}" for name, reason in rep.skipped[:3])
+                more = f"; {len(rep.skipped) - 3} more" if len(rep.skipped) > 3 else ""
+                study.say(f"{split}: skipped {len(rep.skipped)} file(s) ({shown}{more}); all listed in "
+                          f"{out / 'store' / split / 'ingest_report.json'}", style="yellow")
             result[split] = {"store": str(out / "store" / split), "ingested": rep.images,
                              "skipped": len(rep.skipped), "images_per_s": rep.images_per_s}
         return result
@@ -334,7 +339,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     """Read a TOML or YAML run file (see docs/run-config.md) into a validated :class:`StudyConfig`."""
     from dataclasses import replace
 
-    from dynres.accuracy import demo_config
+    from dynres.accuracy import chain_grid, demo_config
     from dynres.errors import ConfigError
 
     path = Path(path)
@@ -375,6 +380,10 @@ def load_study_config(path: str | Path) -> StudyConfig:
             sub.check()
         except ConfigError as err:  # the dataclasses know the setting, not the file it came from
             raise ConfigError(path, f"[{section}] {err}") from None
+    try:
+        chain_grid(chain)
+    except ConfigError as err:
+        raise ConfigError(path, err.reason) from None
     return StudyConfig(out=(path.parent / raw["out"]).resolve(), data=data, seed=seed,
                        workers=int(raw.get("workers", 0)), quick=bool(raw.get("quick", False)),
                        io_images=int(raw.get("io_images", 64)), io_repeats=int(raw.get("io_repeats", 3)), chain=chain)

@@ -12,12 +12,11 @@ the demo's five backbones affordable. ``cache=False`` decodes every view through
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dynres._ui import enabled, make_progress, track_threads
+from dynres._ui import status_bar, track_threads
 from dynres.decode import decode_short_side
 from dynres.errors import CheckpointError, ConfigError
 from dynres.models import (ModelMeta, build_backbone, channels_last, create_model, load_weights, save_checkpoint,
@@ -122,17 +121,6 @@ def train_dataset(store, keys: Sequence[str], cfg: TrainConfig, cache: ImageCach
 # --- the loop -----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _bar(total: int, description: str, progress: bool) -> Iterator[Callable[[str], None]]:
-    """A progress bar whose status text the caller sets after each step (loss / accuracy)."""
-    if not enabled(progress):
-        yield lambda status: None
-        return
-    with make_progress() as bar:
-        task = bar.add_task(description, total=total, status="")
-        yield lambda status: bar.update(task, advance=1, status=status)
-
-
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -171,7 +159,7 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn: Callable,
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if start >= cfg.epochs:
         return history
-    with _bar(total, description, progress) as update:
+    with status_bar(total, description, progress) as update:
         for _ in range(start * steps_per_epoch):
             update("resumed")
         for epoch in range(start, cfg.epochs):
