@@ -177,3 +177,44 @@ def test_a_lucky_gain_does_not_buy_a_loss(monkeypatch):
     result = cal.calibrate_resolution(None, Store(), Index(), list("abcd"), 32, CalibrationConfig(sweep=()), 1.0)
     assert result["threshold"] >= 0.97 and result["acc_calibrated"] == result["acc_full"] == 75.0
     assert result["read_savings"] == 0.0
+
+
+def test_search_crops_hold_every_crop_to_the_target(monkeypatch):
+    """Short reads cost nothing at the index's crop but lose image a at a 25% crop: only a search that looks at
+    that crop too pays for the longer read."""
+    import dynres.calibrate as cal
+
+    class Preds:
+        def __init__(self, model, store, index, resolution, crop_side, batch_size):
+            self.small, self.evaluated = crop_side < 0.9, 0
+
+        def predict(self, keys, scans):  # label 0 everywhere; every image right on a full read
+            lost = self.small & (np.asarray(scans) < 5) & (np.asarray(keys) == "a")
+            return lost.astype(np.int64)
+
+    class Index:
+        rows = {k: i for i, k in enumerate("abcd")}
+        num_scans = np.full(4, 5)
+
+        def fewest_scans(self, t, resolution, rows):
+            return np.where(np.full(len(rows), t) < 0.98, 2, 5)
+
+    class Store:
+        def label(self, key):
+            return 0
+
+        def prefix_size(self, key, scans):
+            return 100 * scans
+
+        def size(self, key):
+            return 500
+
+    monkeypatch.setattr(cal, "PrefixPredictions", Preds)
+    one = cal.calibrate_resolution(None, Store(), Index(), list("abcd"), 32, CalibrationConfig(sweep=()), 1.0)
+    both = cal.calibrate_resolution(None, Store(), Index(), list("abcd"), 32,
+                                    CalibrationConfig(sweep=(), search_crops=(0.25, 1.0)), 1.0)
+    assert one["threshold"] == 0.94 and one["read_savings"] == pytest.approx(0.6)
+    assert both["threshold"] >= 0.98 and both["read_savings"] == 0.0
+    assert both["search_crops"] == [1.0, 0.25]  # the index's crop first; a repeat of it is not searched twice
+    with pytest.raises(ConfigError, match="search_crops"):
+        CalibrationConfig(search_crops=(0.0,)).check()

@@ -60,6 +60,7 @@ def test_run_config_maps_sections_to_the_dataclasses(tmp_path):
         'data = "data"\nout = "runs/mine"\nseed = 3\n'
         '[backbone]\narch = "resnet18"\nresolution = 224\nepochs = 2\ncrop_scale = [0.08, 1.0]\n'
         '[eval]\ngrid = [112, 224, 448]\ncrops = [0.25, 1.0]\n'
+        '[calibration]\ntarget = 0.1\nsearch_crops = [0.25, 1.0]\n'
     )
     cfg = load_study_config(tmp_path / "run.toml")
     assert cfg.data == (tmp_path / "data").resolve() and cfg.out == (tmp_path / "runs" / "mine").resolve()
@@ -67,6 +68,7 @@ def test_run_config_maps_sections_to_the_dataclasses(tmp_path):
     assert cfg.chain.backbone.crop_scale == (0.08, 1.0)
     assert cfg.chain.scale.backbone == cfg.chain.backbone  # shard backbones use the same recipe
     assert cfg.chain.eval.grid == (112, 224, 448) and cfg.seed == 3
+    assert cfg.calibration.target == 0.1 and cfg.calibration.search_crops == (0.25, 1.0)
 
 
 def test_yaml_works_too(tmp_path):
@@ -83,6 +85,7 @@ def test_yaml_works_too(tmp_path):
     ('data = "nowhere"\nout = "o"\n', "is not a directory"),
     ('data = "data"\nout = "o"\n[scale]\nfolds = 1\n', "at least 2 shards"),
     ('data = [unclosed\n', "not valid TOML"),
+    ('data = "data"\nout = "o"\n[calibration]\nsearch_crops = [0.0]\n', "search_crops"),
     ('data = "data"\nout = "o"\n[scale]\ngrid = [56, 112]\n[eval]\ngrid = [56, 224]\n', "grid .* differ"),
 ])
 def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, message):

@@ -491,6 +491,8 @@ def calibrate(
     holdout: float = typer.Option(0.5, help="Share of STORE held out for the report (without --calib-store)."),
     resolutions: Optional[str] = typer.Option(None, help="Comma-separated (default: every indexed resolution)."),
     crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Crop areas of the held-out table (index crop added)."),
+    search_crops: Optional[str] = typer.Option(
+        None, help="Crop areas whose lost answers the search also holds to the target (default: the index's only)."),
     batch_size: int = typer.Option(64, help="Inference batch size."),
     seed: int = typer.Option(0, help="Seed of the hashed split and of the calibration sample."),
     scale_model: Optional[Path] = typer.Option(None, "--scale-model",
@@ -503,8 +505,8 @@ def calibrate(
 
     cfg = CalibrationConfig(target=target, max_images=max_images, holdout_fraction=holdout, seed=seed,
                             resolutions=tuple(int(r) for r in resolutions.split(",")) if resolutions else None,
-                            crops=tuple(float(c) for c in crops.split(",")), batch_size=batch_size,
-                            backend=backend)
+                            crops=_floats(crops), search_crops=_floats(search_crops) if search_crops else (),
+                            batch_size=batch_size, backend=backend)
     rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,
                           policy, scale_model)
     for s in rec["search"]:

@@ -48,6 +48,7 @@ class StudyConfig:
     quick: bool = False
     force: bool = False
     chain: Any = None  # dynres.accuracy.ChainConfig; None: the demo's preset
+    calibration: Any = None  # dynres.calibrate.CalibrationConfig; None: its defaults
 
     @property
     def n_workers(self) -> int:
@@ -192,7 +193,7 @@ def run_study(config: StudyConfig) -> dict:
 
     from dynres.calibrate import CalibrationConfig, calibrate, split_keys
 
-    cal_cfg = CalibrationConfig()
+    cal_cfg = config.calibration or CalibrationConfig()
     held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never sees
 
     def calibration() -> dict:
@@ -310,7 +311,7 @@ def scale_choices(val_store, scale_model: str, policy_path: str, keys: list[str]
 
 # --- `dynres run CONFIG`: the same stages on the user's data --------------------------------------------------
 
-_SECTIONS = {"backbone", "scale", "eval", "dynamic"}
+_SECTIONS = {"backbone", "scale", "eval", "dynamic", "calibration"}
 _TOP = {"data", "out", "seed", "workers", "quick", "io_images", "io_repeats", *_SECTIONS}
 
 
@@ -375,7 +376,11 @@ def load_study_config(path: str | Path) -> StudyConfig:
     chain = replace(chain, backbone=backbone, scale=scale,
                     eval=_override(chain.eval, "eval", dict(raw.get("eval", {})), str(path)),
                     dynamic=_override(chain.dynamic, "dynamic", dict(raw.get("dynamic", {})), str(path)))
-    for section, sub in (("backbone", chain.backbone), ("scale", chain.scale), ("eval", chain.eval)):
+    from dynres.calibrate import CalibrationConfig
+
+    calibration = _override(CalibrationConfig(), "calibration", dict(raw.get("calibration", {})), str(path))
+    for section, sub in (("backbone", chain.backbone), ("scale", chain.scale), ("eval", chain.eval),
+                         ("calibration", calibration)):
         try:
             sub.check()
         except ConfigError as err:  # the dataclasses know the setting, not the file it came from
@@ -386,4 +391,5 @@ def load_study_config(path: str | Path) -> StudyConfig:
         raise ConfigError(path, err.reason) from None
     return StudyConfig(out=(path.parent / raw["out"]).resolve(), data=data, seed=seed,
                        workers=int(raw.get("workers", 0)), quick=bool(raw.get("quick", False)),
-                       io_images=int(raw.get("io_images", 64)), io_repeats=int(raw.get("io_repeats", 3)), chain=chain)
+                       io_images=int(raw.get("io_images", 64)), io_repeats=int(raw.get("io_repeats", 3)), chain=chain,
+                       calibration=calibration)
