@@ -25,7 +25,7 @@ from rich.progress import (
 T = TypeVar("T")
 U = TypeVar("U")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message is one line in a log, whatever the width
 
 
 def enabled(progress: bool = True) -> bool:
@@ -77,4 +77,4 @@ def track_threads(fn: Callable[[T], U], items: Sequence[T], description: str, pr
 
 def log(message: str) -> None:
     if enabled():
-        console.print(message, soft_wrap=True)  # one line per message, whatever the terminal's width
+        console.print(message)

@@ -116,7 +116,7 @@ class Study:
 
     def say(self, msg: str, style: str = "bold cyan") -> None:
         if enabled():
-            console.print(msg, style=style, markup=False, highlight=False, soft_wrap=True)
+            console.print(msg, style=style, markup=False, highlight=False)
         else:
             print(msg, flush=True)
 
