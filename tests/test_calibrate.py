@@ -142,6 +142,31 @@ def test_dynamic_row_counts_the_scale_models_calibrated_read(store_dir, checkpoi
     assert min(r["read_savings"] for r in rows) >= record["summary"]["dynamic_read_savings_worst_case"] - 1e-12
 
 
+class _Index:
+    """Four images of 5 scans whose SSIM reaches any threshold below ``cut`` with 2 scans, the rest only with 5."""
+    rows = {k: i for i, k in enumerate("abcd")}
+    num_scans = np.full(4, 5)
+
+    def __init__(self, cut: float):
+        self.cut = cut
+
+    def fewest_scans(self, t, resolution, rows):
+        return np.where(np.full(len(rows), t) < self.cut, 2, 5)
+
+
+class _Store:
+    """Label 0 everywhere; 100 bytes a scan, 500 a file."""
+
+    def label(self, key):
+        return 0
+
+    def prefix_size(self, key, scans):
+        return 100 * scans
+
+    def size(self, key):
+        return 500
+
+
 def test_a_lucky_gain_does_not_buy_a_loss(monkeypatch):
     """Short reads turn image a wrong and image b right: the net accuracy is unchanged, but a was lost."""
     import dynres.calibrate as cal
@@ -156,25 +181,9 @@ def test_a_lucky_gain_does_not_buy_a_loss(monkeypatch):
             short = np.asarray(scans) < 5
             return np.where(short, [1, 0, 0, 0], [0, 1, 0, 0])
 
-    class Index:
-        rows = {k: i for i, k in enumerate("abcd")}
-        num_scans = np.full(4, 5)
-
-        def fewest_scans(self, t, resolution, rows):
-            return np.where(np.full(len(rows), t) < 0.97, 2, 5)
-
-    class Store:
-        def label(self, key):
-            return 0
-
-        def prefix_size(self, key, scans):
-            return 100 * scans
-
-        def size(self, key):
-            return 500
-
     monkeypatch.setattr(cal, "PrefixPredictions", Preds)
-    result = cal.calibrate_resolution(None, Store(), Index(), list("abcd"), 32, CalibrationConfig(sweep=()), 1.0)
+    result = cal.calibrate_resolution(None, _Store(), _Index(0.97), list("abcd"), 32, CalibrationConfig(sweep=()),
+                                      1.0)
     assert result["threshold"] >= 0.97 and result["acc_calibrated"] == result["acc_full"] == 75.0
     assert result["read_savings"] == 0.0
 
@@ -192,26 +201,9 @@ def test_search_crops_hold_every_crop_to_the_target(monkeypatch):
             lost = self.small & (np.asarray(scans) < 5) & (np.asarray(keys) == "a")
             return lost.astype(np.int64)
 
-    class Index:
-        rows = {k: i for i, k in enumerate("abcd")}
-        num_scans = np.full(4, 5)
-
-        def fewest_scans(self, t, resolution, rows):
-            return np.where(np.full(len(rows), t) < 0.98, 2, 5)
-
-    class Store:
-        def label(self, key):
-            return 0
-
-        def prefix_size(self, key, scans):
-            return 100 * scans
-
-        def size(self, key):
-            return 500
-
     monkeypatch.setattr(cal, "PrefixPredictions", Preds)
-    one = cal.calibrate_resolution(None, Store(), Index(), list("abcd"), 32, CalibrationConfig(sweep=()), 1.0)
-    both = cal.calibrate_resolution(None, Store(), Index(), list("abcd"), 32,
+    one = cal.calibrate_resolution(None, _Store(), _Index(0.98), list("abcd"), 32, CalibrationConfig(sweep=()), 1.0)
+    both = cal.calibrate_resolution(None, _Store(), _Index(0.98), list("abcd"), 32,
                                     CalibrationConfig(sweep=(), search_crops=(0.25, 1.0)), 1.0)
     assert one["threshold"] == 0.94 and one["read_savings"] == pytest.approx(0.6)
     assert both["threshold"] >= 0.98 and both["read_savings"] == 0.0
