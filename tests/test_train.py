@@ -10,7 +10,7 @@ from tiny_store import MemoryStore
 
 from dynres.errors import ConfigError
 from dynres.models import load_checkpoint
-from dynres.scale import ScaleConfig, auc, label_stats, multi_hot, shard_split, train_scale
+from dynres.scale import ScaleConfig, auc, fold_dir, label_stats, multi_hot, shard_split, train_scale
 from dynres.train import TrainConfig, data_hash, train_backbone
 
 TINY = TrainConfig(resolution=32, epochs=2, batch_size=8, seed=3)
@@ -142,6 +142,9 @@ def test_label_statistics_and_auc():
                       "correct": [False, True, True, True]})
     targets = multi_hot(table, (16, 32))
     assert targets[("a", 1.0)].tolist() == [0.0, 1.0]
+    twice = pa.concat_tables([table, table.set_column(3, "correct", pa.array([True, True, False, True]))])
+    assert multi_hot(twice, (16, 32))[("a", 1.0)].tolist() == [0.5, 1.0]  # two splits' labels: their mean
+    assert multi_hot(twice, (16, 32))[("b", 1.0)].tolist() == [0.5, 1.0]
     stats = label_stats(targets, (16, 32), (1.0,))[0]
     assert stats["all_correct"] == 50.0 and stats["p@32"] == 100.0 and stats["mean_correct"] == 1.5
     assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
@@ -172,3 +175,29 @@ def test_the_image_cache_decodes_in_threads_but_keeps_each_key_its_own_image():
     assert list(cache.images) == list(store.keys)
     for key in store.keys:
         assert torch.equal(cache.images[key], decode_short_side(store.read(key), 40, name=key))
+
+
+def test_repeated_splits_label_every_image_once_per_split_and_the_model_learns_the_mean(tmp_path):
+    import numpy as np
+
+    store = MemoryStore(per_class=4)
+    cfg = ScaleConfig(folds=2, splits=2, backbone=TrainConfig(resolution=32, epochs=1, batch_size=8), grid=(16, 32),
+                      crops=(1.0,), epochs=1, batch_size=8, holdout=0.25)
+    result = train_scale(store, tmp_path, cfg, progress=False)
+    labels = pq.read_table(tmp_path / "scale_labels.parquet").to_pylist()
+    for split in (0, 1):
+        shards = shard_split(store, store.keys, 2, cfg.seed + split)
+        rows = [r for r in labels if r["split"] == split]
+        assert sorted(r["key"] for r in rows if r["resolution"] == 16) == sorted(store.keys)  # once per split
+        for fold in (0, 1):
+            trained_on = [k for i, s in enumerate(shards) if i != fold for k in s]
+            _, meta = load_checkpoint(fold_dir(tmp_path, split, fold) / "model.pt")
+            assert meta.data_hash == data_hash(store, trained_on)
+            assert not {r["key"] for r in rows if r["fold"] == fold} & set(trained_on)
+    assert shard_split(store, store.keys, 2, 0) != shard_split(store, store.keys, 2, 1)  # two different splits
+    assert result["splits"] == 2 and len(result["backbones"]) == 4
+    mean = multi_hot(pq.read_table(tmp_path / "scale_labels.parquet"), (16, 32))
+    for (key, crop), vec in mean.items():  # the mean of the two backbones' answers
+        answers = [[r["correct"] for r in labels if r["key"] == key and r["resolution"] == res and r["split"] == s]
+                   for res in (16, 32) for s in (0, 1)]
+        assert vec.tolist() == [float(np.mean(answers[0] + answers[1])), float(np.mean(answers[2] + answers[3]))]

@@ -338,6 +338,8 @@ def train_scale_cmd(
     out: Path = typer.Option(Path("runs/scale"), "--out", help="Shard backbones, labels, scale model, scale.json."),
     folds: int = typer.Option(4, help="K disjoint shards (K backbones on K-1 shards each)."),
     cheap: bool = typer.Option(False, "--cheap", help="One split only (the paper's footnote 2)."),
+    splits: int = typer.Option(1, help="Repeat the K-fold split with N shard seeds; the scale model learns the mean "
+                                       "of the N labels per image (N x K backbones)."),
     crops: str = typer.Option("0.25,0.56,0.75,1.0", help="Crop areas the labels cover."),
     grid: Optional[str] = typer.Option(None, help="Resolutions (default: 0.5x..2x of --resolution, step 0.25x)."),
     arch: str = typer.Option("mobilenet_v2_tiny", help="Scale model architecture."),
@@ -359,7 +361,7 @@ def train_scale_cmd(
 
     bb = _train_config(backbone_arch, resolution, backbone_epochs, batch_size, "adamw", None, 0.1, seed,
                        backbone_init, False)
-    cfg = ScaleConfig(folds=folds, cheap=cheap, crops=_floats(crops), grid=_ints(grid), backbone=bb, arch=arch,
+    cfg = ScaleConfig(folds=folds, cheap=cheap, splits=splits, crops=_floats(crops), grid=_ints(grid), backbone=bb, arch=arch,
                       init=str(init) if init else None,
                       resolution=scale_resolution, scans=scans, epochs=epochs, batch_size=batch_size, seed=seed,
                       labels=str(labels) if labels else None)

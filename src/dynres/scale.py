@@ -6,7 +6,9 @@
 3. The scale model (default a width-0.25 MobileNetV2) reads the low-resolution prefix of an image at the scale
    resolution and predicts the multi-hot label with binary cross-entropy over the grid.
 
-``cheap=True`` is the paper's footnote 2: one split only (one backbone, one labelled shard).
+``cheap=True`` is the paper's footnote 2: one split only (one backbone, one labelled shard). ``splits=n`` (beyond
+the paper) repeats steps 1-2 with n shard seeds, so every image gets n labels from n backbones that did not see it,
+and the scale model learns their mean: less label noise for n times the backbone trainings.
 A tenth of the labelled images (by key) is held out of scale training to report per-resolution AUC.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -38,6 +41,9 @@ from dynres._ui import track_threads
 class ScaleConfig:
     folds: int = 4
     cheap: bool = False  # the paper's single split: train only fold 0's backbone
+    # repeated K-fold splits (shard seeds seed, seed+1, ...): one label per image and split, the scale model learns
+    # their mean (two held-out backbones disagree on ~9% of the demo's labels); each split costs K more trainings
+    splits: int = 1
     crops: tuple[float, ...] = PAPER_CROPS  # area fractions the labels (and the scale inputs) cover
     grid: tuple[int, ...] | None = None  # None: the paper's ratios around the backbone's train resolution
     backbone: TrainConfig = field(default_factory=TrainConfig)
@@ -57,6 +63,8 @@ class ScaleConfig:
     def check(self) -> None:
         if self.folds < 2:
             raise ConfigError("folds", f"need at least 2 shards, got {self.folds}")
+        if self.splits < 1:
+            raise ConfigError("splits", f"need at least 1 split, got {self.splits}")
         if not 0 <= self.holdout < 0.5:
             raise ConfigError("holdout", f"must be in [0, 0.5), got {self.holdout}")
 
@@ -82,18 +90,26 @@ def shard_split(store, keys: Sequence[str], folds: int, seed: int = 0) -> list[l
     return shards
 
 
+def fold_dir(out: Path, split: int, fold: int) -> Path:
+    """Where the shard backbone of (split, fold) lives: ``fold{k}`` for the first split, ``split{s}/fold{k}`` after."""
+    return (out if split == 0 else out / f"split{split}") / f"fold{fold}"
+
+
 def make_labels(store, out: Path, cfg: ScaleConfig, cache: ImageCache | None = None,
                 progress: bool = True) -> pa.Table:
     """Train the shard backbones and label each held-out shard; returns (and writes) ``scale_labels.parquet``."""
-    shards = shard_split(store, store.keys, cfg.folds, cfg.seed)
     tables = []
-    for fold in range(1 if cfg.cheap else cfg.folds):
-        train_keys = [k for i, s in enumerate(shards) if i != fold for k in s]
-        ckpt = train_backbone(store, out / f"fold{fold}", cfg.backbone, train_keys, cache, progress)
-        model, _ = load_checkpoint(ckpt)
-        table = predict_grid(model, store, shards[fold], cfg.label_grid, cfg.crops, None, False,
-                             progress=progress, description=f"label shard {fold}")
-        tables.append(table.append_column("fold", pa.array([fold] * len(table), pa.int32())))
+    for split in range(cfg.splits):
+        shards = shard_split(store, store.keys, cfg.folds, cfg.seed + split)
+        for fold in range(1 if cfg.cheap else cfg.folds):
+            train_keys = [k for i, s in enumerate(shards) if i != fold for k in s]
+            ckpt = train_backbone(store, fold_dir(out, split, fold), cfg.backbone, train_keys, cache, progress)
+            model, _ = load_checkpoint(ckpt)
+            name = f"label shard {fold}" + (f" of split {split}" if cfg.splits > 1 else "")
+            table = predict_grid(model, store, shards[fold], cfg.label_grid, cfg.crops, None, False,
+                                 progress=progress, description=name)
+            tables.append(table.append_column("fold", pa.array([fold] * len(table), pa.int32()))
+                          .append_column("split", pa.array([split] * len(table), pa.int32())))
     labels = pa.concat_tables(tables)
     pq.write_table(labels, out / "scale_labels.parquet")
     return labels
@@ -115,13 +131,15 @@ def read_labels(path: str | Path, store) -> pa.Table:
 
 
 def multi_hot(labels: pa.Table, grid: Sequence[int]) -> dict[tuple[str, float], np.ndarray]:
-    """(key, crop) -> float vector over ``grid``: 1 where the held-out backbone was right."""
+    """(key, crop) -> float vector over ``grid``: 1 where the held-out backbone was right; with several splits,
+    the fraction of their held-out backbones that were."""
     index = {r: i for i, r in enumerate(grid)}
-    out: dict[tuple[str, float], np.ndarray] = {}
+    sums: dict[tuple[str, float], np.ndarray] = {}
+    counts: dict[tuple[str, float], np.ndarray] = {}
     for key, crop, r, ok in zip(*(labels.column(n).to_pylist() for n in ("key", "crop", "resolution", "correct"))):
-        vec = out.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))
-        vec[index[r]] = float(ok)
-    return out
+        sums.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))[index[r]] += float(ok)
+        counts.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))[index[r]] += 1.0
+    return {p: sums[p] / np.maximum(counts[p], 1.0) for p in sums}
 
 
 def label_stats(targets: dict[tuple[str, float], np.ndarray], grid: Sequence[int],
@@ -204,6 +222,7 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
         grid = tuple(sorted(set(labels.column("resolution").to_pylist())))
         crops = tuple(sorted(set(labels.column("crop").to_pylist())))
         folds = len(set(labels.column("fold").to_pylist())) if "fold" in labels.column_names else None
+        splits = len(set(labels.column("split").to_pylist())) if "split" in labels.column_names else 1
         labels_path, backbones = str(cfg.labels), []
     else:
         if cfg.backbone.cache and cache is None:
@@ -211,11 +230,14 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
                                      progress)
         labels = make_labels(store, out, cfg, cache, progress)
         del cache
-        grid, crops, folds = cfg.label_grid, cfg.crops, 1 if cfg.cheap else cfg.folds
+        grid, crops, folds, splits = cfg.label_grid, cfg.crops, 1 if cfg.cheap else cfg.folds, cfg.splits
         labels_path = str(out / "scale_labels.parquet")
-        backbones = [str(out / f"fold{f}" / "model.pt") for f in range(folds)]
+        backbones = [str(fold_dir(out, s, f) / "model.pt") for s in range(cfg.splits) for f in range(folds)]
     res = cfg.resolution or min(grid)
-    targets = multi_hot(labels, grid)
+    targets = multi_hot(labels, grid)  # what the scale model learns: with several splits, the mean label
+    if "split" in labels.column_names:  # statistics and AUC judge against one held-out backbone's 0/1 answers
+        labels = labels.filter(pc.equal(labels.column("split"), 0))
+    answers = multi_hot(labels, grid)
     keys = sorted({k for k, _ in targets})
     rng = random.Random(cfg.seed + 1)
     rng.shuffle(keys)
@@ -242,16 +264,19 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
     aucs = []
     if test_pairs:
         te = torch.tensor([idx[p] for p in test_pairs], dtype=torch.long)
-        probs, truth = predict_scale(model, images[te]), y[te].numpy()
+        probs = predict_scale(model, images[te])
+        truth = np.stack([answers[p] for p in test_pairs])
         aucs = [{"resolution": r, "auc": auc(probs[:, i], truth[:, i]),
                  "positive_rate": 100 * float(truth[:, i].mean())} for i, r in enumerate(grid)]
-    stats = label_stats(targets, grid, crops)
-    payload = {"grid": list(grid), "crops": list(crops), "folds": folds,
+    stats = label_stats(answers, grid, crops)
+    payload = {"grid": list(grid), "crops": list(crops), "folds": folds, "splits": splits,
                "cheap": cfg.cheap, "scale_resolution": res, "scale_arch": cfg.arch, "scans": cfg.scans,
                "labelled_images": len(keys), "heldout_images": len(held), "label_stats": stats, "auc": aucs,
                "scale_model": str(out / "scale_model" / "model.pt"), "labels": labels_path, "backbones": backbones}
     stat_cols = ["crop", "samples", "none_correct", "all_correct", "mean_correct"] + [f"p@{r}" for r in grid]
-    md = (f"# Scale labels and scale model\n\n{payload['folds']} held-out shard(s), {len(keys)} labelled images; "
+    split_text = f" in each of {splits} splits (the scale model learns the mean label)" if splits > 1 else ""
+    md = (f"# Scale labels and scale model\n\n{payload['folds']} held-out shard(s){split_text}, {len(keys)} labelled "
+          f"images; "
           f"scale model {cfg.arch} at {res} px.\n\n## Labels (percent of samples; p@r = backbone right at r)\n\n"
           + markdown_table(stats, stat_cols)
           + f"\n\n## Scale model AUC per resolution ({len(held)} held-out images)\n\n"
