@@ -45,7 +45,7 @@ def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) ->
         # MobileNetV2 at 16 epochs: 42 vs 183 s of training, dynamic top-1 (argmax p) at crops 25/56/75/100%
         # 73.8/85.2/88.3/87.2 vs 74.0/85.3/87.3/86.7, cost-aware savings within 0.5 points 31/34/16/- vs 30/31/19/-
         # (seed 1: 73.3/84.5/85.7/86.7; 32 epochs overfit: AUC 0.74-0.77 vs 0.76-0.81). An 84 px input was no
-        # better per GFLOP (MobileNetV2, earlier labels). Labels of a second K=4 split averaged with the first (the two
+        # better per GFLOP (MobileNetV2, earlier labels). splits=2 (a second K=4 split, labels averaged; the two
         # held-out backbones agree on 91% of labels) gave the most consistent gain measured, cost-aware savings within
         # 0.5 points at 100% crop 24-25% instead of none, for 185 s more chain; soft labels (true-class
         # probability), two K=2 splits and a 4-seed ensemble did less (session 5's issue note has the numbers).
