@@ -276,8 +276,8 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
     stat_cols = ["crop", "samples", "none_correct", "all_correct", "mean_correct"] + [f"p@{r}" for r in grid]
     split_text = f" in each of {splits} splits (the scale model learns the mean label)" if splits > 1 else ""
     md = (f"# Scale labels and scale model\n\n{payload['folds']} held-out shard(s){split_text}, {len(keys)} labelled "
-          f"images; "
-          f"scale model {cfg.arch} at {res} px.\n\n## Labels (percent of samples; p@r = backbone right at r)\n\n"
+          f"images; scale model {cfg.arch} at {res} px.\n\n"
+          "## Labels (percent of samples; p@r = backbone right at r)\n\n"
           + markdown_table(stats, stat_cols)
           + f"\n\n## Scale model AUC per resolution ({len(held)} held-out images)\n\n"
           + markdown_table(aucs, ["resolution", "auc", "positive_rate"]))
