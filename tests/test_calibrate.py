@@ -121,6 +121,12 @@ def test_calibrate_end_to_end_writes_policy_records_and_figure(store_dir, checkp
     saved = json.loads((tmp_path / "calibration.json").read_text())
     assert {"resolution", "relative_bytes", "acc_change"} <= set(saved["calibration_sweep"][0])
     assert all(0.0 <= r["read_savings"] < 1.0 for r in saved["calibration"])
+    # holding a second crop to the target too can only raise a threshold, never lower it
+    both = calibrate(store, checkpoint, tmp_path / "both", CalibrationConfig(
+        target=0.0, crops=(1.0,), sweep=(1.0,), batch_size=8, search_crops=(1.0,)), progress=False)
+    for one, two in zip(record["search"], both["search"]):
+        assert two["search_crops"] == [0.765625, 1.0] and two["threshold"] >= one["threshold"]
+        assert two["acc_full"] == one["acc_full"]  # reported at the index's crop either way
 
 
 def test_dynamic_row_counts_the_scale_models_calibrated_read(store_dir, checkpoint, tmp_path):
@@ -177,9 +183,9 @@ def test_a_lucky_gain_does_not_buy_a_loss(monkeypatch):
         def __init__(self, *args):
             pass
 
-        def predict(self, keys, scans):  # label 0 everywhere; full reads: a right, b wrong
+        def predict(self, keys, scans):  # one crop; label 0 everywhere; full reads: a right, b wrong
             short = np.asarray(scans) < 5
-            return np.where(short, [1, 0, 0, 0], [0, 1, 0, 0])
+            return np.where(short, [1, 0, 0, 0], [0, 1, 0, 0])[None]
 
     monkeypatch.setattr(cal, "PrefixPredictions", Preds)
     result = cal.calibrate_resolution(None, _Store(), _Index(0.97), list("abcd"), 32, CalibrationConfig(sweep=()),
@@ -194,12 +200,12 @@ def test_search_crops_hold_every_crop_to_the_target(monkeypatch):
     import dynres.calibrate as cal
 
     class Preds:
-        def __init__(self, model, store, index, resolution, crop_side, batch_size):
-            self.small, self.evaluated = crop_side < 0.9, 0
+        def __init__(self, model, store, index, resolution, crop_sides, batch_size):
+            self.small, self.evaluated = [side < 0.9 for side in crop_sides], 0
 
         def predict(self, keys, scans):  # label 0 everywhere; every image right on a full read
-            lost = self.small & (np.asarray(scans) < 5) & (np.asarray(keys) == "a")
-            return lost.astype(np.int64)
+            lost = [small & (np.asarray(scans) < 5) & (np.asarray(keys) == "a") for small in self.small]
+            return np.array(lost, dtype=np.int64)
 
     monkeypatch.setattr(cal, "PrefixPredictions", Preds)
     one = cal.calibrate_resolution(None, _Store(), _Index(0.98), list("abcd"), 32, CalibrationConfig(sweep=()), 1.0)

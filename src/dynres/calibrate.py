@@ -187,13 +187,15 @@ def load_policy(path: str) -> CalibrationPolicy:
 
 
 class PrefixPredictions:
-    """Top-1 predictions per (key, scans) at one view, computed in batches on demand and cached."""
+    """Top-1 predictions per (key, scans) at one resolution and one or more crops, computed in batches on demand
+    and cached: each prefix is read once for all its crops."""
 
-    def __init__(self, model, store, index: QualityIndex, resolution: int, crop_side: float, batch_size: int):
+    def __init__(self, model, store, index: QualityIndex, resolution: int, crop_sides: Sequence[float],
+                 batch_size: int):
         self.model, self.store, self.index = model, store, index
-        self.resolution, self.crop_area, self.batch_size = resolution, crop_side**2, batch_size
+        self.resolution, self.crop_areas, self.batch_size = resolution, tuple(s**2 for s in crop_sides), batch_size
         self.col = index.column(resolution)
-        self.cache: dict[tuple[str, int], int] = {}
+        self.cache: dict[tuple[str, int], tuple[int, ...]] = {}
         self.evaluated = 0
 
     def _canonical(self, key: str, k: int) -> int:
@@ -203,11 +205,13 @@ class PrefixPredictions:
         return n if k >= n or self.index.ssim[i, self.col, k - 1] == 1.0 else k
 
     def predict(self, keys: Sequence[str], scans: Sequence[int]) -> np.ndarray:
+        """Predicted classes (number of crops, number of keys)."""
         from dynres.evaluate import predict_grid
 
         want = [(key, self._canonical(key, int(k))) for key, k in zip(keys, scans)]
         pending = sorted({p for p in want if p not in self.cache})
         self.evaluated += len(pending)
+        column = {c: j for j, c in enumerate(self.crop_areas)}
         while pending:  # one prefix per key per pass (a search step asks for one per key anyway)
             group: dict[str, int] = {}
             rest = []
@@ -216,12 +220,14 @@ class PrefixPredictions:
                     rest.append((key, k))
                 else:
                     group[key] = k
-            table = predict_grid(self.model, self.store, list(group), (self.resolution,), (self.crop_area,),
+            table = predict_grid(self.model, self.store, list(group), (self.resolution,), self.crop_areas,
                                  scans=group, exact=True, batch_size=self.batch_size, progress=False)
-            for key, pred in zip(table.column("key").to_pylist(), table.column("pred").to_pylist()):
-                self.cache[(key, group[key])] = int(pred)
+            found: dict[str, list[int]] = {key: [0] * len(self.crop_areas) for key in group}
+            for key, crop, pred in zip(*(table.column(n).to_pylist() for n in ("key", "crop", "pred"))):
+                found[key][column[crop]] = int(pred)
+            self.cache.update({(key, k): tuple(found[key]) for key, k in group.items()})
             pending = rest
-        return np.array([self.cache[p] for p in want], dtype=np.int64)
+        return np.array([self.cache[p] for p in want], dtype=np.int64).T
 
 
 def _prefix_bytes(store, keys: Sequence[str], scans: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -238,24 +244,23 @@ def calibrate_resolution(model, store, index: QualityIndex, keys: Sequence[str],
     the target; accuracies and the sweep are reported at ``crop_side``."""
     extra = [c for c in dict.fromkeys(cfg.search_crops) if not math.isclose(c, crop_side**2, abs_tol=1e-6)]
     sides = [crop_side] + [math.sqrt(c) for c in extra]
-    views = [PrefixPredictions(model, store, index, resolution, side, cfg.batch_size) for side in sides]
-    preds = views[0]
+    preds = PrefixPredictions(model, store, index, resolution, sides, cfg.batch_size)
     rows = np.array([index.rows[k] for k in keys])
     labels = np.array([store.label(k) for k in keys])
-    right = [view.predict(keys, index.num_scans[rows]) == labels for view in views]
+    right = preds.predict(keys, index.num_scans[rows]) == labels  # (crops, keys)
     acc_full = 100.0 * float(np.mean(right[0]))
 
     def accuracy(t: float) -> tuple[float, np.ndarray]:
         ks = index.fewest_scans(t, resolution, rows)
-        return 100.0 * float(np.mean(preds.predict(keys, ks) == labels)), ks
+        return 100.0 * float(np.mean(preds.predict(keys, ks)[0] == labels)), ks
 
     def lost(t: float) -> float:
         """Points of images right on a full read and wrong on the calibrated one (the worst crop's). The accuracy
         drop is this minus the images the shorter read happens to fix; searching on the net drop let such lucky
         gains cancel real losses, which on a few hundred images picked thresholds that lost 2-5 points on
         held-out data."""
-        ks = index.fewest_scans(t, resolution, rows)
-        return max(100.0 * float(np.mean(ok & (view.predict(keys, ks) != labels))) for view, ok in zip(views, right))
+        wrong = preds.predict(keys, index.fewest_scans(t, resolution, rows)) != labels
+        return 100.0 * float(np.mean(right & wrong, axis=1).max())
 
     threshold, trail = search_threshold(lost, cfg.target, cfg.low, cfg.high, cfg.step)
     acc_cal, ks = accuracy(threshold)
@@ -268,7 +273,7 @@ def calibrate_resolution(model, store, index: QualityIndex, keys: Sequence[str],
                       "acc_change": acc_t - acc_full})
     return {"resolution": resolution, "threshold": threshold, "images": len(keys), "acc_full": acc_full,
             "acc_calibrated": acc_cal, "read_savings": 1.0 - float(read.sum() / size.sum()),
-            "evaluations": len(trail), "prefixes_evaluated": sum(v.evaluated for v in views), "trail": trail,
+            "evaluations": len(trail), "prefixes_evaluated": preds.evaluated, "trail": trail,
             "sweep": sweep, "search_crops": [round(side**2, 6) for side in sides]}
 
 
