@@ -11,8 +11,8 @@ from skimage.metrics import structural_similarity
 
 from dynres.decode import PrefixViews
 from dynres.errors import StoreError
-from dynres.quality import (QUALITY, QualityConfig, build_quality_index, chroma_scans, image_quality, load_quality,
-                            luma_scans, ssim)
+from dynres.quality import (QUALITY, QualityConfig, build_quality_index, image_quality, load_quality, scan_roles,
+                            ssim)
 from dynres.store import IngestConfig, ingest, open_store
 
 RES = (56, 112, 168)
@@ -54,7 +54,7 @@ def test_index_scores_the_luma_of_the_engines_views(photo_store):
     for key in store.keys:
         data, ends = store.read(key), store.scan_ends(key)
         scores, _ = image_quality(data, ends, res, 0.875, key)
-        ks = [k for k, has in enumerate(luma_scans(data, ends), 1) if has][:-1]
+        ks = [k for k, has in enumerate(scan_roles(data, ends)[0], 1) if has][:-1]
         for j, r in enumerate(res):
             views = luma(torch.stack([PrefixViews(store.read(key, scans=k), max(res) / 0.875).view(r, 0.875)
                                       for k in ks + [len(ends)]]))
@@ -82,13 +82,14 @@ def test_luma_scans_reads_the_scan_headers():
     colour = buf.getvalue()
     # libjpeg's default colour script: DC, Y AC1-5, Cr, Cb, Y AC6-63, Y refine, DC refine, Cr, Cb, Y refine
     ends = parse_scans(colour).scan_ends
-    assert luma_scans(colour, ends) == [True, True, False, False, True, True, True, False, False, True]
-    assert chroma_scans(colour, ends) == [True, False, True, True, False, False, True, True, True, False]
+    luma, chroma = scan_roles(colour, ends)
+    assert luma == [True, True, False, False, True, True, True, False, False, True]
+    assert chroma == [True, False, True, True, False, False, True, True, True, False]
     buf = io.BytesIO()
     Image.fromarray(skdata.camera()).save(buf, "JPEG", quality=90, progressive=True)
     gray = buf.getvalue()
-    assert all(luma_scans(gray, parse_scans(gray).scan_ends))
-    assert not any(chroma_scans(gray, parse_scans(gray).scan_ends))
+    luma, chroma = scan_roles(gray, parse_scans(gray).scan_ends)
+    assert all(luma) and not any(chroma)
 
 
 def test_ssim_rises_with_scans_and_reaches_one_on_real_photos(photo_store):

@@ -141,14 +141,11 @@ def luma_views(planes: torch.Tensor, resolution: int, crop_side: float) -> torch
     return resize_center(planes[:, None], resolution, crop_side)[:, 0].float()
 
 
-def luma_scans(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> list[bool]:
-    """Per scan: does it carry coefficients of the first (luma) component? Read from each scan's SOS header."""
-    return [first in ids for first, ids in _scan_components(data, scan_ends, name)]
-
-
-def chroma_scans(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> list[bool]:
-    """Per scan: does it carry coefficients of any other component than luma?"""
-    return [any(c != first for c in ids) for first, ids in _scan_components(data, scan_ends, name)]
+def scan_roles(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> tuple[list[bool], list[bool]]:
+    """Per scan, from its SOS header: does it carry coefficients of the first (luma) component, and of any other
+    (chroma) component?"""
+    comps = _scan_components(data, scan_ends, name)
+    return [first in ids for first, ids in comps], [any(c != first for c in ids) for first, ids in comps]
 
 
 def _scan_components(data: bytes, scan_ends: list[int], name: str) -> list[tuple[int, bytes]]:
@@ -182,9 +179,7 @@ def image_quality(data: bytes, scan_ends: list[int], resolutions: tuple[int, ...
     """
     k_total = len(scan_ends)
     cost = {"decode_s": 0.0, "ssim_s": 0.0}
-    comps = _scan_components(data, scan_ends, name)
-    has_luma = [first in ids for first, ids in comps]
-    has_chroma = [any(c != first for c in ids) for first, ids in comps]
+    has_luma, has_chroma = scan_roles(data, scan_ends, name)
     ks = [k for k in range(1, k_total) if has_luma[k - 1]] + [k_total]
     result = np.ones((len(resolutions), k_total), dtype=np.float64)
     if k_total == 1:
