@@ -200,8 +200,8 @@ def test_search_crops_hold_every_crop_to_the_target(monkeypatch):
     import dynres.calibrate as cal
 
     class Preds:
-        def __init__(self, model, store, index, resolution, crop_sides, batch_size):
-            self.small, self.evaluated = [side < 0.9 for side in crop_sides], 0
+        def __init__(self, model, store, index, resolution, crop_areas, batch_size):
+            self.small, self.evaluated = [area < 0.8 for area in crop_areas], 0
 
         def predict(self, keys, scans):  # label 0 everywhere; every image right on a full read
             lost = [small & (np.asarray(scans) < 5) & (np.asarray(keys) == "a") for small in self.small]

@@ -190,10 +190,10 @@ class PrefixPredictions:
     """Top-1 predictions per (key, scans) at one resolution and one or more crops, computed in batches on demand
     and cached: each prefix is read once for all its crops."""
 
-    def __init__(self, model, store, index: QualityIndex, resolution: int, crop_sides: Sequence[float],
+    def __init__(self, model, store, index: QualityIndex, resolution: int, crop_areas: Sequence[float],
                  batch_size: int):
         self.model, self.store, self.index = model, store, index
-        self.resolution, self.crop_areas, self.batch_size = resolution, tuple(s**2 for s in crop_sides), batch_size
+        self.resolution, self.crop_areas, self.batch_size = resolution, tuple(crop_areas), batch_size
         self.col = index.column(resolution)
         self.cache: dict[tuple[str, int], tuple[int, ...]] = {}
         self.evaluated = 0
@@ -242,9 +242,9 @@ def calibrate_resolution(model, store, index: QualityIndex, keys: Sequence[str],
 
     The search holds the lost answers at ``crop_side`` (the quality index's) and at every ``cfg.search_crops`` to
     the target; accuracies and the sweep are reported at ``crop_side``."""
-    extra = [c for c in dict.fromkeys(cfg.search_crops) if not math.isclose(c, crop_side**2, abs_tol=1e-6)]
-    sides = [crop_side] + [math.sqrt(c) for c in extra]
-    preds = PrefixPredictions(model, store, index, resolution, sides, cfg.batch_size)
+    areas = [crop_side**2] + [c for c in dict.fromkeys(cfg.search_crops)
+                              if not math.isclose(c, crop_side**2, abs_tol=1e-6)]
+    preds = PrefixPredictions(model, store, index, resolution, areas, cfg.batch_size)
     rows = np.array([index.rows[k] for k in keys])
     labels = np.array([store.label(k) for k in keys])
     right = preds.predict(keys, index.num_scans[rows]) == labels  # (crops, keys)
@@ -274,7 +274,7 @@ def calibrate_resolution(model, store, index: QualityIndex, keys: Sequence[str],
     return {"resolution": resolution, "threshold": threshold, "images": len(keys), "acc_full": acc_full,
             "acc_calibrated": acc_cal, "read_savings": 1.0 - float(read.sum() / size.sum()),
             "evaluations": len(trail), "prefixes_evaluated": preds.evaluated, "trail": trail,
-            "sweep": sweep, "search_crops": [round(side**2, 6) for side in sides]}
+            "sweep": sweep, "search_crops": [round(c, 6) for c in areas]}
 
 
 # --- held-out report -------------------------------------------------------------------------------------------
