@@ -114,6 +114,37 @@ def test_cheap_option_trains_one_shard_backbone(tmp_path):
     assert result["labelled_images"] == len(shard_split(store, store.keys, 4, 0)[0])
 
 
+def test_shard_backbones_can_train_for_fewer_epochs_than_the_backbone(tmp_path):
+    store = MemoryStore(per_class=4)
+    cfg = ScaleConfig(folds=2, cheap=True, backbone=TrainConfig(resolution=32, epochs=3, batch_size=8),
+                      shard_epochs=1, grid=(16, 32), crops=(1.0,), epochs=1, batch_size=8, holdout=0.0)
+    train_scale(store, tmp_path, cfg, progress=False)
+    log = json.loads((fold_dir(tmp_path, 0, 0) / "train_log.json").read_text())
+    assert log["recipe"]["epochs"] == 1 and len(log["history"]) == 1
+    with pytest.raises(ConfigError, match="shard_epochs"):
+        train_scale(store, tmp_path, replace(cfg, shard_epochs=0), progress=False)
+
+
+def test_new_labels_at_the_same_path_retrain_the_scale_model(tmp_path):
+    import pyarrow.compute as pc
+
+    store = MemoryStore(per_class=4)
+    first = ScaleConfig(folds=2, cheap=True, backbone=TrainConfig(resolution=32, epochs=1, batch_size=8),
+                        grid=(16, 32), crops=(1.0,), epochs=1, batch_size=8, holdout=0.0)
+    train_scale(store, tmp_path / "a", first, progress=False)
+    labels = tmp_path / "labels.parquet"
+    table = pq.read_table(tmp_path / "a" / "scale_labels.parquet")
+    pq.write_table(table, labels)
+    cfg = ScaleConfig(labels=str(labels), epochs=1, batch_size=8, holdout=0.0)
+    before = _weights(train_scale(store, tmp_path / "b", cfg, progress=False)["scale_model"])
+    flipped = table.set_column(table.column_names.index("correct"), "correct", pc.invert(table.column("correct")))
+    pq.write_table(flipped, labels)  # same path, other labels: the finished model must not be reused
+    after = _weights(train_scale(store, tmp_path / "b", cfg, progress=False)["scale_model"])
+    fresh = _weights(train_scale(store, tmp_path / "c", cfg, progress=False)["scale_model"])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(after[k], fresh[k]) for k in after)
+
+
 def test_existing_labels_retrain_only_the_scale_model(tmp_path):
     import pyarrow as pa
 

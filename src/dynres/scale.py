@@ -14,10 +14,11 @@ A tenth of the labelled images (by key) is held out of scale training to report 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,10 @@ class ScaleConfig:
     crops: tuple[float, ...] = PAPER_CROPS  # area fractions the labels (and the scale inputs) cover
     grid: tuple[int, ...] | None = None  # None: the paper's ratios around the backbone's train resolution
     backbone: TrainConfig = field(default_factory=TrainConfig)
+    # shard backbones only label: they must fail where the backbone fails, not reach its last points. None: the
+    # backbone's epochs. Fine-tuned from the demo's weights, 4 epochs instead of 12 gave labels with the same
+    # positive rate (70.1 vs 70.0%) that agree with the 12-epoch ones on 92% (two 12-epoch splits: 91%)
+    shard_epochs: int | None = None
     arch: str = "mobilenet_v2_tiny"
     init: str | None = None  # local state_dict for the scale model's trunk (its head is always new)
     resolution: int | None = None  # scale model input; None: the grid minimum
@@ -63,6 +68,8 @@ class ScaleConfig:
     def check(self) -> None:
         if self.folds < 2:
             raise ConfigError("folds", f"need at least 2 shards, got {self.folds}")
+        if self.shard_epochs is not None and self.shard_epochs < 1:
+            raise ConfigError("shard_epochs", f"need at least 1 epoch, got {self.shard_epochs}")
         if self.splits < 1:
             raise ConfigError("splits", f"need at least 1 split, got {self.splits}")
         if not 0 <= self.holdout < 0.5:
@@ -71,6 +78,11 @@ class ScaleConfig:
     @property
     def label_grid(self) -> tuple[int, ...]:
         return tuple(self.grid or scaled_grid(self.backbone.resolution))
+
+    @property
+    def shard_backbone(self) -> TrainConfig:
+        """The shard backbones' recipe: the backbone's, with ``shard_epochs`` if set."""
+        return replace(self.backbone, epochs=self.shard_epochs) if self.shard_epochs else self.backbone
 
 
 def shard_split(store, keys: Sequence[str], folds: int, seed: int = 0) -> list[list[str]]:
@@ -103,7 +115,7 @@ def make_labels(store, out: Path, cfg: ScaleConfig, cache: ImageCache | None = N
         shards = shard_split(store, store.keys, cfg.folds, cfg.seed + split)
         for fold in range(1 if cfg.cheap else cfg.folds):
             train_keys = [k for i, s in enumerate(shards) if i != fold for k in s]
-            ckpt = train_backbone(store, fold_dir(out, split, fold), cfg.backbone, train_keys, cache, progress)
+            ckpt = train_backbone(store, fold_dir(out, split, fold), cfg.shard_backbone, train_keys, cache, progress)
             model, _ = load_checkpoint(ckpt)
             name = f"label shard {fold}" + (f" of split {split}" if cfg.splits > 1 else "")
             table = predict_grid(model, store, shards[fold], cfg.label_grid, cfg.crops, None, False,
@@ -201,6 +213,14 @@ def scale_inputs(store, pairs: Sequence[tuple[str, float]], resolution: int, cro
 
 
 @torch.no_grad()
+def _targets_hash(store, keys: Sequence[str], targets: torch.Tensor) -> str:
+    """The scale model's training data: the images and their labels' values, so that a resumed (or finished) scale
+    model is reused only for the same labels, not for new labels written to the same path."""
+    h = hashlib.sha256(data_hash(store, keys).encode())
+    h.update(targets.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def predict_scale(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Sigmoid probabilities (N, len(grid)) that the backbone is right at each resolution."""
     channels_last(model).eval()
@@ -258,7 +278,7 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
         load_weights(model.net, cfg.init)
     recipe = asdict(cfg) | {"samples": len(train_pairs)}
     meta = ModelMeta(arch=cfg.arch, classes=(), train_resolution=res, task="scale", grid=grid, scans=cfg.scans,
-                     recipe=json.loads(json.dumps(recipe, default=str)), data_hash=data_hash(store, keys))
+                     recipe=json.loads(json.dumps(recipe, default=str)), data_hash=_targets_hash(store, keys, y))
     fit(model, ScaleInputs(images[tr], y[tr]), tcfg, nn.BCEWithLogitsLoss(), out / "scale_model", meta,
         f"train scale model {cfg.arch} @{res}", progress)
     aucs = []
