@@ -212,7 +212,6 @@ def scale_inputs(store, pairs: Sequence[tuple[str, float]], resolution: int, cro
     return torch.stack([views[p] for p in pairs])
 
 
-@torch.no_grad()
 def _targets_hash(store, keys: Sequence[str], targets: torch.Tensor) -> str:
     """The scale model's training data: the images and their labels' values, so that a resumed (or finished) scale
     model is reused only for the same labels, not for new labels written to the same path."""
@@ -221,6 +220,7 @@ def _targets_hash(store, keys: Sequence[str], targets: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+@torch.no_grad()
 def predict_scale(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Sigmoid probabilities (N, len(grid)) that the backbone is right at each resolution."""
     channels_last(model).eval()
