@@ -67,6 +67,15 @@ def test_resume_continues_from_the_last_epoch(tmp_path, monkeypatch):
         assert torch.allclose(x, y, atol=1e-6), name
 
 
+def test_the_data_hash_follows_the_stored_bytes_not_only_the_keys():
+    from tiny_store import make_jpeg
+
+    a, b = MemoryStore(per_class=2), MemoryStore(per_class=2)
+    assert data_hash(a, a.keys) == data_hash(b, b.keys)
+    b._data[b.keys[0]] = make_jpeg(0, 99)  # re-ingested: same key and label, other image
+    assert data_hash(a, a.keys) != data_hash(b, b.keys)
+
+
 def test_bad_recipe_is_rejected():
     with pytest.raises(ConfigError, match="optimizer"):
         train_backbone(MemoryStore(per_class=1), "unused", TrainConfig(optimizer="lbfgs"), progress=False)

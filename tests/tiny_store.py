@@ -6,6 +6,7 @@ Class ``i`` is a coloured square on noise whose size varies per image, so tiny m
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -42,6 +43,9 @@ class MemoryStore:
 
     def label(self, key: str) -> int:
         return self._labels[key]
+
+    def sha256(self, key: str) -> str:
+        return hashlib.sha256(self._data[key]).hexdigest()
 
     def _scan_starts(self, key: str) -> list[int]:
         data, starts, i = self._data[key], [], 0

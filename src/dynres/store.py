@@ -196,6 +196,10 @@ class Store:
     def size(self, key: str) -> int:
         return int(self._sizes[self._row(key)])
 
+    def sha256(self, key: str) -> str:
+        """The stored file's SHA-256 (from the manifest: nothing is read)."""
+        return self._sha[self._row(key)]
+
     def scan_ends(self, key: str) -> list[int]:
         i = self._row(key)
         return self._end_val[self._end_off[i] : self._end_off[i + 1]].tolist()

@@ -63,10 +63,11 @@ class TrainConfig:
 
 
 def data_hash(store, keys: Sequence[str]) -> str:
-    """Identifies the training data: class names plus every (key, label) used, in order."""
+    """Identifies the training data: class names plus every (key, label, stored file's SHA-256) used, in order, so
+    that a store re-ingested under the same keys (other sizes, other quality) is not resumed from."""
     h = hashlib.sha256(json.dumps(list(store.classes)).encode())
     for key in keys:
-        h.update(f"{key}\t{store.label(key)}\n".encode())
+        h.update(f"{key}\t{store.label(key)}\t{store.sha256(key)}\n".encode())
     return h.hexdigest()[:16]
 
 
