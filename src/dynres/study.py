@@ -315,24 +315,54 @@ _SECTIONS = {"backbone", "scale", "eval", "dynamic", "calibration"}
 _TOP = {"data", "out", "seed", "workers", "quick", "io_images", "io_repeats", *_SECTIONS}
 
 
+def _accepts(tp: Any, value: Any) -> bool:
+    """Does a TOML/YAML value (lists already tuples) fit the annotation ``tp``? ``float`` takes ints, ``int`` and
+    ``float`` never take booleans, ``tuple[X, ...]`` checks its items."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in args)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if isinstance(value, bool) and tp in (int, float):
+        return False
+    if tp is float:
+        return isinstance(value, (int, float))
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_accepts(args[0], v) for v in value)
+        return not args or (len(args) == len(value) and all(_accepts(a, v) for a, v in zip(args, value)))
+    if origin is not None:  # dict[...] and the like: the container's type only
+        return isinstance(value, origin)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
 def _override(obj, section: str, values: dict, source: str):
-    """``dataclasses.replace`` that names the file and key of an unknown or ill-typed setting."""
+    """``dataclasses.replace`` that names the file and key of an unknown or ill-typed setting (checked against the
+    field's annotation, so settings whose default is None are checked too)."""
     import dataclasses
+    import typing
 
     from dynres.errors import ConfigError
 
     if not isinstance(values, dict):
         raise ConfigError(source, f"[{section}] must be a table of settings, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
         if key not in known:
             raise ConfigError(source, f"unknown setting {section}.{key}; known: {', '.join(sorted(known))}")
-        current = getattr(obj, key)
         if isinstance(value, list):  # configs hold tuples (frozen, hashable)
-            values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        elif current is not None and not isinstance(value, type(current)) and not (
-                isinstance(current, float) and isinstance(value, int)):
-            raise ConfigError(source, f"{section}.{key} must be {type(current).__name__}, got {value!r}")
+            value = values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        if not _accepts(hints[key], value):
+            expected = str(hints[key]).replace("typing.", "") if typing.get_origin(hints[key]) else hints[key].__name__
+            raise ConfigError(source, f"{section}.{key} must be {expected}, got {value!r}")
     return dataclasses.replace(obj, **values)
 
 
