@@ -97,12 +97,14 @@ def test_shipped_demo_weights_fit_their_architecture_and_name_their_provenance()
     from dynres.models import demo_weights
     from dynres.synth import CLASSES, PRETRAIN_SEED
 
-    path = demo_weights("resnet_tiny")
-    info = json.loads(path.with_suffix(".json").read_text())
-    assert info["synth"]["seed"] == PRETRAIN_SEED and info["classes"] == [c.name for c in CLASSES[:10]]
-    net = build_backbone("resnet_tiny", 10)
-    load_weights(net, path)
-    assert torch.equal(net.state_dict()[next(iter(net.state_dict()))],
-                       torch.load(path, weights_only=True)[next(iter(net.state_dict()))])
+    for arch in ("resnet_tiny", "resnet_micro"):  # the backbones' and the scale model's
+        path = demo_weights(arch)
+        info = json.loads(path.with_suffix(".json").read_text())
+        assert info["synth"]["seed"] == PRETRAIN_SEED and info["classes"] == [c.name for c in CLASSES[:10]]
+        assert info["arch"] == arch
+        net = build_backbone(arch, 7)  # a scale model's head (7 resolutions) is new; the trunk must fit
+        load_weights(net, path)
+        first = next(iter(net.state_dict()))
+        assert torch.equal(net.state_dict()[first], torch.load(path, weights_only=True)[first])
     with pytest.raises(CheckpointError, match="no shipped demo weights"):
         demo_weights("resnet50")

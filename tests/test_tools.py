@@ -22,6 +22,7 @@ def test_pretrain_tool_writes_weights_the_demo_recipe_can_fine_tune_from(tmp_pat
     info = json.loads((tmp_path / "resnet_tiny.json").read_text())
     assert info["synth"]["seed"] == PRETRAIN_SEED and info["train_images"] == 20
     assert {row["resolution"] for row in info["val_top1"]} == {56, 84, 112, 168, 224}
+    assert json.loads((tmp_path / "resnet_micro.json").read_text())["recipe"]["resolution"] == 56  # the scale trunk
     net = build_backbone("resnet_tiny", len(info["classes"]))
     load_weights(net, tmp_path / "resnet_tiny.pt")
     assert torch.equal(net.conv1.weight, torch.load(tmp_path / "resnet_tiny.pt", weights_only=True)["conv1.weight"])
