@@ -41,23 +41,15 @@ def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) ->
 
         backbone = TrainConfig(epochs=4 if quick else 12, optimizer="sgd", lr=0.05, weight_decay=5e-5,
                                crop_scale=(0.35, 1.0), seed=seed, init=str(demo_weights("resnet_tiny")))
-        # resnet_micro, 12 epochs: measured on one demo's labels (600 val images, seed 0) against the width-0.25
-        # MobileNetV2 at 16 epochs: 42 vs 183 s of training, dynamic top-1 (argmax p) at crops 25/56/75/100%
-        # 73.8/85.2/88.3/87.2 vs 74.0/85.3/87.3/86.7, cost-aware savings within 0.5 points 31/34/16/- vs 30/31/19/-
-        # (seed 1: 73.3/84.5/85.7/86.7; 32 epochs overfit: AUC 0.74-0.77 vs 0.76-0.81). An 84 px input was no
-        # better per GFLOP (MobileNetV2, earlier labels). splits=2 (a second K=4 split, labels averaged; the two
-        # held-out backbones agree on 91% of labels) gave the most consistent gain measured, cost-aware savings within
-        # 0.5 points at 100% crop 24-25% instead of none, for 185 s more chain; soft labels (true-class
-        # probability), two K=2 splits and a 4-seed ensemble did less (session 5's issue note has the numbers).
-        # shard_epochs=4 (shard backbones train 4 epochs, not 12) was measured and not adopted: the chain 260 -> 203 s,
-        # labels with the same positive rate (70.1 vs 70.0%) agreeing with the 12-epoch ones on 92%, cost-aware savings
-        # within 0.5 points 36/38/15/21% at crops 25/56/75/100% (12 epochs: 31/34/16/none); but over 4 scale-model seeds
-        # argmax p lost 1.2-1.7 points at 75% crops (85.7-86.0% vs 86.2-88.8%), the crop the pipeline stage serves.
-        # The scale model's trunk fine-tunes from shipped weights too (resnet_micro pretrained at 56 px, ~37% top-1 on
-        # its 10 classes): on the demo's labels over scale seeds 0-3, mean AUC 0.774 -> 0.809 (higher for every seed),
-        # cost-aware savings within 0.5 points 31.9/35.8/16.0/8.3% -> 39.0/38.4/22.3/13.5% at crops 25/56/75/100%,
-        # dynamic at the best static's GFLOPs higher or equal at every crop; training time unchanged. On top of it,
-        # splits=2 no longer helps (4 seeds: 38.1/39.3/18.3/10.6%), nor 16 epochs or lr 0.002 (within seed spread).
+        # Scale model, measured on the demo's labels (600 val images; "savings" = cost-aware GFLOPs saved within
+        # 0.5 points at crops 25/56/75/100%; the issue notes of sessions 4-6 hold every run):
+        # - resnet_micro at 56 px trains 4x faster than a width-0.25 MobileNetV2 (42 vs 183 s) for the same choices;
+        #   12 epochs (32 overfit: AUC 0.74-0.77; 16, 8, 6 and lr 0.002 no better across seeds).
+        # - its trunk fine-tunes from shipped weights (pretrained at 56 px like the backbone's): over scale seeds 0-3
+        #   mean AUC 0.774 -> 0.809, savings 32/36/16/8% -> 39/38/22/14%, training time unchanged.
+        # - not adopted: splits=2 (+185 s of chain; helped the from-scratch model at 100% crop, not this one),
+        #   shard_epochs=4 (chain 260 -> 203 s, but argmax p 1.2-1.7 points worse at 75% crops over 4 seeds), soft
+        #   labels, two K=2 splits, a 4-seed ensemble, flip test-time augmentation.
         scale = ScaleConfig(backbone=backbone, folds=4, cheap=quick, arch="resnet_micro", epochs=6 if quick else 12,
                             init=str(demo_weights("resnet_micro")), seed=seed)
         return ChainConfig(backbone=backbone, scale=scale)

@@ -506,7 +506,7 @@ def calibrate(
     from dynres.store import open_store
 
     cfg = CalibrationConfig(target=target, max_images=max_images, holdout_fraction=holdout, seed=seed,
-                            resolutions=tuple(int(r) for r in resolutions.split(",")) if resolutions else None,
+                            resolutions=_ints(resolutions),
                             crops=_floats(crops), search_crops=_floats(search_crops) if search_crops else (),
                             batch_size=batch_size, backend=backend)
     rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,

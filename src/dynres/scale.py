@@ -255,9 +255,9 @@ def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache:
         backbones = [str(fold_dir(out, s, f) / "model.pt") for s in range(cfg.splits) for f in range(folds)]
     res = cfg.resolution or min(grid)
     targets = multi_hot(labels, grid)  # what the scale model learns: with several splits, the mean label
-    if "split" in labels.column_names:  # statistics and AUC judge against one held-out backbone's 0/1 answers
-        labels = labels.filter(pc.equal(labels.column("split"), 0))
-    answers = multi_hot(labels, grid)
+    answers = targets  # statistics and AUC judge against one held-out backbone's 0/1 answers
+    if splits > 1:
+        answers = multi_hot(labels.filter(pc.equal(labels.column("split"), 0)), grid)
     keys = sorted({k for k, _ in targets})
     rng = random.Random(cfg.seed + 1)
     rng.shuffle(keys)
