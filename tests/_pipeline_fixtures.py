@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dynres.models import Normalize
-from dynres.pipeline import EagerRunner, ScaleStage
+from dynres.model.nets import Normalize
+from dynres.runtime.runners import EagerRunner, ScaleStage
 
 GRID = (32, 48, 64)
 SCALE_RES = 32
@@ -18,7 +18,8 @@ SCALE_RES = 32
 
 def make_store(root: Path, per_class: int = 5, classes: tuple[str, ...] = ("cat", "dog")):
     """An ImageFolder of small noisy progressive-ready JPEGs, ingested into a store."""
-    from dynres.store import IngestConfig, ingest, open_store
+    from dynres.io.ingest import IngestConfig, ingest
+    from dynres.io.store import open_store
 
     rng = np.random.default_rng(0)
     src = root / "src"

@@ -8,13 +8,15 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from dynres.calibrate import (CalibrationConfig, CalibrationPolicy, calibrate, load_policy, search_threshold,
-                              split_keys)
-from dynres.data import StoreDataset
 from dynres.errors import ConfigError
-from dynres.models import ModelMeta, create_model, save_checkpoint
-from dynres.quality import QualityConfig, build_quality_index, load_quality
-from dynres.store import IngestConfig, ingest, open_store
+from dynres.io.ingest import IngestConfig, ingest
+from dynres.io.store import open_store
+from dynres.model.checkpoint import ModelMeta, save_checkpoint
+from dynres.model.data import StoreDataset
+from dynres.model.nets import create_model
+from dynres.policy.calibration import CalibrationPolicy, load_policy
+from dynres.policy.quality import QualityConfig, build_quality_index, load_quality
+from dynres.study.calibrate import CalibrationConfig, calibrate, search_threshold, split_keys
 
 RES = (56, 112)
 
@@ -175,7 +177,7 @@ class _Store:
 
 def test_a_lucky_gain_does_not_buy_a_loss(monkeypatch):
     """Short reads turn image a wrong and image b right: the net accuracy is unchanged, but a was lost."""
-    import dynres.calibrate as cal
+    import dynres.study.calibrate as cal
 
     class Preds:
         evaluated = 0
@@ -197,7 +199,7 @@ def test_a_lucky_gain_does_not_buy_a_loss(monkeypatch):
 def test_search_crops_hold_every_crop_to_the_target(monkeypatch):
     """Short reads cost nothing at the index's crop but lose image a at a 25% crop: only a search that looks at
     that crop too pays for the longer read."""
-    import dynres.calibrate as cal
+    import dynres.study.calibrate as cal
 
     class Preds:
         def __init__(self, model, store, index, resolution, crop_areas, batch_size):

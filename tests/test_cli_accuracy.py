@@ -5,7 +5,7 @@ import json
 from tiny_store import MemoryStore
 from typer.testing import CliRunner
 
-from dynres.cli import app
+from dynres.cli.main import app
 
 
 def _store(tmp_path, split, per_class, offset):

@@ -10,8 +10,10 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
-from dynres.decode import EOI, crop_side, decode, decode_baseline, decode_image, decode_train, draft_size
 from dynres.errors import BadImageError
+from dynres.io.jpeg import EOI
+from dynres.io.decode import decode, decode_baseline, decode_image, decode_train, draft_size
+from dynres.paper import crop_side
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,15 @@ import pytest
 import torch
 from tiny_store import MemoryStore
 
-from dynres.decode import crop_side, decode
 from dynres.errors import ConfigError
-from dynres.dynamic import DynamicConfig, choose, decide, run_dynamic
-from dynres.evaluate import EvalConfig, GridModel, image_views, predict_grid, run_static, scaled_grid
-from dynres.models import ModelMeta, create_model, load_checkpoint, save_checkpoint
+from dynres.paper import crop_side
+from dynres.io.decode import decode
+from dynres.model.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from dynres.model.nets import create_model
+from dynres.runtime.runners import choose
+from dynres.study.dynamic import DynamicConfig, decide, run_dynamic
+from dynres.study.static import EvalConfig, GridModel, image_views, predict_grid, run_static
+from dynres.paper import scaled_grid
 
 GRID = (16, 24, 32, 48)
 CROPS = (0.25, 1.0)
@@ -71,8 +75,8 @@ def test_views_decoded_in_threads_give_the_rows_of_a_single_thread(models):
 
 
 def test_evaluation_without_onnx_runtime_falls_back_to_eager_unless_asked_for_it(models, monkeypatch):
-    from dynres import _backends
     from dynres.errors import ConfigError
+    from dynres.runtime import backends as _backends
 
     store, backbone, _ = models
     model, _ = load_checkpoint(backbone)
@@ -85,8 +89,8 @@ def test_evaluation_without_onnx_runtime_falls_back_to_eager_unless_asked_for_it
 
 def test_an_onnx_runtime_model_that_disagrees_with_pytorch_is_never_used(models, monkeypatch):
     """Like the tuner's rejected candidates: a wrong export (injected) falls back to eager, with the number."""
-    from dynres import _backends
     from dynres.errors import ConfigError
+    from dynres.runtime import backends as _backends
 
     store, backbone, _ = models
     model, _ = load_checkpoint(backbone)
@@ -160,9 +164,9 @@ def test_dynamic_eval_records(tmp_path, models):
 
 
 def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path):
-    from dynres.accuracy import ChainConfig, run_accuracy_chain
-    from dynres.scale import ScaleConfig
-    from dynres.train import TrainConfig
+    from dynres.model.train import TrainConfig
+    from dynres.study.chain import ChainConfig, run_accuracy_chain
+    from dynres.study.scale import ScaleConfig
 
     backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
     cfg = ChainConfig(backbone=backbone, scale=ScaleConfig(folds=2, cheap=True, crops=CROPS, epochs=1, batch_size=8),
@@ -179,10 +183,10 @@ def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path):
 def test_an_eval_grid_is_the_whole_chains_grid(tmp_path):
     """A grid set for the evaluations is also the scale labels' and the scale model's (it was silently replaced
     by the default ratios once); two different grids are refused before anything trains."""
-    from dynres.accuracy import ChainConfig, run_accuracy_chain
-    from dynres.models import load_checkpoint
-    from dynres.scale import ScaleConfig
-    from dynres.train import TrainConfig
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.model.train import TrainConfig
+    from dynres.study.chain import ChainConfig, run_accuracy_chain
+    from dynres.study.scale import ScaleConfig
 
     backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
     scale = ScaleConfig(folds=2, cheap=True, crops=(1.0,), epochs=1, batch_size=8)

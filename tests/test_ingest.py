@@ -16,7 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dynres.errors import ConfigError, StoreError
-from dynres.store import IngestConfig, ingest, open_store
+from dynres.io.ingest import IngestConfig, ingest
+from dynres.io.store import open_store
 
 
 def image(w=64, h=48, seed=0, mode="RGB") -> Image.Image:
@@ -170,8 +171,8 @@ def test_rerun_reuses_verified_files_and_redoes_only_what_changed(tmp_path):
 SLOW_INGEST = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts us with SIGINT ignored
-import dynres._ingest as ing
-from dynres.store import IngestConfig, ingest
+import dynres.io.ingest as ing
+from dynres.io.ingest import IngestConfig, ingest
 real = ing._encode_one
 ing._encode_one = lambda arg: (time.sleep(0.03), real(arg))[1]  # slow enough to be killed mid-way
 ingest(sys.argv[1], sys.argv[2], IngestConfig(workers=1), progress=False)
@@ -236,7 +237,7 @@ def test_custom_scan_script_needs_jpegtran(tmp_path, monkeypatch):
 
 
 def test_cli_ingest_prints_skipped_files_and_a_summary(tmp_path):
-    from dynres.cli import app
+    from dynres.cli.main import app
 
     write(tmp_path / "src/c/ok.png", image())
     write(tmp_path / "src/c/bad.jpg", b"nope")

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image, ImageFile
 from skimage.metrics import structural_similarity
 
-from dynres._jpeg import encode_progressive, load_rgb, parse_scans, prefix_crc32s, scan_prefix
 from dynres.errors import BadImageError
+from dynres.io.jpeg import encode_progressive, load_rgb, parse_scans, prefix_crc32s, scan_prefix
 
 
 def picture(w=96, h=64, seed=0) -> Image.Image:

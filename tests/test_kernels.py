@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from dynres import kernels
-from dynres._backends import BACKENDS, Backend, build_kernel
 from dynres.errors import BackendError, ConfigError
-from dynres.kernels import TuneConfig, load, parse_ints, tune, write_report
+from dynres.runtime import kernels
+from dynres.runtime.backends import BACKENDS, Backend, build_kernel
+from dynres.runtime.kernels import TuneConfig, load, parse_ints, tune, write_report
 
 RES = 32
 
@@ -199,7 +199,7 @@ def test_report_has_table_ii_and_figure_7(tmp_path):
 def test_cli_tune_writes_records(tmp_path):
     from typer.testing import CliRunner
 
-    from dynres.cli import app
+    from dynres.cli.main import app
 
     args = ["tune", "--arch", "resnet_tiny", "--num-classes", "3", "--resolutions", "32", "--backends", "eager",
             "--threads", "1", "--runs", "2", "--warmup", "1", "--cache-dir", str(tmp_path / "c"),
@@ -216,8 +216,9 @@ def test_cli_tune_writes_records(tmp_path):
 def test_cli_tune_a_checkpoint_then_load_its_kernel(tmp_path):
     from typer.testing import CliRunner
 
-    from dynres.cli import app
-    from dynres.models import ModelMeta, create_model, load_checkpoint, save_checkpoint
+    from dynres.cli.main import app
+    from dynres.model.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+    from dynres.model.nets import create_model
 
     path = save_checkpoint(create_model("resnet_tiny", 3), ModelMeta("resnet_tiny", ("a", "b", "c"), RES),
                            tmp_path / "model.pt")

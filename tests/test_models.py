@@ -6,17 +6,8 @@ import pytest
 import torch
 
 from dynres.errors import CheckpointError, ConfigError
-from dynres.models import (
-    ModelMeta,
-    build_backbone,
-    create_model,
-    gflops,
-    list_architectures,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-    to_input,
-)
+from dynres.model.checkpoint import ModelMeta, load_checkpoint, load_weights, save_checkpoint
+from dynres.model.nets import build_backbone, create_model, gflops, list_architectures, to_input
 
 
 def test_registry_has_presets_and_torchvision_names():
@@ -94,8 +85,8 @@ def test_gflops_counts_two_flops_per_mac():
 
 
 def test_shipped_demo_weights_fit_their_architecture_and_name_their_provenance():
-    from dynres.models import demo_weights
-    from dynres.synth import CLASSES, PRETRAIN_SEED
+    from dynres.io.synth import CLASSES, PRETRAIN_SEED
+    from dynres.model.checkpoint import demo_weights
 
     for arch in ("resnet_tiny", "resnet_micro"):  # the backbones' and the scale model's
         path = demo_weights(arch)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from _pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_classifier, tiny_scale
 
-from dynres.decode import crop_resize, decode, decode_baseline, decode_scaled
 from dynres.errors import ConfigError
-from dynres.models import to_input
-from dynres.dynamic import choose
-from dynres.pipeline import Engine, EagerRunner, KernelRunner, PipelineConfig
+from dynres.io.decode import crop_resize, decode, decode_baseline, decode_scaled
+from dynres.model.nets import to_input
+from dynres.runtime.engine import Engine, PipelineConfig
+from dynres.runtime.runners import EagerRunner, KernelRunner, choose
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_kernel_runner_cuts_a_batch_down_the_ladder_of_tuned_sizes(tmp_path):
 
 
 def test_kernel_runner_uses_the_batch_sizes_the_cache_holds(tmp_path):
-    from dynres.kernels import TuneConfig, tune
+    from dynres.runtime.kernels import TuneConfig, tune
 
     model = tiny_classifier()
     tune(model, TuneConfig(resolutions=(32,), batch_sizes=(1, 4), threads=1, runs=2, min_runs=1,
@@ -177,14 +177,15 @@ def test_bad_configuration_is_a_clear_error(store):
 def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):
     from typer.testing import CliRunner
 
-    from dynres.cli import app
-    from dynres.models import ModelMeta, create_model, save_checkpoint
+    from dynres.cli.main import app
+    from dynres.model.checkpoint import ModelMeta, save_checkpoint
+    from dynres.model.nets import create_model
 
     torch.manual_seed(0)
     save_checkpoint(create_model("resnet_tiny", 2), ModelMeta("resnet_tiny", ("cat", "dog"), 48), tmp_path / "b.pt")
     save_checkpoint(create_model("mobilenet_v2_tiny", len(GRID)),
                     ModelMeta("mobilenet_v2_tiny", (), SCALE_RES, task="scale", grid=GRID, scans=2), tmp_path / "s.pt")
-    from dynres.calibrate import CalibrationPolicy
+    from dynres.policy.calibration import CalibrationPolicy
 
     counts = np.array([[1 + i % 3, 3, 4] for i in range(len(store.keys))])  # scans per (image, 32/48/64 px)
     policy = CalibrationPolicy({32: 0.95, 48: 0.96, 64: 0.97}, tuple(store.keys), counts)
@@ -205,14 +206,15 @@ def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):
 def test_bench_pipeline_writes_every_mode_and_their_ratios(store, tmp_path):
     import json
 
-    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
-    from dynres.models import ModelMeta, create_model, save_checkpoint
+    from dynres.bench.pipeline import PipelineBenchConfig, run_bench_pipeline
+    from dynres.model.checkpoint import ModelMeta, save_checkpoint
+    from dynres.model.nets import create_model
 
     torch.manual_seed(0)
     save_checkpoint(create_model("resnet_tiny", 2), ModelMeta("resnet_tiny", ("cat", "dog"), 48), tmp_path / "b.pt")
     save_checkpoint(create_model("mobilenet_v2_tiny", len(GRID)),
                     ModelMeta("mobilenet_v2_tiny", (), SCALE_RES, task="scale", grid=GRID, scans=2), tmp_path / "s.pt")
-    from dynres.calibrate import CalibrationPolicy
+    from dynres.policy.calibration import CalibrationPolicy
 
     counts = np.full((len(store.keys), len(GRID)), 3)
     CalibrationPolicy(dict.fromkeys(GRID, 0.95), tuple(store.keys), counts).save(tmp_path / "policy.json")

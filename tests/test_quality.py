@@ -9,11 +9,19 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
-from dynres.decode import PrefixViews
 from dynres.errors import StoreError
-from dynres.quality import (QUALITY, QualityConfig, build_quality_index, image_quality, load_quality, scan_roles,
-                            ssim)
-from dynres.store import IngestConfig, ingest, open_store
+from dynres.io.decode import PrefixViews
+from dynres.io.ingest import IngestConfig, ingest
+from dynres.io.store import open_store
+from dynres.policy.quality import (
+    QUALITY,
+    QualityConfig,
+    build_quality_index,
+    image_quality,
+    load_quality,
+    scan_roles,
+    ssim,
+)
 
 RES = (56, 112, 168)
 
@@ -63,7 +71,7 @@ def test_index_scores_the_luma_of_the_engines_views(photo_store):
 
 
 def test_a_grayscale_progressive_jpeg_is_indexed_like_a_colour_one():
-    from dynres._jpeg import parse_scans
+    from dynres.io.jpeg import parse_scans
 
     buf = io.BytesIO()
     Image.fromarray(skdata.camera()).save(buf, "JPEG", quality=90, progressive=True)
@@ -77,7 +85,7 @@ def test_a_grayscale_progressive_jpeg_is_indexed_like_a_colour_one():
 def test_luma_scans_reads_the_scan_headers():
     buf = io.BytesIO()
     Image.fromarray(skdata.astronaut()).save(buf, "JPEG", quality=90, progressive=True)
-    from dynres._jpeg import parse_scans
+    from dynres.io.jpeg import parse_scans
 
     colour = buf.getvalue()
     # libjpeg's default colour script: DC, Y AC1-5, Cr, Cb, Y AC6-63, Y refine, DC refine, Cr, Cb, Y refine
@@ -143,7 +151,7 @@ def test_missing_index_is_a_clear_error(tmp_path, photo_store):
 def test_cli_index_quality_writes_the_index_and_its_cost_record(photo_store, tmp_path):
     from typer.testing import CliRunner
 
-    from dynres.cli import app
+    from dynres.cli.main import app
 
     result = CliRunner().invoke(app, ["index", "quality", str(photo_store), "--resolutions", "56",
                                       "--workers", "1", "--out", str(tmp_path)])

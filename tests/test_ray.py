@@ -6,8 +6,9 @@ import pytest
 import torch
 from _pipeline_fixtures import GRID, SCALE_RES, make_store
 
-from dynres.models import ModelMeta, create_model, save_checkpoint
-from dynres.pipeline import EngineSpec, PipelineConfig, build_engine
+from dynres.model.checkpoint import ModelMeta, save_checkpoint
+from dynres.model.nets import create_model
+from dynres.runtime.engine import EngineSpec, PipelineConfig, build_engine
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def spec(tmp_path_factory):
 
 
 def test_ray_engine_matches_the_local_engine(spec):
-    from dynres._ray import run_ray
+    from dynres.runtime.ray import run_ray
 
     local = build_engine(spec).run(progress=False)
     remote = run_ray(spec, num_cpus=2, progress=False)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dynres.errors import DynresError
-from dynres.report import build_report
+from dynres.report.document import build_report
 
 
 def summary(tmp_path) -> dict:

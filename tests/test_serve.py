@@ -14,11 +14,10 @@ from _pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_cla
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dynres.decode import crop_resize, decode_scaled
-from dynres.dynamic import choose
-from dynres.models import to_input
-from dynres.pipeline import EagerRunner
-from dynres.serve import LoadController, Rejected, ServeConfig, Service, create_app
+from dynres.io.decode import crop_resize, decode_scaled
+from dynres.model.nets import to_input
+from dynres.runtime.runners import EagerRunner, choose
+from dynres.runtime.serve import LoadController, Rejected, ServeConfig, Service, create_app
 
 CLASSES = ("cat", "dog")
 
@@ -72,7 +71,7 @@ def test_an_upload_gets_the_models_answer():
 
 
 def test_exact_views_decode_each_view_like_decode():
-    from dynres.decode import decode
+    from dynres.io.decode import decode
 
     buf = io.BytesIO()  # textured and large enough for DCT scaling, so the two kinds of views differ
     Image.fromarray(np.random.default_rng(1).integers(150, 255, (300, 400, 3), dtype=np.uint8)).save(buf, "JPEG")
@@ -243,8 +242,8 @@ def test_schemathesis_fuzzes_every_endpoint_without_a_server_error(store):
 
 
 def test_server_latency_quantile_reads_the_bucket_bound_from_metrics():
-    from dynres._loadtest import server_latency_quantile
-    from dynres.serve import _Metrics
+    from dynres.bench.serve import server_latency_quantile
+    from dynres.runtime.serve import _Metrics
 
     metrics = _Metrics()
     for seconds in [0.01] * 98 + [0.3, 2.0]:
@@ -256,8 +255,8 @@ def test_server_latency_quantile_reads_the_bucket_bound_from_metrics():
 
 
 def test_server_status_counts_read_the_services_own_counter():
-    from dynres._loadtest import server_status_counts
-    from dynres.serve import _Metrics
+    from dynres.bench.serve import server_status_counts
+    from dynres.runtime.serve import _Metrics
 
     metrics = _Metrics()
     for status in (200, 200, 503):
@@ -266,7 +265,7 @@ def test_server_status_counts_read_the_services_own_counter():
 
 
 def test_load_test_stats_show_when_the_generator_fell_behind():
-    from dynres._loadtest import _stats
+    from dynres.bench.serve import _stats
 
     rows = [{"phase": "burst", "status": 200, "latency_ms": 10.0 * (i + 1), "resolution": 32, "lam": 0.0,
              "correct": True, "sent_s": 0.5 * i, "lag_ms": lag} for i, lag in enumerate((0.0, 10.0, 400.0))]
@@ -282,7 +281,7 @@ def test_the_load_generator_never_holds_more_than_its_bound(monkeypatch):
     import asyncio
     import os
 
-    from dynres import _loadtest
+    from dynres.bench import serve as loadtest
 
     running, peak = [0], [0]
 
@@ -293,8 +292,8 @@ def test_the_load_generator_never_holds_more_than_its_bound(monkeypatch):
         running[0] -= 1
         out.append({"phase": phase, "status": 200, "latency_ms": 200.0, "sent_s": sent_s, "lag_ms": lag_ms})
 
-    monkeypatch.setattr(_loadtest, "_one", slow_one)
-    rows, _ = asyncio.run(_loadtest._open_loop("http://unused", ["k"], {}, [("burst", 0.5, 100.0)], 1000,
+    monkeypatch.setattr(loadtest, "_one", slow_one)
+    rows, _ = asyncio.run(loadtest._open_loop("http://unused", ["k"], {}, [("burst", 0.5, 100.0)], 1000,
                                                os.getpid(), max_outstanding=5))
     assert len(rows) == 50 and peak[0] == 5
     assert 0 < sum(r["status"] == 0 for r in rows) < 50  # due while 5 were unanswered: recorded, not sent
@@ -307,7 +306,7 @@ def test_the_load_generator_drives_a_real_server_and_counts_what_it_answered(sto
 
     import uvicorn
 
-    from dynres import _loadtest
+    from dynres.bench import serve as loadtest
 
     service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(), store=store, policy=StepPolicy())
     with socket.socket() as s:
@@ -324,7 +323,7 @@ def test_the_load_generator_drives_a_real_server_and_counts_what_it_answered(sto
         assert server.started
         url = f"http://127.0.0.1:{port}"
         classes = {k: store.classes[store.label(k)] for k in store.keys}
-        rows, rss = asyncio.run(_loadtest._open_loop(url, list(store.keys), classes, [("burst", 1.0, 20.0)], 100,
+        rows, rss = asyncio.run(loadtest._open_loop(url, list(store.keys), classes, [("burst", 1.0, 20.0)], 100,
                                                      os.getpid()))
         metrics = httpx.get(f"{url}/metrics").text
     finally:
@@ -332,11 +331,11 @@ def test_the_load_generator_drives_a_real_server_and_counts_what_it_answered(sto
         thread.join(10)
     assert len(rows) == 20 and {r["status"] for r in rows} == {200}
     assert all(r["resolution"] in GRID and isinstance(r["correct"], bool) for r in rows)
-    assert _loadtest.server_status_counts(metrics) == {"200": 20} and rss
+    assert loadtest.server_status_counts(metrics) == {"200": 20} and rss
 
 
 def test_loop_lag_sees_a_blocked_event_loop():
-    from dynres.serve import LoopLag
+    from dynres.runtime.serve import LoopLag
 
     async def main():
         lag = LoopLag(period_s=0.01, smoothing=1.0)

@@ -1,8 +1,8 @@
 """Reading a store: exact prefixes, exact byte accounting, ranged HTTP reads, integrity and open errors."""
 
 import functools
-import io
 import http.server
+import io
 import pickle
 import re
 import shutil
@@ -17,7 +17,9 @@ from PIL import Image
 
 import dynres
 from dynres.errors import ChecksumError, KeyNotFoundError, StoreError
-from dynres.store import FORMAT_VERSION, IngestConfig, Store, ingest, open_store
+from dynres.io.format import FORMAT_VERSION
+from dynres.io.ingest import IngestConfig, ingest
+from dynres.io.store import Store, open_store
 
 
 def make_tree(root, names=("cat/IMG 001.png", "cat/ünïcode é.jpg", "dog/a.png", "dog/sub/b.webp", "dog/c.bmp")):

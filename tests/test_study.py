@@ -3,7 +3,7 @@
 import pytest
 
 from dynres.errors import ConfigError
-from dynres.study import Study, StudyConfig, load_study_config
+from dynres.study.demo import Study, StudyConfig, load_study_config
 
 
 def test_a_stage_runs_once_and_reruns_when_its_inputs_or_upstream_change(tmp_path):
@@ -103,8 +103,8 @@ def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, me
 
 
 def test_the_demo_refuses_the_seed_its_shipped_weights_were_trained_on(tmp_path):
-    from dynres.study import run_study
-    from dynres.synth import PRETRAIN_SEED
+    from dynres.io.synth import PRETRAIN_SEED
+    from dynres.study.demo import run_study
 
     with pytest.raises(ConfigError, match="shipped weights"):
         run_study(StudyConfig(out=tmp_path, seed=PRETRAIN_SEED))

@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dynres.errors import ConfigError, DynresError
-from dynres.synth import SynthConfig, render, synth
+from dynres.io.synth import SynthConfig, render, synth
 
 # Small images keep the tests fast; short sides >= 150 px keep objects above the 12 px floor at the smallest scale.
 SMALL = SynthConfig(classes=10, train_per_class=6, val_per_class=2, seed=3, min_size=200, max_size=256,
@@ -125,7 +125,7 @@ def test_render_one_image_without_writing():
 
 
 def test_cli_writes_the_data_set_and_a_summary(tmp_path):
-    from dynres.cli import app
+    from dynres.cli.main import app
 
     result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "d"), "--classes", "3", "--per-class", "2",
                                       "--val-per-class", "1", "--min-size", "64", "--max-size", "96"])

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynres.models import build_backbone, load_weights
-from dynres.synth import PRETRAIN_SEED
+from dynres.io.synth import PRETRAIN_SEED
+from dynres.model.checkpoint import load_weights
+from dynres.model.nets import build_backbone
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

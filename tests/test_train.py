@@ -9,9 +9,9 @@ import torch
 from tiny_store import MemoryStore
 
 from dynres.errors import ConfigError
-from dynres.models import load_checkpoint
-from dynres.scale import ScaleConfig, auc, fold_dir, label_stats, multi_hot, shard_split, train_scale
-from dynres.train import TrainConfig, data_hash, train_backbone
+from dynres.model.checkpoint import load_checkpoint
+from dynres.model.train import TrainConfig, data_hash, train_backbone
+from dynres.study.scale import ScaleConfig, auc, fold_dir, label_stats, multi_hot, shard_split, train_scale
 
 TINY = TrainConfig(resolution=32, epochs=2, batch_size=8, seed=3)
 
@@ -46,7 +46,7 @@ def test_resume_continues_from_the_last_epoch(tmp_path, monkeypatch):
     store = MemoryStore(per_class=4)
     sgd = TrainConfig(**{**TINY.__dict__, "optimizer": "sgd", "lr": 0.05})  # momentum state must resume too
     reference = train_backbone(store, tmp_path / "ref", sgd, progress=False)
-    import dynres.train as train_mod
+    import dynres.model.train as train_mod
 
     calls = {"n": 0}
     real_save = train_mod.save_checkpoint
@@ -192,7 +192,7 @@ def test_label_statistics_and_auc():
 
 
 def test_scale_model_trunk_starts_from_the_given_weights(tmp_path):
-    from dynres.models import build_backbone
+    from dynres.model.nets import build_backbone
 
     source = build_backbone("mobilenet_v2_tiny", 5)  # a classifier: its head does not fit the scale grid
     torch.save(source.state_dict(), tmp_path / "init.pt")
@@ -207,8 +207,8 @@ def test_scale_model_trunk_starts_from_the_given_weights(tmp_path):
 
 
 def test_the_image_cache_decodes_in_threads_but_keeps_each_key_its_own_image():
-    from dynres.decode import decode_short_side
-    from dynres.train import ImageCache
+    from dynres.io.decode import decode_short_side
+    from dynres.model.train import ImageCache
 
     store = MemoryStore(per_class=4)
     cache = ImageCache.build(store, store.keys, 40, progress=False)

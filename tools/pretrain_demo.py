@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from dynres.evaluate import EvalConfig, run_static
-from dynres.models import load_checkpoint
-from dynres.store import IngestConfig, ingest, open_store
-from dynres.synth import PRETRAIN_SEED, SynthConfig, synth
-from dynres.train import TrainConfig, train_backbone
+from dynres.io.ingest import IngestConfig, ingest
+from dynres.io.store import open_store
+from dynres.io.synth import PRETRAIN_SEED, SynthConfig, synth
+from dynres.model.checkpoint import load_checkpoint
+from dynres.model.train import TrainConfig, train_backbone
+from dynres.study.static import EvalConfig, run_static
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "dynres" / "assets"
 

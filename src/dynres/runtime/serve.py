@@ -1,6 +1,6 @@
 """`dynres serve`: the two-model pipeline as an HTTP service (FastAPI + uvicorn).
 
-A request (an uploaded image or a store key) goes through the same stages as :mod:`dynres.pipeline`: decode at the
+A request (an uploaded image or a store key) goes through the same stages as :mod:`dynres.runtime.engine`: decode at the
 scale resolution → scale model → chosen resolution → decode at it → backbone. Both models run behind dynamic
 batchers (one per resolution for the backbone) that wait at most ``max_wait_ms`` to fill a batch, on one compute
 thread; decoding runs in a small thread pool. Admission is bounded: past ``max_queue`` requests in flight the
@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from dynres.data import Scans, scans_for
-from dynres.decode import PrefixViews
 from dynres.errors import BadImageError, ConfigError, KeyNotFoundError
-from dynres.pipeline import Runner, ScaleStage, top5
+from dynres.io.decode import PrefixViews
+from dynres.policy.scans import Scans, scans_for
+from dynres.runtime.engine import top5
+from dynres.runtime.runners import Runner, ScaleStage
 
 
 @dataclass(frozen=True)
@@ -448,7 +449,7 @@ def create_app(service: Service):
 
 def build_service(spec, config: ServeConfig = ServeConfig()) -> Service:
     """A :class:`Service` from an :class:`dynres.pipeline.EngineSpec` (paths of store, checkpoints, policy)."""
-    from dynres.pipeline import build_engine
+    from dynres.runtime.engine import build_engine
 
     engine = build_engine(spec)
     return Service(engine.backbone, engine.classes, scale=engine.scale, store=engine.store, policy=engine.policy,

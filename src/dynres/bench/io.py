@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from dynres._ui import track
-from dynres.decode import decode, decode_baseline
+from dynres.io.decode import decode, decode_baseline
+from dynres.paper import PAPER_GRID
 from dynres.records import markdown_table, median, write_records
-
-PAPER_GRID = (112, 168, 224, 280, 336, 392, 448)
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def _init_worker(store_url: str) -> None:
     global _worker_store
     import torch
 
-    from dynres.store import open_store
+    from dynres.io.store import open_store
 
     torch.set_num_threads(1)
     _worker_store = open_store(store_url)
@@ -81,7 +80,7 @@ def bytes_per_scan(store) -> list[dict]:
 
 def measure_ingest(src: str | Path, workers: int) -> dict:
     """Ingest ``src`` into a throw-away store and report images/s (progressive re-encode included)."""
-    from dynres.store import IngestConfig, ingest
+    from dynres.io.ingest import IngestConfig, ingest
 
     with tempfile.TemporaryDirectory(prefix="dynres-bench-ingest-") as tmp:
         report = ingest(src, Path(tmp) / "store", IngestConfig(workers=workers), progress=False)
@@ -91,9 +90,9 @@ def measure_ingest(src: str | Path, workers: int) -> dict:
 
 def bench_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str | Path | None = None,
              progress: bool = True) -> dict:
-    from dynres.store import open_store
-
     import torch
+
+    from dynres.io.store import open_store
 
     torch.set_num_threads(1)  # "one core" means one core: decode's torch resize would otherwise use two
     store = open_store(store_url)

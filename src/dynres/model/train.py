@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dynres._ui import status_bar, track_threads
-from dynres.decode import decode_short_side
 from dynres.errors import CheckpointError, ConfigError
-from dynres.models import (ModelMeta, build_backbone, channels_last, create_model, load_weights, save_checkpoint,
-                           to_input)
+from dynres.io.decode import decode_short_side
+from dynres.model.checkpoint import ModelMeta, load_weights, save_checkpoint
+from dynres.model.nets import build_backbone, channels_last, create_model, to_input
 
 STATE_NAME = "train_state.pt"
 
@@ -110,7 +110,7 @@ class CachedTrainSet(Dataset):
 def train_dataset(store, keys: Sequence[str], cfg: TrainConfig, cache: ImageCache | None = None,
                   progress: bool = True) -> Dataset:
     if not cfg.cache:
-        from dynres.data import StoreDataset
+        from dynres.model.data import StoreDataset
 
         return StoreDataset(store, cfg.resolution, keys=keys, train=True, train_scale=cfg.crop_scale)
     short = round(cfg.cache_factor * cfg.resolution)

@@ -42,7 +42,7 @@ def data_synth(
     workers: Optional[int] = typer.Option(None, help="Processes (default 1, 0: every core); output does not change."),
 ) -> None:
     """Generate the built-in data set: objects at scales varying > 6x on photo backgrounds, fine-detail classes."""
-    from dynres.synth import SynthConfig, synth
+    from dynres.io.synth import SynthConfig, synth
 
     given = {"classes": classes, "train_per_class": per_class, "val_per_class": val_per_class, "seed": seed,
              "min_size": min_size, "max_size": max_size, "jpeg_quality": quality, "workers": workers}
@@ -64,7 +64,7 @@ def bench_io_cmd(
     src: Optional[Path] = typer.Option(None, help="An ImageFolder tree: also measure ingest images/s on it."),
 ) -> None:
     """Read+decode speed: DCT-scaled decode vs full decode + torchvision resize; bytes per scan count."""
-    from dynres.bench import IOBenchConfig, run_bench_io
+    from dynres.bench.io import IOBenchConfig, run_bench_io
 
     cfg = IOBenchConfig(tuple(int(r) for r in resolutions.split(",")), images, repeats, crop, workers)
     result = run_bench_io(store, out, cfg, src=src)
@@ -91,7 +91,7 @@ def demo(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """The main job on the built-in data set: the whole study (data → … → report) in one cached run."""
-    from dynres.study import FULL, QUICK, StudyConfig, run_study
+    from dynres.study.demo import FULL, QUICK, StudyConfig, run_study
 
     cfg = StudyConfig(out=out, size=QUICK if quick else FULL, seed=seed, workers=workers, force=force,
                       io_images=32 if quick else 64, io_repeats=1 if quick else 3, quick=quick)
@@ -112,8 +112,8 @@ def ingest(
     """Re-encode an image tree as progressive JPEGs + manifest.parquet (resumable; skipped files listed)."""
     from rich.table import Table
 
-    from dynres.store import IngestConfig
-    from dynres.store import ingest as run_ingest
+    from dynres.io.ingest import IngestConfig
+    from dynres.io.ingest import ingest as run_ingest
 
     cfg = IngestConfig(quality=quality, max_side=max_side, workers=workers, max_pixels=max_pixels,
                        scans=str(scans) if scans else None)
@@ -135,7 +135,7 @@ def run(
     """The demo's stages on your own ImageFolder data and architecture, from a config file."""
     from dataclasses import replace
 
-    from dynres.study import load_study_config, run_study
+    from dynres.study.demo import load_study_config, run_study
 
     cfg = replace(load_study_config(config), force=force)
     summary = run_study(cfg)
@@ -145,7 +145,7 @@ def run(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory with summary.json.")) -> None:
     """Render RUN_DIR/report.html and report.md from the run's records."""
-    from dynres.report import build_report
+    from dynres.report.document import build_report
 
     html_path, md_path = build_report(run_dir)
     console.print(f"wrote {html_path} and {md_path}")
@@ -176,19 +176,19 @@ def infer(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
 ) -> None:
     """Batch inference over a store: scale model → resolution → missing bytes → backbone, pipelined."""
-    from dynres.pipeline import EngineSpec, PipelineConfig
     from dynres.records import write_records
+    from dynres.runtime.engine import EngineSpec, PipelineConfig
 
     cfg = PipelineConfig(batch_size=batch_size, workers=workers, torch_threads=threads, crop=crop,
                          resolution=resolution, lam=lam, baseline=baseline, read_ahead=read_ahead,
                          decode_once=decode_once)
     spec = EngineSpec(store, str(model), str(scale) if scale else None, str(policy) if policy else None, kernels, cfg)
     if engine == "ray":
-        from dynres._ray import run_ray
+        from dynres.runtime.ray import run_ray
 
         result = run_ray(spec, limit=limit or None, address=address)
     elif engine == "local":
-        from dynres.pipeline import build_engine
+        from dynres.runtime.engine import build_engine
 
         eng = build_engine(spec)
         result = eng.run(eng.store.keys[:limit] if limit else None)
@@ -231,8 +231,8 @@ def serve(
     """The pipeline as an HTTP service: POST /predict (upload) or /predict/key; /healthz, /metrics, /docs."""
     import uvicorn
 
-    from dynres.pipeline import EngineSpec, PipelineConfig
-    from dynres.serve import ServeConfig, build_service, create_app
+    from dynres.runtime.engine import EngineSpec, PipelineConfig
+    from dynres.runtime.serve import ServeConfig, build_service, create_app
 
     if store is None and scale is None and resolution is None:
         raise typer.BadParameter("give --scale (dynamic) or --resolution (static)")
@@ -265,7 +265,7 @@ def bench_pipeline_cmd(
     repeats: int = typer.Option(3, help="Timed runs per mode (interleaved); each row is the median run."),
 ) -> None:
     """(a) common baseline vs (b) best static + tuned kernels + calibrated reads vs (c) the dynamic pipeline."""
-    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
+    from dynres.bench.pipeline import PipelineBenchConfig, run_bench_pipeline
 
     cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
                               kernel_threads=kernel_threads, baseline_resolution=baseline_resolution,
@@ -300,7 +300,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _train_config(arch: str, resolution: int, epochs: int, batch_size: int, optimizer: str, lr: Optional[float],
                   label_smoothing: float, seed: int, init: Optional[Path], no_cache: bool):
-    from dynres.train import TrainConfig
+    from dynres.model.train import TrainConfig
 
     lr = lr if lr is not None else (TrainConfig.lr if optimizer == TrainConfig.optimizer else 0.1)
     return TrainConfig(arch=arch, resolution=resolution, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
@@ -324,8 +324,8 @@ def train_backbone_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode every view (no in-memory decoded images)."),
 ) -> None:
     """Train a classifier; re-running resumes from the last finished epoch."""
-    from dynres.store import open_store
-    from dynres.train import train_backbone
+    from dynres.io.store import open_store
+    from dynres.model.train import train_backbone
 
     cfg = _train_config(arch, resolution, epochs, batch_size, optimizer, lr, label_smoothing, seed, init, no_cache)
     path = train_backbone(open_store(store), out, cfg)
@@ -356,8 +356,8 @@ def train_scale_cmd(
     seed: int = typer.Option(0),
 ) -> None:
     """Cross-validated scale labels and the scale model, with label statistics and per-resolution AUC."""
-    from dynres.scale import ScaleConfig, train_scale
-    from dynres.store import open_store
+    from dynres.io.store import open_store
+    from dynres.study.scale import ScaleConfig, train_scale
 
     bb = _train_config(backbone_arch, resolution, backbone_epochs, batch_size, "adamw", None, 0.1, seed,
                        backbone_init, False)
@@ -384,12 +384,12 @@ def eval_static_cmd(
     backend: str = typer.Option("auto", help="Run the model on 'ort' (ONNX Runtime), 'eager' PyTorch, or 'auto'."),
 ) -> None:
     """Top-1 accuracy and GFLOPs for every resolution x crop (Table I layout)."""
-    from dynres.evaluate import EvalConfig, run_static
-    from dynres.store import open_store
+    from dynres.io.store import open_store
+    from dynres.study.static import EvalConfig, run_static
 
     scans = None
     if policy:
-        from dynres.calibrate import load_policy
+        from dynres.policy.calibration import load_policy
 
         scans = load_policy(policy)
     result = run_static(checkpoint, open_store(store), out, EvalConfig(_ints(grid), _floats(crops), exact=exact,
@@ -411,9 +411,9 @@ def eval_dynamic_cmd(
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
 ) -> None:
     """Scale model + backbone vs every static resolution and the oracle; cost-aware λ sweep."""
-    from dynres.dynamic import DynamicConfig, load_cost_table, run_dynamic
-    from dynres.evaluate import EvalConfig
-    from dynres.store import open_store
+    from dynres.io.store import open_store
+    from dynres.study.dynamic import DynamicConfig, load_cost_table, run_dynamic
+    from dynres.study.static import EvalConfig
 
     cfg = DynamicConfig(scans=scans, cost_table=load_cost_table(cost_json) if cost_json else None)
     result = run_dynamic(backbone, scale_model, open_store(store), out, cfg,
@@ -442,7 +442,7 @@ def bench_serve_cmd(
     kernels: str = typer.Option("tuned", help="eager or tuned."),
 ) -> None:
     """Loopback load test of `dynres serve`: a burst at 2x the sustainable rate, fixed λ vs load-adaptive λ."""
-    from dynres._loadtest import LoadTestConfig, run_load_test
+    from dynres.bench.serve import LoadTestConfig, run_load_test
 
     cfg = LoadTestConfig(latency_target_ms=latency_target_ms, overload=overload, burst_s=burst_s, calm_s=calm_s,
                          max_queue=max_queue, lam_max=lam_max, kernels=kernels)
@@ -468,7 +468,7 @@ def index_quality_cmd(
     out: Path = typer.Option(Path("runs/index"), "--out", help="Where quality_index.json/.md go."),
 ) -> None:
     """SSIM of every scan prefix vs the full file, per image and resolution → STORE/quality.parquet (resumable)."""
-    from dynres.quality import QualityConfig, build_quality_index, quality_markdown
+    from dynres.policy.quality import QualityConfig, build_quality_index, quality_markdown
     from dynres.records import write_records
 
     cfg = QualityConfig(tuple(int(r) for r in resolutions.split(",")), crop, workers)
@@ -502,8 +502,9 @@ def calibrate(
     backend: str = typer.Option("auto", help="Run the model on 'ort' (ONNX Runtime), 'eager' PyTorch, or 'auto'."),
 ) -> None:
     """Binary-search SSIM thresholds per resolution; save the read policy; Table III/IV + Figure 6 records."""
-    from dynres.calibrate import CalibrationConfig, calibrate as run_calibration
-    from dynres.store import open_store
+    from dynres.io.store import open_store
+    from dynres.study.calibrate import CalibrationConfig
+    from dynres.study.calibrate import calibrate as run_calibration
 
     cfg = CalibrationConfig(target=target, max_images=max_images, holdout_fraction=holdout, seed=seed,
                             resolutions=_ints(resolutions),
@@ -527,7 +528,7 @@ def calibrate(
 
 def _kernel_config(resolutions: str, batches: str, threads: int, backends: str, runs: int, warmup: int,
                    tolerance: float, tvm_trials: int, cache_dir: Optional[Path]):
-    from dynres.kernels import TuneConfig, parse_backends, parse_ints
+    from dynres.runtime.kernels import TuneConfig, parse_backends, parse_ints
 
     extra = {"cache_dir": cache_dir} if cache_dir else {}
     return TuneConfig(resolutions=parse_ints(resolutions, "--resolutions"), batch_sizes=parse_ints(batches, "--batches"),
@@ -575,8 +576,9 @@ def tune_cmd(
     import torch
 
     from dynres.errors import ConfigError
-    from dynres.kernels import run_and_report
-    from dynres.models import build_backbone, load_checkpoint
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.model.nets import build_backbone
+    from dynres.runtime.kernels import run_and_report
 
     if (model_ckpt is None) == (arch is None):
         raise ConfigError("tune", "give either MODEL_CKPT or --arch")
@@ -609,8 +611,8 @@ def bench_kernels_cmd(
 
     import torch
 
-    from dynres.kernels import parse_ints, run_and_report
-    from dynres.models import build_backbone
+    from dynres.model.nets import build_backbone
+    from dynres.runtime.kernels import parse_ints, run_and_report
 
     cfg = _kernel_config(resolutions, batches, threads, backends, runs, warmup, tolerance, tvm_trials,
                          cache_dir or out / "cache")

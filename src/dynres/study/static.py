@@ -27,20 +27,13 @@ import pyarrow.parquet as pq
 import torch
 
 from dynres._ui import log, track
-from dynres.data import Scans, scans_for
-from dynres.decode import crop_side, decode, decode_short_side
 from dynres.errors import ConfigError
-from dynres.models import channels_last, checkpoint_digest, gflops, load_checkpoint, to_input
+from dynres.io.decode import decode, decode_short_side
+from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
+from dynres.model.nets import channels_last, gflops, to_input
+from dynres.paper import PAPER_CROPS, crop_side, scaled_grid
+from dynres.policy.scans import Scans, scans_for
 from dynres.records import markdown_table, write_records
-
-PAPER_GRID = (112, 168, 224, 280, 336, 392, 448)
-PAPER_CROPS = (0.25, 0.56, 0.75, 1.0)
-PAPER_TRAIN_RESOLUTION = 224
-
-
-def scaled_grid(train_resolution: int, grid: Sequence[int] = PAPER_GRID) -> tuple[int, ...]:
-    """The paper's grid (0.5x..2x of its 224 train resolution) at the same ratios around ``train_resolution``."""
-    return tuple(int(round(r * train_resolution / PAPER_TRAIN_RESOLUTION)) for r in grid)
 
 
 @dataclass(frozen=True)
@@ -70,7 +63,7 @@ class GridModel:
     every :func:`predict_grid` call (an export takes about a second)."""
 
     def __init__(self, model: torch.nn.Module, backend: str = "auto", threads: int = 0):
-        from dynres import _backends
+        from dynres.runtime import backends as _backends
 
         if backend not in ("auto", "ort", "eager"):
             raise ConfigError("backend", f"unknown evaluation backend {backend!r} (auto, ort, eager)")
@@ -97,7 +90,7 @@ class GridModel:
     @torch.no_grad()
     def _disagreement(self, run) -> float:
         """The tuner's relative error of ``run`` against the eager model, worst of random images of two sizes."""
-        from dynres.kernels import rel_error
+        from dynres.runtime.kernels import rel_error
 
         gen = torch.Generator().manual_seed(0)
         xs = [torch.rand(2, 3, size, size, generator=gen) for size in (32, 64)]

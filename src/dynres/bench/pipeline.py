@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from dynres._ui import status_bar
-from dynres.pipeline import Engine, EagerRunner, PipelineConfig, load_scale, make_runner
 from dynres.records import markdown_table, write_records
+from dynres.runtime.engine import Engine, PipelineConfig
+from dynres.runtime.runners import EagerRunner, load_scale, make_runner
 
 MODES = ("baseline", "static_tuned", "dynamic", "dynamic_read_ahead", "dynamic_exact")
 DYNAMIC = {  # the dynamic variants: how each reads and decodes
@@ -68,8 +69,8 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
                        keys: list[str] | None = None) -> dict:
     """Run (a), (b), (c) on the same images (``keys``, e.g. a split the scale model never saw; default the whole
     store); write ``pipeline.json`` / ``pipeline.md`` under ``out``."""
-    from dynres.models import load_checkpoint
-    from dynres.store import open_store
+    from dynres.io.store import open_store
+    from dynres.model.checkpoint import load_checkpoint
 
     store = open_store(store_path)
     model, meta = load_checkpoint(backbone)
@@ -78,7 +79,7 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
     stage = load_scale(scale, model, cfg.kernels, cfg.batch_size, threads)
     calibrated = None
     if policy is not None:
-        from dynres.calibrate import load_policy
+        from dynres.policy.calibration import load_policy
 
         calibrated = load_policy(policy)
     tuned.warm(stage.grid)

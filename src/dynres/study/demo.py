@@ -71,7 +71,7 @@ def _by_content(obj: Any) -> Any:
 
 def _weights_hash(path: Any) -> str:
     from dynres.errors import CheckpointError
-    from dynres.models import checkpoint_digest
+    from dynres.model.checkpoint import checkpoint_digest
 
     try:
         return "sha256:" + checkpoint_digest(path)
@@ -127,13 +127,14 @@ def _read(path: str | Path) -> dict:
 
 def run_study(config: StudyConfig) -> dict:
     """data → ingest → accuracy chain → quality index → calibration → kernels → pipeline → io → summary → report."""
-    from dynres.store import IngestConfig, ingest, open_store
+    from dynres.io.ingest import IngestConfig, ingest
+    from dynres.io.store import open_store
 
     out = Path(config.out)
     study = Study(config, total_stages=9)
 
     if config.data is None:
-        from dynres.synth import PRETRAIN_SEED, SynthConfig, synth
+        from dynres.io.synth import PRETRAIN_SEED, SynthConfig, synth
 
         if config.seed == PRETRAIN_SEED:
             from dynres.errors import ConfigError
@@ -173,7 +174,7 @@ def run_study(config: StudyConfig) -> dict:
     stores = study.stage("ingest", {"workers": config.n_workers}, make_stores, after=("data",))
     train_store, val_store = open_store(stores["train"]["store"]), open_store(stores["val"]["store"])
 
-    from dynres.accuracy import demo_config, run_accuracy_chain
+    from dynres.study.chain import demo_config, run_accuracy_chain
 
     chain_cfg = config.chain or demo_config(quick=config.quick, seed=config.seed, pretrained=config.data is None)
 
@@ -185,13 +186,13 @@ def run_study(config: StudyConfig) -> dict:
     grid = tuple(dyn["grid"])
     scale_res = int(dyn["scale_resolution"])
 
-    from dynres.quality import QualityConfig, build_quality_index
+    from dynres.policy.quality import QualityConfig, build_quality_index
 
     q_cfg = QualityConfig(resolutions=tuple(sorted({*grid, scale_res})), workers=config.n_workers)
     study.stage("quality", {"quality": asdict(q_cfg), "index": q_cfg.fingerprint()},  # index format included
                 lambda: build_quality_index(val_store, q_cfg, progress=True), after=("ingest",))
 
-    from dynres.calibrate import CalibrationConfig, calibrate, split_keys
+    from dynres.study.calibrate import CalibrationConfig, calibrate, split_keys
 
     cal_cfg = config.calibration or CalibrationConfig()
     held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never sees
@@ -202,13 +203,13 @@ def run_study(config: StudyConfig) -> dict:
 
     cal = study.stage("calibration", {"calibration": asdict(cal_cfg)}, calibration, after=("accuracy", "quality"))
 
-    from dynres._pipeline_bench import PipelineBenchConfig, run_bench_pipeline
-    from dynres.kernels import TuneConfig, run_and_report
-    from dynres.models import load_checkpoint
+    from dynres.bench.pipeline import PipelineBenchConfig, run_bench_pipeline
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.runtime.kernels import TuneConfig, run_and_report
 
     pipe_cfg = PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0)
     # the pipeline cuts batches down a ladder of sizes (full, 4, 1): every size gets tuned kernels
-    from dynres.pipeline import batch_ladder
+    from dynres.runtime.runners import batch_ladder
 
     batches = tuple(sorted(batch_ladder(pipe_cfg.batch_size)))
     tune_cfg = TuneConfig(resolutions=grid, batch_sizes=batches, runs=10 if config.quick else 20)
@@ -232,7 +233,7 @@ def run_study(config: StudyConfig) -> dict:
 
     pipe = study.stage("pipeline", {"pipeline": asdict(pipe_cfg)}, pipeline, after=("calibration", "kernels"))
 
-    from dynres.bench import IOBenchConfig, run_bench_io
+    from dynres.bench.io import IOBenchConfig, run_bench_io
 
     io_cfg = IOBenchConfig(resolutions=grid, images=config.io_images, repeats=config.io_repeats)
 
@@ -249,7 +250,7 @@ def run_study(config: StudyConfig) -> dict:
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "summary.json")
 
-    from dynres.report import build_report
+    from dynres.report.document import build_report
 
     study.stage("report", {"summary": _digest(summary)}, lambda: {"html": str(build_report(out)[0])})
     return summary
@@ -294,9 +295,9 @@ def assemble_summary(study: Study, dyn: dict, cal: dict, kern: dict, kern_scale:
 
 def scale_choices(val_store, scale_model: str, policy_path: str, keys: list[str], crop: float = 0.75) -> list[dict]:
     """The scale model's pick for a few images, from exactly the prefix the policy lets it read (thumbnails)."""
-    from dynres.calibrate import load_policy
-    from dynres.dynamic import decide
-    from dynres.models import load_checkpoint
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.policy.calibration import load_policy
+    from dynres.study.dynamic import decide
 
     scale = load_checkpoint(scale_model)
     policy = load_policy(policy_path)
@@ -370,8 +371,8 @@ def load_study_config(path: str | Path) -> StudyConfig:
     """Read a TOML or YAML run file (see docs/run-config.md) into a validated :class:`StudyConfig`."""
     from dataclasses import replace
 
-    from dynres.accuracy import chain_grid, demo_config
     from dynres.errors import ConfigError
+    from dynres.study.chain import chain_grid, demo_config
 
     path = Path(path)
     try:
@@ -406,7 +407,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     chain = replace(chain, backbone=backbone, scale=scale,
                     eval=_override(chain.eval, "eval", dict(raw.get("eval", {})), str(path)),
                     dynamic=_override(chain.dynamic, "dynamic", dict(raw.get("dynamic", {})), str(path)))
-    from dynres.calibrate import CalibrationConfig
+    from dynres.study.calibrate import CalibrationConfig
 
     calibration = _override(CalibrationConfig(), "calibration", dict(raw.get("calibration", {})), str(path))
     for section, sub in (("backbone", chain.backbone), ("scale", chain.scale), ("eval", chain.eval),

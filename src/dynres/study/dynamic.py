@@ -18,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from dynres.decode import crop_side, decode
 from dynres.errors import ConfigError
-from dynres.evaluate import EvalConfig, run_static
-from dynres.models import checkpoint_digest, gflops, load_checkpoint
+from dynres.io.decode import decode
+from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
+from dynres.model.nets import gflops
+from dynres.paper import crop_side
 from dynres.records import markdown_table, write_records
-from dynres.scale import auc, predict_scale, scale_inputs
+from dynres.runtime.runners import choose
+from dynres.study.scale import auc, predict_scale, scale_inputs
+from dynres.study.static import EvalConfig, run_static
 
 DEFAULT_LAMBDAS = tuple(round(float(x), 3) for x in np.concatenate([np.linspace(0, 0.2, 21), np.linspace(0.25, 1.0, 16)]))
 
@@ -45,13 +48,6 @@ def load_cost_table(path: str | Path) -> dict[int, float]:
         return {int(k): float(v) for k, v in data.items()}
     except (OSError, ValueError, AttributeError) as err:
         raise ConfigError(path, f"need a JSON object resolution -> latency: {err}") from None
-
-
-def choose(probs: np.ndarray, cost: np.ndarray, lam: float | None) -> np.ndarray:
-    """Index of the chosen resolution per row: argmax p (``lam`` None) or argmax p - lam * cost/max(cost)."""
-    if lam is None:
-        return probs.argmax(1)
-    return (probs - lam * (cost / cost.max())[None, :]).argmax(1)
 
 
 def decide(scale, prefix: bytes, crop: float, lam: float | None = None,

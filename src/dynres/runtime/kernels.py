@@ -2,7 +2,7 @@
 
 The paper's point (Table II, Figure 7): no single library is fastest at every resolution, so a dynamic-resolution
 pipeline only saves time if each resolution runs on its own winner. :func:`tune` builds every backend of the
-registry (:mod:`dynres._backends`), rejects any whose output differs from eager PyTorch, times the survivors
+registry (:mod:`dynres.runtime.backends`), rejects any whose output differs from eager PyTorch, times the survivors
 alternately (machine drift hits all alike), keeps the fastest, and caches the choice and its compiled artifact.
 :func:`load` returns the tuned callable later without timing anything.
 """
@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynres._backends import BACKENDS, Kernel, build_kernel, gemm_gflops, measure_limits
 from dynres._ui import log, track
 from dynres.errors import BackendError, ConfigError
-from dynres.models import gflops as model_gflops
+from dynres.model.nets import gflops as model_gflops
+from dynres.paper import PAPER_GRID
 from dynres.records import cpu_model, machine_info, write_records
+from dynres.runtime.backends import BACKENDS, Kernel, build_kernel, gemm_gflops, measure_limits
 
 __all__ = ["TuneConfig", "Kernel", "tune", "load", "run_and_report", "write_report", "cache_key", "measure_limits",
            "default_backends", "parse_backends", "parse_ints"]
 
-DEFAULT_RESOLUTIONS = (112, 168, 224, 280, 336, 392, 448)
+DEFAULT_RESOLUTIONS = PAPER_GRID
 INDEX = "index.json"
 
 

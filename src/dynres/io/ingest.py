@@ -29,14 +29,20 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dynres._jpeg import DEFAULT_MAX_PIXELS, check_scan_script, encode_progressive, load_rgb, parse_scans, prefix_crc32s
 from dynres._ui import track
 from dynres.errors import BadImageError, ConfigError, StoreError
+from dynres.io.format import CLASSES_KEY, CONFIG_KEY, FORMAT_VERSION, IMAGES, MANIFEST, REPORT, SCHEMA, VERSION_KEY
+from dynres.io.jpeg import (
+    DEFAULT_MAX_PIXELS,
+    check_scan_script,
+    encode_progressive,
+    load_rgb,
+    parse_scans,
+    prefix_crc32s,
+)
 
 # the extensions torchvision's ImageFolder accepts (case-insensitive)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGES = "images"
-REPORT = "ingest_report.json"
 JOURNAL = ".ingest/journal.jsonl"
 _UNSAFE = set('\\/:*?"<>|') | {chr(c) for c in range(32)} | {"\x7f"}
 _MAX_NAME_BYTES = 150  # file-name limits are 255 bytes; leave room for a hash suffix and temporaries
@@ -112,7 +118,6 @@ def ingest(
     problems raise. With ``workers != 1`` a script calling this needs the usual
     ``if __name__ == "__main__":`` guard (worker processes are started with forkserver/spawn).
     """
-    from dynres.store import CLASSES_KEY, CONFIG_KEY, FORMAT_VERSION, MANIFEST, SCHEMA, VERSION_KEY
 
     cfg = config or IngestConfig()
     t0 = time.perf_counter()

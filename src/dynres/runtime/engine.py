@@ -7,168 +7,28 @@ the main thread runs the models, so the decode of the next chunk overlaps the ba
 mode (``resolution=R``) skips the scale model: the baselines of ``dynres bench pipeline``.
 
 The three concerns stay swappable: the store gives bytes, a scans policy says how many, and a :class:`Runner`
-turns uint8 images into logits (eager PyTorch or the tuned kernels of :mod:`dynres.kernels`: one line differs).
+turns uint8 images into logits (eager PyTorch or the tuned kernels of :mod:`dynres.runtime.kernels`: one line differs).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from dynres._ui import track
-from dynres.data import Scans, scans_for
-from dynres.decode import PrefixViews, decode, decode_baseline
 from dynres.errors import ConfigError
-from dynres.models import to_input
+from dynres.io.decode import PrefixViews, decode, decode_baseline
+from dynres.policy.scans import Scans, scans_for
+from dynres.runtime.runners import Runner, ScaleStage, load_scale, make_runner
 
 TOPK = 5
-
-
-# --- runners: uint8 images -> logits ----------------------------------------------------------------------------
-
-
-class Runner(Protocol):
-    """``runner(images, resolution) -> logits`` for a uint8 (N, 3, R, R) batch; what the pipeline calls."""
-
-    def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor: ...
-
-
-class EagerRunner:
-    """Plain PyTorch: any batch size, any resolution."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.eval()
-
-    def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(to_input(images))
-
-    def warm(self, resolutions: Sequence[int]) -> None:
-        """Nothing to build for eager PyTorch."""
-
-
-def batch_ladder(batch: int) -> tuple[int, ...]:
-    """Tuned batch sizes a runner cuts a batch into, largest first: ``batch``, 4 and 1. Dynamic resolution splits
-    a batch over several resolutions, so per-resolution pieces are often small; without the middle size they would
-    run one image at a time."""
-    return tuple(sorted({batch, min(batch, 4), 1}, reverse=True))
-
-
-class KernelRunner:
-    """Tuned kernels from :func:`dynres.kernels.load`, built lazily per (resolution, batch size).
-
-    Tuned kernels are shape-specialized, so a batch is cut greedily into pieces of the ladder's sizes (largest
-    first); a remainder smaller than the smallest size above 1 is padded to it when it fills more than half of it,
-    else it runs on batch-1 kernels. The ladder is ``batches`` if given, else the sizes up to ``batch`` that the
-    tuning cache holds for that resolution (a service allowing batches of 8 uses the 4s and 1s tuned for a
-    16/4/1 pipeline instead of an untuned 8), else :func:`batch_ladder`.
-    """
-
-    def __init__(self, model: torch.nn.Module, batch: int = 8, threads: int = 2, cache_dir: Path | None = None,
-                 batches: Sequence[int] | None = None):
-        self.model, self.threads, self.cache_dir, self.batch = model.eval(), threads, cache_dir, batch
-        self._fixed = tuple(sorted(set(batches) | {1}, reverse=True)) if batches else None
-        self._ladders: dict[int, tuple[int, ...]] = {}
-        self._kernels: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
-
-    def ladder(self, resolution: int) -> tuple[int, ...]:
-        """The batch sizes a batch at ``resolution`` is cut into, largest first (always ending in 1)."""
-        if self._fixed:
-            return self._fixed
-        if resolution not in self._ladders:
-            from dynres import kernels
-
-            tuned = kernels.tuned_batches(self.model, resolution, self.threads, range(1, self.batch + 1),
-                                          self.cache_dir)
-            sizes = set(tuned) if tuned else set(batch_ladder(self.batch))
-            self._ladders[resolution] = tuple(sorted(sizes | {1}, reverse=True))
-        return self._ladders[resolution]
-
-    def kernel(self, resolution: int, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        if (resolution, batch) not in self._kernels:
-            from dynres import kernels
-
-            # the engines' decode threads share the cores: ORT winners run without spinning worker threads
-            self._kernels[resolution, batch] = kernels.load(self.model, resolution, batch, self.threads,
-                                                            self.cache_dir, spinning=False)
-        return self._kernels[resolution, batch]
-
-    def warm(self, resolutions: Sequence[int]) -> None:
-        """Build every kernel ``resolutions`` may need now, so no timed run pays for loading them."""
-        for r in resolutions:
-            for b in self.ladder(r):
-                self.kernel(r, b)
-
-    def __call__(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
-        x, out, i, ladder = to_input(images), [], 0, self.ladder(resolution)
-        with torch.inference_mode():
-            for b in ladder[:-1]:
-                while len(x) - i >= b:
-                    out.append(self.kernel(resolution, b)(x[i : i + b]))
-                    i += b
-            tail, smallest = x[i:], (ladder[-2] if len(ladder) > 1 else 1)
-            if smallest > 1 and len(tail) * 2 > smallest:
-                pad = torch.zeros(smallest - len(tail), *tail.shape[1:])
-                out.append(self.kernel(resolution, smallest)(torch.cat([tail, pad]))[: len(tail)])
-            else:
-                out += [self.kernel(resolution, 1)(tail[j : j + 1]) for j in range(len(tail))]
-        return torch.cat(out) if out else torch.zeros(0)
-
-
-def make_runner(model: torch.nn.Module, kernels: str = "eager", batch: int = 8, threads: int = 2,
-                cache_dir: Path | None = None) -> Runner:
-    """``kernels="eager"`` or ``"tuned"`` (the cached winners of ``dynres tune``; eager where none is cached)."""
-    if kernels == "eager":
-        return EagerRunner(model)
-    if kernels == "tuned":
-        return KernelRunner(model, batch, threads, cache_dir)
-    raise ConfigError("kernels", f"unknown kernel choice {kernels!r} (eager, tuned)")
-
-
-# --- the scale model ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ScaleStage:
-    """The scale model with what choosing needs: its input resolution and prefix, the backbone's grid and costs."""
-
-    runner: Runner
-    resolution: int
-    grid: tuple[int, ...]
-    costs: tuple[float, ...]  # backbone cost per grid resolution, in the unit the choice rule expects
-    scans: int | None = None  # the prefix it reads (None: the policy's scans at its resolution)
-
-    def choose(self, images: torch.Tensor, lam: float | None) -> tuple[list[int], np.ndarray]:
-        """Chosen resolution per image and the scale model's p(backbone right at r) matrix.
-
-        The rule is the models issue's (:func:`dynres.dynamic.choose`): argmax p(r) - lam * cost(r)/max cost;
-        ``lam=None`` or 0 is the paper's argmax p(r)."""
-        from dynres.dynamic import choose
-
-        probs = torch.sigmoid(self.runner(images, self.resolution).float()).numpy()
-        picks = choose(probs, np.asarray(self.costs, dtype=np.float64), lam)
-        return [self.grid[int(i)] for i in picks], probs
-
-
-def load_scale(checkpoint: str | Path, backbone: torch.nn.Module, kernels: str = "eager", batch: int = 8,
-               threads: int = 2, scans: int | None = None) -> ScaleStage:
-    """A scale-model checkpoint (task ``scale``) with the backbone's GFLOPs per grid resolution as costs."""
-    from dynres.models import gflops, load_checkpoint
-
-    model, meta = load_checkpoint(checkpoint)
-    if meta.task != "scale":
-        raise ConfigError(checkpoint, f"not a scale model (task {meta.task!r})")
-    costs = tuple(gflops(backbone, r) for r in meta.grid)
-    return ScaleStage(make_runner(model, kernels, batch, threads), meta.train_resolution, tuple(meta.grid), costs,
-                      scans if scans is not None else meta.scans)
 
 
 # --- configuration and results -----------------------------------------------------------------------------------
@@ -491,10 +351,10 @@ class EngineSpec:
 
 def build_engine(spec: EngineSpec, store=None) -> Engine:
     """Open the store, load the checkpoints and the scans policy; static mode when ``config.resolution`` is set."""
-    from dynres.models import load_checkpoint
+    from dynres.model.checkpoint import load_checkpoint
 
     if store is None and spec.store:  # no store: a service that only takes uploads
-        from dynres.store import open_store
+        from dynres.io.store import open_store
 
         store = open_store(spec.store)
     cfg = spec.config
@@ -508,7 +368,7 @@ def build_engine(spec: EngineSpec, store=None) -> Engine:
         scale = load_scale(spec.scale, model, spec.kernels, cfg.batch_size, threads)
     policy = None
     if spec.policy is not None:
-        from dynres.calibrate import load_policy
+        from dynres.policy.calibration import load_policy
 
         policy = load_policy(spec.policy)
     return Engine(store, backbone, scale=scale, policy=policy, config=cfg, classes=meta.classes)

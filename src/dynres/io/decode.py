@@ -21,15 +21,6 @@ from PIL import Image
 
 from dynres.errors import BadImageError
 
-EOI = b"\xff\xd9"
-
-
-def crop_side(area: float) -> float:
-    """The side ratio of a center crop that keeps ``area`` of the shorter-side square (paper's crop sizes)."""
-    if not 0 < area <= 1:
-        raise ValueError(f"crop area must be in (0, 1], got {area}")
-    return math.sqrt(area)
-
 
 def _open(data: bytes, name: str) -> Image.Image:
     try:

@@ -29,13 +29,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from dynres.data import Scans
-from dynres.errors import ConfigError
-from dynres.evaluate import PAPER_CROPS, image_views, predict_grid, scaled_grid
-from dynres.models import ModelMeta, channels_last, create_model, load_checkpoint, load_weights, to_input
-from dynres.records import markdown_table, write_records
-from dynres.train import ImageCache, TrainConfig, data_hash, fit, train_backbone
 from dynres._ui import track_threads
+from dynres.errors import ConfigError
+from dynres.model.checkpoint import ModelMeta, load_checkpoint, load_weights
+from dynres.model.nets import channels_last, create_model, to_input
+from dynres.model.train import ImageCache, TrainConfig, data_hash, fit, train_backbone
+from dynres.paper import PAPER_CROPS, scaled_grid
+from dynres.policy.scans import Scans
+from dynres.records import markdown_table, write_records
+from dynres.study.static import image_views, predict_grid
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class _Server:
         self.port = _free_port()
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "dynres.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", "dynres.cli.main", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         with open(log, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
                                          env={**os.environ, "DYNRES_NO_PROGRESS": "1"})
@@ -237,7 +237,7 @@ def _stats(rows: list[dict], target_ms: float) -> dict:
 def run_load_test(store_path: str, backbone: str, scale: str, out: str | Path, policy: str | None = None,
                   cfg: LoadTestConfig = LoadTestConfig()) -> dict:
     """Sustainable rate, then the burst with a fixed λ=0 and with the load-adaptive λ; writes serve_load.json/.md."""
-    from dynres.store import open_store
+    from dynres.io.store import open_store
 
     store = open_store(store_path)
     classes = {k: store.classes[store.label(k)] for k in store.keys}

@@ -12,11 +12,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dynres.dynamic import DynamicConfig, run_dynamic
 from dynres.errors import ConfigError
-from dynres.evaluate import EvalConfig, run_static
-from dynres.scale import ScaleConfig, train_scale
-from dynres.train import ImageCache, TrainConfig, train_backbone
+from dynres.model.train import ImageCache, TrainConfig, train_backbone
+from dynres.study.dynamic import DynamicConfig, run_dynamic
+from dynres.study.scale import ScaleConfig, train_scale
+from dynres.study.static import EvalConfig, run_static
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) ->
     the chain keeps to the paper's one-split option (footnote 2): two backbone trainings.
     """
     if pretrained:
-        from dynres.models import demo_weights
+        from dynres.model.checkpoint import demo_weights
 
         backbone = TrainConfig(epochs=4 if quick else 12, optimizer="sgd", lr=0.05, weight_decay=5e-5,
                                crop_scale=(0.35, 1.0), seed=seed, init=str(demo_weights("resnet_tiny")))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dynres.errors import ConfigError
-from dynres.pipeline import EngineSpec, InferenceResult, Prediction, _Item, build_engine, summarize, top5
+from dynres.runtime.engine import EngineSpec, InferenceResult, Prediction, _Item, build_engine, summarize, top5
 
 
 class ScaleActor:

@@ -22,11 +22,10 @@ the demo's calibration 1.7x faster than decoding each of the 35 views on its own
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +33,10 @@ import numpy as np
 from dynres import __version__
 from dynres._ui import log, track
 from dynres.errors import ConfigError, StoreError
-from dynres.quality import QualityIndex, load_quality, manifest_hash
+from dynres.paper import PAPER_CROPS
+from dynres.policy.calibration import CalibrationPolicy
+from dynres.policy.quality import QualityIndex, load_quality, manifest_hash
 from dynres.records import markdown_table, write_records
-
-POLICY_VERSION = 1
-PAPER_CROPS = (0.25, 0.56, 0.75, 1.0)  # area fractions, as in the evaluation records
 
 
 @dataclass(frozen=True)
@@ -109,80 +107,6 @@ def split_keys(keys: Sequence[str], holdout_fraction: float, seed: int = 0) -> t
     return calib, held
 
 
-# --- the policy -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CalibrationPolicy:
-    """Thresholds per resolution + the resulting scan counts per image of one store, with provenance.
-
-    ``scans(key, r)`` answers the ``ScanPolicy`` protocol; an image or resolution the policy does not cover reads
-    every scan (None), which never costs accuracy.
-    """
-
-    thresholds: dict[int, float]
-    keys: tuple[str, ...]
-    counts: np.ndarray  # (N, len(thresholds)) scans per image and resolution, resolution order = sorted thresholds
-    provenance: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.resolutions = tuple(sorted(self.thresholds))
-        self._rows = {k: i for i, k in enumerate(self.keys)}
-        self._cols = {r: j for j, r in enumerate(self.resolutions)}
-
-    def scans(self, key: str, resolution: int) -> int | None:
-        i, j = self._rows.get(key), self._cols.get(resolution)
-        return None if i is None or j is None else int(self.counts[i, j])
-
-    @classmethod
-    def from_index(cls, thresholds: dict[int, float], index: QualityIndex, provenance: dict | None = None
-                   ) -> CalibrationPolicy:
-        """Apply thresholds to every image of a quality index: the fewest scans with SSIM >= t(r)."""
-        res = sorted(thresholds)
-        counts = np.stack([index.fewest_scans(thresholds[r], r) for r in res], axis=1) if res else \
-            np.zeros((len(index.keys), 0), dtype=np.int64)
-        return cls(dict(thresholds), index.keys, counts.astype(np.int64), dict(provenance or {}))
-
-    def to_dict(self) -> dict:
-        return {"version": POLICY_VERSION, "thresholds": {str(r): t for r, t in sorted(self.thresholds.items())},
-                "provenance": self.provenance, "resolutions": list(self.resolutions), "keys": list(self.keys),
-                "counts": self.counts.tolist()}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
-
-
-def load_policy(path: str) -> CalibrationPolicy:
-    """Read a policy file from a local path or any fsspec URL."""
-    import fsspec
-
-    try:
-        with fsspec.open(str(path), "rb") as f:
-            data = json.loads(f.read())
-    except FileNotFoundError:
-        raise ConfigError(path, "policy file not found (run `dynres calibrate STORE --model CKPT`)") from None
-    except (OSError, ValueError) as err:
-        raise ConfigError(path, f"unreadable policy file: {err}") from None
-    if not isinstance(data, dict) or "thresholds" not in data:
-        raise ConfigError(path, "not a dynres calibration policy")
-    if data.get("version", 0) > POLICY_VERSION:
-        raise ConfigError(path, f"policy version {data['version']} is newer than this dynres ({POLICY_VERSION})")
-    try:
-        thresholds = {int(r): float(t) for r, t in data["thresholds"].items()}
-        keys = tuple(data["keys"])
-        counts = np.asarray(data["counts"], dtype=np.int64).reshape(len(keys), len(thresholds))
-        if list(data.get("resolutions", sorted(thresholds))) != sorted(thresholds):
-            raise ValueError("resolutions do not match the thresholds")
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(path, f"malformed policy: {err}") from None
-    return CalibrationPolicy(thresholds, keys, counts, data.get("provenance", {}))
-
-
 # --- predictions ---------------------------------------------------------------------------------------------
 
 
@@ -206,7 +130,7 @@ class PrefixPredictions:
 
     def predict(self, keys: Sequence[str], scans: Sequence[int]) -> np.ndarray:
         """Predicted classes (number of crops, number of keys)."""
-        from dynres.evaluate import predict_grid
+        from dynres.study.static import predict_grid
 
         want = [(key, self._canonical(key, int(k))) for key, k in zip(keys, scans)]
         pending = sorted({p for p in want if p not in self.cache})
@@ -283,7 +207,7 @@ def calibrate_resolution(model, store, index: QualityIndex, keys: Sequence[str],
 def heldout_table(model, store, policy: CalibrationPolicy, keys: Sequence[str], crops: Sequence[float],
                   target: float, batch_size: int = 64, progress: bool = True, exact: bool = False) -> list[dict]:
     """Table III/IV rows on ``keys``: accuracy with full vs calibrated reads per (resolution, crop), read savings."""
-    from dynres.evaluate import accuracy_table, predict_grid
+    from dynres.study.static import accuracy_table, predict_grid
 
     grid = policy.resolutions
     full = predict_grid(model, store, keys, grid, crops, scans=None, exact=exact, batch_size=batch_size,
@@ -324,8 +248,8 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
     """The dynamic row of Tables III/IV: the pipeline (scale model → resolution → backbone) with every scan vs the
     policy, per crop. The scale model reads the policy's prefix at its own resolution and the backbone then fetches
     only the missing bytes, so the savings include the scale model's read."""
-    from dynres.decode import crop_side as side
-    from dynres.pipeline import EngineSpec, PipelineConfig, build_engine
+    from dynres.paper import crop_side as side
+    from dynres.runtime.engine import EngineSpec, PipelineConfig, build_engine
 
     rows = []
     for c in crops:
@@ -351,7 +275,7 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
     Calibration images: up to ``max_images`` of ``calib_store`` if given (then all of ``store`` is held out), else
     the hashed calibration part of ``store``. Returns the record.
     """
-    from dynres.models import checkpoint_digest, load_checkpoint
+    from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
 
     cfg.check()
     t0 = time.perf_counter()
@@ -377,7 +301,7 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
     if not calib_keys or not held:
         raise StoreError(store.root, f"need calibration and held-out images, got {len(calib_keys)} and {len(held)}")
 
-    from dynres.evaluate import GridModel
+    from dynres.study.static import GridModel
 
     run = GridModel(model, cfg.backend)  # one model (ORT session) for every search step and the held-out table
     searches = []

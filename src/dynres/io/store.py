@@ -22,41 +22,37 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dynres._ingest import IngestConfig, IngestReport, ingest
-from dynres._jpeg import EOI
 from dynres.errors import ChecksumError, KeyNotFoundError, StoreError
+from dynres.io.format import CLASSES_KEY, FORMAT_VERSION, MANIFEST, SCHEMA, VERSION_KEY
+from dynres.io.jpeg import EOI
 
-__all__ = ["FORMAT_VERSION", "SCHEMA", "Store", "open_store", "ingest", "IngestConfig", "IngestReport"]
+__all__ = ["FORMAT_VERSION", "SCHEMA", "Store", "StoreLike", "open_store"]
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.parquet"
-VERSION_KEY = b"dynres.format_version"
-CLASSES_KEY = b"dynres.classes"
-CONFIG_KEY = b"dynres.ingest_config"
+@runtime_checkable
+class StoreLike(Protocol):
+    """What the rest of dynres needs of a store: keys and labels, scan counts, hashes and prefix reads.
 
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),  # source path relative to SRC, posix, without extension
-        ("path", pa.string()),  # stored file relative to the store root
-        ("label", pa.int64()),  # index into the sorted class folder names
-        ("class_name", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("size", pa.int64()),  # file bytes
-        ("scan_ends", pa.list_(pa.int64())),  # offset just past each scan; the last = size
-        ("scan_crc32", pa.list_(pa.int64())),  # crc32 of file[:scan_ends[i]]: partial reads verify too
-        ("sha256", pa.string()),  # of the whole file
-        ("source", pa.string()),  # source file relative to SRC, with extension
-        ("source_size", pa.int64()),  # with source_mtime_ns: lets a resumed ingest spot changed sources
-        ("source_mtime_ns", pa.int64()),
-    ]
-)
+    :class:`Store` is the implementation; anything else passed as ``store`` (a test's in-memory store) must pass
+    the same contract test.
+    """
+
+    keys: list[str]
+    classes: list[str]
+    bytes_read: int
+
+    def label(self, key: str) -> int: ...
+
+    def sha256(self, key: str) -> str: ...
+
+    def num_scans(self, key: str) -> int: ...
+
+    def read(self, key: str, scans: int | None = None) -> bytes: ...
 
 
 def open_store(

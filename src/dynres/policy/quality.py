@@ -1,6 +1,6 @@
 """The quality index: SSIM of every k-scan prefix against the full file, per image and inference resolution.
 
-Calibration (``dynres.calibrate``) turns it into a read policy: at resolution r, read the fewest scans whose SSIM
+Calibration (``dynres.study.calibrate``) turns it into a read policy: at resolution r, read the fewest scans whose SSIM
 reaches the threshold calibrated for r. The index lives beside the manifest in ``STORE/quality.parquet`` (long
 format: ``key, sha256, resolution, scans, ssim``; the last scan is 1.0 by definition), so it can be computed at
 ingest time or afterwards (``dynres index quality STORE``) without touching the store's own files.
@@ -45,17 +45,19 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from dynres._jpeg import scan_prefix
 from dynres._ui import track
-from dynres.decode import _open_drafted, resize_center
 from dynres.errors import BadImageError, StoreError
+from dynres.io.decode import _open_drafted, resize_center
+from dynres.io.format import REPORT
+from dynres.io.jpeg import scan_prefix
+from dynres.paper import PAPER_GRID
 from dynres.records import markdown_table
 
 QUALITY = "quality.parquet"
 PARTS = ".quality"  # resumable part files while an index is being built
 FORMAT_VERSION = 2  # 2: one luma decode per prefix at the engine's scale (1: a decode per DCT scale)
-META_KEY = b"dynres.quality"
-DEFAULT_RESOLUTIONS = (112, 168, 224, 280, 336, 392, 448)  # the paper's grid; 112 is its scale model's input
+META_KEY = b"dynres.policy.quality"
+DEFAULT_RESOLUTIONS = PAPER_GRID  # 112, the grid's smallest, is the paper's scale-model input
 SCHEMA = pa.schema([("key", pa.string()), ("sha256", pa.string()), ("resolution", pa.int32()),
                     ("scans", pa.int32()), ("ssim", pa.float64())])
 BELOW_ONE = float(np.nextafter(1.0, 0.0))
@@ -290,7 +292,7 @@ def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), p
     Resumable: finished chunks are kept in ``STORE/.quality/`` until the final table is written, and rows whose
     file (sha256) is unchanged are reused; a different config rebuilds everything.
     """
-    from dynres.store import open_store
+    from dynres.io.store import open_store
 
     store = open_store(store_or_url) if isinstance(store_or_url, (str, os.PathLike)) else store_or_url
     fs, root = _fs(store)
@@ -363,7 +365,7 @@ def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), p
 def _ingest_report(fs, root: str) -> dict:
     """The store's ``ingest_report.json`` (images/s of the ingest that built it), or {} if absent."""
     try:
-        return json.loads(fs.cat_file(f"{root}/ingest_report.json"))
+        return json.loads(fs.cat_file(f"{root}/{REPORT}"))
     except (OSError, ValueError):
         return {}
 

@@ -1,0 +1,3 @@
+from dynres.cli import main
+
+main()
