@@ -1,10 +1,13 @@
 """dynres: treat image resolution as a per-image decision.
 
-Public API (grows as modules land): ``open_store``, ``Store``, ``decode``.
+The public API: open a store, read prefixes, decode them; everything else is reached through its layer's package
+(``dynres.io``, ``dynres.policy``, ``dynres.model``, ``dynres.runtime``, ``dynres.study``, ``dynres.bench``,
+``dynres.report``, ``dynres.cli``).
 """
 
-__version__ = "0.1.0"
+from dynres.io.decode import decode
+from dynres.io.store import Store, StoreLike, open_store
+from dynres.paper import crop_area, crop_side
+from dynres.version import __version__
 
-from dynres.io.store import Store, open_store  # noqa: E402
-
-__all__ = ["Store", "open_store", "__version__"]
+__all__ = ["Store", "StoreLike", "crop_area", "crop_side", "decode", "open_store", "__version__"]

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from dynres import __version__
+from dynres.version import __version__
 from dynres._ui import console
 from dynres.errors import DynresError
 

@@ -65,7 +65,7 @@ def draft_size(width: int, height: int, short_side: float) -> tuple[int, int]:
     return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
 
 
-def _open_drafted(data: bytes, short_side: float, name: str, mode: str = "RGB") -> Image.Image:
+def open_drafted(data: bytes, short_side: float, name: str, mode: str = "RGB") -> Image.Image:
     """Open and, for a JPEG, pick the smallest DCT scale whose shorter side is still >= ``short_side`` (the decode
     itself happens on first pixel access). ``mode="L"`` has libjpeg output luma only."""
     img = _open(data, name)
@@ -77,7 +77,7 @@ def _open_drafted(data: bytes, short_side: float, name: str, mode: str = "RGB") 
 def decode_short_side(data: bytes, short_side: int, square: bool = False, name: str = "<bytes>") -> torch.Tensor:
     """Decode to a uint8 tensor whose shorter side is ``short_side`` (never upsampled); ``square`` keeps only the
     center square of the shorter side, otherwise the aspect ratio is kept."""
-    img = _open_drafted(data, short_side, name)
+    img = open_drafted(data, short_side, name)
     try:
         img = img.convert("RGB")
         w, h = img.size
@@ -107,7 +107,7 @@ def decode_scaled(prefix: bytes, short_side: float, name: str = "<bytes>") -> to
     progressive JPEG costs most of a decode whatever the DCT scale (measured 2.97 ms full size, 2.35 ms at 1/8 on
     the demo's images), so a pipeline that needs two views of one prefix decodes it once.
     """
-    img = _open_drafted(prefix, short_side, name)
+    img = open_drafted(prefix, short_side, name)
     try:
         return _chw_view(img)
     except Exception as err:
@@ -195,7 +195,7 @@ def decode_train(
     """
     from torchvision.transforms import v2 as T
 
-    img = _open_drafted(prefix, min(2.0, 1 / math.sqrt(scale[0])) * resolution, name).convert("RGB")
+    img = open_drafted(prefix, min(2.0, 1 / math.sqrt(scale[0])) * resolution, name).convert("RGB")
     top, left, ch, cw = T.RandomResizedCrop.get_params(img, scale=list(scale), ratio=list(ratio))
     out = img.resize((resolution, resolution), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
     if torch.rand(()) < 0.5:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from dynres._ui import track
 from dynres.errors import BadImageError, StoreError
-from dynres.io.decode import _open_drafted, resize_center
+from dynres.io.decode import open_drafted, resize_center
 from dynres.io.format import REPORT
 from dynres.io.jpeg import scan_prefix
 from dynres.paper import PAPER_GRID
@@ -128,7 +128,7 @@ def _luma_plane(prefix: bytes, short_side: float, name: str) -> torch.Tensor:
     Asking libjpeg for grayscale output skips the chroma inverse DCT, upsampling and colour conversion (27% of
     the decode here); JFIF's Y is ITU-R 601 luma, so this is the luma of the RGB decode up to rounding.
     """
-    img = _open_drafted(prefix, short_side, name, mode="L")
+    img = open_drafted(prefix, short_side, name, mode="L")
     if img.format != "JPEG":
         raise BadImageError(name, "not a JPEG")
     try:

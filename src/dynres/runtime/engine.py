@@ -118,7 +118,7 @@ def top5(logits: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
 
 
 @dataclass
-class _Item:
+class WorkItem:
     index: int
     key: str
     t0: float
@@ -166,7 +166,7 @@ class Engine:
         """What one decode of a scale prefix must cover: the largest grid view (None: exact views, see config)."""
         return max(self.scale.grid) / self.config.crop if self.config.decode_once else None
 
-    def _scale_read(self, item: _Item) -> torch.Tensor:
+    def scale_read(self, item: WorkItem) -> torch.Tensor:
         """The scale prefix and the scale model's view of it. The prefix is decoded once, at the size the largest
         grid resolution needs, and the backbone's view is a resize of it too whenever the prefix already holds
         the scans the policy wants (``decode_once=False``: each view decoded on its own)."""
@@ -179,10 +179,10 @@ class Engine:
         item.views = PrefixViews(item.data, self._short_side, item.key)
         t = time.thread_time()
         small = item.views.view(s.resolution, self.config.crop)
-        self._add("scale_decode", time.thread_time() - t - item.views.decode_s)  # the shared decode: see _read
+        self._add("scale_decode", time.thread_time() - t - item.views.decode_s)  # the shared decode: see backbone_read
         return small
 
-    def _read(self, item: _Item) -> torch.Tensor:
+    def backbone_read(self, item: WorkItem) -> torch.Tensor:
         """The view at the chosen resolution: from the scale prefix when it holds the scans the policy wants,
         else only the missing range is fetched and the longer prefix decoded."""
         key, r, cfg = item.key, item.resolution, self.config
@@ -227,20 +227,20 @@ class Engine:
 
     def _loop(self, pool: ThreadPoolExecutor, chunks: list[list[str]], out: list, progress: bool) -> None:
         cfg, lam = self.config, self.config.lam
-        first: dict[int, list[_Item]] = {}  # chunk -> items whose scale-stage decode is in flight
-        buckets: dict[int, list[_Item]] = {}  # resolution -> items whose backbone-stage decode is in flight
+        first: dict[int, list[WorkItem]] = {}  # chunk -> items whose scale-stage decode is in flight
+        buckets: dict[int, list[WorkItem]] = {}  # resolution -> items whose backbone-stage decode is in flight
         offsets = np.cumsum([0] + [len(c) for c in chunks])
 
         def submit(j: int) -> None:
             if j >= len(chunks) or j in first:
                 return
-            items = [_Item(int(offsets[j]) + n, k, time.perf_counter(), chunk=j) for n, k in enumerate(chunks[j])]
+            items = [WorkItem(int(offsets[j]) + n, k, time.perf_counter(), chunk=j) for n, k in enumerate(chunks[j])]
             for it in items:
                 if self.scale is None:
                     it.resolution = cfg.resolution
-                    it.image = pool.submit(self._read, it)
+                    it.image = pool.submit(self.backbone_read, it)
                 else:
-                    it.image = pool.submit(self._scale_read, it)
+                    it.image = pool.submit(self.scale_read, it)
             first[j] = items
 
         lag = 1 if self.scale is not None else 0  # a dynamic chunk's backbone decodes were just submitted
@@ -255,7 +255,7 @@ class Engine:
                 self._add("scale_model", time.perf_counter() - t)
                 for it, r in zip(items, resolutions):
                     it.resolution = r
-                    it.image = pool.submit(self._read, it)
+                    it.image = pool.submit(self.backbone_read, it)
             for it in items:
                 buckets.setdefault(it.resolution, []).append(it)
             last = j >= len(chunks)
@@ -270,7 +270,7 @@ class Engine:
                     batch, pending[:] = pending[:n], pending[n:]
                     self._backbone(batch, r, out, lam)
 
-    def _backbone(self, items: list[_Item], resolution: int, out: list, lam: float) -> None:
+    def _backbone(self, items: list[WorkItem], resolution: int, out: list, lam: float) -> None:
         images = torch.stack([it.image.result() for it in items])
         t = time.perf_counter()
         idx, probs = top5(self.backbone(images, resolution))

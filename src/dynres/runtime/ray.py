@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dynres.errors import ConfigError
-from dynres.runtime.engine import EngineSpec, InferenceResult, Prediction, _Item, build_engine, summarize, top5
+from dynres.runtime.engine import EngineSpec, InferenceResult, Prediction, WorkItem, build_engine, summarize, top5
 
 
 class ScaleActor:
@@ -28,8 +28,8 @@ class ScaleActor:
 
     def __call__(self, batch: dict) -> dict:
         e = self.engine
-        items = [_Item(int(i), str(k), float(t)) for i, k, t in zip(batch["index"], batch["key"], batch["t0"])]
-        images = torch.stack([e._scale_read(it) for it in items])
+        items = [WorkItem(int(i), str(k), float(t)) for i, k, t in zip(batch["index"], batch["key"], batch["t0"])]
+        images = torch.stack([e.scale_read(it) for it in items])
         chosen, _ = e.scale.choose(images, e.config.lam)
         return {**batch, "resolution": np.array(chosen, np.int64), "scans": np.array([it.scans for it in items]),
                 "prefix": np.array([it.data for it in items], dtype=object)}
@@ -49,7 +49,7 @@ class BackboneActor:
         groups: dict[int, list[int]] = defaultdict(list)
         items = []
         for j in range(n):
-            it = _Item(int(batch["index"][j]), str(batch["key"][j]), float(batch["t0"][j]))
+            it = WorkItem(int(batch["index"][j]), str(batch["key"][j]), float(batch["t0"][j]))
             if static:
                 it.resolution = e.config.resolution
             else:
@@ -59,7 +59,7 @@ class BackboneActor:
         k = min(5, len(e.classes)) if e.classes else 5
         idx, probs, bytes_read = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros(n, np.int64)
         for r, rows in groups.items():
-            images = torch.stack([e._read(items[j]) for j in rows])
+            images = torch.stack([e.backbone_read(items[j]) for j in rows])
             i, p = top5(e.backbone(images, r))
             idx[rows], probs[rows] = np.array(i)[:, :k], np.array(p)[:, :k]
             bytes_read[rows] = [items[j].bytes_read for j in rows]

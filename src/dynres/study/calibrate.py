@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynres import __version__
+from dynres.version import __version__
 from dynres._ui import log, track
 from dynres.errors import ConfigError, StoreError
 from dynres.paper import PAPER_CROPS

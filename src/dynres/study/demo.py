@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dynres import __version__
+from dynres.version import __version__
 from dynres._ui import console, enabled
 from dynres.records import machine_info
 
