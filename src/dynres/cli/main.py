@@ -11,9 +11,9 @@ from typing import Optional
 
 import typer
 
-from dynres.version import __version__
 from dynres._ui import console
 from dynres.errors import DynresError
+from dynres.version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dynamic-resolution CNN inference.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in datasets.")
@@ -575,10 +575,10 @@ def tune_cmd(
     """Pick the fastest correct backend per resolution and batch size; cache it and its compiled artifact."""
     import torch
 
+    from dynres.bench.kernels import run_and_report
     from dynres.errors import ConfigError
     from dynres.model.checkpoint import load_checkpoint
     from dynres.model.nets import build_backbone
-    from dynres.runtime.kernels import run_and_report
 
     if (model_ckpt is None) == (arch is None):
         raise ConfigError("tune", "give either MODEL_CKPT or --arch")
@@ -611,8 +611,9 @@ def bench_kernels_cmd(
 
     import torch
 
+    from dynres.bench.kernels import run_and_report
     from dynres.model.nets import build_backbone
-    from dynres.runtime.kernels import parse_ints, run_and_report
+    from dynres.runtime.kernels import parse_ints
 
     cfg = _kernel_config(resolutions, batches, threads, backends, runs, warmup, tolerance, tvm_trials,
                          cache_dir or out / "cache")

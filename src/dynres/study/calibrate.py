@@ -30,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dynres.version import __version__
 from dynres._ui import log, track
 from dynres.errors import ConfigError, StoreError
 from dynres.paper import PAPER_CROPS
 from dynres.policy.calibration import CalibrationPolicy
 from dynres.policy.quality import QualityIndex, load_quality, manifest_hash
 from dynres.records import markdown_table, write_records
+from dynres.report.figures import calibration_sweep
+from dynres.version import __version__
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
             record["summary"] |= {"dynamic_read_savings": r["read_savings"],
                                   "dynamic_loss": r["acc_full"] - r["acc_calibrated"]}
     out.mkdir(parents=True, exist_ok=True)
-    plot_sweep(record["calibration_sweep"], out / "calibration_sweep.png")
+    calibration_sweep(record["calibration_sweep"], out / "calibration_sweep.png")
     write_records(out, "calibration", record, calibration_markdown(record))
     return record
 
@@ -393,24 +394,3 @@ def calibration_markdown(record: dict) -> str:
 def _at_crops(record: dict) -> str:
     crops = record["search"][0].get("search_crops", []) if record["search"] else []
     return f", at each of the crop areas {', '.join(f'{c:g}' for c in crops)}" if len(crops) > 1 else ""
-
-
-def plot_sweep(points: list[dict], path: Path) -> Path:
-    """Figure 6: accuracy change vs relative bytes read, one curve per resolution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for r in sorted({p["resolution"] for p in points}):
-        pts = sorted((p for p in points if p["resolution"] == r), key=lambda p: p["relative_bytes"])
-        ax.plot([p["relative_bytes"] for p in pts], [p["acc_change"] for p in pts], "o-", ms=3, label=f"{r}")
-    ax.set_xlabel("relative bytes read (1.0 = whole file)")
-    ax.set_ylabel("top-1 accuracy change (points)")
-    ax.set_title("Storage calibration: SSIM threshold sweep")
-    ax.legend(title="resolution", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

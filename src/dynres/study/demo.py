@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dynres.version import __version__
 from dynres._ui import console, enabled
 from dynres.records import machine_info
+from dynres.version import __version__
 
 
 @dataclass(frozen=True)
@@ -203,9 +203,10 @@ def run_study(config: StudyConfig) -> dict:
 
     cal = study.stage("calibration", {"calibration": asdict(cal_cfg)}, calibration, after=("accuracy", "quality"))
 
+    from dynres.bench.kernels import run_and_report
     from dynres.bench.pipeline import PipelineBenchConfig, run_bench_pipeline
     from dynres.model.checkpoint import load_checkpoint
-    from dynres.runtime.kernels import TuneConfig, run_and_report
+    from dynres.runtime.kernels import TuneConfig
 
     pipe_cfg = PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0)
     # the pipeline cuts batches down a ladder of sizes (full, 4, 1): every size gets tuned kernels

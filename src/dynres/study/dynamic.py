@@ -24,6 +24,7 @@ from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
 from dynres.model.nets import gflops
 from dynres.paper import crop_side
 from dynres.records import markdown_table, write_records
+from dynres.report.figures import accuracy_vs_gflops
 from dynres.runtime.runners import choose
 from dynres.study.scale import auc, predict_scale, scale_inputs
 from dynres.study.static import EvalConfig, run_static
@@ -146,7 +147,7 @@ def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str |
         "summary": chosen_rows, "auc": auc_rows,
     }
     if cfg.plot:
-        payload["plot"] = str(plot_dynamic(payload, out / "dynamic.png"))
+        payload["plot"] = str(accuracy_vs_gflops(payload, out / "dynamic.png"))
     write_records(out, "dynamic", payload, dynamic_markdown(payload))
     return payload
 
@@ -191,37 +192,3 @@ def dynamic_markdown(p: dict) -> str:
             f"The most accurate λ of the sweep whose mean GFLOPs (scale model included) do not exceed the best "
             f"static resolution's.\n\n{iso}\n\n## Oracle\n\n{oracle}\n\n"
             f"## Scale model AUC on this split\n\n{auc_md}\n")
-
-
-def plot_dynamic(p: dict, path: Path) -> Path:
-    """Accuracy vs mean GFLOPs per crop: static curve, dynamic point, cost-aware curve, oracle (Figures 8/9)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    crops = p["crops"]
-    fig, axes = plt.subplots(1, len(crops), figsize=(4 * len(crops), 3.6), squeeze=False)
-    for ax, c in zip(axes[0], crops):
-        st = sorted((r for r in p["static"] if r["crop"] == c), key=lambda r: r["gflops"])
-        ax.plot([r["gflops"] for r in st], [r["accuracy"] for r in st], "o-", color="tab:blue", label="static")
-        for r in st:
-            ax.annotate(str(r["resolution"]), (r["gflops"], r["accuracy"]), fontsize=7, xytext=(2, -8),
-                        textcoords="offset points")
-        ca = sorted((r for r in p["cost_aware"] if r["crop"] == c), key=lambda r: r["gflops"])
-        ax.plot([r["gflops"] for r in ca], [r["accuracy"] for r in ca], ".--", color="tab:green", alpha=0.7,
-                label="dynamic, cost-aware (λ sweep)")
-        d = next(r for r in p["dynamic"] if r["crop"] == c)
-        ax.plot([d["gflops"]], [d["accuracy"]], "*", ms=14, color="tab:red", label="dynamic (argmax p)")
-        o = next(r for r in p["oracle"] if r["crop"] == c)
-        ax.plot([o["gflops"]], [o["accuracy"]], "D", color="black", label="oracle")
-        ax.set_title(f"{round(100 * c)}% center crop")
-        ax.set_xlabel("mean GFLOPs per image")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("top-1 accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

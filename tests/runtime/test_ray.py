@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _pipeline_fixtures import GRID, SCALE_RES, make_store
+from pipeline_fixtures import GRID, SCALE_RES, make_store
 
 from dynres.model.checkpoint import ModelMeta, save_checkpoint
 from dynres.model.nets import create_model

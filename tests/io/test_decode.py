@@ -11,8 +11,8 @@ from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
 from dynres.errors import BadImageError
-from dynres.io.jpeg import EOI
 from dynres.io.decode import decode, decode_baseline, decode_image, decode_train, draft_size
+from dynres.io.jpeg import EOI
 from dynres.paper import crop_side
 
 

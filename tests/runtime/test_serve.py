@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from _pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_classifier, tiny_scale
+from pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_classifier, tiny_scale
 from fastapi.testclient import TestClient
 from PIL import Image
 

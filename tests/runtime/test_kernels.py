@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from dynres.bench.kernels import write_report
 from dynres.errors import BackendError, ConfigError
 from dynres.runtime import kernels
 from dynres.runtime.backends import BACKENDS, Backend, build_kernel
-from dynres.runtime.kernels import TuneConfig, load, parse_ints, tune, write_report
+from dynres.runtime.kernels import TuneConfig, load, parse_ints, tune
 
 RES = 32
 

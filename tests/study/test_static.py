@@ -10,14 +10,13 @@ import torch
 from tiny_store import MemoryStore
 
 from dynres.errors import ConfigError
-from dynres.paper import crop_side
 from dynres.io.decode import decode
 from dynres.model.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from dynres.model.nets import create_model
+from dynres.paper import crop_side, scaled_grid
 from dynres.runtime.runners import choose
 from dynres.study.dynamic import DynamicConfig, decide, run_dynamic
 from dynres.study.static import EvalConfig, GridModel, image_views, predict_grid, run_static
-from dynres.paper import scaled_grid
 
 GRID = (16, 24, 32, 48)
 CROPS = (0.25, 1.0)

@@ -1,0 +1,103 @@
+"""The paper's figures, each drawn by one function from a stage's record: the stage that computes a record and
+the report that reads it back call the same function, so a figure is defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    """pyplot on the Agg backend (no display here), imported only when a figure is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def kernel_groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["batch"]), []).append(row)
+    return groups
+
+
+def calibration_sweep(points: list[dict], path: Path) -> Path:
+    """Figure 6: accuracy change vs relative bytes read, one curve per resolution."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for r in sorted({p["resolution"] for p in points}):
+        pts = sorted((p for p in points if p["resolution"] == r), key=lambda p: p["relative_bytes"])
+        ax.plot([p["relative_bytes"] for p in pts], [p["acc_change"] for p in pts], "o-", ms=3, label=f"{r}")
+    ax.set_xlabel("relative bytes read (1.0 = whole file)")
+    ax.set_ylabel("top-1 accuracy change (points)")
+    ax.set_title("Storage calibration: SSIM threshold sweep")
+    ax.legend(title="resolution", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def kernel_throughput(record: dict, path: Path) -> None:
+    """Figure 7: GFLOP/s per resolution per backend, one panel per (model, batch), machine limits as lines."""
+    plt = _pyplot()
+
+    groups = kernel_groups(record["rows"])
+    models = list(dict.fromkeys(m for m, _ in groups))
+    batches = sorted({b for _, b in groups})
+    fig, axes = plt.subplots(len(models), len(batches), figsize=(5 * len(batches), 3.4 * len(models)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for (model_name, batch), rows in groups.items():
+        ax = axes[models.index(model_name)][batches.index(batch)]
+        ax.set_visible(True)
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            pts = sorted((r["resolution"], r["gflops_per_s"]) for r in rows
+                         if r["backend"] == backend and r["gflops_per_s"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", lw=2.5 if backend == "tuned" else 1,
+                        color="black" if backend == "tuned" else None, label=backend)
+        for name, style, label in (("gemm_gflops_per_s", "--", "GEMM peak"), ("fma_gflops_per_s", ":", "FMA ceiling")):
+            if record["limits"].get(name):
+                ax.axhline(record["limits"][name], ls=style, color="gray", lw=1, label=label)
+        ax.set(title=f"{model_name}, batch {batch}", xlabel="resolution (px)", ylabel="GFLOP/s")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_vs_gflops(p: dict, path: Path) -> Path:
+    """Accuracy vs mean GFLOPs per crop: static curve, dynamic point, cost-aware curve, oracle (Figures 8/9)."""
+    plt = _pyplot()
+
+    crops = p["crops"]
+    fig, axes = plt.subplots(1, len(crops), figsize=(4 * len(crops), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], crops):
+        st = sorted((r for r in p["static"] if r["crop"] == c), key=lambda r: r["gflops"])
+        ax.plot([r["gflops"] for r in st], [r["accuracy"] for r in st], "o-", color="tab:blue", label="static")
+        for r in st:
+            ax.annotate(str(r["resolution"]), (r["gflops"], r["accuracy"]), fontsize=7, xytext=(2, -8),
+                        textcoords="offset points")
+        ca = sorted((r for r in p["cost_aware"] if r["crop"] == c), key=lambda r: r["gflops"])
+        ax.plot([r["gflops"] for r in ca], [r["accuracy"] for r in ca], ".--", color="tab:green", alpha=0.7,
+                label="dynamic, cost-aware (λ sweep)")
+        d = next(r for r in p["dynamic"] if r["crop"] == c)
+        ax.plot([d["gflops"]], [d["accuracy"]], "*", ms=14, color="tab:red", label="dynamic (argmax p)")
+        o = next(r for r in p["oracle"] if r["crop"] == c)
+        ax.plot([o["gflops"]], [o["accuracy"]], "D", color="black", label="oracle")
+        ax.set_title(f"{round(100 * c)}% center crop")
+        ax.set_xlabel("mean GFLOPs per image")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
