@@ -1,4 +1,5 @@
-"""Tiny store + tiny models shared by the engine tests (pipeline, serve, ray): seconds to build on 2 cores."""
+"""Tiny store + tiny models shared by the engine tests (engine, serve, ray) and the pipeline and serve benchmarks:
+seconds to build on 2 cores."""
 
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ def make_store(root: Path, per_class: int = 5, classes: tuple[str, ...] = ("cat"
             Image.fromarray(arr).save(src / c / f"{i}.jpg", quality=90)
     ingest(src, root / "store", IngestConfig(workers=1), progress=False)
     return open_store(root / "store")
+
+
+def save_tiny_checkpoints(root: Path) -> tuple[Path, Path]:
+    """A backbone (cat/dog, trained at 48 px) and a scale model over GRID that reads 2 scans, saved under ``root``
+    as b.pt and s.pt: what the engines and benchmarks that load checkpoints from paths run."""
+    from dynres.model.checkpoint import ModelMeta, save_checkpoint
+    from dynres.model.nets import create_model
+
+    torch.manual_seed(0)
+    save_checkpoint(create_model("resnet_tiny", 2), ModelMeta("resnet_tiny", ("cat", "dog"), 48), root / "b.pt")
+    save_checkpoint(create_model("mobilenet_v2_tiny", len(GRID)),
+                    ModelMeta("mobilenet_v2_tiny", (), SCALE_RES, task="scale", grid=GRID, scans=2), root / "s.pt")
+    return root / "b.pt", root / "s.pt"
 
 
 def tiny_classifier(num_classes: int = 2, seed: int = 0) -> nn.Module:

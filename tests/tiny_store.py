@@ -1,7 +1,8 @@
 """A store in memory for the model/train/evaluate tests: the store contract on tiny generated progressive JPEGs.
 
-Class ``i`` is a coloured square on noise whose size varies per image, so tiny models learn it in seconds.
-``bytes_read`` counts what ``read`` returned, like the real store.
+Class ``i`` is a coloured square on noise whose size varies per image, so tiny models learn it in seconds. Scans are
+split by :mod:`dynres.io.jpeg`, as ingest does, and ``bytes_read`` counts like :class:`dynres.io.store.Store`'s (the
+prefix bytes, not the EOI marker a partial read appends); ``tests/io/test_store_contract.py`` holds it to that.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import io
 import numpy as np
 from PIL import Image
 
-SOS = b"\xff\xda"
-EOI = b"\xff\xd9"
+from dynres.io.jpeg import parse_scans, scan_prefix
+
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 
 
@@ -30,16 +31,22 @@ def make_jpeg(label: int, index: int, size: tuple[int, int] = (72, 56)) -> bytes
 
 
 class MemoryStore:
+    """``StoreLike`` over ``per_class`` generated images per class, keys ``class<i>/img<offset + n>.jpg``."""
+
     def __init__(self, per_class: int = 8, classes: int = 3, offset: int = 0):
         self.classes = [f"class{i}" for i in range(classes)]
-        self._data, self._labels = {}, {}
+        self._data: dict[str, bytes] = {}
+        self._labels: dict[str, int] = {}
         for label in range(classes):
             for i in range(per_class):
-                key = f"class{label}/img{offset + i:03d}.jpg"
-                self._data[key] = make_jpeg(label, offset + i)
-                self._labels[key] = label
+                self.put(f"class{label}/img{offset + i:03d}.jpg", make_jpeg(label, offset + i), label)
         self.keys = sorted(self._data)
         self.bytes_read = 0
+
+    def put(self, key: str, data: bytes, label: int) -> None:
+        """Store ``data`` under ``key`` (replacing what was there, as a re-ingest would)."""
+        self._data[key] = data[: parse_scans(data, key).scan_ends[-1]]  # what follows EOI is not stored
+        self._labels[key] = label
 
     def label(self, key: str) -> int:
         return self._labels[key]
@@ -47,20 +54,21 @@ class MemoryStore:
     def sha256(self, key: str) -> str:
         return hashlib.sha256(self._data[key]).hexdigest()
 
-    def _scan_starts(self, key: str) -> list[int]:
-        data, starts, i = self._data[key], [], 0
-        while (i := data.find(SOS, i)) >= 0:
-            starts.append(i)
-            i += 2
-        return starts
+    def scan_ends(self, key: str) -> list[int]:
+        return list(parse_scans(self._data[key], key).scan_ends)
 
     def num_scans(self, key: str) -> int:
-        return len(self._scan_starts(key))
+        return len(self.scan_ends(key))
+
+    def size(self, key: str) -> int:
+        return len(self._data[key])
+
+    def prefix_size(self, key: str, scans: int | None = None) -> int:
+        if scans is not None and scans < 1:
+            raise ValueError(f"scans must be >= 1 (or None for the whole file), got {scans}")
+        ends = self.scan_ends(key)
+        return ends[-1] if scans is None or scans >= len(ends) else ends[scans - 1]
 
     def read(self, key: str, scans: int | None = None) -> bytes:
-        data = self._data[key]
-        starts = self._scan_starts(key)
-        if scans is not None and scans < len(starts):
-            data = data[: starts[scans]] + EOI
-        self.bytes_read += len(data)
-        return data
+        self.bytes_read += self.prefix_size(key, scans)
+        return scan_prefix(self._data[key], self.scan_ends(key), scans or self.num_scans(key))

@@ -2,10 +2,10 @@
 
 import json
 
-from tiny_store import MemoryStore
 from typer.testing import CliRunner
 
 from dynres.cli.main import app
+from tiny_store import MemoryStore
 
 
 def _store(tmp_path, split, per_class, offset):

@@ -53,17 +53,19 @@ def test_dct_scaled_decode_matches_the_full_decode_baseline(photo_jpeg):
 
 
 def test_draft_never_decodes_smaller_than_the_resize_needs(photo_jpeg):
-    for res, crop in ((112, 0.875), (224, 0.5), (448, 1.0)):
+    for res, side in ((112, 0.875), (224, 0.5), (448, 1.0)):
         img = Image.open(io.BytesIO(photo_jpeg))
-        need = res / crop
+        need = res / side
         img.draft("RGB", draft_size(*img.size, need))
         assert min(img.size) >= need or img.size == (700, 500)
 
 
 def test_smaller_crop_magnifies_the_centre(photo_jpeg):
-    wide, tight = decode_image(photo_jpeg, 64, crop=1.0), decode_image(photo_jpeg, 64, crop=0.25)
+    wide, tight = decode_image(photo_jpeg, 64, crop_side=1.0), decode_image(photo_jpeg, 64, crop_side=0.25)
     assert np.asarray(wide).shape == np.asarray(tight).shape == (64, 64, 3)
     assert not np.array_equal(np.asarray(wide), np.asarray(tight))
+    with pytest.raises(ValueError, match="crop_side"):
+        decode(photo_jpeg, 64, crop_side=0.0)
 
 
 def test_ssim_to_full_decode_rises_with_scans_and_reaches_one(photo_jpeg):

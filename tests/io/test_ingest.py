@@ -171,10 +171,10 @@ def test_rerun_reuses_verified_files_and_redoes_only_what_changed(tmp_path):
 SLOW_INGEST = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts us with SIGINT ignored
-import dynres.io.ingest as ing
+import PIL.Image
 from dynres.io.ingest import IngestConfig, ingest
-real = ing._encode_one
-ing._encode_one = lambda arg: (time.sleep(0.03), real(arg))[1]  # slow enough to be killed mid-way
+real = PIL.Image.open
+PIL.Image.open = lambda *a, **k: (time.sleep(0.03), real(*a, **k))[1]  # slow sources: killed mid-way
 ingest(sys.argv[1], sys.argv[2], IngestConfig(workers=1), progress=False)
 """
 
@@ -257,3 +257,5 @@ def test_a_missing_source_or_bad_setting_is_a_clear_error(tmp_path):
         ingest(tmp_path / "src", tmp_path / "src/store", IngestConfig(workers=1), progress=False)
     with pytest.raises(ConfigError, match="quality"):
         IngestConfig(quality=0)
+    with pytest.raises(ConfigError, match="chunksize"):
+        IngestConfig(chunksize=0)

@@ -9,7 +9,14 @@ from PIL import Image, ImageFile
 from skimage.metrics import structural_similarity
 
 from dynres.errors import BadImageError
-from dynres.io.jpeg import encode_progressive, load_rgb, parse_scans, prefix_crc32s, scan_prefix
+from dynres.io.jpeg import (
+    encode_progressive,
+    load_rgb,
+    parse_scans,
+    prefix_crc32s,
+    scan_components,
+    scan_prefix,
+)
 
 
 def picture(w=96, h=64, seed=0) -> Image.Image:
@@ -68,6 +75,20 @@ def test_full_prefix_is_the_file_and_partial_prefix_ends_with_eoi():
     ends = parse_scans(data).scan_ends
     assert scan_prefix(data, ends, 10) == data and scan_prefix(data, ends, 99) == data
     assert scan_prefix(data, ends, 3) == data[: ends[2]] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_scan_components_are_read_from_each_sos_header(mode):
+    data = jpeg(picture().convert(mode), progressive=True)
+    ends = parse_scans(data).scan_ends
+    comps = scan_components(data, ends)
+    sos = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    # independent reading: the SOS header lists Ns component selectors, each followed by a table byte
+    assert [ids for _, ids in comps] == [data[s + 5 : s + 5 + 2 * data[s + 4] : 2] for s in sos]
+    first = {first for first, _ in comps}
+    assert len(first) == 1 and first <= set(comps[0][1])  # the frame's first component: Y, in the first (DC) scan
+    with pytest.raises(BadImageError, match="cut.jpg: no SOS header for scan"):
+        scan_components(data[: ends[0]], ends, "cut.jpg")
 
 
 def test_prefix_crcs_are_crcs_of_each_prefix():

@@ -11,6 +11,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -182,6 +183,35 @@ def test_a_manifest_from_a_newer_format_or_another_tool_is_refused(store_dir, co
         open_store(copy_of)
 
 
+def with_path(manifest: pa.Table, key: str, path: str) -> pa.Table:
+    """The manifest with ``key``'s stored path replaced, its schema metadata kept."""
+    paths = [path if k == key else p for k, p in zip(manifest["key"].to_pylist(), manifest["path"].to_pylist())]
+    table = manifest.set_column(manifest.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
+    return table.replace_schema_metadata(manifest.schema.metadata)
+
+
+ESCAPES = [("../outside.jpg", "contains '..'"), ("images/dog/../../../etc/passwd", "contains '..'"),
+           ("/etc/passwd", "absolute"), ("C:/Windows/win.ini", "has a drive letter"),
+           ("images\\..\\..\\x.jpg", "contains '..'"), ("images/D:x.jpg", "has a drive letter"),
+           ("\\\\server\\share\\x.jpg", "absolute"), ("", "empty")]
+
+
+@pytest.mark.parametrize("bad, why", ESCAPES)
+def test_a_manifest_path_that_escapes_the_store_is_refused_naming_the_key(store_dir, copy_of, bad, why):
+    table = with_path(pq.read_table(store_dir / "manifest.parquet"), "dog/a", bad)
+    pq.write_table(table, copy_of / "manifest.parquet")
+    for where in (copy_of, f"file://{copy_of}"):
+        with pytest.raises(StoreError, match=rf"^dog/a: manifest path .* escapes the store .*\({why}\): refused"):
+            open_store(where)
+
+
+def test_paths_that_stay_inside_the_store_still_open(store_dir, copy_of):
+    table = pq.read_table(store_dir / "manifest.parquet")
+    stored = table["path"].to_pylist()[table["key"].to_pylist().index("dog/a")]
+    pq.write_table(with_path(table, "dog/a", "./" + stored.replace("/", "//")), copy_of / "manifest.parquet")
+    assert open_store(copy_of).read("dog/a") == open_store(store_dir).read("dog/a")
+
+
 # ------------------------------------------------------------------ fsspec URLs
 
 
@@ -256,15 +286,35 @@ def test_an_http_store_without_manifest_fails_clearly(http_root):
         open_store(url + "-missing")
 
 
-def test_any_fsspec_url_works(store_dir):
+def in_memory(store_dir, name: str):
+    """A copy of the store in fsspec's memory filesystem at ``memory://name``; returns that filesystem."""
     import fsspec
 
     mem = fsspec.filesystem("memory")
     for path in store_dir.rglob("*"):
         if path.is_file():
-            mem.pipe_file("/dynres-test/" + path.relative_to(store_dir).as_posix(), path.read_bytes())
+            mem.pipe_file(f"/{name}/" + path.relative_to(store_dir).as_posix(), path.read_bytes())
+    return mem
+
+
+def test_any_fsspec_url_works(store_dir):
+    mem = in_memory(store_dir, "dynres-test")
     remote = open_store("memory://dynres-test")
     local = open_store(store_dir)
     assert all(remote.read(k, scans=3) == local.read(k, scans=3) for k in local.keys)
     assert remote.bytes_read == local.bytes_read
     mem.rm("/dynres-test", recursive=True)
+
+
+def test_an_fsspec_store_refuses_a_manifest_path_that_escapes_it(store_dir):
+    mem = in_memory(store_dir, "dynres-escape")
+    mem.pipe_file("/secret.jpg", b"not the store's")
+    table = with_path(pq.read_table(store_dir / "manifest.parquet"), "cat/IMG 001", "../secret.jpg")
+    with mem.open("/dynres-escape/manifest.parquet", "wb") as f:
+        pq.write_table(table, f)
+    try:
+        with pytest.raises(StoreError, match=r"^cat/IMG 001: manifest path '\.\./secret\.jpg' escapes the store"):
+            open_store("memory://dynres-escape")
+    finally:
+        mem.rm("/dynres-escape", recursive=True)
+        mem.rm("/secret.jpg")

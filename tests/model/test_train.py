@@ -6,12 +6,12 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tiny_store import MemoryStore
 
 from dynres.errors import ConfigError
 from dynres.model.checkpoint import load_checkpoint
-from dynres.model.train import TrainConfig, data_hash, train_backbone
+from dynres.model.train import LR_DEFAULTS, TrainConfig, data_hash, train_backbone
 from dynres.study.scale import ScaleConfig, auc, fold_dir, label_stats, multi_hot, shard_split, train_scale
+from tiny_store import MemoryStore
 
 TINY = TrainConfig(resolution=32, epochs=2, batch_size=8, seed=3)
 
@@ -79,6 +79,21 @@ def test_the_data_hash_follows_the_stored_bytes_not_only_the_keys():
 def test_bad_recipe_is_rejected():
     with pytest.raises(ConfigError, match="optimizer"):
         train_backbone(MemoryStore(per_class=1), "unused", TrainConfig(optimizer="lbfgs"), progress=False)
+
+
+def test_a_recipe_is_checked_when_it_is_made():
+    with pytest.raises(ConfigError, match="optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="resolution"):
+        TrainConfig(resolution=8)
+    with pytest.raises(ConfigError, match="crop_scale"):
+        replace(TINY, crop_scale=(0.5, 0.25))
+
+
+def test_the_learning_rate_defaults_per_optimizer_and_is_recorded_as_a_number():
+    assert TrainConfig().lr == LR_DEFAULTS["adamw"] and TrainConfig(optimizer="sgd").lr == LR_DEFAULTS["sgd"]
+    assert TrainConfig(optimizer="sgd", lr=0.05).lr == 0.05
+    assert replace(TrainConfig(), epochs=3).lr == LR_DEFAULTS["adamw"]  # a resolved recipe keeps its number
 
 
 def test_shards_are_disjoint_stratified_and_cover_train():

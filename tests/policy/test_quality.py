@@ -171,3 +171,29 @@ def test_index_of_a_remote_store_is_read_like_its_manifest(photo_store):
     local = load_quality(open_store(photo_store))
     index = load_quality(remote)
     assert index.keys == local.keys and np.array_equal(index.ssim, local.ssim, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [dict(resolutions=()), dict(resolutions=(56, 0)), dict(crop_side=0.0),
+                                 dict(crop_side=1.5), dict(workers=-1), dict(chunk=0)])
+def test_a_bad_quality_config_is_refused(bad):
+    from dynres.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        QualityConfig(**bad)
+
+
+@pytest.mark.slow
+def test_worker_processes_build_the_same_index_as_one_process(photo_store, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    tables = []
+    for workers in (1, 2):
+        root = tmp_path / f"workers{workers}"
+        shutil.copytree(photo_store, root)
+        (root / QUALITY).unlink(missing_ok=True)
+        report = build_quality_index(root, QualityConfig(resolutions=(56,), workers=workers, chunk=1), progress=False)
+        assert report["computed"] == 3 and report["workers"] == workers
+        tables.append(pq.read_table(root / QUALITY).replace_schema_metadata(None))
+    assert tables[0].equals(tables[1])

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from dynres.errors import DynresError
+from dynres.report import figures
 from dynres.report.document import build_report
 
 
@@ -54,3 +55,67 @@ def test_missing_sections_say_so_instead_of_failing(tmp_path):
 def test_a_run_without_summary_is_a_clear_error(tmp_path):
     with pytest.raises(DynresError, match="summary.json"):
         build_report(tmp_path)
+
+
+def dynamic_summary() -> list[dict]:
+    return [{"crop": 0.25, "best_static_resolution": 168, "best_static_accuracy": 65.05, "best_static_gflops": 2.8,
+             "dynamic_accuracy": 61.25, "dynamic_gflops": 1.5, "lambda": 5.0, "cost_aware_accuracy": 60.0,
+             "cost_aware_gflops": 1.0, "cost_aware_savings_pct": 64.3}]
+
+
+def test_each_figure_is_drawn_by_its_function_in_report_figures(tmp_path, monkeypatch):
+    drawn = []
+    for name in ("accuracy_vs_gflops", "calibration_sweep", "kernel_throughput", "bytes_per_scan",
+                 "scale_choice_thumbnails"):
+        def spy(data, path, _draw=getattr(figures, name), _name=name):
+            drawn.append((_name, path.relative_to(tmp_path).as_posix()))
+            return _draw(data, path)
+
+        monkeypatch.setattr(figures, name, spy)
+    s = summary(tmp_path) | {"io": {"decode": [], "bytes_per_scan": [{"scans": n, "fraction_of_file": n / 4}
+                                                                     for n in range(1, 5)]}}
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    html_path, _ = build_report(tmp_path)
+    assert sorted(drawn) == [("accuracy_vs_gflops", "figures/accuracy_vs_gflops.png"),
+                             ("bytes_per_scan", "figures/bytes_per_scan.png"),
+                             ("calibration_sweep", "figures/calibration_sweep.png"),
+                             ("kernel_throughput", "figures/kernels_resnet18.png"),
+                             ("scale_choice_thumbnails", "figures/scale_choices.png")]
+    assert html_path.read_text().count("data:image/png;base64,") == 5
+
+
+def test_the_report_draws_the_stage_figures_from_the_stage_records(tmp_path):
+    """Figures 8/9 come from the dynamic record the summary points to, Figure 6 from the sweep rows: the report's
+    PNGs are byte for byte what the stage's own call of the same function writes. A summary from before
+    ``dynamic_tolerance`` gets the tolerance from the accuracy stage's recorded settings."""
+    s = summary(tmp_path) | {"dynamic_summary": dynamic_summary(),
+                             "stages": {"accuracy": {"outputs": {"dynamic": str(tmp_path / "dynamic.json")}}}}
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    record = {"crops": [0.25], "static": [r for r in s["static"] if r["crop"] == 0.25],
+              "dynamic": [{"crop": 0.25, "accuracy": 61.25, "gflops": 1.5, "lambda": None}],
+              "cost_aware": [{"crop": 0.25, "accuracy": 60.0, "gflops": 1.0, "lambda": 5.0}],
+              "oracle": [{"crop": 0.25, "accuracy": 77.5, "gflops": 0.9}]}
+    (tmp_path / "dynamic.json").write_text(json.dumps(record))
+    (tmp_path / "stages").mkdir()
+    settings = {"inputs": {"chain": {"dynamic": {"tolerance": 1.5}}}}  # the accuracy stage's record
+    (tmp_path / "stages" / "accuracy.json").write_text(json.dumps(settings))
+    _, md_path = build_report(tmp_path)
+    stage = figures.accuracy_vs_gflops(record, tmp_path / "stage" / "dynamic.png")
+    assert (tmp_path / "figures" / "accuracy_vs_gflops.png").read_bytes() == stage.read_bytes()
+    sweep = figures.calibration_sweep(s["calibration_sweep"], tmp_path / "stage" / "calibration_sweep.png")
+    assert (tmp_path / "figures" / "calibration_sweep.png").read_bytes() == sweep.read_bytes()
+    assert "within 1.5 points of the best static accuracy" in md_path.read_text()  # the recorded tolerance
+
+
+def test_without_the_accuracy_stage_record_the_tolerance_is_not_made_up(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path) | {"dynamic_summary": dynamic_summary()}))
+    _, md_path = build_report(tmp_path)
+    md = md_path.read_text()
+    assert "within the run's tolerance (its accuracy stage record is missing)" in md and "0.5 points" not in md
+
+
+def test_the_tolerance_the_summary_records_is_rendered(tmp_path):
+    s = summary(tmp_path) | {"dynamic_summary": dynamic_summary(), "dynamic_tolerance": 0.25}
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    _, md_path = build_report(tmp_path)
+    assert "within 0.25 points of the best static accuracy" in md_path.read_text()

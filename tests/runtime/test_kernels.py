@@ -1,17 +1,16 @@
-"""Kernel backends and the tuner, on a tiny conv net at 32 px: correct or rejected, cached, never a crash."""
+"""Kernel backends and the tuner, on a tiny conv net at 32 px: correct or rejected, cached, never a crash.
+(The kernels benchmark and its record: tests/bench/test_kernels.py.)"""
 
 import json
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from dynres.bench.kernels import write_report
 from dynres.errors import BackendError, ConfigError
 from dynres.runtime import kernels
 from dynres.runtime.backends import BACKENDS, Backend, build_kernel
-from dynres.runtime.kernels import TuneConfig, load, parse_ints, tune
+from dynres.runtime.kernels import TuneConfig, load, tune
 
 RES = 32
 
@@ -182,36 +181,6 @@ def test_unknown_backend_and_bad_grid_are_config_errors(tmp_path):
         config(tmp_path, backends=("eager", "nope"))
     with pytest.raises(BackendError, match="unknown backend"):
         build_kernel("nope", tiny_net(), example(), 1, tmp_path)
-    assert parse_ints("112..224:56") == (112, 168, 224) and parse_ints("32,64") == (32, 64)
-    with pytest.raises(ConfigError, match="--resolutions"):
-        parse_ints("big", "--resolutions")
-
-
-def test_report_has_table_ii_and_figure_7(tmp_path):
-    rows = tune(tiny_net(), config(tmp_path), gemm_peak=100.0, progress=False)
-    paths = write_report(rows, {"threads": 1, "gemm_gflops_per_s": 100.0, "fma_gflops_per_s": None}, tmp_path / "out")
-    record = json.loads(paths["json"].read_text())
-    assert record["rows"] == json.loads(json.dumps(rows)) and record["limits"]["gemm_gflops_per_s"] == 100.0
-    md = paths["md"].read_text()
-    assert "Table II" in md and "| eager | channels_last |" in md
-    assert paths["png"].stat().st_size > 1000
-
-
-def test_cli_tune_writes_records(tmp_path):
-    from typer.testing import CliRunner
-
-    from dynres.cli.main import app
-
-    args = ["tune", "--arch", "resnet_tiny", "--num-classes", "3", "--resolutions", "32", "--backends", "eager",
-            "--threads", "1", "--runs", "2", "--warmup", "1", "--cache-dir", str(tmp_path / "c"),
-            "--out", str(tmp_path / "out")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "out" / "kernels.json").read_text())
-    assert {r["backend"] for r in record["rows"]} == {"eager", "tuned"}
-    assert record["limits"]["gemm_gflops_per_s"] > 0
 
 
 def test_cli_tune_a_checkpoint_then_load_its_kernel(tmp_path):

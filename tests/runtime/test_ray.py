@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from pipeline_fixtures import GRID, SCALE_RES, make_store
 
-from dynres.model.checkpoint import ModelMeta, save_checkpoint
-from dynres.model.nets import create_model
 from dynres.runtime.engine import EngineSpec, PipelineConfig, build_engine
+from pipeline_fixtures import make_store, save_tiny_checkpoints
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -18,10 +15,7 @@ pytestmark = pytest.mark.slow
 def spec(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     make_store(root, per_class=4)
-    torch.manual_seed(0)
-    save_checkpoint(create_model("resnet_tiny", 2), ModelMeta("resnet_tiny", ("cat", "dog"), 48), root / "b.pt")
-    save_checkpoint(create_model("mobilenet_v2_tiny", len(GRID)),
-                    ModelMeta("mobilenet_v2_tiny", (), SCALE_RES, task="scale", grid=GRID, scans=2), root / "s.pt")
+    save_tiny_checkpoints(root)
     yield EngineSpec(str(root / "store"), str(root / "b.pt"), str(root / "s.pt"),
                      config=PipelineConfig(batch_size=3, lam=0.2, torch_threads=1))
     ray.shutdown()

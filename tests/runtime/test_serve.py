@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_classifier, tiny_scale
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from dynres.io.decode import crop_resize, decode_scaled
 from dynres.model.nets import to_input
 from dynres.runtime.runners import EagerRunner, choose
-from dynres.runtime.serve import LoadController, Rejected, ServeConfig, Service, create_app
+from dynres.runtime.serve import Rejected, ServeConfig, Service, create_app
+from pipeline_fixtures import GRID, SCALE_RES, StepPolicy, make_store, tiny_classifier, tiny_scale
 
 CLASSES = ("cat", "dog")
 
@@ -48,7 +49,7 @@ def client(store=None, **config) -> TestClient:
 
 
 def expected(data: bytes, scans=None) -> tuple[int, list[str]]:
-    once = decode_scaled(data, max(GRID) / ServeConfig().crop)  # one decode; both views are resizes of it
+    once = decode_scaled(data, max(GRID) / ServeConfig().crop_side)  # one decode; both views are resizes of it
     small = crop_resize(once, SCALE_RES)
     with torch.inference_mode():
         probs = torch.sigmoid(tiny_scale().runner.model(to_input(small[None]))).numpy()
@@ -176,20 +177,11 @@ def test_metrics_and_health_after_traffic():
     assert "dynres_resolution_total{resolution=" in text
 
 
-def test_load_controller_raises_lambda_under_delay_and_lowers_it_after():
-    ctl = LoadController(target_ms=100, lam_max=0.5, step=0.1)
-    for _ in range(20):
-        ctl.observe(90.0)
-    assert ctl.lam == pytest.approx(0.5)
-    for _ in range(40):
-        ctl.observe(1.0)
-    assert ctl.lam == 0.0
-
-
 def test_a_latency_target_sheds_requests_predicted_to_miss_it():
     service = Service(EagerRunner(tiny_classifier()), CLASSES, config=ServeConfig(resolution=32, latency_target_ms=50))
-    now = __import__("time").perf_counter()
-    service._completed.extend(now - 1.0 + 0.1 * i for i in range(10))  # 10 req/s: 100 ms per request
+    now = time.perf_counter()
+    for i in range(10):  # 10 req/s: 100 ms per request
+        service.throughput.add(now - 1.0 + 0.1 * i)
     assert service.predicted_wait_ms() > 50
 
     async def one():
@@ -241,118 +233,6 @@ def test_schemathesis_fuzzes_every_endpoint_without_a_server_error(store):
         check()
 
 
-def test_server_latency_quantile_reads_the_bucket_bound_from_metrics():
-    from dynres.bench.serve import server_latency_quantile
-    from dynres.runtime.serve import _Metrics
-
-    metrics = _Metrics()
-    for seconds in [0.01] * 98 + [0.3, 2.0]:
-        metrics.latency.observe(seconds)
-    text = metrics.render().decode()
-    assert server_latency_quantile(text, 0.5) == 10.0
-    assert server_latency_quantile(text, 0.99) == 500.0
-    assert server_latency_quantile(_Metrics().render().decode()) is None
-
-
-def test_server_status_counts_read_the_services_own_counter():
-    from dynres.bench.serve import server_status_counts
-    from dynres.runtime.serve import _Metrics
-
-    metrics = _Metrics()
-    for status in (200, 200, 503):
-        metrics.count(status)
-    assert server_status_counts(metrics.render().decode()) == {"200": 2, "503": 1}
-
-
-def test_load_test_stats_show_when_the_generator_fell_behind():
-    from dynres.bench.serve import _stats
-
-    rows = [{"phase": "burst", "status": 200, "latency_ms": 10.0 * (i + 1), "resolution": 32, "lam": 0.0,
-             "correct": True, "sent_s": 0.5 * i, "lag_ms": lag} for i, lag in enumerate((0.0, 10.0, 400.0))]
-    rows.append({**rows[0], "status": 503, "sent_s": 1.5, "lag_ms": 0.0, "resolution": None, "correct": None})
-    rows.append({**rows[-1], "status": 0, "sent_s": 1.6})  # due while the generator was at its bound: not sent
-    s = _stats(rows, target_ms=25.0)
-    assert (s["requests"], s["ok"], s["rejected_503"], s["not_sent"], s["other"]) == (5, 3, 1, 1, 0)
-    assert s["achieved_rps"] == pytest.approx(2.0)  # 4 requests really sent over 1.5 s
-    assert 300 < s["client_lag_p99_ms"] <= 400 and not s["p99_under_target"]
-
-
-def test_the_load_generator_never_holds_more_than_its_bound(monkeypatch):
-    import asyncio
-    import os
-
-    from dynres.bench import serve as loadtest
-
-    running, peak = [0], [0]
-
-    async def slow_one(client, url, key, phase, out, classes, sent_s=0.0, lag_ms=0.0):
-        running[0] += 1
-        peak[0] = max(peak[0], running[0])
-        await asyncio.sleep(0.2)  # a slow service: answers come back long after the next requests fall due
-        running[0] -= 1
-        out.append({"phase": phase, "status": 200, "latency_ms": 200.0, "sent_s": sent_s, "lag_ms": lag_ms})
-
-    monkeypatch.setattr(loadtest, "_one", slow_one)
-    rows, _ = asyncio.run(loadtest._open_loop("http://unused", ["k"], {}, [("burst", 0.5, 100.0)], 1000,
-                                               os.getpid(), max_outstanding=5))
-    assert len(rows) == 50 and peak[0] == 5
-    assert 0 < sum(r["status"] == 0 for r in rows) < 50  # due while 5 were unanswered: recorded, not sent
-
-
-def test_the_load_generator_drives_a_real_server_and_counts_what_it_answered(store):
-    """The burst's client (aiohttp) against uvicorn on loopback: every request answered and counted both sides."""
-    import os
-    import socket
-
-    import uvicorn
-
-    from dynres.bench import serve as loadtest
-
-    service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(), store=store, policy=StepPolicy())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):  # up to 10 s to start
-            if server.started:
-                break
-            threading.Event().wait(0.05)
-        assert server.started
-        url = f"http://127.0.0.1:{port}"
-        classes = {k: store.classes[store.label(k)] for k in store.keys}
-        rows, rss = asyncio.run(loadtest._open_loop(url, list(store.keys), classes, [("burst", 1.0, 20.0)], 100,
-                                                     os.getpid()))
-        metrics = httpx.get(f"{url}/metrics").text
-    finally:
-        server.should_exit = True
-        thread.join(10)
-    assert len(rows) == 20 and {r["status"] for r in rows} == {200}
-    assert all(r["resolution"] in GRID and isinstance(r["correct"], bool) for r in rows)
-    assert loadtest.server_status_counts(metrics) == {"200": 20} and rss
-
-
-def test_loop_lag_sees_a_blocked_event_loop():
-    from dynres.runtime.serve import LoopLag
-
-    async def main():
-        lag = LoopLag(period_s=0.01, smoothing=1.0)
-        task = asyncio.get_running_loop().create_task(lag.run())
-        await asyncio.sleep(0.05)
-        calm = lag.ms
-        import time
-        time.sleep(0.2)  # a handler hogging the loop: the next wake-up is ~200 ms late
-        await asyncio.sleep(0.001)
-        await asyncio.sleep(0.001)
-        task.cancel()
-        return calm, lag.ms
-
-    calm, blocked = asyncio.run(main())
-    assert calm < 20 and blocked > 150
-
-
 def test_a_lagging_event_loop_sheds_requests_that_would_miss_the_target():
     service = Service(EagerRunner(tiny_classifier()), CLASSES, scale=tiny_scale(),
                       config=ServeConfig(latency_target_ms=100))
@@ -391,3 +271,43 @@ def test_shedding_raises_lambda_and_calm_traffic_lowers_it_again():
     service.close()
     assert shedding >= 0.2  # the smoothed delay crosses the threshold after two shed requests, then steps up
     assert answers[0]["lam"] > 0 and answers[-1]["lam"] == 0.0  # steps down while requests get through quickly
+
+
+def test_a_server_spec_file_gives_back_what_was_written(tmp_path):
+    from dynres.runtime.engine import EngineSpec, PipelineConfig
+    from dynres.runtime.serve import read_server_spec, write_server_spec
+
+    spec = EngineSpec("store", "b.pt", "s.pt", "policy.json", "tuned", PipelineConfig(batch_size=8, torch_threads=1,
+                                                                                      crop_side=0.75))
+    config = ServeConfig(max_batch=8, max_wait_ms=10.0, latency_target_ms=500.0, adaptive=True, lam_max=0.2)
+    path = write_server_spec(tmp_path / "serve.json", spec, config, "127.0.0.1", 8123)
+    assert read_server_spec(path) == (spec, config, "127.0.0.1", 8123)
+
+
+@pytest.mark.parametrize("text", ["not json", '{"spec": {}}', '{"spec": {"store": "s", "backbone": "b", "config": '
+                                  '{"nope": 1}}, "serve": {}, "host": "h", "port": 1}'])
+def test_a_bad_server_spec_is_a_clear_error(tmp_path, text):
+    from dynres.errors import ConfigError
+    from dynres.runtime.serve import read_server_spec
+
+    (tmp_path / "serve.json").write_text(text)
+    with pytest.raises(ConfigError, match="not a server spec"):
+        read_server_spec(tmp_path / "serve.json")
+
+
+def test_the_module_entry_point_wants_one_spec_file_and_says_what_is_wrong_in_one_line(tmp_path):
+    from dynres.runtime.serve import main
+
+    with pytest.raises(SystemExit, match="usage"):
+        main([])
+    (tmp_path / "serve.json").write_text("{}")
+    with pytest.raises(SystemExit, match="^dynres serve: .*serve.json: not a server spec"):
+        main([str(tmp_path / "serve.json")])
+
+
+@pytest.mark.parametrize("crop_side", [0.0, 1.5])
+def test_a_crop_side_outside_0_1_is_refused(crop_side):
+    from dynres.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="crop_side"):
+        ServeConfig(crop_side=crop_side)

@@ -1,4 +1,4 @@
-"""Storage calibration: threshold search, the policy it yields, and calibrated reads."""
+"""The calibration search: thresholds, the hashed split, the records (the policy it saves: tests/policy)."""
 
 import json
 
@@ -12,11 +12,17 @@ from dynres.errors import ConfigError
 from dynres.io.ingest import IngestConfig, ingest
 from dynres.io.store import open_store
 from dynres.model.checkpoint import ModelMeta, save_checkpoint
-from dynres.model.data import StoreDataset
 from dynres.model.nets import create_model
-from dynres.policy.calibration import CalibrationPolicy, load_policy
-from dynres.policy.quality import QualityConfig, build_quality_index, load_quality
-from dynres.study.calibrate import CalibrationConfig, calibrate, search_threshold, split_keys
+from dynres.policy.calibration import load_policy
+from dynres.policy.quality import QualityConfig, build_quality_index
+from dynres.study.calibrate import (
+    CalibrationConfig,
+    calibrate,
+    search_areas,
+    search_resolution,
+    search_threshold,
+    split_keys,
+)
 
 RES = (56, 112)
 
@@ -67,40 +73,6 @@ def test_split_is_deterministic_disjoint_and_stable_as_the_store_grows():
     assert set(calib).isdisjoint(held) and len(calib) + len(held) == 400 and 150 < len(held) < 250
     calib2, held2 = split_keys(keys + [f"c/{i:04d}" for i in range(400, 500)], 0.5)
     assert set(held) <= set(held2) and set(calib) <= set(calib2)
-
-
-def test_policy_picks_the_fewest_scans_the_threshold_allows_and_round_trips(store_dir, tmp_path):
-    index = load_quality(open_store(store_dir))
-    policy = CalibrationPolicy.from_index({56: 0.97, 112: 0.995}, index, {"note": "test"})
-    for i, key in enumerate(index.keys):
-        for r, t in policy.thresholds.items():
-            k = policy.scans(key, r)
-            s = index.ssim[i, index.column(r)]
-            assert s[k - 1] >= t  # never fewer scans than the threshold allows
-            assert not np.any(s[: k - 1] >= t)  # and no more than needed
-    assert policy.scans("no/such", 56) is None and policy.scans(index.keys[0], 999) is None
-    back = load_policy(str(policy.save(tmp_path / "p.json")))
-    assert back.thresholds == policy.thresholds and back.provenance == {"note": "test"}
-    assert all(back.scans(k, r) == policy.scans(k, r) for k in index.keys for r in RES)
-    (tmp_path / "bad.json").write_text("[1, 2]")
-    with pytest.raises(ConfigError, match="bad.json"):
-        load_policy(str(tmp_path / "bad.json"))
-
-
-def test_calibrated_reads_return_exactly_the_bytes_the_policy_says(store_dir):
-    store = open_store(store_dir)
-    policy = CalibrationPolicy.from_index({56: 0.96, 112: 0.99}, load_quality(store))
-    files = {k: open(store.location(k), "rb").read() for k in store.keys}
-    for key in store.keys:
-        k, ends = policy.scans(key, 56), store.scan_ends(key)
-        expected = files[key] if k == len(ends) else files[key][: ends[k - 1]] + b"\xff\xd9"
-        assert store.read(key, scans=k) == expected
-    fresh = open_store(store_dir)
-    dataset = StoreDataset(fresh, 56, scans=policy)
-    for i in range(len(dataset)):
-        dataset[i]
-    assert fresh.bytes_read == sum(store.prefix_size(k, policy.scans(k, 56)) for k in store.keys)
-    assert fresh.bytes_read < sum(store.size(k) for k in store.keys)
 
 
 def test_calibrate_end_to_end_writes_policy_records_and_figure(store_dir, checkpoint, tmp_path):
@@ -175,46 +147,48 @@ class _Store:
         return 500
 
 
-def test_a_lucky_gain_does_not_buy_a_loss(monkeypatch):
+def test_a_lucky_gain_does_not_buy_a_loss():
     """Short reads turn image a wrong and image b right: the net accuracy is unchanged, but a was lost."""
-    import dynres.study.calibrate as cal
 
     class Preds:
-        evaluated = 0
-
-        def __init__(self, *args):
-            pass
+        evaluated, crop_areas = 0, (1.0,)
 
         def predict(self, keys, scans):  # one crop; label 0 everywhere; full reads: a right, b wrong
             short = np.asarray(scans) < 5
             return np.where(short, [1, 0, 0, 0], [0, 1, 0, 0])[None]
 
-    monkeypatch.setattr(cal, "PrefixPredictions", Preds)
-    result = cal.calibrate_resolution(None, _Store(), _Index(0.97), list("abcd"), 32, CalibrationConfig(sweep=()),
-                                      1.0)
+    result = search_resolution(Preds(), _Store(), _Index(0.97), list("abcd"), 32, CalibrationConfig(sweep=()))
     assert result["threshold"] >= 0.97 and result["acc_calibrated"] == result["acc_full"] == 75.0
     assert result["read_savings"] == 0.0
 
 
-def test_search_crops_hold_every_crop_to_the_target(monkeypatch):
+def test_search_crops_hold_every_crop_to_the_target():
     """Short reads cost nothing at the index's crop but lose image a at a 25% crop: only a search that looks at
     that crop too pays for the longer read."""
-    import dynres.study.calibrate as cal
 
     class Preds:
-        def __init__(self, model, store, index, resolution, crop_areas, batch_size):
-            self.small, self.evaluated = [area < 0.8 for area in crop_areas], 0
+        def __init__(self, crop_areas):
+            self.crop_areas, self.evaluated = tuple(crop_areas), 0
+            self.small = [area < 0.8 for area in crop_areas]
 
         def predict(self, keys, scans):  # label 0 everywhere; every image right on a full read
             lost = [small & (np.asarray(scans) < 5) & (np.asarray(keys) == "a") for small in self.small]
             return np.array(lost, dtype=np.int64)
 
-    monkeypatch.setattr(cal, "PrefixPredictions", Preds)
-    one = cal.calibrate_resolution(None, _Store(), _Index(0.98), list("abcd"), 32, CalibrationConfig(sweep=()), 1.0)
-    both = cal.calibrate_resolution(None, _Store(), _Index(0.98), list("abcd"), 32,
-                                    CalibrationConfig(sweep=(), search_crops=(0.25, 1.0)), 1.0)
+    def search(cfg):
+        return search_resolution(Preds(search_areas(cfg, 1.0)), _Store(), _Index(0.98), list("abcd"), 32, cfg)
+
+    one = search(CalibrationConfig(sweep=()))
+    both = search(CalibrationConfig(sweep=(), search_crops=(0.25, 1.0)))
     assert one["threshold"] == 0.94 and one["read_savings"] == pytest.approx(0.6)
     assert both["threshold"] >= 0.98 and both["read_savings"] == 0.0
     assert both["search_crops"] == [1.0, 0.25]  # the index's crop first; a repeat of it is not searched twice
-    with pytest.raises(ConfigError, match="search_crops"):
-        CalibrationConfig(search_crops=(0.0,)).check()
+
+
+@pytest.mark.parametrize("bad, setting", [
+    ({"search_crops": (0.0,)}, "search_crops"), ({"low": 0.99, "high": 0.98}, "calibration"),
+    ({"step": 0.0}, "calibration"), ({"target": -1.0}, "calibration"), ({"holdout_fraction": 1.0}, "calibration"),
+])
+def test_a_calibration_config_refuses_bad_settings_when_built(bad, setting):
+    with pytest.raises(ConfigError, match=setting):
+        CalibrationConfig(**bad)

@@ -1,16 +1,32 @@
-"""study: cached stages and the run-config file of `dynres run`."""
+"""study.stages: the one resume mechanism (a record reused while it matches its inputs) and the cached stages."""
+
+import json
 
 import pytest
 
-from dynres.errors import ConfigError
-from dynres.study.demo import Study, StudyConfig, load_study_config
+from dynres.study.stages import Study, digest, recorded, write_json
+
+
+def test_a_record_is_reused_only_while_it_matches_its_inputs(tmp_path):
+    path = tmp_path / "sub" / "result.json"
+    same = lambda r: r.get("settings") == {"x": 1}  # noqa: E731
+    assert recorded(path, same) is None  # nothing recorded yet
+    write_json(path, {"settings": {"x": 1}, "result": 42})
+    assert recorded(path, same) == {"settings": {"x": 1}, "result": 42}
+    assert recorded(path, lambda r: r.get("settings") == {"x": 2}) is None  # other inputs
+    assert recorded(path, same, force=True) is None  # forced: never reused
+    assert not list(path.parent.glob("*.tmp"))  # written atomically, nothing left over
+    path.write_text('{"settings": {"x": 1}, "res')  # a torn write
+    assert recorded(path, same) is None
+    path.write_text(json.dumps([1, 2]))  # not a record
+    assert recorded(path, same) is None
 
 
 def test_a_stage_runs_once_and_reruns_when_its_inputs_or_upstream_change(tmp_path):
     calls = []
 
     def run(settings, seed):
-        study = Study(StudyConfig(out=tmp_path), total_stages=2)
+        study = Study(tmp_path, total_stages=2)
         study.stage("a", {"seed": seed}, lambda: calls.append("a") or {"v": seed})
         return study.stage("b", settings, lambda: calls.append("b") or {"ok": True}, after=("a",))
 
@@ -23,6 +39,14 @@ def test_a_stage_runs_once_and_reruns_when_its_inputs_or_upstream_change(tmp_pat
     assert calls == ["a", "b", "b", "a", "b"]  # upstream changed → downstream reruns
 
 
+def test_a_forced_study_reruns_every_stage_and_records_it_again(tmp_path):
+    calls = []
+    for force in (False, False, True):
+        Study(tmp_path, total_stages=1, force=force).stage("a", {}, lambda: calls.append(1) or {"n": len(calls)})
+    assert len(calls) == 2
+    assert json.loads((tmp_path / "stages" / "a.json").read_text())["outputs"] == {"n": 2}
+
+
 def test_weights_named_by_init_count_by_content_not_path(tmp_path):
     """The demo's bundled weights live wherever the package is installed: moving them must not rerun a stage."""
     calls = []
@@ -32,80 +56,19 @@ def test_weights_named_by_init_count_by_content_not_path(tmp_path):
         path.write_bytes(b"weights")
 
     def run(init):
-        Study(StudyConfig(out=tmp_path / "run"), 1).stage("s", {"cfg": {"init": str(init)}}, lambda: calls.append(1) or {})
+        Study(tmp_path / "run", 1).stage("s", {"cfg": {"init": str(init)}}, lambda: calls.append(1) or {})
 
     run(here)
     run(there)
     assert len(calls) == 1
+    assert digest({"init": str(here)}) == digest({"init": str(there)})
     there.write_bytes(b"other weights")
     run(there)
     assert len(calls) == 2
 
 
 def test_a_crashed_stage_leaves_no_record_so_the_next_run_redoes_it(tmp_path):
-    study = Study(StudyConfig(out=tmp_path), total_stages=1)
+    study = Study(tmp_path, total_stages=1)
     with pytest.raises(RuntimeError):
         study.stage("a", {}, lambda: (_ for _ in ()).throw(RuntimeError("boom")))
     assert not (tmp_path / "stages" / "a.json").exists()
-
-
-def _data(tmp_path):
-    for split in ("train", "val"):
-        (tmp_path / "data" / split).mkdir(parents=True)
-
-
-def test_run_config_maps_sections_to_the_dataclasses(tmp_path):
-    _data(tmp_path)
-    (tmp_path / "run.toml").write_text(
-        'data = "data"\nout = "runs/mine"\nseed = 3\n'
-        '[backbone]\narch = "resnet18"\nresolution = 224\nepochs = 2\ncrop_scale = [0.08, 1.0]\n'
-        '[scale]\nshard_epochs = 1\nresolution = 56\n'
-        '[eval]\ngrid = [112, 224, 448]\ncrops = [0.25, 1.0]\n'
-        '[calibration]\ntarget = 0.1\nsearch_crops = [0.25, 1.0]\n'
-    )
-    cfg = load_study_config(tmp_path / "run.toml")
-    assert cfg.data == (tmp_path / "data").resolve() and cfg.out == (tmp_path / "runs" / "mine").resolve()
-    assert cfg.chain.backbone.arch == "resnet18" and cfg.chain.backbone.resolution == 224
-    assert cfg.chain.backbone.crop_scale == (0.08, 1.0)
-    assert cfg.chain.scale.backbone == cfg.chain.backbone  # shard backbones use the same recipe ...
-    assert cfg.chain.scale.shard_backbone.epochs == 1 and cfg.chain.scale.resolution == 56  # ... but their epochs
-    assert cfg.chain.eval.grid == (112, 224, 448) and cfg.seed == 3
-    assert cfg.calibration.target == 0.1 and cfg.calibration.search_crops == (0.25, 1.0)
-
-
-def test_yaml_works_too(tmp_path):
-    _data(tmp_path)
-    (tmp_path / "run.yaml").write_text("data: data\nout: out\nscale:\n  folds: 3\n")
-    assert load_study_config(tmp_path / "run.yaml").chain.scale.folds == 3
-
-
-@pytest.mark.parametrize("text, message", [
-    ('data = "data"\nout = "o"\n[backbone]\narchitecture = "x"\n', "unknown setting backbone.architecture"),
-    ('data = "data"\nout = "o"\n[backbone]\nepochs = "ten"\n', "backbone.epochs must be int"),
-    ('data = "data"\nout = "o"\n[backbone]\nepochs = true\n', "backbone.epochs must be int"),
-    ('data = "data"\nout = "o"\n[backbone]\ncrop_scale = [0.3, "x"]\n', r"crop_scale must be tuple\[float, float\]"),
-    ('data = "data"\nout = "o"\n[scale]\nshard_epochs = "four"\n', r"scale.shard_epochs must be int \| None"),
-    ('data = "data"\nout = "o"\n[scale]\nresolution = 56.5\n', r"scale.resolution must be int \| None"),
-    ('data = "data"\nout = "o"\nspeed = 3\n', "unknown setting"),
-    ('out = "o"\n', "needs `data`"),
-    ('data = "nowhere"\nout = "o"\n', "is not a directory"),
-    ('data = "data"\nout = "o"\n[scale]\nfolds = 1\n', "at least 2 shards"),
-    ('data = [unclosed\n', "not valid TOML"),
-    ('data = "data"\nout = "o"\n[calibration]\nsearch_crops = [0.0]\n', "search_crops"),
-    ('data = "data"\nout = "o"\n[scale]\ngrid = [56, 112]\n[eval]\ngrid = [56, 224]\n', "grid .* differ"),
-])
-def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, message):
-    _data(tmp_path)
-    (tmp_path / "run.toml").write_text(text)
-    with pytest.raises(ConfigError, match=message) as err:
-        load_study_config(tmp_path / "run.toml")
-    assert "run.toml" in str(err.value)
-
-
-def test_the_demo_refuses_the_seed_its_shipped_weights_were_trained_on(tmp_path):
-    from dynres.io.synth import PRETRAIN_SEED
-    from dynres.study.demo import run_study
-
-    with pytest.raises(ConfigError, match="shipped weights"):
-        run_study(StudyConfig(out=tmp_path, seed=PRETRAIN_SEED))
-    assert not (tmp_path / "data").exists()

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from dynres._ui import track
+from dynres.errors import ConfigError
 from dynres.io.decode import decode, decode_baseline
-from dynres.paper import PAPER_GRID
+from dynres.io.store import StoreLike
+from dynres.paper import DEFAULT_CROP_SIDE, PAPER_GRID
 from dynres.records import markdown_table, median, write_records
 
 
@@ -29,12 +31,22 @@ class IOBenchConfig:
     resolutions: tuple[int, ...] = PAPER_GRID
     images: int = 64  # sampled from the store, the same sample for every cell
     repeats: int = 3
-    crop: float = 0.875
+    crop_side: float = DEFAULT_CROP_SIDE
     workers: int = 0  # "all cores": 0 means every usable core
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not self.resolutions or min(self.resolutions) < 1:
+            raise ConfigError("bench io", f"resolutions must be positive, got {self.resolutions}")
+        if self.images < 1 or self.repeats < 1 or self.workers < 0:
+            raise ConfigError("bench io", "images and repeats must be >= 1, workers >= 0")
+        if not 0 < self.crop_side <= 1:
+            raise ConfigError("bench io", f"crop_side must be in (0, 1], got {self.crop_side}")
 
-_DECODERS = {"dct_scaled": decode, "baseline": decode_baseline}
+
+METHODS = ("dct_scaled", "baseline")
+_DECODERS = dict(zip(METHODS, (decode, decode_baseline)))
+MODES = ("one_core", "all_cores")
 
 # Worker-process state for the all-cores runs: each process opens the store once.
 _worker_store = None
@@ -50,10 +62,10 @@ def _init_worker(store_url: str) -> None:
     _worker_store = open_store(store_url)
 
 
-def _decode_keys(store, keys: list[str], method: str, resolution: int, crop: float) -> int:
+def _decode_keys(store: StoreLike, keys: list[str], method: str, resolution: int, crop_side: float) -> int:
     fn = _DECODERS[method]
     for key in keys:
-        fn(store.read(key), resolution, crop, name=key)
+        fn(store.read(key), resolution, crop_side, name=key)
     return len(keys)
 
 
@@ -67,7 +79,7 @@ def _rate(fn) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bytes_per_scan(store) -> list[dict]:
+def bytes_per_scan(store: StoreLike) -> list[dict]:
     """Mean bytes read per image (and fraction of the file) when reading the first k scans, k = 1..max."""
     ends = store.manifest.column("scan_ends").to_pylist()
     sizes = np.array([e[-1] for e in ends], dtype=np.float64)
@@ -88,8 +100,28 @@ def measure_ingest(src: str | Path, workers: int) -> dict:
             "workers": workers}
 
 
-def bench_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str | Path | None = None,
-             progress: bool = True) -> dict:
+def _decode_row(store: StoreLike, pool: ProcessPoolExecutor, keys: list[str], chunks: list[list[str]],
+                resolution: int, config: IOBenchConfig) -> dict:
+    """Images/s of each method on one core and on all cores at one resolution (medians), and the speedups."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    for _ in range(config.repeats):
+        for method in METHODS:  # alternated inside each repeat: machine drift hits both alike
+            one = _rate(lambda: _decode_keys(store, keys, method, resolution, config.crop_side))
+            rates.setdefault((method, "one_core"), []).append(one)
+            args = [(c, method, resolution, config.crop_side) for c in chunks]
+            many = _rate(lambda: sum(pool.map(_worker_run, args)))
+            rates.setdefault((method, "all_cores"), []).append(many)
+    row = {"resolution": resolution}
+    for (method, mode), values in rates.items():
+        row[f"{method}_{mode}_images_per_s"] = median(values)
+    for mode in MODES:
+        row[f"speedup_{mode}"] = row[f"dct_scaled_{mode}_images_per_s"] / row[f"baseline_{mode}_images_per_s"]
+    return row
+
+
+def measure_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str | Path | None = None,
+               progress: bool = True) -> dict:
+    """The record: decode rates per resolution, bytes per scan count, mean file size (and ingest, given ``src``)."""
     import torch
 
     from dynres.io.store import open_store
@@ -101,26 +133,12 @@ def bench_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str |
     keys = keys[: config.images]
     workers = config.workers or len(os.sched_getaffinity(0))
     chunks = [keys[i::workers] for i in range(workers)]
-    rows = []
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(store_url,)) as pool:
-        for method in _DECODERS:  # warm-up: imports, page cache, worker start-up stay out of the timings
-            _decode_keys(store, keys[:4], method, 112, config.crop)
-            list(pool.map(_worker_run, [(c[:4], method, 112, config.crop) for c in chunks]))
-        for res in track(config.resolutions, len(config.resolutions), "bench io", progress):
-            rates: dict[tuple[str, str], list[float]] = {}
-            for _ in range(config.repeats):
-                for method in _DECODERS:
-                    one = _rate(lambda: _decode_keys(store, keys, method, res, config.crop))
-                    rates.setdefault((method, "one_core"), []).append(one)
-                    args = [(c, method, res, config.crop) for c in chunks]
-                    many = _rate(lambda: sum(pool.map(_worker_run, args)))
-                    rates.setdefault((method, "all_cores"), []).append(many)
-            row = {"resolution": res}
-            for (method, mode), values in rates.items():
-                row[f"{method}_{mode}_images_per_s"] = median(values)
-            for mode in ("one_core", "all_cores"):
-                row[f"speedup_{mode}"] = row[f"dct_scaled_{mode}_images_per_s"] / row[f"baseline_{mode}_images_per_s"]
-            rows.append(row)
+        for method in METHODS:  # warm-up: imports, page cache, worker start-up stay out of the timings
+            _decode_keys(store, keys[:4], method, 112, config.crop_side)
+            list(pool.map(_worker_run, [(c[:4], method, 112, config.crop_side) for c in chunks]))
+        rows = [_decode_row(store, pool, keys, chunks, res, config)
+                for res in track(config.resolutions, len(config.resolutions), "bench io", progress)]
     result = {
         "store": str(store_url),
         "config": asdict(config),
@@ -134,14 +152,14 @@ def bench_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str |
     return result
 
 
-def io_markdown(result: dict) -> str:
+def render_markdown(result: dict) -> str:
     cols = ["resolution", "dct_scaled_one_core_images_per_s", "baseline_one_core_images_per_s", "speedup_one_core",
             "dct_scaled_all_cores_images_per_s", "baseline_all_cores_images_per_s", "speedup_all_cores"]
     heads = ["res", "DCT-scaled 1 core (img/s)", "baseline 1 core", "speedup", f"DCT-scaled {result['workers']} cores",
              f"baseline {result['workers']} cores", "speedup"]
     parts = [
         "# dynres bench io", "",
-        f"Store `{result['store']}`, {result['config']['images']} images, crop {result['config']['crop']}, "
+        f"Store `{result['store']}`, {result['config']['images']} images, crop {result['config']['crop_side']}, "
         f"median of {result['config']['repeats']} repeats. Read + decode + resize + center crop, all scans.", "",
         markdown_table(result["decode"], cols, heads), "",
         "## Bytes read per image by scan count", "",
@@ -157,6 +175,7 @@ def io_markdown(result: dict) -> str:
 
 def run_bench_io(store_url: str, out_dir: str | Path, config: IOBenchConfig = IOBenchConfig(),
                  src: str | Path | None = None, progress: bool = True) -> dict:
-    result = bench_io(store_url, config, src, progress)
-    write_records(out_dir, "bench_io", result, io_markdown(result))
+    """Measure, then write ``bench_io.json`` / ``bench_io.md`` under ``out_dir``."""
+    result = measure_io(store_url, config, src, progress)
+    write_records(out_dir, "bench_io", result, render_markdown(result))
     return result

@@ -20,9 +20,14 @@ from pathlib import Path
 import torch
 
 from dynres._ui import status_bar
+from dynres.errors import ConfigError
+from dynres.io.store import StoreLike
+from dynres.model.checkpoint import ModelMeta
+from dynres.paper import DEFAULT_CROP_SIDE
+from dynres.policy.scans import Scans
 from dynres.records import markdown_table, write_records
 from dynres.runtime.engine import Engine, PipelineConfig
-from dynres.runtime.runners import EagerRunner, load_scale, make_runner
+from dynres.runtime.runners import EagerRunner, Runner, ScaleStage, load_scale, make_runner
 
 MODES = ("baseline", "static_tuned", "dynamic", "dynamic_read_ahead", "dynamic_exact")
 DYNAMIC = {  # the dynamic variants: how each reads and decodes
@@ -40,7 +45,7 @@ class PipelineBenchConfig:
     workers: int = 2
     torch_threads: int = 0  # eager PyTorch (0: torch's default)
     kernel_threads: int = 2  # the tuned kernels' setting (part of their cache key; `dynres tune` defaults to 2)
-    crop: float = 0.875
+    crop_side: float = DEFAULT_CROP_SIDE
     baseline_resolution: int | None = None  # None: the backbone's train resolution
     static_resolution: int | None = None  # None: the most accurate grid resolution on ``sweep_images``
     sweep_images: int = 0  # 0: every bench image, so (b)'s resolution and (c)'s λ are chosen on the same data
@@ -52,23 +57,41 @@ class PipelineBenchConfig:
     repeats: int = 3  # timed runs per mode, interleaved across modes; each row is its median run by images/s
     seed: int = 0
 
-
-def _sample(keys: list[str], n: int, seed: int) -> list[str]:
-    if not n or n >= len(keys):
-        return list(keys)
-    return sorted(random.Random(seed).sample(keys, n))
-
-
-def _row(summary: dict) -> dict:
-    return {k: summary[k] for k in (*COLUMNS, "images", "seconds", "read_fraction", "resolution_histogram",
-                                    "scale_overhead", "work_s", "top5_accuracy")}
+    def __post_init__(self) -> None:
+        if min(self.images, self.sweep_images, self.warmup, self.tolerance) < 0:
+            raise ConfigError("bench pipeline", "images, sweep_images, warmup and tolerance must be >= 0")
+        if self.lam is None and not self.lambdas:
+            raise ConfigError("bench pipeline", "no λ to sweep: give lambdas or a fixed lam")
+        if not 0 < self.crop_side <= 1:
+            raise ConfigError("bench pipeline", f"crop_side must be in (0, 1], got {self.crop_side}")
 
 
-def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Path, policy: str | None = None,
-                       cfg: PipelineBenchConfig = PipelineBenchConfig(), progress: bool = True,
-                       keys: list[str] | None = None) -> dict:
-    """Run (a), (b), (c) on the same images (``keys``, e.g. a split the scale model never saw; default the whole
-    store); write ``pipeline.json`` / ``pipeline.md`` under ``out``."""
+@dataclass(frozen=True)
+class _Setup:
+    """What every mode shares: the store, the backbone (eager and as ``tuned``), the scale stage, the policy and
+    the engine settings all modes run with."""
+
+    store: StoreLike
+    model: torch.nn.Module
+    meta: ModelMeta
+    tuned: Runner
+    stage: ScaleStage
+    policy: Scans
+    base: dict
+
+    def engine(self, **mode) -> Engine:
+        """(b) or a dynamic variant (``lam`` in ``mode``: the scale stage chooses) on the tuned kernels."""
+        return Engine(self.store, self.tuned, scale=self.stage if "lam" in mode else None, policy=self.policy,
+                      classes=self.meta.classes, config=PipelineConfig(**mode, **self.base))
+
+    def baseline(self, resolution: int) -> Engine:
+        """(a): eager PyTorch, full reads and the full decode."""
+        return Engine(self.store, EagerRunner(self.model), classes=self.meta.classes,
+                      config=PipelineConfig(resolution=resolution, baseline=True, **self.base))
+
+
+def _setup(store_path: str, backbone: str, scale: str, policy: str | None, cfg: PipelineBenchConfig) -> _Setup:
+    """Open the store, load the models and the policy, and build every kernel a timed run may need."""
     from dynres.io.store import open_store
     from dynres.model.checkpoint import load_checkpoint
 
@@ -84,31 +107,42 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         calibrated = load_policy(policy)
     tuned.warm(stage.grid)
     stage.runner.warm([stage.resolution])
-    keys = _sample(list(store.keys if keys is None else keys), cfg.images, cfg.seed)
-    base = dict(batch_size=cfg.batch_size, workers=cfg.workers, torch_threads=cfg.torch_threads, crop=cfg.crop)
+    base = dict(batch_size=cfg.batch_size, workers=cfg.workers, torch_threads=cfg.torch_threads,
+                crop_side=cfg.crop_side)
+    return _Setup(store, model, meta, tuned, stage, calibrated, base)
 
-    sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
 
-    lams, lam_sweep = dict.fromkeys(DYNAMIC, cfg.lam), []
-    static_r = cfg.static_resolution
-    runs = (len(stage.grid) if static_r is None else int(cfg.lam is None)) \
+def _sample(keys: list[str], n: int, seed: int) -> list[str]:
+    if not n or n >= len(keys):
+        return list(keys)
+    return sorted(random.Random(seed).sample(keys, n))
+
+
+def _row(summary: dict) -> dict:
+    return {k: summary[k] for k in (*COLUMNS, "images", "seconds", "read_fraction", "resolution_histogram",
+                                    "scale_overhead", "work_s", "top5_accuracy")}
+
+
+def _operating_points(setup: _Setup, sweep_keys: list[str], cfg: PipelineBenchConfig,
+                      progress: bool) -> tuple[int, list[dict], dict, list[dict]]:
+    """(b)'s resolution and each dynamic variant's λ, chosen on ``sweep_keys`` unless the config fixes them:
+    the most accurate grid resolution, then per variant (what it reads changes its inputs a little) the largest λ
+    whose accuracy is within the tolerance of (b)'s. Returns the resolution, its sweep, the λs and their sweep."""
+    lams, lam_sweep, sweep = dict.fromkeys(DYNAMIC, cfg.lam), [], []
+    static_r, grid = cfg.static_resolution, setup.stage.grid
+    runs = (len(grid) if static_r is None else int(cfg.lam is None)) \
         + (len(DYNAMIC) * len(cfg.lambdas) if cfg.lam is None else 0)
     with status_bar(runs, f"sweep {len(sweep_keys)} images", progress) as done:
         def on_sweep(label: str, **mode) -> dict:  # one run over the sweep sample
-            scale = stage if "lam" in mode else None
-            summary = Engine(store, tuned, scale=scale, policy=calibrated, classes=meta.classes,
-                             config=PipelineConfig(**mode, **base)).run(sweep_keys, progress=False).summary
+            summary = setup.engine(**mode).run(sweep_keys, progress=False).summary
             done(label)
             return summary
 
-        sweep = []
         if static_r is None:
-            for r in stage.grid:
+            for r in grid:
                 s = on_sweep(f"(b) @{r}", resolution=r)
                 sweep.append({"resolution": r, "accuracy": s["accuracy"], "images_per_s": s["images_per_s"]})
             static_r = max(sweep, key=lambda row: (row["accuracy"] or 0.0, -row["resolution"]))["resolution"]
-        # (c)'s operating point, chosen like (b)'s resolution, on the same images: per dynamic variant (what it
-        # reads changes its inputs a little), the largest λ whose accuracy is within the tolerance of (b)'s
         if cfg.lam is None:
             target = next((row["accuracy"] for row in sweep if row["resolution"] == static_r), None)
             if target is None:
@@ -123,16 +157,12 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
                 ok = [row for row in rows if (row["accuracy"] or 0.0) >= (target or 0.0) - cfg.tolerance]
                 lams[name] = max(ok, key=lambda row: row["lam"])["lam"] if ok else 0.0
                 lam_sweep += rows
+    return static_r, sweep, lams, lam_sweep
 
-    engines = {
-        "baseline": Engine(store, EagerRunner(model), classes=meta.classes, config=PipelineConfig(
-            resolution=cfg.baseline_resolution or meta.train_resolution, baseline=True, **base)),
-        "static_tuned": Engine(store, tuned, policy=calibrated, classes=meta.classes,
-                               config=PipelineConfig(resolution=static_r, **base)),
-        **{name: Engine(store, tuned, scale=stage, policy=calibrated, classes=meta.classes,
-                        config=PipelineConfig(lam=lams[name], **variant, **base))
-           for name, variant in DYNAMIC.items()},
-    }
+
+def _time_modes(store: StoreLike, engines: dict[str, Engine], keys: list[str], cfg: PipelineBenchConfig,
+                progress: bool) -> dict[str, dict]:
+    """Each mode's median timed run over ``keys``, after a warm-up run of every mode."""
     for engine in engines.values():
         engine.run(keys[: cfg.warmup], progress=False)  # page cache, allocator, lazily built kernels
     runs: dict[str, list[dict]] = {name: [] for name in engines}
@@ -143,12 +173,37 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
                 store.reset_stats()
                 runs[name].append(_row(engine.run(keys, progress=False).summary))
                 done(name)
-    rows = {name: _median_run(r) for name, r in runs.items()}
+    return {name: _median_run(r) for name, r in runs.items()}
 
+
+def measure_pipeline(store_path: str, backbone: str, scale: str, policy: str | None = None,
+                     cfg: PipelineBenchConfig = PipelineBenchConfig(), progress: bool = True,
+                     keys: list[str] | None = None) -> dict:
+    """Choose (b)'s resolution and (c)'s λs, then time every mode on the same images (``keys``, default the whole
+    store). Returns the measurements; :func:`pipeline_record` adds the ratios and targets."""
+    setup = _setup(store_path, backbone, scale, policy, cfg)
+    keys = _sample(list(setup.store.keys if keys is None else keys), cfg.images, cfg.seed)
+    sweep_keys = _sample(keys, cfg.sweep_images, cfg.seed + 1)
+    static_r, sweep, lams, lam_sweep = _operating_points(setup, sweep_keys, cfg, progress)
+    baseline_r = cfg.baseline_resolution or setup.meta.train_resolution
+    engines = {"baseline": setup.baseline(baseline_r), "static_tuned": setup.engine(resolution=static_r),
+               **{name: setup.engine(lam=lams[name], **variant) for name, variant in DYNAMIC.items()}}
+    rows = _time_modes(setup.store, engines, keys, cfg, progress)
+    return {
+        "store": str(store_path), "backbone": str(backbone), "scale_model": str(scale), "policy": policy,
+        "images": len(keys), "config": asdict(cfg), "baseline_resolution": baseline_r,
+        "static_resolution": static_r, "scale_resolution": setup.stage.resolution, "grid": list(setup.stage.grid),
+        "static_sweep": sweep, "lams": lams, "lam_sweep": lam_sweep, "pipeline": rows,
+    }
+
+
+def pipeline_record(measured: dict, tolerance: float) -> dict:
+    """The measurements with the ratios between modes and the issue's targets. The ratios use the fastest dynamic
+    variant that keeps (b)'s accuracy within ``tolerance`` (if none does, the most accurate one); every variant's
+    row is reported."""
+    rows = measured["pipeline"]
     a, b = rows["baseline"], rows["static_tuned"]
-    # the targets judge the fastest dynamic variant that keeps (b)'s accuracy within the tolerance (if none does, the
-    # most accurate one); every variant's row is reported
-    ok = [m for m in DYNAMIC if (rows[m]["accuracy"] or 0.0) >= (b["accuracy"] or 0.0) - cfg.tolerance]
+    ok = [m for m in DYNAMIC if (rows[m]["accuracy"] or 0.0) >= (b["accuracy"] or 0.0) - tolerance]
     best = (max(ok, key=lambda m: rows[m]["images_per_s"]) if ok
             else max(DYNAMIC, key=lambda m: (rows[m]["accuracy"] or 0.0, rows[m]["images_per_s"])))
     c = rows[best]
@@ -173,13 +228,16 @@ def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Pa
         and (ratios["dynamic_minus_static_accuracy"] or 0) >= -0.5,
         "scale_overhead_at_most_10pct": ratios["scale_overhead"] <= 0.10,
     }
-    payload = {
-        "store": str(store_path), "backbone": str(backbone), "scale_model": str(scale), "policy": policy,
-        "images": len(keys), "config": asdict(cfg), "baseline_resolution": engines["baseline"].config.resolution,
-        "static_resolution": static_r, "scale_resolution": stage.resolution, "grid": list(stage.grid),
-        "static_sweep": sweep, "lams": lams, "lam_sweep": lam_sweep, "pipeline": rows, "ratios": ratios,
-        "targets": targets,
-    }
+    return {**measured, "ratios": ratios, "targets": targets}
+
+
+def run_bench_pipeline(store_path: str, backbone: str, scale: str, out: str | Path, policy: str | None = None,
+                       cfg: PipelineBenchConfig = PipelineBenchConfig(), progress: bool = True,
+                       keys: list[str] | None = None) -> dict:
+    """(a), (b), (c) on the same images (``keys``, e.g. a split the scale model never saw; default the whole
+    store): measure, record, and write ``pipeline.json`` / ``pipeline.md`` under ``out``."""
+    payload = pipeline_record(measure_pipeline(store_path, backbone, scale, policy, cfg, progress, keys),
+                              cfg.tolerance)
     write_records(out, "pipeline", payload, render_markdown(payload))
     return payload
 

@@ -4,8 +4,8 @@ The saving over the common baseline comes from libjpeg's DCT scaling: ``Image.dr
 1/2, 1/4 or 1/8 size image directly, skipping most of the inverse DCT work, and we pick the smallest scale that is
 still at least as large as the resize needs. Resize and center crop are then one ``Image.resize(box=...)`` call.
 
-``crop`` is a *side* ratio everywhere in dynres (torchvision's convention: resize the shorter side to R/crop, take
-the central R x R). The paper quotes crops as *area* fractions (25%, 56%, 75%, 100%); :func:`crop_side` converts.
+``crop_side`` is a side ratio (torchvision's convention: resize the shorter side to R / crop_side, take the central
+R x R); the paper quotes crops as area fractions, which :func:`dynres.paper.crop_side` converts.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from dynres.errors import BadImageError
+from dynres.paper import DEFAULT_CROP_SIDE
 
 
 def _open(data: bytes, name: str) -> Image.Image:
@@ -31,12 +32,12 @@ def _open(data: bytes, name: str) -> Image.Image:
         raise BadImageError(name, f"cannot decode image: {err}") from err
 
 
-def _crop_box(width: int, height: int, resolution: int, crop: float) -> tuple[float, float, float, float]:
-    """The source-pixel box that torchvision's Resize(int(R / crop)) + CenterCrop(R) would keep.
+def _crop_box(width: int, height: int, resolution: int, crop_side: float) -> tuple[float, float, float, float]:
+    """The source-pixel box that torchvision's Resize(int(R / crop_side)) + CenterCrop(R) would keep.
 
     Mirroring its integer rounding keeps the fast path geometrically identical to the baseline.
     """
-    short = int(resolution / crop)
+    short = int(resolution / crop_side)
     if width <= height:
         rw, rh = short, int(short * height / width)
     else:
@@ -90,22 +91,23 @@ def decode_short_side(data: bytes, short_side: int, square: bool = False, name: 
         raise BadImageError(name, f"cannot decode image: {err}") from None
 
 
-def decode(prefix: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
+def decode(prefix: bytes, resolution: int, crop_side: float = DEFAULT_CROP_SIDE, name: str = "<bytes>"
+           ) -> torch.Tensor:
     """Decode a scan prefix to a uint8 CHW tensor of shape (3, resolution, resolution).
 
     Pillow decodes at the DCT scale; torch's uint8 resize (antialiased, vectorized) then scales only the crop
-    region, which measured 1.3-2.7x faster than Pillow's own resize here.
+    region: faster than Pillow's own resize (docs/io-measurements.md).
     """
-    _check_crop(crop)
-    return crop_resize(decode_scaled(prefix, resolution / crop, name), resolution, crop, name)
+    _check_crop_side(crop_side)
+    return crop_resize(decode_scaled(prefix, resolution / crop_side, name), resolution, crop_side, name)
 
 
 def decode_scaled(prefix: bytes, short_side: float, name: str = "<bytes>") -> torch.Tensor:
     """Decode at the smallest DCT scale whose shorter side is still >= ``short_side``: a uint8 CHW view.
 
     One such decode serves every view up to ``short_side`` (:func:`crop_resize`): the entropy decoding of a
-    progressive JPEG costs most of a decode whatever the DCT scale (measured 2.97 ms full size, 2.35 ms at 1/8 on
-    the demo's images), so a pipeline that needs two views of one prefix decodes it once.
+    progressive JPEG costs most of a decode whatever the DCT scale (docs/io-measurements.md), so a pipeline that
+    needs two views of one prefix decodes it once.
     """
     img = open_drafted(prefix, short_side, name)
     try:
@@ -114,25 +116,26 @@ def decode_scaled(prefix: bytes, short_side: float, name: str = "<bytes>") -> to
         raise BadImageError(name, f"cannot decode image: {err}") from err
 
 
-def crop_resize(image: torch.Tensor, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
+def crop_resize(image: torch.Tensor, resolution: int, crop_side: float = DEFAULT_CROP_SIDE, name: str = "<bytes>"
+                ) -> torch.Tensor:
     """The (3, resolution, resolution) center view of a decoded uint8 CHW image (see :func:`resize_center`)."""
-    _check_crop(crop)
+    _check_crop_side(crop_side)
     try:
-        return torch.from_numpy(np.ascontiguousarray(resize_center(image[None], resolution, crop)[0].numpy()))
+        return torch.from_numpy(np.ascontiguousarray(resize_center(image[None], resolution, crop_side)[0].numpy()))
     except Exception as err:
         raise BadImageError(name, f"cannot resize image: {err}") from err
 
 
-def resize_center(images: torch.Tensor, resolution: int, crop: float) -> torch.Tensor:
-    """Center views (N,C,R,R) of uint8 images (N,C,H,W): torchvision's Resize(int(R / crop)) + CenterCrop(R)
+def resize_center(images: torch.Tensor, resolution: int, crop_side: float) -> torch.Tensor:
+    """Center views (N,C,R,R) of uint8 images (N,C,H,W): torchvision's Resize(int(R / crop_side)) + CenterCrop(R)
     geometry, resampled once.
 
     The exact box is rounded to whole source pixels: at most half a source pixel off torchvision's geometry (a
     fraction of an output pixel), which costs nothing in accuracy and saves a resample. The resample is torch's
     antialiased bilinear, which is what torchvision's uint8 resize runs (pixel-identical), without importing
-    torchvision's transforms (1.1 s per process).
+    torchvision's transforms (a second per process).
     """
-    x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(images.shape[-1], images.shape[-2], resolution, crop))
+    x0, y0, x1, y1 = (int(round(v)) for v in _crop_box(images.shape[-1], images.shape[-2], resolution, crop_side))
     return torch.nn.functional.interpolate(images[..., y0:y1, x0:x1], size=(resolution, resolution),
                                            mode="bilinear", align_corners=False, antialias=True)
 
@@ -151,33 +154,35 @@ class PrefixViews:
         self.decode_s = 0.0
         self._image: torch.Tensor | None = None
 
-    def view(self, resolution: int, crop: float = 0.875) -> torch.Tensor:
+    def view(self, resolution: int, crop_side: float = DEFAULT_CROP_SIDE) -> torch.Tensor:
         if self.short_side is None:
-            return decode(self.data, resolution, crop, self.name)
+            return decode(self.data, resolution, crop_side, self.name)
         if self._image is None:
             t = time.thread_time()
             self._image = decode_scaled(self.data, self.short_side, self.name)
             self.decode_s = time.thread_time() - t
-        return crop_resize(self._image, resolution, crop, self.name)
+        return crop_resize(self._image, resolution, crop_side, self.name)
 
 
-def _check_crop(crop: float) -> None:
-    if not 0 < crop <= 1:
-        raise ValueError(f"crop (side ratio) must be in (0, 1], got {crop}")
+def _check_crop_side(crop_side: float) -> None:
+    if not 0 < crop_side <= 1:
+        raise ValueError(f"crop_side (a side ratio) must be in (0, 1], got {crop_side}")
 
 
-def decode_image(data: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> Image.Image:
+def decode_image(data: bytes, resolution: int, crop_side: float = DEFAULT_CROP_SIDE, name: str = "<bytes>"
+                 ) -> Image.Image:
     """:func:`decode` as a PIL image (thumbnails, debugging)."""
-    return Image.fromarray(decode(data, resolution, crop, name).permute(1, 2, 0).numpy())
+    return Image.fromarray(decode(data, resolution, crop_side, name).permute(1, 2, 0).numpy())
 
 
-def decode_baseline(data: bytes, resolution: int, crop: float = 0.875, name: str = "<bytes>") -> torch.Tensor:
+def decode_baseline(data: bytes, resolution: int, crop_side: float = DEFAULT_CROP_SIDE, name: str = "<bytes>"
+                    ) -> torch.Tensor:
     """The common baseline: full-size decode, torchvision Resize(shorter side) + CenterCrop. For benchmarks."""
     from torchvision.transforms.v2 import functional as F
 
     img = _open(data, name).convert("RGB")
     t = F.pil_to_tensor(img)
-    t = F.resize(t, [int(resolution / crop)], antialias=True)
+    t = F.resize(t, [int(resolution / crop_side)], antialias=True)
     return F.center_crop(t, [resolution, resolution])
 
 

@@ -69,6 +69,8 @@ class IngestConfig:
             raise ConfigError("workers", f"must be >= 0, got {self.workers}")
         if self.max_pixels < 1:
             raise ConfigError("max_pixels", f"must be positive, got {self.max_pixels}")
+        if self.chunksize < 1:
+            raise ConfigError("chunksize", f"must be positive, got {self.chunksize}")
 
     def fingerprint(self) -> dict:
         """The settings that determine the stored bytes: a resumed ingest reuses files only if they match."""
@@ -121,37 +123,56 @@ def ingest(
 
     cfg = config or IngestConfig()
     t0 = time.perf_counter()
-    src, store = Path(src_dir), Path(store_dir)
-    if not src.is_dir():
-        raise StoreError(src, "source directory not found")
-    if store.resolve().is_relative_to(src.resolve()):
-        raise ConfigError(store, f"the store must not be inside the source tree {src}")
-    if cfg.scans is not None:
-        check_scan_script(cfg.scans)
+    src, store_dir = _check_dirs(Path(src_dir), Path(store_dir), cfg)
     fingerprint = cfg.fingerprint()
     classes, tasks, skipped = _plan(src)
-    store.mkdir(parents=True, exist_ok=True)
-    manifest = store / MANIFEST
+    store_dir.mkdir(parents=True, exist_ok=True)
+    records, reused = _encode_journaled(store_dir, tasks, skipped, cfg, fingerprint, progress)
+    rows = [records[t.key] for t in tasks if t.key in records]
+    seconds = time.perf_counter() - t0
+    report = IngestReport(
+        store=str(store_dir), ingested=len(records) - reused, reused=reused, skipped=skipped, images=len(rows),
+        bytes=sum(r["size"] for r in rows), seconds=seconds, images_per_s=(len(records) - reused) / max(seconds, 1e-9),
+    )
+    _write_store(store_dir, report, rows, classes, fingerprint)
+    return report
 
-    previous, manifest_paths = _previous_records(manifest, store / JOURNAL, fingerprint, CONFIG_KEY)
+
+def _check_dirs(src: Path, store_dir: Path, cfg: IngestConfig) -> tuple[Path, Path]:
+    """Fail before any work: a missing source, a store inside it, a scan script that cannot be applied."""
+    if not src.is_dir():
+        raise StoreError(src, "source directory not found")
+    if store_dir.resolve().is_relative_to(src.resolve()):
+        raise ConfigError(store_dir, f"the store must not be inside the source tree {src}")
+    if cfg.scans is not None:
+        check_scan_script(cfg.scans)
+    return src, store_dir
+
+
+def _encode_journaled(store_dir: Path, tasks: list[_Task], skipped: list[tuple[str, str]], cfg: IngestConfig,
+                      fingerprint: dict, progress: bool) -> tuple[dict[str, dict], int]:
+    """Records by key for every task that yields one, and how many of them were reused; each new record is journaled
+    as it arrives, and each failure appended to ``skipped``."""
+    manifest = store_dir / MANIFEST
+    previous, manifest_paths = _previous_records(manifest, store_dir / JOURNAL, fingerprint, CONFIG_KEY)
     # manifest_paths is None when an existing manifest has other settings or is unreadable
     records: dict[str, dict] = {}
     todo: list[_Task] = []
     for task in tasks:
         rec = previous.get(task.key)
-        if rec is not None and _reusable(store, task, rec):
+        if rec is not None and _reusable(store_dir, task, rec):
             records[task.key] = {**rec, "label": task.label, "class_name": task.class_name}
         else:
             todo.append(task)
     reused = len(records)
-    journal = _open_journal(store / JOURNAL, fingerprint)
+    journal = _open_journal(store_dir / JOURNAL, fingerprint)
     try:
         if manifest.exists() and (manifest_paths is None or any(t.path in manifest_paths for t in todo)):
             for rec in records.values():  # journal what is reused, so a crash from here on loses no work
                 journal.write(json.dumps(rec, ensure_ascii=False) + "\n")
             journal.flush()
             manifest.unlink()  # about to rewrite files it references (or its settings differ): no longer complete
-        for task, result in track(_encode_all(todo, store, cfg), len(todo), "ingest", progress):
+        for task, result in track(_encode_all(todo, store_dir, cfg), len(todo), "ingest", progress):
             if isinstance(result, str):
                 skipped.append((task.source, result))
                 continue
@@ -160,23 +181,22 @@ def ingest(
             journal.flush()
     finally:
         journal.close()
+    return records, reused
 
-    rows = [records[t.key] for t in tasks if t.key in records]
-    seconds = time.perf_counter() - t0
-    report = IngestReport(
-        store=str(store), ingested=len(records) - reused, reused=reused, skipped=skipped, images=len(rows),
-        bytes=sum(r["size"] for r in rows), seconds=seconds, images_per_s=(len(records) - reused) / max(seconds, 1e-9),
-    )
-    _atomic_write(store / REPORT, json.dumps(report.to_dict(), indent=1, ensure_ascii=False).encode())
+
+def _write_store(store_dir: Path, report: IngestReport, rows: list[dict], classes: list[str],
+                 fingerprint: dict) -> None:
+    """The report, then the manifest (atomically: the store is complete from here), then the journal and any file
+    the manifest no longer references go."""
+    _atomic_write(store_dir / REPORT, json.dumps(report.to_dict(), indent=1, ensure_ascii=False).encode())
     metadata = {
         VERSION_KEY: str(FORMAT_VERSION).encode(),
         CLASSES_KEY: json.dumps(classes, ensure_ascii=False).encode(),
         CONFIG_KEY: json.dumps(fingerprint).encode(),
         b"dynres.created": datetime.now(timezone.utc).isoformat().encode(),
     }
-    _write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata)), manifest)
-    _cleanup(store, {r["path"] for r in rows})
-    return report
+    _write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata)), store_dir / MANIFEST)
+    _cleanup(store_dir, {r["path"] for r in rows})
 
 
 # --------------------------------------------------------------------------- planning
@@ -294,13 +314,13 @@ def _open_journal(path: Path, fingerprint: dict):
     return f
 
 
-def _reusable(store: Path, task: _Task, rec: dict) -> bool:
+def _reusable(store_dir: Path, task: _Task, rec: dict) -> bool:
     if (rec.get("source"), rec.get("path"), rec.get("source_size"), rec.get("source_mtime_ns")) != (
         task.source, task.path, task.source_size, task.source_mtime_ns,
     ):
         return False
     try:
-        data = (store / task.path).read_bytes()
+        data = (store_dir / task.path).read_bytes()
     except OSError:
         return False
     return len(data) == rec.get("size") and hashlib.sha256(data).hexdigest() == rec.get("sha256")
@@ -309,9 +329,9 @@ def _reusable(store: Path, task: _Task, rec: dict) -> bool:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_all(todo: list[_Task], store: Path, cfg: IngestConfig) -> Iterator[tuple[_Task, dict | str]]:
+def _encode_all(todo: list[_Task], store_dir: Path, cfg: IngestConfig) -> Iterator[tuple[_Task, dict | str]]:
     """(task, record or skip reason) in task order; processes when workers > 1."""
-    args = [(t, str(store), cfg) for t in todo]
+    args = [(t, str(store_dir), cfg) for t in todo]
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(todo) <= 1:
         yield from zip(todo, map(_encode_one, args))
@@ -331,7 +351,7 @@ def _encode_all(todo: list[_Task], store: Path, cfg: IngestConfig) -> Iterator[t
 
 def _encode_one(arg: tuple[_Task, str, IngestConfig]) -> dict | str:
     """Encode one source and write it atomically; a record for the manifest, or the reason it was skipped."""
-    task, store, cfg = arg
+    task, store_dir, cfg = arg
     try:
         img = load_rgb(task.source_abs, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
         data = encode_progressive(img, cfg.quality, cfg.scans)
@@ -345,7 +365,7 @@ def _encode_one(arg: tuple[_Task, str, IngestConfig]) -> dict | str:
     if not layout.progressive:
         return "encoder produced a non-progressive JPEG"
     data = data[: layout.scan_ends[-1]]
-    out = os.path.join(store, *task.path.split("/"))
+    out = os.path.join(store_dir, *task.path.split("/"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -403,18 +423,18 @@ def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _cleanup(store: Path, keep: set[str]) -> None:
+def _cleanup(store_dir: Path, keep: set[str]) -> None:
     """Remove the journal, stray temporaries and images no longer in the manifest."""
-    journal = store / JOURNAL
+    journal = store_dir / JOURNAL
     if journal.exists():
         journal.unlink()
     try:
         journal.parent.rmdir()
     except OSError:
         pass
-    images = store / IMAGES
+    images = store_dir / IMAGES
     for dirpath, _, filenames in os.walk(images):
         for fname in filenames:
             full = os.path.join(dirpath, fname)
-            if Path(full).relative_to(store).as_posix() not in keep:
+            if Path(full).relative_to(store_dir).as_posix() not in keep:
                 os.unlink(full)

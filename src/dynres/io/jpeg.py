@@ -118,6 +118,28 @@ def _entropy_end(data: bytes, pos: int) -> int:
         return i
 
 
+def scan_components(data: bytes, scan_ends: tuple[int, ...] | list[int], name: str = "<bytes>"
+                    ) -> list[tuple[int | None, bytes]]:
+    """Per scan: (the frame's first component id, the component ids its SOS header lists), read from the marker
+    segments between the previous scan's end and this scan's SOS."""
+    frame_first, out = None, []
+    for i in range(len(scan_ends)):
+        pos = 2 if i == 0 else scan_ends[i - 1]
+        while True:  # walk the marker segments (DHT, DQT, SOF, ...) that precede this scan's SOS
+            while pos < len(data) and data[pos] == 0xFF:
+                pos += 1
+            if pos + 3 > len(data):
+                raise BadImageError(name, f"no SOS header for scan {i + 1}")
+            marker, length = data[pos], int.from_bytes(data[pos + 1:pos + 3], "big")
+            if marker in (0xC0, 0xC1, 0xC2) and frame_first is None:
+                frame_first = data[pos + 9]  # first component id of the frame: Y in YCbCr / grayscale
+            if marker == _SOS:
+                out.append((frame_first, bytes(data[pos + 4:pos + 4 + 2 * data[pos + 3]:2])))
+                break
+            pos += 1 + length
+    return out
+
+
 def prefix_crc32s(data: bytes, scan_ends: tuple[int, ...] | list[int]) -> list[int]:
     """crc32 of each prefix ``data[:end]``, so that a partial read can be verified too."""
     crcs, crc, start = [], 0, 0
@@ -153,9 +175,8 @@ def load_rgb(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int |
             with Image.open(path) as img:
                 pixels = img.width * img.height
                 if pixels > max_pixels:
-                    raise BadImageError(
-                        path, f"decompression bomb: {img.width}x{img.height} = {pixels} pixels > max_pixels {max_pixels}"
-                    )
+                    raise BadImageError(path, f"decompression bomb: {img.width}x{img.height} = {pixels} pixels > "
+                                              f"max_pixels {max_pixels}")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 rgb = _to_rgb(img)

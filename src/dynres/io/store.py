@@ -1,15 +1,11 @@
 """The progressive-JPEG store: ordinary ``.jpg`` files plus one Parquet manifest, read scan by scan.
 
-Layout (written by :func:`ingest`)::
-
-    STORE/manifest.parquet        one row per image (see SCHEMA); written last, atomically
-    STORE/ingest_report.json      counts, seconds and every skipped source file with its reason
-    STORE/images/<class>/<name>.jpg
-
-A read of the first k scans fetches only ``file[:scan_ends[k-1]]`` and appends an EOI marker, so a
-low-resolution decode costs a fraction of the bytes. Reading more scans of a key already partly read
-fetches only the missing range (a small LRU of prefixes). Local directories are read with plain
-files; any other fsspec URL (HTTP, S3, memory, ...) with ranged ``cat_file`` calls.
+The layout is :mod:`dynres.io.format`'s (written by :func:`dynres.io.ingest.ingest`). A read of the first k scans
+fetches only ``file[:scan_ends[k-1]]`` and appends an EOI marker, so a low-resolution decode costs a fraction of the
+bytes. Reading more scans of a key already partly read fetches only the missing range (a small LRU of prefixes).
+Local directories are read with plain files; any other fsspec URL (HTTP, S3, memory, ...) with ranged ``cat_file``
+calls. Every manifest path must stay inside the store: one that is absolute, has a drive or contains ``..`` is
+refused when the store opens.
 
 Per-resolution quality data is not here: it lives in a sibling ``quality.parquet`` keyed by ``key``.
 """
@@ -19,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import zlib
 from collections import OrderedDict
@@ -26,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynres.errors import ChecksumError, KeyNotFoundError, StoreError
@@ -34,12 +32,15 @@ from dynres.io.jpeg import EOI
 
 __all__ = ["FORMAT_VERSION", "SCHEMA", "Store", "StoreLike", "open_store"]
 
+
 @runtime_checkable
 class StoreLike(Protocol):
-    """What the rest of dynres needs of a store: keys and labels, scan counts, hashes and prefix reads.
+    """What the rest of dynres needs of a store: keys and labels, scan layout, hashes and prefix reads.
 
     :class:`Store` is the implementation; anything else passed as ``store`` (a test's in-memory store) must pass
-    the same contract test.
+    the same contract test (``tests/io/test_store_contract.py``). ``bytes_read`` counts bytes fetched from
+    storage: a read of k scans fetches at most ``prefix_size(key, k)`` bytes, and the EOI marker appended to a
+    partial read is not a read.
     """
 
     keys: list[str]
@@ -51,6 +52,12 @@ class StoreLike(Protocol):
     def sha256(self, key: str) -> str: ...
 
     def num_scans(self, key: str) -> int: ...
+
+    def scan_ends(self, key: str) -> list[int]: ...
+
+    def size(self, key: str) -> int: ...
+
+    def prefix_size(self, key: str, scans: int | None = None) -> int: ...
 
     def read(self, key: str, scans: int | None = None) -> bytes: ...
 
@@ -108,6 +115,31 @@ def _parse_manifest(source: Any, name: str) -> pa.Table:
     return table
 
 
+# A path escapes when it is empty or absolute, or when, read as POSIX or as Windows, a component is ``..`` or starts
+# with a drive (``C:``: Windows' path join drops everything before it). A backslash alone is kept: ingest writes class
+# folder names as they are, and on POSIX a backslash is an ordinary character.
+_ESCAPING = r"^$|^[/\\]|(^|[/\\])\.\.([/\\]|$)|(^|[/\\])[A-Za-z]:"
+
+
+def _refuse_escaping_paths(root: str, manifest: pa.Table) -> None:
+    """Raise StoreError naming the first key whose manifest path could name a file outside the store."""
+    paths = manifest.column("path")
+    bad = pc.match_substring_regex(paths, _ESCAPING).fill_null(True)
+    if not pc.any(bad).as_py():
+        return
+    i = pc.index(bad, True).as_py()
+    key, path = manifest.column("key")[i].as_py(), paths[i].as_py()
+    if not path:
+        why = "empty"
+    elif path[0] in "/\\":
+        why = "absolute"
+    elif ".." in re.split(r"[/\\]", path):
+        why = "contains '..'"
+    else:
+        why = "has a drive letter"
+    raise StoreError(key, f"manifest path {path!r} escapes the store {root} ({why}): refused")
+
+
 def _flat_lists(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """A list column as (offsets, values) numpy arrays: compact for millions of rows, cheap to pickle."""
     arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
@@ -140,6 +172,7 @@ class Store:
         self._index = {k: i for i, k in enumerate(self.keys)}
         if len(self._index) != len(self.keys):
             raise StoreError(root, "manifest has duplicate keys")
+        _refuse_escaping_paths(root, manifest)
         self._paths: list[str] = manifest.column("path").to_pylist()
         self._sha: list[str] = manifest.column("sha256").to_pylist()
         self._labels = manifest.column("label").to_numpy()
@@ -216,6 +249,16 @@ class Store:
             return os.path.join(self.root, *rel.split("/"))
         return f"{self.root.rstrip('/')}/{rel}"
 
+    @property
+    def filesystem(self) -> Any:
+        """The fsspec filesystem holding the store (a local one for a directory), with :attr:`root`: files kept
+        beside the manifest (the quality index) are read and written through it."""
+        if self._fs is not None:
+            return self._fs
+        import fsspec
+
+        return fsspec.filesystem("file")
+
     # ---------------------------------------------------------------- reads
 
     def read(self, key: str, scans: int | None = None) -> bytes:
@@ -291,7 +334,8 @@ class Store:
             ok = zlib.crc32(data) == int(self._crc_val[self._crc_off[i] + k - 1])
             what = f"crc32 of the first {k} scans"
         if not ok:
-            raise ChecksumError(f"{key} ({self.location(key)})", f"{what} does not match the manifest (file changed or corrupt)")
+            raise ChecksumError(f"{key} ({self.location(key)})",
+                                f"{what} does not match the manifest (file changed or corrupt)")
 
 
 def _check_scans(scans: int) -> int:

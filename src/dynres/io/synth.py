@@ -84,7 +84,7 @@ class SynthConfig:
     min_size: int = 300
     max_size: int = 800
     aspect_range: tuple[float, float] = (1.0, 1.78)
-    scale_range: tuple[float, float] = (0.13, 0.9)  # 6.9x; with 0.08-0.6 the demo backbone stayed at chance
+    scale_range: tuple[float, float] = (0.13, 0.9)  # 6.9x; docs/io-measurements.md: why not smaller
     jpeg_quality: int = 90
     workers: int = 1
 

@@ -155,6 +155,3 @@ def _resolve(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(path, "checkpoint not found")
     return path
-
-
-# --- cost ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dynres.io.decode import decode, decode_train
+from dynres.io.store import StoreLike
+from dynres.paper import DEFAULT_CROP_SIDE
 from dynres.policy.scans import Scans, scans_for
 
 
@@ -15,14 +17,14 @@ class StoreDataset(Dataset):
     """``(uint8 tensor 3xRxR, label)`` per image of ``store``.
 
     ``train=True`` gives RandomResizedCrop + flip views (always from all scans); otherwise a deterministic
-    resize + center crop with side ratio ``crop`` from the policy's prefix.
+    resize + center crop with side ratio ``crop_side`` from the policy's prefix.
     """
 
     def __init__(
         self,
-        store,
+        store: StoreLike,
         resolution: int,
-        crop: float = 0.875,
+        crop_side: float = DEFAULT_CROP_SIDE,
         scans: Scans = None,
         keys: Sequence[str] | None = None,
         train: bool = False,
@@ -30,7 +32,7 @@ class StoreDataset(Dataset):
     ):
         self.store = store
         self.resolution = resolution
-        self.crop = crop
+        self.crop_side = crop_side
         self.scans = scans
         self.keys = list(store.keys if keys is None else keys)
         self.train = train
@@ -46,5 +48,5 @@ class StoreDataset(Dataset):
             image = decode_train(data, self.resolution, scale=self.train_scale, name=key)
         else:
             data = self.store.read(key, scans=scans_for(self.scans, key, self.resolution))
-            image = decode(data, self.resolution, self.crop, name=key)
+            image = decode(data, self.resolution, self.crop_side, name=key)
         return image, self.store.label(key)

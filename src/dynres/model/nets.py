@@ -4,6 +4,9 @@ Input convention (one place for normalization): every model built here starts wi
 so it takes **float32 NCHW in [0, 1]** (``uint8 / 255``). Kernel backends and ONNX exports therefore see plain
 float inputs and need nothing but :func:`dynres.model.checkpoint.load_checkpoint`.
 
+torchvision is imported by the builders that use it, not with this module: the command line reads the settings
+of modules that import this one, and ``dynres --help`` should not pay for torchvision's import.
+
 FLOP convention: :func:`gflops` uses ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 x MACs
 (conv and matmul only). The paper quotes MACs: ResNet-18 at 224 is 1.8 GMACs = 3.6 GFLOPs here.
 """
@@ -14,15 +17,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
 from dynres.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-META_VERSION = 1
+IMAGENET_CLASSES = 1000  # the head of architectures built with random weights to measure speed
 
 
 class Normalize(nn.Module):
@@ -44,8 +45,8 @@ def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 def channels_last(model: nn.Module) -> nn.Module:
-    """NHWC weights, in place: oneDNN's preferred layout, measured 1.25-1.3x faster training and 1.3-1.6x faster
-    batched evaluation of the demo's models on 2 cores. Same math; checkpoints load into either layout."""
+    """NHWC weights, in place: oneDNN's preferred layout, faster for training and batched evaluation on CPU
+    (docs/demo-config.md). Same math; checkpoints load into either layout."""
     return model.to(memory_format=torch.channels_last)
 
 
@@ -68,16 +69,27 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 def list_architectures() -> list[str]:
     """The presets registered here plus every torchvision classification model."""
+    import torchvision
+
     return sorted(set(_BUILDERS) | set(torchvision.models.list_models(module=torchvision.models)))
 
 
 def build_backbone(arch: str, num_classes: int) -> nn.Module:
     """The bare network (no normalization) for ``arch``: a preset from this module or any torchvision name."""
+    import torchvision
+
     if arch in _BUILDERS:
         return _BUILDERS[arch](num_classes=num_classes)
     if arch in torchvision.models.list_models(module=torchvision.models):
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     raise ConfigError(arch, "unknown architecture (see `list_architectures()`; torchvision classification names work)")
+
+
+def random_backbone(arch: str, num_classes: int, seed: int = 0) -> nn.Module:
+    """``arch`` in eval mode with the same random weights for a ``seed`` on every run (it seeds torch's global RNG):
+    what speed measurements use without a checkpoint, so a tuning cache keyed by the weights hits on a rerun."""
+    torch.manual_seed(seed)
+    return build_backbone(arch, num_classes).eval()
 
 
 def create_model(arch: str, num_classes: int, mean: Sequence[float] = IMAGENET_MEAN,
@@ -94,6 +106,8 @@ class SlimResNet(nn.Module):
     """
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int], num_classes: int):
+        from torchvision.models.resnet import BasicBlock, conv1x1
+
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -139,18 +153,20 @@ def resnet_small(*, num_classes: int) -> nn.Module:
 
 @register_model("resnet_micro")
 def resnet_micro(*, num_classes: int) -> nn.Module:
-    """ResNet-10 shape at widths 8-16-32-64 (0.0036 GFLOPs at 56 px): a scale model made of dense convolutions,
-    which train ~4x faster per sample on CPU than MobileNetV2's depthwise ones (the demo's scale model)."""
+    """ResNet-10 shape at widths 8-16-32-64: a scale model of dense convolutions, which train faster per sample on
+    CPU than MobileNetV2's depthwise ones (the demo's scale model; docs/demo-config.md)."""
     return SlimResNet(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64), num_classes=num_classes)
 
 
 @register_model("mobilenet_v2_tiny")
 def mobilenet_v2_tiny(*, num_classes: int) -> nn.Module:
     """MobileNetV2 at width 0.25: a scale model that costs a small fraction of a demo backbone."""
+    import torchvision
+
     return torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=0.25)
 
 
-# --- checkpoints ------------------------------------------------------------------------------------------
+# --- cost ---------------------------------------------------------------------------------------------------
 
 
 def gflops(model: nn.Module, resolution: int) -> float:

@@ -27,22 +27,25 @@ from torch.utils.data import DataLoader, Dataset
 from dynres._ui import status_bar, track_threads
 from dynres.errors import CheckpointError, ConfigError
 from dynres.io.decode import decode_short_side
+from dynres.io.store import StoreLike
 from dynres.model.checkpoint import ModelMeta, load_weights, save_checkpoint
 from dynres.model.nets import build_backbone, channels_last, create_model, to_input
 
 STATE_NAME = "train_state.pt"
+LR_DEFAULTS = {"adamw": 0.003, "sgd": 0.1}  # peak learning rate per optimizer when a recipe gives none
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training recipe; the defaults are the CPU demo's (``resnet_tiny`` at 112 px)."""
+    """One training recipe; the defaults are the CPU demo's (``resnet_tiny`` at 112 px). ``lr=None`` takes the
+    optimizer's :data:`LR_DEFAULTS` entry, so the recipe (and the checkpoint's record of it) always holds a number."""
 
     arch: str = "resnet_tiny"
     resolution: int = 112
     epochs: int = 20
     batch_size: int = 32  # small data: more steps per epoch matter more than batch efficiency
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum, nesterov)
-    lr: float = 0.003  # peak; use ~0.1 for sgd
+    lr: float | None = None  # peak; None: LR_DEFAULTS[optimizer]
     momentum: float = 0.9
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
@@ -53,16 +56,18 @@ class TrainConfig:
     cache_factor: float = 2.0
     init: str | None = None  # local state_dict to fine-tune from (None: from scratch)
 
-    def check(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
+    def __post_init__(self) -> None:
+        if self.optimizer not in LR_DEFAULTS:
             raise ConfigError("optimizer", f"must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.resolution < 16:
             raise ConfigError("train config", "epochs and batch_size must be >= 1, resolution >= 16")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError("crop_scale", f"need 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", LR_DEFAULTS[self.optimizer])
 
 
-def data_hash(store, keys: Sequence[str]) -> str:
+def data_hash(store: StoreLike, keys: Sequence[str]) -> str:
     """Identifies the training data: class names plus every (key, label, stored file's SHA-256) used, in order, so
     that a store re-ingested under the same keys (other sizes, other quality) is not resumed from."""
     h = hashlib.sha256(json.dumps(list(store.classes)).encode())
@@ -82,7 +87,7 @@ class ImageCache:
         self.short_side = short_side
 
     @classmethod
-    def build(cls, store, keys: Sequence[str], short_side: int, progress: bool = True) -> ImageCache:
+    def build(cls, store: StoreLike, keys: Sequence[str], short_side: int, progress: bool = True) -> ImageCache:
         keys = list(keys)
         decoded = track_threads(lambda key: decode_short_side(store.read(key), short_side, name=key), keys,
                                 f"decode {len(keys)} images (short side {short_side})", progress)
@@ -107,7 +112,7 @@ class CachedTrainSet(Dataset):
         return self.transform(self.cache.images[self.keys[i]]), self.labels[i]
 
 
-def train_dataset(store, keys: Sequence[str], cfg: TrainConfig, cache: ImageCache | None = None,
+def train_dataset(store: StoreLike, keys: Sequence[str], cfg: TrainConfig, cache: ImageCache | None = None,
                   progress: bool = True) -> Dataset:
     if not cfg.cache:
         from dynres.model.data import StoreDataset
@@ -135,6 +140,31 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
 
 
+def _resume(state_path: Path, meta: ModelMeta, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
+    """(epochs done, history) from ``state_path`` when its recipe and data hash match ``meta``; else (0, [])."""
+    if not state_path.is_file():
+        return 0, []
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(state_path, f"cannot load training state: {err}") from None
+    if state.get("recipe") != json.dumps(meta.recipe, sort_keys=True) or state.get("data_hash") != meta.data_hash:
+        return 0, []
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), json.loads(state["history"])
+
+
+def _save_epoch(out: Path, meta: ModelMeta, model: nn.Module, opt: torch.optim.Optimizer, history: list) -> None:
+    """The checkpoint after ``meta.epochs_done`` epochs, then the state a resumed run continues from (atomically)."""
+    save_checkpoint(model, meta, out / "model.pt")
+    tmp = out / (STATE_NAME + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": meta.epochs_done,
+                "recipe": json.dumps(meta.recipe, sort_keys=True), "data_hash": meta.data_hash,
+                "history": json.dumps(history)}, tmp)
+    tmp.replace(out / STATE_NAME)
+
+
 def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn: Callable, out: Path, meta: ModelMeta,
         description: str, progress: bool = True, accuracy: Callable | None = None) -> list[dict]:
     """Train ``model`` (with its Normalize front) on ``dataset``; after each epoch save ``out/model.pt`` (+ JSON)
@@ -142,18 +172,7 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn: Callable,
     out.mkdir(parents=True, exist_ok=True)
     channels_last(model)
     opt = _optimizer(cfg, model.parameters())
-    history: list[dict] = []
-    start = 0
-    state_path = out / STATE_NAME
-    if state_path.is_file():
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(state_path, f"cannot load training state: {err}") from None
-        if state.get("recipe") == json.dumps(meta.recipe, sort_keys=True) and state.get("data_hash") == meta.data_hash:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            start, history = int(state["epoch"]), json.loads(state["history"])
+    start, history = _resume(out / STATE_NAME, meta, model, opt)
     drop_last = len(dataset) > cfg.batch_size  # a last batch of one breaks BatchNorm
     steps_per_epoch = len(dataset) // cfg.batch_size if drop_last else 1
     total = steps_per_epoch * cfg.epochs
@@ -188,13 +207,7 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, loss_fn: Callable,
             history.append({"epoch": epoch + 1, "loss": loss_sum / seen,
                             "train_accuracy": 100 * right / seen if accuracy else None,
                             "seconds": time.perf_counter() - t0})
-            done = replace(meta, epochs_done=epoch + 1)
-            save_checkpoint(model, done, out / "model.pt")
-            tmp = out / (STATE_NAME + ".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                        "recipe": json.dumps(meta.recipe, sort_keys=True), "data_hash": meta.data_hash,
-                        "history": json.dumps(history)}, tmp)
-            tmp.replace(state_path)
+            _save_epoch(out, replace(meta, epochs_done=epoch + 1), model, opt, history)
     return history
 
 
@@ -202,13 +215,12 @@ def _top1(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).sum()
 
 
-def train_backbone(store, out: str | Path, cfg: TrainConfig = TrainConfig(), keys: Sequence[str] | None = None,
+def train_backbone(store: StoreLike, out: str | Path, cfg: TrainConfig = TrainConfig(), keys: Sequence[str] | None = None,
                    cache: ImageCache | None = None, progress: bool = True) -> Path:
     """Train a classifier on ``keys`` of ``store`` (default: all); returns the path of ``out/model.pt``.
 
     Re-running with the same recipe and data resumes from the last finished epoch (or returns at once).
     """
-    cfg.check()
     out = Path(out)
     keys = list(store.keys if keys is None else keys)
     if not keys:

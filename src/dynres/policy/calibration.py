@@ -32,6 +32,9 @@ class CalibrationPolicy:
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if np.shape(self.counts) != (len(self.keys), len(self.thresholds)):
+            raise ConfigError("counts", f"need one row per key and one column per resolution, "
+                                        f"{(len(self.keys), len(self.thresholds))}, got {np.shape(self.counts)}")
         self.resolutions = tuple(sorted(self.thresholds))
         self._rows = {k: i for i, k in enumerate(self.keys)}
         self._cols = {r: j for j, r in enumerate(self.resolutions)}

@@ -8,19 +8,19 @@ ingest time or afterwards (``dynres index quality STORE``) without touching the 
 How the two decodes are compared, and why:
 
 * Both are the engine's view: one decode of the prefix at the DCT scale the largest resolution needs, then
-  :func:`dynres.decode.crop_resize`'s crop and resampling for each resolution (what :class:`dynres.decode.PrefixViews`
-  does), with one crop per resolution: side ratio 0.875, the pipeline's default view. The paper keeps one policy
-  per resolution whatever the crop ("read savings are identical for each crop size"), so the index measures the
-  view the backbone usually sees; the calibration report then checks the other crops and flags any that lose more
-  than the target. Evaluation's exact views (a decode per DCT scale) differ from these by resampling only (mean
-  |SSIM difference| 0.0006 in the threshold band on the demo's images); one decode per prefix instead of one per
-  DCT scale, and luma only, made the index 2.5x cheaper (entropy decoding, the bulk of a progressive decode,
-  costs the same at every scale).
+  :func:`dynres.io.decode.crop_resize`'s crop and resampling for each resolution (what
+  :class:`dynres.io.decode.PrefixViews` does), with one crop per resolution: ``crop_side`` 0.875, the pipeline's
+  default view. The paper keeps one policy per resolution whatever the crop ("read savings are identical for each
+  crop size"), so the index measures the view the backbone usually sees; the calibration report then checks the
+  other crops and flags any that lose more than the target. Evaluation's exact views (a decode per DCT scale)
+  differ from these by resampling only; one decode per prefix instead of one per DCT scale, and luma only, keep the
+  index cheap (entropy decoding, the bulk of a progressive decode, costs the same at every scale). The
+  measurements behind both are in docs/io-measurements.md.
 * SSIM is Wang et al.'s (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 255, 'valid' border) on
   luminance (ITU-R 601 Y, which libjpeg decodes directly), all k of one image in one batched torch call. It is
   written in terms of the difference d = x - y (``l = 1 - mu_d^2 / (...)``, ``cs = 1 - var(d) / (...)``):
-  algebraically Wang's formula, but float32 stays exact to ~1e-7 near SSIM 1, where thresholds live (the textbook
-  form loses ~1e-4 there).
+  algebraically Wang's formula, but float32 stays exact near SSIM 1, where thresholds live (the textbook form
+  cancels catastrophically there).
 * A prefix that gives the full file's pixels (the same luma at the decode scale, and no chroma scan left to
   read) scores exactly 1.0; any other is capped just below 1.0, so "SSIM == 1" means "this prefix gives the same
   pixels", which calibration uses to skip inference. Prefixes that end in a chroma-only scan are not decoded at
@@ -35,8 +35,10 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,12 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from dynres._ui import track
-from dynres.errors import BadImageError, StoreError
+from dynres.errors import BadImageError, ConfigError, StoreError
 from dynres.io.decode import open_drafted, resize_center
 from dynres.io.format import REPORT
-from dynres.io.jpeg import scan_prefix
-from dynres.paper import PAPER_GRID
-from dynres.records import markdown_table
+from dynres.io.jpeg import scan_components, scan_prefix
+from dynres.io.store import Store, StoreLike, open_store
+from dynres.paper import DEFAULT_CROP_SIDE, PAPER_GRID
+from dynres.records import markdown_table, write_records
 
 QUALITY = "quality.parquet"
 PARTS = ".quality"  # resumable part files while an index is being built
@@ -68,9 +71,19 @@ class QualityConfig:
     """Which views the index covers. Include every resolution a policy will be asked about (scale model's too)."""
 
     resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS
-    crop_side: float = 0.875
+    crop_side: float = DEFAULT_CROP_SIDE
     workers: int = 0  # processes; 0: every usable core
     chunk: int = 32  # images per resumable part file
+
+    def __post_init__(self) -> None:
+        if not self.resolutions or any(int(r) < 1 for r in self.resolutions):
+            raise ConfigError("resolutions", f"need at least one, all positive, got {self.resolutions}")
+        if not 0 < self.crop_side <= 1:
+            raise ConfigError("crop_side", f"must be in (0, 1], got {self.crop_side}")
+        if self.workers < 0:
+            raise ConfigError("workers", f"must be >= 0 (0: every usable core), got {self.workers}")
+        if self.chunk < 1:
+            raise ConfigError("chunk", f"must be positive, got {self.chunk}")
 
     def fingerprint(self) -> dict:
         """What determines the numbers; an index with another fingerprint is recomputed, not mixed."""
@@ -92,7 +105,7 @@ _WINDOW = _gaussian()
 
 def _filter(t: torch.Tensor) -> torch.Tensor:
     """Separable 11x11 Gaussian mean of each channel of (1,C,H,W), 'valid' border (== scikit-image's reflect
-    padding then cropped). Depthwise channels-last convolution: ~20x faster on CPU than a (C,1,H,W) batch."""
+    padding then cropped). Depthwise channels-last convolution: much faster on CPU than a (C,1,H,W) batch."""
     c = t.shape[1]
     w = _WINDOW.to(t.dtype)
     t = t.contiguous(memory_format=torch.channels_last)
@@ -107,8 +120,8 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 255.0) -> torch
     x, ref = x[:, 0][None], ref[:, 0][None]  # images as channels: (1,N,H,W)
     d = x - ref
     stats = _filter(torch.cat([x, x * x, d * d, ref, ref * ref], dim=1))  # one call for all k
-    # channels-last (H,W,C) → one contiguous row per channel: as a 2-D transpose this copy is 2.5x faster than
-    # .contiguous(), and the arithmetic below on contiguous rows 2x faster than on channels-last slices
+    # channels-last (H,W,C) → one contiguous row per channel: as a 2-D transpose this copy is faster than
+    # .contiguous(), and the arithmetic below is faster on contiguous rows than on channels-last slices
     stats = stats.permute(0, 2, 3, 1).reshape(-1, stats.shape[1]).t().contiguous()
     mu_x, ex2, ed2 = stats[:n], stats[n:2 * n], stats[2 * n:3 * n]
     mu_y, ey2 = stats[3 * n:3 * n + 1], stats[3 * n + 1:]
@@ -125,8 +138,8 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 255.0) -> torch
 def _luma_plane(prefix: bytes, short_side: float, name: str) -> torch.Tensor:
     """The prefix's luma plane, decoded at the DCT scale the engine's one decode uses: uint8 (H, W).
 
-    Asking libjpeg for grayscale output skips the chroma inverse DCT, upsampling and colour conversion (27% of
-    the decode here); JFIF's Y is ITU-R 601 luma, so this is the luma of the RGB decode up to rounding.
+    Asking libjpeg for grayscale output skips the chroma inverse DCT, upsampling and colour conversion (about a
+    quarter of the decode); JFIF's Y is ITU-R 601 luma, so this is the luma of the RGB decode up to rounding.
     """
     img = open_drafted(prefix, short_side, name, mode="L")
     if img.format != "JPEG":
@@ -146,32 +159,12 @@ def luma_views(planes: torch.Tensor, resolution: int, crop_side: float) -> torch
 def scan_roles(data: bytes, scan_ends: list[int], name: str = "<bytes>") -> tuple[list[bool], list[bool]]:
     """Per scan, from its SOS header: does it carry coefficients of the first (luma) component, and of any other
     (chroma) component?"""
-    comps = _scan_components(data, scan_ends, name)
+    comps = scan_components(data, scan_ends, name)
     return [first in ids for first, ids in comps], [any(c != first for c in ids) for first, ids in comps]
 
 
-def _scan_components(data: bytes, scan_ends: list[int], name: str) -> list[tuple[int, bytes]]:
-    """Per scan: (the frame's first component id, the ids the scan's SOS header lists)."""
-    frame_first, out = None, []
-    for i in range(len(scan_ends)):
-        pos = 2 if i == 0 else scan_ends[i - 1]
-        while True:  # walk the marker segments (DHT, DQT, SOF, ...) that precede this scan's SOS
-            while pos < len(data) and data[pos] == 0xFF:
-                pos += 1
-            if pos + 3 > len(data):
-                raise BadImageError(name, f"no SOS header for scan {i + 1}")
-            marker, length = data[pos], int.from_bytes(data[pos + 1:pos + 3], "big")
-            if marker in (0xC0, 0xC1, 0xC2) and frame_first is None:
-                frame_first = data[pos + 9]  # first component id of the frame: Y in YCbCr / grayscale
-            if marker == 0xDA:
-                out.append((frame_first, bytes(data[pos + 4:pos + 4 + 2 * data[pos + 3]:2])))
-                break
-            pos += 1 + length
-    return out
-
-
-def image_quality(data: bytes, scan_ends: list[int], resolutions: tuple[int, ...], crop_side: float = 0.875,
-                  name: str = "<bytes>") -> tuple[np.ndarray, dict[str, float]]:
+def image_quality(data: bytes, scan_ends: list[int], resolutions: tuple[int, ...],
+                  crop_side: float = DEFAULT_CROP_SIDE, name: str = "<bytes>") -> tuple[np.ndarray, dict[str, float]]:
     """SSIM of every k-scan prefix vs the whole file: array (len(resolutions), num_scans) + timings.
 
     Each prefix ending in a luma scan is decoded once (luma only) at the scale the largest resolution needs and
@@ -211,26 +204,28 @@ def image_quality(data: bytes, scan_ends: list[int], resolutions: tuple[int, ...
 # --- the index of a store -----------------------------------------------------------------------------------
 
 
-def _fs(store) -> tuple[Any, str]:
+def _fs(store: Store) -> tuple[Any, str]:
     """(fsspec filesystem, root) of a store, local or remote: the index is read and written like the manifest."""
-    import fsspec
-
-    fs = getattr(store, "_fs", None)
-    return (fs or fsspec.filesystem("file")), str(store.root).rstrip("/")
+    return store.filesystem, str(store.root).rstrip("/")
 
 
-def manifest_hash(store) -> str:
+def _current(store: StoreLike) -> dict[str, str]:
+    """sha256 by key, in the store's order: what an index row must match to be reused."""
+    return {key: store.sha256(key) for key in store.keys}
+
+
+def manifest_hash(store: StoreLike) -> str:
     """Identifies the stored bytes: every (key, sha256) of the manifest."""
     h = hashlib.sha256()
-    for key, sha in zip(store.manifest.column("key").to_pylist(), store.manifest.column("sha256").to_pylist()):
+    for key, sha in _current(store).items():
         h.update(f"{key}\t{sha}\n".encode())
     return h.hexdigest()[:16]
 
 
-_worker_store = None
+_worker_store: StoreLike | None = None
 
 
-def _init_worker(store) -> None:
+def _init_worker(store: StoreLike) -> None:
     global _worker_store
     torch.set_num_threads(1)
     _worker_store = store
@@ -240,7 +235,7 @@ def _worker_chunk(args: tuple[list[str], tuple[int, ...], float]) -> tuple[pa.Ta
     return _index_chunk(_worker_store, *args)
 
 
-def _index_chunk(store, keys: list[str], resolutions: tuple[int, ...], crop_side: float
+def _index_chunk(store: StoreLike, keys: list[str], resolutions: tuple[int, ...], crop_side: float
                  ) -> tuple[pa.Table, dict[str, float]]:
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
     cost = {"decode_s": 0.0, "ssim_s": 0.0, "read_s": 0.0}
@@ -252,7 +247,7 @@ def _index_chunk(store, keys: list[str], resolutions: tuple[int, ...], crop_side
         values, timing = image_quality(data, ends, resolutions, crop_side, name=key)
         for name in ("decode_s", "ssim_s"):
             cost[name] += timing[name]
-        sha = store.record(key)["sha256"]
+        sha = store.sha256(key)
         for j, r in enumerate(resolutions):
             for k in range(len(ends)):
                 for name, v in zip(SCHEMA.names, (key, sha, r, k + 1, float(values[j, k]))):
@@ -286,34 +281,20 @@ def _done(table: pa.Table | None, current: dict[str, str]) -> pa.Table | None:
     return table.filter(pa.array(keep))
 
 
-def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), progress: bool = True) -> dict:
-    """Compute (or resume, or extend to new images) ``STORE/quality.parquet``; returns a cost report.
+def build_quality_index(store_or_url: Store | str | os.PathLike, config: QualityConfig = QualityConfig(),
+                        progress: bool = True) -> dict:
+    """Compute (or resume, or extend to new images) ``STORE/quality.parquet``; returns a cost record
+    (:func:`quality_markdown` renders it).
 
     Resumable: finished chunks are kept in ``STORE/.quality/`` until the final table is written, and rows whose
     file (sha256) is unchanged are reused; a different config rebuilds everything.
     """
-    from dynres.io.store import open_store
-
     store = open_store(store_or_url) if isinstance(store_or_url, (str, os.PathLike)) else store_or_url
     fs, root = _fs(store)
     final, parts = f"{root}/{QUALITY}", f"{root}/{PARTS}"
     fingerprint = config.fingerprint()
     resolutions = tuple(fingerprint["resolutions"])
-    current = dict(zip(store.manifest.column("key").to_pylist(), store.manifest.column("sha256").to_pylist()))
-
-    have: list[pa.Table] = []
-    old = _read_table(fs, final)
-    if old is not None and json.loads((old.schema.metadata or {}).get(META_KEY, b"{}")).get("config") == fingerprint:
-        have.append(_done(old.replace_schema_metadata(None), current))
-    cfg_file = f"{parts}/config.json"
-    if fs.exists(cfg_file) and json.loads(fs.cat_file(cfg_file)) != fingerprint:
-        fs.rm(parts, recursive=True)
-    fs.makedirs(parts, exist_ok=True)
-    with fs.open(cfg_file, "wb") as f:
-        f.write(json.dumps(fingerprint).encode())
-    part_files = sorted(p for p in fs.ls(parts, detail=False) if p.endswith(".parquet"))
-    have += [_done(_read_table(fs, p), current) for p in part_files]
-    have = [t for t in have if t is not None]
+    have, start = _resume(fs, final, parts, fingerprint, _current(store))
     done = set().union(*(set(t.column("key").to_pylist()) for t in have)) if have else set()
     todo = [k for k in store.keys if k not in done]
 
@@ -322,18 +303,7 @@ def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), p
     cost = {"decode_s": 0.0, "ssim_s": 0.0, "read_s": 0.0}
     t0 = time.perf_counter()
     if chunks:
-        start = len(part_files)
-        args = [(c, resolutions, config.crop_side) for c in chunks]
-        with contextlib.ExitStack() as stack:
-            if workers == 1:  # in this process, on one thread like a worker (torch's pool oversubscribes)
-                stack.callback(torch.set_num_threads, torch.get_num_threads())
-                torch.set_num_threads(1)
-                results = (_index_chunk(store, *a) for a in args)
-            else:  # forkserver, like ingest: forking a process whose torch runs OpenMP threads can hang
-                pool = stack.enter_context(ProcessPoolExecutor(
-                    workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker,
-                    initargs=(store,)))
-                results = pool.map(_worker_chunk, args)
+        with contextlib.closing(_index_chunks(store, chunks, resolutions, config.crop_side, workers)) as results:
             for i, (table, chunk_cost) in enumerate(track(results, len(chunks), "quality index", progress)):
                 _write_atomic(fs, table, f"{parts}/part-{start + i:06d}.parquet")
                 have.append(table)
@@ -345,15 +315,54 @@ def build_quality_index(store_or_url, config: QualityConfig = QualityConfig(), p
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_atomic(fs, table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), final)
     fs.rm(parts, recursive=True)
-    n = len(todo)
-    per = 1000.0 / max(n, 1)
-    ingest = _ingest_report(fs, root)
-    ips = n / seconds if seconds > 0 and n else None
+    return _cost_record(store, final, config, workers, len(todo), len(done), seconds, cost, _ingest_report(fs, root))
+
+
+def _resume(fs, final: str, parts: str, fingerprint: dict, current: dict[str, str]) -> tuple[list[pa.Table], int]:
+    """The rows still valid from an index with this fingerprint and from finished part files, and how many part
+    files there are (new ones are numbered after them); part files of another config are removed."""
+    have: list[pa.Table | None] = []
+    old = _read_table(fs, final)
+    if old is not None and json.loads((old.schema.metadata or {}).get(META_KEY, b"{}")).get("config") == fingerprint:
+        have.append(_done(old.replace_schema_metadata(None), current))
+    cfg_file = f"{parts}/config.json"
+    if fs.exists(cfg_file) and json.loads(fs.cat_file(cfg_file)) != fingerprint:
+        fs.rm(parts, recursive=True)
+    fs.makedirs(parts, exist_ok=True)
+    with fs.open(cfg_file, "wb") as f:
+        f.write(json.dumps(fingerprint).encode())
+    part_files = sorted(p for p in fs.ls(parts, detail=False) if p.endswith(".parquet"))
+    have += [_done(_read_table(fs, p), current) for p in part_files]
+    return [t for t in have if t is not None], len(part_files)
+
+
+def _index_chunks(store: StoreLike, chunks: list[list[str]], resolutions: tuple[int, ...], crop_side: float,
+                  workers: int) -> Iterator[tuple[pa.Table, dict[str, float]]]:
+    """(rows, cost) of each chunk of keys, in order; in this process when ``workers == 1``."""
+    args = [(c, resolutions, crop_side) for c in chunks]
+    with contextlib.ExitStack() as stack:
+        if workers == 1:  # in this process, on one thread like a worker (torch's pool oversubscribes)
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(1)
+            yield from (_index_chunk(store, *a) for a in args)
+        else:  # forkserver, like ingest: forking a process whose torch runs OpenMP threads can hang
+            pool = stack.enter_context(ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker,
+                initargs=(store,)))
+            yield from pool.map(_worker_chunk, args)
+
+
+def _cost_record(store: Store, index: str, config: QualityConfig, workers: int, computed: int, reused: int,
+                 seconds: float, cost: dict[str, float], ingest: dict) -> dict:
+    """What building the index cost, per image and resolution, beside the ingest that built the store."""
+    resolutions = config.fingerprint()["resolutions"]
+    per = 1000.0 / max(computed, 1)
+    ips = computed / seconds if seconds > 0 and computed else None
     return {
         "ingest_images_per_s": ingest.get("images_per_s"),
         # time this index took per image relative to ingest's (same machine; compare at equal workers)
         "index_time_over_ingest_time": (ingest["images_per_s"] / ips) if ips and ingest.get("images_per_s") else None,
-        "store": str(store.root), "index": final, "images": len(store.keys), "computed": n, "reused": len(done),
+        "store": str(store.root), "index": index, "images": len(store.keys), "computed": computed, "reused": reused,
         "workers": workers, "seconds": seconds, "images_per_s": ips,
         "ms_per_image_per_resolution": {  # one core's time; divide by workers for wall time
             "decode": cost["decode_s"] * per / len(resolutions), "ssim": cost["ssim_s"] * per / len(resolutions),
@@ -386,6 +395,11 @@ def quality_markdown(report: dict) -> str:
     ])
 
 
+def write_quality_record(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """``quality_index.json`` + ``.md`` under ``out_dir``: the record of one :func:`build_quality_index` report."""
+    return write_records(out_dir, "quality_index", report, quality_markdown(report))
+
+
 # --- reading it back ----------------------------------------------------------------------------------------
 
 
@@ -416,7 +430,7 @@ class QualityIndex:
         return ok.argmax(axis=1) + 1
 
 
-def load_quality(store) -> QualityIndex:
+def load_quality(store: Store) -> QualityIndex:
     """Read ``STORE/quality.parquet`` (local or fsspec) for the images the store holds now."""
     fs, root = _fs(store)
     path = f"{root}/{QUALITY}"
@@ -424,8 +438,7 @@ def load_quality(store) -> QualityIndex:
     if table is None:
         raise StoreError(path, "no quality index: run `dynres index quality STORE` first")
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-    current = dict(zip(store.manifest.column("key").to_pylist(), store.manifest.column("sha256").to_pylist()))
-    table = _done(table, current)
+    table = _done(table, _current(store))
     if table is None:
         raise StoreError(path, "quality index covers none of the store's current files: rebuild it")
     keys_done = set(table.column("key").to_pylist())
@@ -435,7 +448,8 @@ def load_quality(store) -> QualityIndex:
                                "run `dynres index quality STORE` to extend it")
     keys = list(store.keys)
     rows = {k: i for i, k in enumerate(keys)}
-    resolutions = tuple(meta.get("config", {}).get("resolutions") or sorted(set(table.column("resolution").to_pylist())))
+    resolutions = tuple(meta.get("config", {}).get("resolutions")
+                        or sorted(set(table.column("resolution").to_pylist())))
     cols = {r: j for j, r in enumerate(resolutions)}
     num_scans = np.array([store.num_scans(k) for k in keys], dtype=np.int64)
     dense = np.full((len(keys), len(resolutions), int(num_scans.max(initial=1))), np.nan)

@@ -1,5 +1,6 @@
-"""The paper's figures, each drawn by one function from a stage's record: the stage that computes a record and
-the report that reads it back call the same function, so a figure is defined once."""
+"""Every figure of a run, each drawn by one function from a record: the stage that computes a record and the report
+that reads it back call the same function, so a figure is defined once. Each function writes a PNG to ``path``
+and returns it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path, **savefig) -> Path:
+    """Write ``fig`` as a PNG (creating the folder) and free it; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, **savefig)
+    _pyplot().close(fig)
+    return path
+
+
 def kernel_groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Kernel rows by (model, batch), in the order they were measured."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["batch"]), []).append(row)
@@ -26,7 +37,6 @@ def kernel_groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
 def calibration_sweep(points: list[dict], path: Path) -> Path:
     """Figure 6: accuracy change vs relative bytes read, one curve per resolution."""
     plt = _pyplot()
-
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for r in sorted({p["resolution"] for p in points}):
         pts = sorted((p for p in points if p["resolution"] == r), key=lambda p: p["relative_bytes"])
@@ -36,15 +46,15 @@ def calibration_sweep(points: list[dict], path: Path) -> Path:
     ax.set_title("Storage calibration: SSIM threshold sweep")
     ax.legend(title="resolution", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
-def kernel_throughput(record: dict, path: Path) -> None:
-    """Figure 7: GFLOP/s per resolution per backend, one panel per (model, batch), machine limits as lines."""
+def kernel_throughput(record: dict, path: Path) -> Path:
+    """Figure 7: GFLOP/s per resolution per backend, one panel per (model, batch), machine limits as lines.
+
+    ``record``: ``rows`` (model, batch, backend, resolution, gflops_per_s) and ``limits`` (the GEMM peak and FMA
+    ceiling, either may be absent)."""
     plt = _pyplot()
-
     groups = kernel_groups(record["rows"])
     models = list(dict.fromkeys(m for m, _ in groups))
     batches = sorted({b for _, b in groups})
@@ -68,14 +78,16 @@ def kernel_throughput(record: dict, path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(fig, path, dpi=110)
 
 
 def accuracy_vs_gflops(p: dict, path: Path) -> Path:
-    """Accuracy vs mean GFLOPs per crop: static curve, dynamic point, cost-aware curve, oracle (Figures 8/9)."""
-    plt = _pyplot()
+    """Figures 8/9: accuracy vs mean GFLOPs per crop: static curve, dynamic point, cost-aware curve, oracle.
 
+    ``p``: ``crops`` and per-crop rows in ``static``, ``dynamic`` (the argmax rule), ``cost_aware`` (the λ sweep)
+    and ``oracle``. A crop without a dynamic or oracle row shows none; an oracle row without ``gflops`` (the
+    summary does not copy them) is a horizontal line at its accuracy."""
+    plt = _pyplot()
     crops = p["crops"]
     fig, axes = plt.subplots(1, len(crops), figsize=(4 * len(crops), 3.6), squeeze=False)
     for ax, c in zip(axes[0], crops):
@@ -87,17 +99,48 @@ def accuracy_vs_gflops(p: dict, path: Path) -> Path:
         ca = sorted((r for r in p["cost_aware"] if r["crop"] == c), key=lambda r: r["gflops"])
         ax.plot([r["gflops"] for r in ca], [r["accuracy"] for r in ca], ".--", color="tab:green", alpha=0.7,
                 label="dynamic, cost-aware (λ sweep)")
-        d = next(r for r in p["dynamic"] if r["crop"] == c)
-        ax.plot([d["gflops"]], [d["accuracy"]], "*", ms=14, color="tab:red", label="dynamic (argmax p)")
-        o = next(r for r in p["oracle"] if r["crop"] == c)
-        ax.plot([o["gflops"]], [o["accuracy"]], "D", color="black", label="oracle")
+        d = next((r for r in p["dynamic"] if r["crop"] == c), None)
+        if d is not None:
+            ax.plot([d["gflops"]], [d["accuracy"]], "*", ms=14, color="tab:red", label="dynamic (argmax p)")
+        o = next((r for r in p["oracle"] if r["crop"] == c), None)
+        if o is not None and o.get("gflops") is not None:
+            ax.plot([o["gflops"]], [o["accuracy"]], "D", color="black", label="oracle")
+        elif o is not None:
+            ax.axhline(o["accuracy"], color="black", ls=":", lw=1, label="oracle")
         ax.set_title(f"{round(100 * c)}% center crop")
         ax.set_xlabel("mean GFLOPs per image")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
+
+
+def bytes_per_scan(rows: list[dict], path: Path) -> Path:
+    """The share of a file's bytes read after each scan (``rows``: scans, fraction_of_file)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([r["scans"] for r in rows], [r["fraction_of_file"] for r in rows], "o-")
+    ax.set_xlabel("scans read")
+    ax.set_ylabel("fraction of file bytes")
+    ax.set_ylim(0, 1.05)
+    return _save(fig, path, dpi=110, bbox_inches="tight")
+
+
+def scale_choice_thumbnails(samples: list[dict], path: Path) -> Path:
+    """Up to 16 images, each titled with the resolution the scale model chose (``samples``: path, resolution,
+    class_name); an image that cannot be opened leaves its cell empty."""
+    from PIL import Image
+
+    plt = _pyplot()
+    n = min(len(samples), 16)
+    fig, axes = plt.subplots(2, (n + 1) // 2, figsize=(2.1 * ((n + 1) // 2), 4.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, sm in zip(axes.flat, samples[:n]):
+        try:
+            ax.imshow(Image.open(sm["path"]).convert("RGB"))
+        except OSError:
+            continue
+        ax.set_title(f"{sm['resolution']} px\n{sm.get('class_name', '')}", fontsize=7)
+    return _save(fig, path, dpi=110, bbox_inches="tight")

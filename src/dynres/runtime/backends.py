@@ -2,7 +2,7 @@
 
 Each builder turns (model, example input, threads, artifact dir) into a shape-specialized callable that maps a
 float32 NCHW tensor to logits. A builder that finds its artifact (ONNX file, OpenVINO blob, TVM library) already in
-``artifact_dir`` loads it instead of recompiling, which is how :func:`dynres.kernels.load` skips re-tuning.
+``artifact_dir`` loads it instead of recompiling, which is how :func:`dynres.runtime.kernels.load` skips re-tuning.
 Heavy libraries are imported inside the builder that needs them; a missing one is a reason, never a crash.
 """
 
@@ -147,8 +147,8 @@ def build_inductor_max(model: nn.Module, example: torch.Tensor, threads: int, ar
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, any_shape: bool = False) -> Path:
-    """ONNX export (TorchScript exporter, opset 17: 0.3-1.2 s, versus much longer for dynamo): static shapes, or
-    with ``any_shape`` dynamic batch, height and width."""
+    """ONNX export, static shapes or with ``any_shape`` dynamic batch, height and width. The TorchScript exporter
+    (opset 17), not dynamo: it exports far faster, and the tuner exports once per setting (docs/bench-kernels.md)."""
     if not path.exists():
         tmp = path.with_suffix(".tmp.onnx")
         axes = {"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}} if any_shape else None
@@ -184,10 +184,9 @@ def _ort(model: nn.Module, example: torch.Tensor, threads: int, artifact_dir: Pa
 
 def ort_any_shape(model: nn.Module, threads: int, artifact_dir: Path) -> Fn:
     """One ONNX Runtime session for every batch size and image size: what evaluation runs many shapes through
-    without tuning (2.6x eager channels-last PyTorch over the demo's 56-224 px grid at batch 64; outputs within
-    1e-6 relative). Its threads sleep between calls: evaluation decodes the next views meanwhile (spinning made
-    the demo's static evaluation 1.1x slower). The session holds the graph in memory: ``artifact_dir`` may go once
-    this returns."""
+    without tuning (faster than eager PyTorch over the demo's grid, same outputs: docs/bench-kernels.md). Its
+    threads sleep between calls, because evaluation decodes the next views on the same cores meanwhile. The
+    session holds the graph in memory: ``artifact_dir`` may go once this returns."""
     example = torch.rand(2, 3, 64, 64)
     return _ort_session(export_onnx(model, example, artifact_dir / "model_any_shape.onnx", any_shape=True),
                         threads, spinning=False)
@@ -195,15 +194,16 @@ def ort_any_shape(model: nn.Module, threads: int, artifact_dir: Path) -> Fn:
 
 @register("ort", requires=("onnx", "onnxruntime"))
 def build_ort(model: nn.Module, example: torch.Tensor, threads: int, artifact_dir: Path) -> Fn:
-    """ORT's default: worker threads spin between calls. Fastest alone on idle cores (ResNet-18 @224 batch 1:
-    16.0 vs 25.0 ms without spinning), but where other threads need the cores, as the engines' decode workers do,
-    the spinning takes their time: :func:`dynres.kernels.load` turns it off there (``spinning=False``)."""
+    """ORT's default: worker threads spin between calls. Fastest alone on idle cores, but where other threads need
+    the cores, as the engines' decode workers do, the spinning takes their time: :func:`dynres.runtime.kernels.load`
+    turns it off there (``spinning=False``; measurements: docs/bench-pipeline.md)."""
     return _ort(model, example, threads, artifact_dir, spinning=True)
 
 
 @register("ort_nospin", requires=("onnx", "onnxruntime"))
 def build_ort_nospin(model: nn.Module, example: torch.Tensor, threads: int, artifact_dir: Path) -> Fn:
-    """Worker threads sleep instead of spinning between calls (ResNet-18 @112 under load: 34 vs 49 ms median)."""
+    """Worker threads sleep instead of spinning between calls: faster on a busy machine, slower on an idle one,
+    so the tuner times both (docs/bench-kernels.md)."""
     return _ort(model, example, threads, artifact_dir, spinning=False)
 
 
@@ -237,10 +237,9 @@ def build_openvino(model: nn.Module, example: torch.Tensor, threads: int, artifa
 @register("tvm", requires=("tvm",), default=False, takes_trials=True)
 def build_tvm(model: nn.Module, example: torch.Tensor, threads: int, artifact_dir: Path, *,
               trials: int = 0) -> Fn:
-    """Apache TVM (relax + MetaSchedule, the paper's tuner). ``trials`` = 0 compiles untuned (slow kernels:
-    ResNet-18 @112 ~585 ms vs ~15 ms in ONNX Runtime). Measured on the idle 2-core machine: 64 trials (19 tasks,
-    at most 4 each; MetaSchedule's cost model needs xgboost) took 15 min and gave 136 ms against ORT's 9 ms; a
-    competitive schedule needs thousands of trials (hours per shape here)."""
+    """Apache TVM (relax + MetaSchedule, the paper's tuner; its cost model needs xgboost). ``trials`` = 0 compiles
+    untuned, far slower kernels than ONNX Runtime's; a competitive schedule needs thousands of trials, hours per
+    shape on a small machine, so TVM is opt-in (measurements: docs/bench-kernels.md)."""
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # read when TVM's thread pool starts
     import tvm
     from tvm import relax

@@ -25,6 +25,8 @@ import torch
 from dynres._ui import track
 from dynres.errors import ConfigError
 from dynres.io.decode import PrefixViews, decode, decode_baseline
+from dynres.io.store import StoreLike
+from dynres.paper import DEFAULT_CROP_SIDE
 from dynres.policy.scans import Scans, scans_for
 from dynres.runtime.runners import Runner, ScaleStage, load_scale, make_runner
 
@@ -41,15 +43,15 @@ class PipelineConfig:
     may wait for more images before it runs anyway. ``read_ahead`` trades bytes for CPU in dynamic mode: one read
     and one decode per image instead of the scale prefix first and, when the backbone needs more scans, a second
     read and decode (decoding a progressive JPEG costs about as much per scan read whatever the output size).
-    ``decode_once=False`` decodes every view at its own DCT scale, pixel-identical to :func:`dynres.decode.decode`
-    (what ``dynres eval`` and calibration measured); the default decodes a prefix once, at the largest view's scale,
-    and resizes: the views differ by resampling only, which moved the demo's top-1 by -1.0 to +0.3 points at the
-    same λ, for 1.3x the images/s (docs/bench-pipeline.md)."""
+    ``decode_once=False`` decodes every view at its own DCT scale, pixel-identical to
+    :func:`dynres.io.decode.decode` (what ``dynres eval`` and calibration measured); the default decodes a prefix
+    once, at the largest view's scale, and resizes: the views differ by resampling only, for fewer decodes per image
+    (the accuracy and speed this trades: docs/bench-pipeline.md). ``crop_side`` is the center crop's side ratio."""
 
     batch_size: int = 16
     workers: int = 2
     torch_threads: int = 0  # 0: leave torch's setting alone
-    crop: float = 0.875
+    crop_side: float = DEFAULT_CROP_SIDE
     resolution: int | None = None
     lam: float = 0.0
     baseline: bool = False
@@ -61,6 +63,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
             raise ConfigError("pipeline", "batch_size, workers, prefetch and max_wait must be >= 1")
+        if not 0 < self.crop_side <= 1:
+            raise ConfigError("pipeline", f"crop_side (a side ratio) must be in (0, 1], got {self.crop_side}")
         if self.baseline and self.resolution is None:
             raise ConfigError("pipeline", "the baseline is a static mode: give a resolution")
 
@@ -138,7 +142,7 @@ class Engine:
     when the store's class list differs from the checkpoint's.
     """
 
-    def __init__(self, store, backbone: Runner, *, scale: ScaleStage | None = None, policy: Scans = None,
+    def __init__(self, store: StoreLike, backbone: Runner, *, scale: ScaleStage | None = None, policy: Scans = None,
                  config: PipelineConfig = PipelineConfig(), classes: Sequence[str] = ()):
         if scale is None and config.resolution is None:
             raise ConfigError("pipeline", "no scale model: give a static resolution")
@@ -164,7 +168,7 @@ class Engine:
     @property
     def _short_side(self) -> float | None:
         """What one decode of a scale prefix must cover: the largest grid view (None: exact views, see config)."""
-        return max(self.scale.grid) / self.config.crop if self.config.decode_once else None
+        return max(self.scale.grid) / self.config.crop_side if self.config.decode_once else None
 
     def scale_read(self, item: WorkItem) -> torch.Tensor:
         """The scale prefix and the scale model's view of it. The prefix is decoded once, at the size the largest
@@ -178,7 +182,7 @@ class Engine:
         item.scans = _clip(scans, self.store.num_scans(item.key))
         item.views = PrefixViews(item.data, self._short_side, item.key)
         t = time.thread_time()
-        small = item.views.view(s.resolution, self.config.crop)
+        small = item.views.view(s.resolution, self.config.crop_side)
         self._add("scale_decode", time.thread_time() - t - item.views.decode_s)  # the shared decode: see backbone_read
         return small
 
@@ -193,13 +197,13 @@ class Engine:
                 views = PrefixViews(item.data, self._short_side, key)
             self._add("decode", views.decode_s)  # the backbone's decode, done early by the scale stage
             item.data, item.bytes_read = b"", self.store.prefix_size(key, item.scans)
-            return self._timed("decode", views.view, r, cfg.crop)
+            return self._timed("decode", views.view, r, cfg.crop_side)
         if views is not None:
             self._add("scale_decode", views.decode_s)  # a decode the backbone cannot use: scale-model overhead
         data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
         item.data, item.bytes_read = b"", self.store.prefix_size(key, want)
         fn = decode_baseline if cfg.baseline else decode
-        return self._timed("decode", fn, data, r, cfg.crop, key)
+        return self._timed("decode", fn, data, r, cfg.crop_side, key)
 
     # the pipelined loop -----------------------------------------------------------------------------------------
 
@@ -349,7 +353,7 @@ class EngineSpec:
     config: PipelineConfig = PipelineConfig()
 
 
-def build_engine(spec: EngineSpec, store=None) -> Engine:
+def build_engine(spec: EngineSpec, store: StoreLike | None = None) -> Engine:
     """Open the store, load the checkpoints and the scans policy; static mode when ``config.resolution`` is set."""
     from dynres.model.checkpoint import load_checkpoint
 

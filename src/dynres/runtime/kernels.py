@@ -30,15 +30,15 @@ from dynres.paper import PAPER_GRID
 from dynres.records import cpu_model, machine_info
 from dynres.runtime.backends import BACKENDS, Kernel, build_kernel, measure_limits
 
-__all__ = ["TuneConfig", "Kernel", "tune", "load", "cache_key", "measure_limits",
-           "default_backends", "parse_backends", "parse_ints"]
+__all__ = ["TuneConfig", "Kernel", "tune", "load", "cache_key", "measure_limits", "rel_error",
+           "default_backends"]
 
 DEFAULT_RESOLUTIONS = PAPER_GRID
 INDEX = "index.json"
 
 
 def default_backends() -> tuple[str, ...]:
-    """Backends that build in about a second; inductor and TVM (10 s to minutes each) are opt-in."""
+    """The backends that build quickly; the slow compilers (inductor, TVM) are opt-in."""
     return tuple(name for name, b in BACKENDS.items() if b.default)
 
 
@@ -72,27 +72,6 @@ class TuneConfig:
             raise ConfigError("grid", "need resolutions >= 16 and batch sizes >= 1")
         if self.threads < 1 or self.runs < 1 or self.min_runs < 1 or self.tolerance <= 0:
             raise ConfigError("timing", "threads, runs, min_runs must be >= 1 and tolerance > 0")
-
-
-def parse_backends(text: str) -> tuple[str, ...]:
-    """'default' (fast builders), 'all' (every registered backend) or a comma-separated list."""
-    if text in ("default", ""):
-        return default_backends()
-    if text == "all":
-        return tuple(BACKENDS)
-    return tuple(b.strip() for b in text.split(",") if b.strip())
-
-
-def parse_ints(text: str, name: str = "list") -> tuple[int, ...]:
-    """'112,168' or '112..448:56' (inclusive range with step) -> tuple of ints."""
-    try:
-        if ".." in text:
-            lo, rest = text.split("..")
-            hi, _, step = rest.partition(":")
-            return tuple(range(int(lo), int(hi) + 1, int(step or 56)))
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(name, f"cannot parse {text!r}: use '112,168' or '112..448:56'") from None
 
 
 # --- cache keys -------------------------------------------------------------------------------------------------
@@ -285,8 +264,7 @@ def load(model: nn.Module, resolution: int, batch: int = 1, threads: int = 2,
     PyTorch with a warning when nothing is tuned for this exact (weights, shape, threads, CPU, versions).
 
     ``spinning=False`` runs an ONNX Runtime winner with sleeping worker threads (same model file): for callers whose
-    own threads share the cores. Measured on the demo store (600 images, every kernel ORT): static @140 326 → 468
-    images/s, dynamic 128 → 288 images/s."""
+    own threads share the cores, as the engines' decode workers do (measurements: docs/bench-pipeline.md)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     example = torch.zeros(batch, 3, resolution, resolution)
     key = cache_key(weights_hash(model), resolution, batch, threads)
@@ -303,6 +281,3 @@ def load(model: nn.Module, resolution: int, batch: int = 1, threads: int = 2,
         warnings.warn(f"no tuned kernel for {resolution}px batch {batch} threads {threads} in {cache_dir}; "
                       "using eager PyTorch (run `dynres tune`)", stacklevel=2)
     return build_kernel("eager", model, example, threads, cache_dir / "eager")
-
-
-# --- report -----------------------------------------------------------------------------------------------------

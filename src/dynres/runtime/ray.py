@@ -3,7 +3,7 @@
 Stage 1 (scale actors): read the scale prefix, decode at the scale resolution, run the scale model, choose the
 resolution. Stage 2 (backbone actors): fetch only the missing bytes (the prefix travels with the row), decode at the
 chosen resolution, run the backbone per resolution. Every actor rebuilds its engine from the
-:class:`~dynres.pipeline.EngineSpec` (paths or fsspec URLs, S3 included), and calls the very functions the local
+:class:`~dynres.runtime.engine.EngineSpec` (paths or fsspec URLs, S3 included), and calls the very functions the local
 engine calls, so results are identical. On one machine Ray starts locally; give ``address`` for a cluster.
 """
 
@@ -16,15 +16,19 @@ import numpy as np
 import torch
 
 from dynres.errors import ConfigError
-from dynres.runtime.engine import EngineSpec, InferenceResult, Prediction, WorkItem, build_engine, summarize, top5
+from dynres.runtime.engine import TOPK, EngineSpec, InferenceResult, Prediction, WorkItem, build_engine, summarize, top5
 
 
-class ScaleActor:
-    """Stage 1: prefix read + decode at the scale resolution + scale model, for one batch of keys."""
+class _EngineActor:
+    """An actor that rebuilds the engine from its spec, with the thread count the spec asks for."""
 
     def __init__(self, spec: EngineSpec):
         torch.set_num_threads(max(1, spec.config.torch_threads or 1))
         self.engine = build_engine(spec)
+
+
+class ScaleActor(_EngineActor):
+    """Stage 1: prefix read + decode at the scale resolution + scale model, for one batch of keys."""
 
     def __call__(self, batch: dict) -> dict:
         e = self.engine
@@ -35,12 +39,8 @@ class ScaleActor:
                 "prefix": np.array([it.data for it in items], dtype=object)}
 
 
-class BackboneActor:
+class BackboneActor(_EngineActor):
     """Stage 2: the missing byte range + decode at the chosen resolution + backbone, batched per resolution."""
-
-    def __init__(self, spec: EngineSpec):
-        torch.set_num_threads(max(1, spec.config.torch_threads or 1))
-        self.engine = build_engine(spec)
 
     def __call__(self, batch: dict) -> dict:
         e = self.engine
@@ -56,7 +56,7 @@ class BackboneActor:
                 it.resolution, it.scans, it.data = int(batch["resolution"][j]), int(batch["scans"][j]), batch["prefix"][j]
             items.append(it)
             groups[it.resolution].append(j)
-        k = min(5, len(e.classes)) if e.classes else 5
+        k = min(TOPK, len(e.classes)) if e.classes else TOPK
         idx, probs, bytes_read = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros(n, np.int64)
         for r, rows in groups.items():
             images = torch.stack([e.backbone_read(items[j]) for j in rows])

@@ -9,30 +9,41 @@ law, plus the event loop's own lag: the wait before a request is even read) to m
 (paper VIII.a, beyond it): rising delay (queueing plus loop lag) or shedding raises the cost weight λ of the
 cost-aware choice (cheaper resolutions, more requests served per second), falling delay lowers it again; every
 response says which λ it used.
+
+:func:`run_server` serves an :class:`~dynres.runtime.engine.EngineSpec` with uvicorn; ``python -m
+dynres.runtime.serve SPEC.json`` does the same from a file written by :func:`write_server_spec`, so a load test can
+start the service in its own process without going through the CLI.
 """
 
 
 import asyncio
-import collections
 import io
+import json
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from dynres.errors import BadImageError, ConfigError, KeyNotFoundError
+from dynres.errors import BadImageError, ConfigError, DynresError, KeyNotFoundError
 from dynres.io.decode import PrefixViews
+from dynres.io.store import StoreLike
+from dynres.paper import DEFAULT_CROP_SIDE
 from dynres.policy.scans import Scans, scans_for
-from dynres.runtime.engine import top5
+from dynres.runtime.engine import EngineSpec, PipelineConfig, top5
 from dynres.runtime.runners import Runner, ScaleStage
+from dynres.runtime.scheduling import Batcher, LoadController, LoopLag, Throughput
+from dynres.version import __version__
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Batching, admission and input limits; ``latency_target_ms`` switches the load-adaptive λ on."""
+    """Batching, admission and input limits; ``latency_target_ms`` sheds requests predicted to miss it, and with
+    ``adaptive`` drives the load-adaptive λ. ``crop_side`` is the center crop's side ratio."""
 
     max_batch: int = 8
     max_wait_ms: float = 5.0
@@ -40,7 +51,7 @@ class ServeConfig:
     retry_after_s: int = 1
     max_bytes: int = 8 << 20
     max_pixels: int = 40_000_000
-    crop: float = 0.875
+    crop_side: float = DEFAULT_CROP_SIDE
     resolution: int | None = None  # static mode (no scale model)
     lam: float = 0.0
     latency_target_ms: float | None = None  # shed (503) requests predicted to miss it
@@ -55,6 +66,8 @@ class ServeConfig:
             raise ConfigError("serve", "max_batch, max_queue, workers must be >= 1 and max_wait_ms >= 0")
         if self.adaptive and not self.latency_target_ms:
             raise ConfigError("serve", "the load-adaptive λ needs a latency target")
+        if not 0 < self.crop_side <= 1:
+            raise ConfigError("serve", f"crop_side (a side ratio) must be in (0, 1], got {self.crop_side}")
 
 
 class Rejected(Exception):
@@ -89,123 +102,33 @@ def check_upload(data: bytes, max_bytes: int, max_pixels: int, name: str = "uplo
             raise Rejected(400, f"{name}: truncated or corrupt {img.format}: {err}") from None
 
 
-class LoadController:
-    """Additive increase / decrease of λ on the smoothed delay a new request would see: above ``high`` x target
-    raise it, below ``low`` x target lower it, never outside [lam_min, lam_max]. The service feeds it at every
-    admission decision; a shed request counts as a full target's delay (measured: with a queue bound, shedding
-    alone kept the delay of admitted requests under ``high`` x target all through a 2x burst, so λ never rose)."""
-
-    def __init__(self, target_ms: float, lam_min: float = 0.0, lam_max: float = 1.0, step: float = 0.05,
-                 high: float = 0.4, low: float = 0.15, smoothing: float = 0.2):
-        self.target_ms, self.lam_min, self.lam_max, self.step = target_ms, lam_min, lam_max, step
-        self.high, self.low, self.smoothing = high, low, smoothing
-        self.lam, self.delay_ms = lam_min, 0.0
-
-    def observe(self, queue_ms: float) -> float:
-        self.delay_ms += self.smoothing * (queue_ms - self.delay_ms)
-        if self.delay_ms > self.high * self.target_ms:
-            self.lam = min(self.lam_max, self.lam + self.step)
-        elif self.delay_ms < self.low * self.target_ms:
-            self.lam = max(self.lam_min, self.lam - self.step)
-        return self.lam
-
-
-class LoopLag:
-    """How late the event loop runs a wake-up due every ``period_s``, smoothed: the wait a request arriving now has
-    before its handler even starts (reading and parsing it), which the batchers' queues cannot see. In the first
-    2x-burst load test on 2 cores, clients saw p99 4.2 s while the service's own latency, timed from the handler,
-    stayed under 0.5 s (how much of the gap was this wait and how much the load generator's own lag was not
-    separated)."""
-
-    def __init__(self, period_s: float = 0.02, smoothing: float = 0.2):
-        self.period_s, self.smoothing = period_s, smoothing
-        self.ms = 0.0
-
-    async def run(self) -> None:
-        while True:
-            t = time.perf_counter()
-            await asyncio.sleep(self.period_s)
-            self.ms += self.smoothing * (max(0.0, (time.perf_counter() - t - self.period_s) * 1e3) - self.ms)
-
-
-class Batcher:
-    """Collects single items into batches of at most ``max_batch``, waiting at most ``max_wait_s`` after the first,
-    and runs ``fn(list) -> list`` on ``executor``. ``await submit(x)`` gives ``(result, seconds queued)``."""
-
-    def __init__(self, fn: Callable[[list], list], max_batch: int, max_wait_s: float, executor):
-        self.fn, self.max_batch, self.max_wait_s, self.executor = fn, max_batch, max_wait_s, executor
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def submit(self, item):
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((item, future, time.perf_counter()))
-        return await future
-
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = batch[0][2] + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self.executor, self.fn, [b[0] for b in batch])
-            except Exception as err:  # one failing batch fails its requests, not the service
-                for _, fut, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
-                continue
-            for (_, fut, t0), res in zip(batch, results):
-                if not fut.done():
-                    fut.set_result((res, started - t0))
-
-
 class Service:
     """The models, their batchers, admission control and counters; :func:`create_app` puts HTTP around it."""
 
-    def __init__(self, backbone: Runner, classes: Sequence[str], *, scale: ScaleStage | None = None, store=None,
-                 policy: Scans = None, config: ServeConfig = ServeConfig()):
+    def __init__(self, backbone: Runner, classes: Sequence[str], *, scale: ScaleStage | None = None,
+                 store: StoreLike | None = None, policy: Scans = None, config: ServeConfig = ServeConfig()):
         if scale is None and config.resolution is None:
             raise ConfigError("serve", "no scale model: give a static resolution")
         self.backbone, self.classes, self.scale, self.store, self.policy = backbone, tuple(classes), scale, store, policy
         self.config = config
         # one decode per prefix serves every view: large enough for the largest resolution this service runs
         # (None: exact views, each decoded at its own DCT scale)
-        self.short_side = (max(scale.grid if scale is not None else (config.resolution,)) / config.crop
+        self.short_side = (max(scale.grid if scale is not None else (config.resolution,)) / config.crop_side
                            if config.decode_once else None)
         self.controller = (LoadController(config.latency_target_ms, config.lam, config.lam_max, config.lam_step)
                            if config.adaptive else None)
         self.inflight = 0
         self.loop_lag = LoopLag()
         self._lag_task: asyncio.Task | None = None
-        self._completed: collections.deque[float] = collections.deque()  # completion times, last 2 s
+        self.throughput = Throughput()
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="dynres-compute")
         self.decoders = ThreadPoolExecutor(config.workers, thread_name_prefix="dynres-decode")
         self._batchers: dict[object, Batcher] = {}
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
 
     def predicted_wait_ms(self) -> float:
-        """Little's law: requests in flight / recent completion rate (0 until there is a rate to go by)."""
-        now = time.perf_counter()
-        while self._completed and now - self._completed[0] > 2.0:
-            self._completed.popleft()
-        if len(self._completed) < 4:
-            return 0.0
-        rate = len(self._completed) / max(now - self._completed[0], 1e-3)
-        return 1e3 * (self.inflight + 1) / rate
+        """What a request admitted now would wait, by Little's law (see :class:`Throughput`)."""
+        return self.throughput.predicted_wait_ms(self.inflight, time.perf_counter())
 
     @property
     def lam(self) -> float:
@@ -263,7 +186,7 @@ class Service:
         finally:
             self.inflight -= 1
             self.metrics.queue_depth.set(self.inflight)
-        self._completed.append(time.perf_counter())
+        self.throughput.add(time.perf_counter())
         self.metrics.observe(out)
         return out
 
@@ -283,12 +206,12 @@ class Service:
         try:
             if self.scale is not None:
                 small = await loop.run_in_executor(self.decoders, source.decode, self.scale.scans,
-                                                   self.scale.resolution, cfg.crop)
+                                                   self.scale.resolution, cfg.crop_side)
                 (resolution, lam), wait = await self._batcher("scale").submit(small)
                 queued += wait
             else:
                 resolution = cfg.resolution
-            image = await loop.run_in_executor(self.decoders, source.decode, None, resolution, cfg.crop)
+            image = await loop.run_in_executor(self.decoders, source.decode, None, resolution, cfg.crop_side)
         except (BadImageError, KeyNotFoundError) as err:
             raise Rejected(400, str(err)) from None
         (idx, probs), wait = await self._batcher(resolution).submit(image)
@@ -313,20 +236,20 @@ class _BytesSource:
         self.bytes_read = self.file_bytes = len(data)
         self.views = PrefixViews(data, short_side, "upload")
 
-    def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
-        return self.views.view(resolution, crop)
+    def decode(self, scans: int | None, resolution: int, crop_side: float) -> torch.Tensor:
+        return self.views.view(resolution, crop_side)
 
 
 class _StoreSource:
     """A stored image: the scale prefix first, later only the missing range; counts what it fetched. The views of
     the scans in hand share one decode (see :class:`PrefixViews`)."""
 
-    def __init__(self, store, key: str, policy: Scans, short_side: float | None):
+    def __init__(self, store: StoreLike, key: str, policy: Scans, short_side: float | None):
         self.store, self.key, self.policy, self.short_side = store, key, policy, short_side
         self.file_bytes, self.bytes_read = store.size(key), 0
         self.have, self.views = 0, None
 
-    def decode(self, scans: int | None, resolution: int, crop: float) -> torch.Tensor:
+    def decode(self, scans: int | None, resolution: int, crop_side: float) -> torch.Tensor:
         total = self.store.num_scans(self.key)
         if scans is None:
             scans = scans_for(self.policy, self.key, resolution)
@@ -335,10 +258,10 @@ class _StoreSource:
             data = self.store.read(self.key, None if want >= total else want)
             self.have, self.views = want, PrefixViews(data, self.short_side, self.key)
         self.bytes_read = self.store.prefix_size(self.key, self.have)
-        return self.views.view(resolution, crop)
+        return self.views.view(resolution, crop_side)
 
 
-class _Metrics:
+class Metrics:
     """Prometheus counters on a private registry (several services in one process stay apart)."""
 
     def __init__(self):
@@ -375,12 +298,8 @@ class _Metrics:
         return generate_latest(self.registry)
 
 
-def create_app(service: Service):
-    """The FastAPI app: ``POST /predict`` (multipart upload), ``POST /predict/key``, ``/healthz``, ``/metrics``."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, File, Request, UploadFile
-    from fastapi.responses import JSONResponse, Response
+def _api_models() -> tuple[type, type, type]:
+    """The response, key-request and error schemas of the OpenAPI document."""
     from pydantic import BaseModel, Field
 
     class ClassProb(BaseModel):
@@ -402,16 +321,29 @@ def create_app(service: Service):
     class Error(BaseModel):
         detail: str
 
-    errors = {code: {"model": Error, "description": text} for code, text in (
-        (400, "Empty, truncated or corrupt image"), (404, "Unknown store key"),
-        (413, "Too many bytes or pixels"), (415, "Not an image"), (503, "Queue full: retry after Retry-After"))}
+    return Prediction, KeyRequest, Error
+
+
+ERROR_STATUSES = {400: "Empty, truncated or corrupt image", 404: "Unknown store key", 413: "Too many bytes or pixels",
+                  415: "Not an image", 503: "Queue full: retry after Retry-After"}
+
+
+def create_app(service: Service):
+    """The FastAPI app: ``POST /predict`` (multipart upload), ``POST /predict/key``, ``/healthz``, ``/metrics``."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, Request, UploadFile
+    from fastapi.responses import JSONResponse, Response
+
+    Prediction, KeyRequest, Error = _api_models()
+    errors = {code: {"model": Error, "description": text} for code, text in ERROR_STATUSES.items()}
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         service.close()
 
-    app = FastAPI(title="dynres", version=__import__("dynres").__version__, lifespan=lifespan,
+    app = FastAPI(title="dynres", version=__version__, lifespan=lifespan,
                   description="Dynamic-resolution CNN inference: the scale model picks the resolution per image.")
     limit = service.config.max_bytes
 
@@ -447,10 +379,49 @@ def create_app(service: Service):
     return app
 
 
-def build_service(spec, config: ServeConfig = ServeConfig()) -> Service:
-    """A :class:`Service` from an :class:`dynres.pipeline.EngineSpec` (paths of store, checkpoints, policy)."""
+def build_service(spec: EngineSpec, config: ServeConfig = ServeConfig()) -> Service:
+    """A :class:`Service` from an :class:`~dynres.runtime.engine.EngineSpec` (paths of store, checkpoints, policy)."""
     from dynres.runtime.engine import build_engine
 
     engine = build_engine(spec)
     return Service(engine.backbone, engine.classes, scale=engine.scale, store=engine.store, policy=engine.policy,
                    config=config)
+
+
+def run_server(spec: EngineSpec, config: ServeConfig, host: str, port: int) -> None:
+    """Serve ``spec`` over HTTP on ``host:port`` until stopped (uvicorn; its own log at warning level)."""
+    import uvicorn
+
+    uvicorn.run(create_app(build_service(spec, config)), host=host, port=port, log_level="warning")
+
+
+def write_server_spec(path: str | Path, spec: EngineSpec, config: ServeConfig, host: str, port: int) -> Path:
+    """What :func:`run_server` needs, as JSON: the file ``python -m dynres.runtime.serve`` reads."""
+    path = Path(path)
+    path.write_text(json.dumps({"spec": asdict(spec), "serve": asdict(config), "host": host, "port": port}, indent=2))
+    return path
+
+
+def read_server_spec(path: str | Path) -> tuple[EngineSpec, ServeConfig, str, int]:
+    """The arguments of :func:`run_server` from a file written by :func:`write_server_spec`."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        spec = EngineSpec(**{**raw["spec"], "config": PipelineConfig(**raw["spec"]["config"])})
+        return spec, ServeConfig(**raw["serve"]), str(raw["host"]), int(raw["port"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(str(path), f"not a server spec: {type(err).__name__}: {err}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dynres.runtime.serve SPEC.json``: serve what the file says; a dynres error is one line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        raise SystemExit("usage: python -m dynres.runtime.serve SPEC.json")
+    try:
+        run_server(*read_server_spec(args[0]))
+    except DynresError as err:
+        raise SystemExit(f"dynres serve: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

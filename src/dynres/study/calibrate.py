@@ -15,8 +15,8 @@ training images, which with a small backbone that fits its training set is optim
 Predictions are cached per (image, scans): the search evaluates each distinct prefix once (each decoded exactly, as
 ``decode`` does), and a prefix whose decode equals the full decode (SSIM exactly 1.0 in the index) reuses the
 full-read prediction. The held-out table (every resolution x crop, full vs calibrated reads) uses the static
-evaluation's views by default, one decode per image and prefix: the same numbers as Table I for full reads, and
-the demo's calibration 1.7x faster than decoding each of the 35 views on its own (``exact=True``).
+evaluation's views by default, one decode per image and prefix: the same numbers as Table I for full reads, at a
+fraction of the cost of decoding each view on its own (``exact=True``; docs/demo-config.md).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 
 from dynres._ui import log, track
 from dynres.errors import ConfigError, StoreError
+from dynres.io.store import StoreLike
 from dynres.paper import PAPER_CROPS
 from dynres.policy.calibration import CalibrationPolicy
 from dynres.policy.quality import QualityIndex, load_quality, manifest_hash
@@ -42,6 +43,8 @@ from dynres.version import __version__
 
 @dataclass(frozen=True)
 class CalibrationConfig:
+    """The threshold search and the held-out report; ``crops`` and ``search_crops`` are area fractions."""
+
     target: float = 0.05  # accuracy points a calibrated read may lose vs reading every scan
     low: float = 0.94
     high: float = 1.0
@@ -56,12 +59,13 @@ class CalibrationConfig:
     search_crops: tuple[float, ...] = ()
     sweep: tuple[float, ...] = (0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995, 0.998, 0.999, 1.0)
     batch_size: int = 64
-    backend: str = "auto"  # how the model runs (dynres.evaluate.GridModel): predictions, not thresholds, depend on it
+    # how the model runs (dynres.study.static.GridModel): predictions, not thresholds, depend on it
+    backend: str = "auto"
     # held-out table views: False, one decode per image and prefix with every view resized from it (the static
     # evaluation's views; 35 views for one decode); True, each view decoded on its own (35x the decodes)
     exact: bool = False
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if not 0 <= self.low < self.high <= 1 or self.step <= 0:
             raise ConfigError("calibration", f"need 0 <= low < high <= 1 and step > 0, got {self.low}, {self.high}")
         if self.target < 0 or self.max_images < 1 or not 0 < self.holdout_fraction < 1:
@@ -115,7 +119,7 @@ class PrefixPredictions:
     """Top-1 predictions per (key, scans) at one resolution and one or more crops, computed in batches on demand
     and cached: each prefix is read once for all its crops."""
 
-    def __init__(self, model, store, index: QualityIndex, resolution: int, crop_areas: Sequence[float],
+    def __init__(self, model, store: StoreLike, index: QualityIndex, resolution: int, crop_areas: Sequence[float],
                  batch_size: int):
         self.model, self.store, self.index = model, store, index
         self.resolution, self.crop_areas, self.batch_size = resolution, tuple(crop_areas), batch_size
@@ -155,21 +159,34 @@ class PrefixPredictions:
         return np.array([self.cache[p] for p in want], dtype=np.int64).T
 
 
-def _prefix_bytes(store, keys: Sequence[str], scans: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _prefix_bytes(store: StoreLike, keys: Sequence[str], scans: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     read = np.array([store.prefix_size(k, int(s)) for k, s in zip(keys, scans)], dtype=np.float64)
     size = np.array([store.size(k) for k in keys], dtype=np.float64)
     return read, size
 
 
-def calibrate_resolution(model, store, index: QualityIndex, keys: Sequence[str], resolution: int,
+def search_areas(cfg: CalibrationConfig, crop_side: float) -> list[float]:
+    """The crop areas the search holds to the target: the quality index's (``crop_side``) first, then every
+    ``cfg.search_crops`` that is not it."""
+    return [crop_side**2] + [c for c in dict.fromkeys(cfg.search_crops)
+                             if not math.isclose(c, crop_side**2, abs_tol=1e-6)]
+
+
+def calibrate_resolution(model, store: StoreLike, index: QualityIndex, keys: Sequence[str], resolution: int,
                          cfg: CalibrationConfig, crop_side: float) -> dict:
     """Binary-search t(resolution) on ``keys``; returns the threshold, the search trail and the Figure 6 sweep.
 
     The search holds the lost answers at ``crop_side`` (the quality index's) and at every ``cfg.search_crops`` to
     the target; accuracies and the sweep are reported at ``crop_side``."""
-    areas = [crop_side**2] + [c for c in dict.fromkeys(cfg.search_crops)
-                              if not math.isclose(c, crop_side**2, abs_tol=1e-6)]
-    preds = PrefixPredictions(model, store, index, resolution, areas, cfg.batch_size)
+    preds = PrefixPredictions(model, store, index, resolution, search_areas(cfg, crop_side), cfg.batch_size)
+    return search_resolution(preds, store, index, keys, resolution, cfg)
+
+
+def search_resolution(preds: PrefixPredictions, store: StoreLike, index: QualityIndex, keys: Sequence[str],
+                      resolution: int, cfg: CalibrationConfig) -> dict:
+    """:func:`calibrate_resolution` on given predictions: anything with ``crop_areas`` (the index's first),
+    ``evaluated`` and ``predict(keys, scans)`` like :class:`PrefixPredictions`."""
+    areas = preds.crop_areas
     rows = np.array([index.rows[k] for k in keys])
     labels = np.array([store.label(k) for k in keys])
     right = preds.predict(keys, index.num_scans[rows]) == labels  # (crops, keys)
@@ -181,9 +198,8 @@ def calibrate_resolution(model, store, index: QualityIndex, keys: Sequence[str],
 
     def lost(t: float) -> float:
         """Points of images right on a full read and wrong on the calibrated one (the worst crop's). The accuracy
-        drop is this minus the images the shorter read happens to fix; searching on the net drop let such lucky
-        gains cancel real losses, which on a few hundred images picked thresholds that lost 2-5 points on
-        held-out data."""
+        drop is this minus the images the shorter read happens to fix; searching on the net drop would let such
+        lucky gains cancel real losses (docs/demo-config.md)."""
         wrong = preds.predict(keys, index.fewest_scans(t, resolution, rows)) != labels
         return 100.0 * float(np.mean(right & wrong, axis=1).max())
 
@@ -205,7 +221,7 @@ def calibrate_resolution(model, store, index: QualityIndex, keys: Sequence[str],
 # --- held-out report -------------------------------------------------------------------------------------------
 
 
-def heldout_table(model, store, policy: CalibrationPolicy, keys: Sequence[str], crops: Sequence[float],
+def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str], crops: Sequence[float],
                   target: float, batch_size: int = 64, progress: bool = True, exact: bool = False) -> list[dict]:
     """Table III/IV rows on ``keys``: accuracy with full vs calibrated reads per (resolution, crop), read savings."""
     from dynres.study.static import accuracy_table, predict_grid
@@ -237,7 +253,7 @@ def heldout_table(model, store, policy: CalibrationPolicy, keys: Sequence[str], 
     return rows
 
 
-def worst_case_dynamic_savings(store, policy: CalibrationPolicy, keys: Sequence[str]) -> float:
+def worst_case_dynamic_savings(store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str]) -> float:
     """Read savings of the dynamic pipeline whatever resolutions the scale model picks: per image, the largest
     prefix the policy gives any resolution (the scale model's own included, as it is one of them)."""
     read = sum(store.prefix_size(k, max(policy.scans(k, r) for r in policy.resolutions)) for k in keys)
@@ -245,16 +261,16 @@ def worst_case_dynamic_savings(store, policy: CalibrationPolicy, keys: Sequence[
 
 
 def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy_path: str | Path,
-                 keys: Sequence[str], crops: Sequence[float], target: float) -> list[dict]:
+                 keys: Sequence[str], crop_areas: Sequence[float], target: float) -> list[dict]:
     """The dynamic row of Tables III/IV: the pipeline (scale model → resolution → backbone) with every scan vs the
-    policy, per crop. The scale model reads the policy's prefix at its own resolution and the backbone then fetches
-    only the missing bytes, so the savings include the scale model's read."""
-    from dynres.paper import crop_side as side
+    policy, per crop area. The scale model reads the policy's prefix at its own resolution and the backbone then
+    fetches only the missing bytes, so the savings include the scale model's read."""
+    from dynres.paper import crop_side
     from dynres.runtime.engine import EngineSpec, PipelineConfig, build_engine
 
     rows = []
-    for c in crops:
-        cfg = PipelineConfig(crop=side(c))
+    for c in crop_areas:
+        cfg = PipelineConfig(crop_side=crop_side(c))
         runs = {name: build_engine(EngineSpec(str(store_url), str(backbone), str(scale), pol, "eager", cfg))
                 .run(list(keys), progress=False).summary
                 for name, pol in (("full", None), ("calibrated", str(policy_path)))}
@@ -268,17 +284,17 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
     return rows
 
 
-def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationConfig = CalibrationConfig(),
-              calib_store=None, policy_path: str | Path | None = None, scale_model: str | Path | None = None,
-              progress: bool = True) -> dict:
+def calibrate(store: StoreLike, checkpoint: str | Path, out: str | Path, cfg: CalibrationConfig = CalibrationConfig(),
+              calib_store: StoreLike | None = None, policy_path: str | Path | None = None,
+              scale_model: str | Path | None = None, progress: bool = True) -> dict:
     """Calibrate thresholds, save the policy for ``store`` and write ``calibration.json/.md`` + Figure 6 PNG.
 
     Calibration images: up to ``max_images`` of ``calib_store`` if given (then all of ``store`` is held out), else
     the hashed calibration part of ``store``. Returns the record.
     """
-    from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.study.static import GridModel
 
-    cfg.check()
     t0 = time.perf_counter()
     out = Path(out)
     model, meta = load_checkpoint(checkpoint)
@@ -287,58 +303,97 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
     resolutions = tuple(cfg.resolutions or index.resolutions)
     for r in resolutions:
         index.column(r)  # fails early, naming a resolution the index lacks
-    if calib_store is None:
-        calib_keys, held = split_keys(store.keys, cfg.holdout_fraction, cfg.seed)
-        calib_src, calib_index, split = store, index, "hashed split of STORE"
-    else:
-        calib_keys, held = list(calib_store.keys), list(store.keys)
-        calib_src, calib_index, split = calib_store, load_quality(calib_store), "separate calibration store"
-    for s in {id(store): store, id(calib_src): calib_src}.values():
-        if list(meta.classes) != list(s.classes):
-            raise ConfigError(checkpoint, f"checkpoint classes differ from the classes of store {s.root}")
-    if len(calib_keys) > cfg.max_images:
-        rng = np.random.default_rng(cfg.seed)
-        calib_keys = sorted(rng.choice(calib_keys, cfg.max_images, replace=False).tolist())
-    if not calib_keys or not held:
-        raise StoreError(store.root, f"need calibration and held-out images, got {len(calib_keys)} and {len(held)}")
-
-    from dynres.study.static import GridModel
-
+    split = calibration_split(store, index, checkpoint, meta.classes, cfg, calib_store)
     run = GridModel(model, cfg.backend)  # one model (ORT session) for every search step and the held-out table
     searches = []
-    for r in track(resolutions, len(resolutions), f"calibrate ({len(calib_keys)} images)", progress):
-        searches.append(calibrate_resolution(run, calib_src, calib_index, calib_keys, r, cfg, crop_side))
+    for r in track(resolutions, len(resolutions), f"calibrate ({len(split.calib_keys)} images)", progress):
+        searches.append(calibrate_resolution(run, split.calib_src, split.calib_index, split.calib_keys, r, cfg,
+                                             crop_side))
         s = searches[-1]
         log(f"{r}px: threshold {s['threshold']:.4f}, calibration-split loss {s['acc_full'] - s['acc_calibrated']:.3f}"
             f" points, read savings {s['read_savings']:.1%}")
     thresholds = {s["resolution"]: s["threshold"] for s in searches}
-    provenance = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dynres": __version__,
-        "model": str(checkpoint), "model_sha256": checkpoint_digest(checkpoint),
-        "store": str(store.root), "store_manifest_hash": manifest_hash(store),
-        "calibration_store": str(calib_src.root), "calibration_manifest_hash": manifest_hash(calib_src),
-        "quality_index": index.meta, "crop_side": crop_side, "target": cfg.target, "split": split,
-        "calibration_images": len(calib_keys), "heldout_images": len(held), "config": asdict(cfg),
-        "backend": run.backend,
-    }
+    provenance = _provenance(store, checkpoint, index, split, crop_side, cfg, run.backend)
     policy = CalibrationPolicy.from_index(thresholds, index, provenance)
     policy_file = policy.save(policy_path or out / "policy.json")
 
     crops = tuple(sorted(set(cfg.crops) | {round(crop_side**2, 6)}))
-    rows = heldout_table(run, store, policy, held, crops, cfg.target, cfg.batch_size, progress, cfg.exact)
+    rows = heldout_table(run, store, policy, split.held, crops, cfg.target, cfg.batch_size, progress, cfg.exact)
     record = {
-        "policy": str(policy_file), "model": str(checkpoint), "store": str(store.root), "split": split,
-        "calibration_images": len(calib_keys), "heldout_images": len(held), "crop_side": crop_side,
+        "policy": str(policy_file), "model": str(checkpoint), "store": str(store.root), "split": split.name,
+        "calibration_images": len(split.calib_keys), "heldout_images": len(split.held), "crop_side": crop_side,
         "calibration_target": cfg.target, "thresholds": {str(r): t for r, t in thresholds.items()},
         "calibration": rows, "calibration_sweep": [p for s in searches for p in s["sweep"]],
         "search": [{k: v for k, v in s.items() if k != "sweep"} for s in searches],
         "seconds": time.perf_counter() - t0,
     }
     if scale_model is not None:
-        record["dynamic"] = dynamic_rows(store.root, checkpoint, scale_model, policy_file, held, crops, cfg.target)
-    main = [r for r in rows if math.isclose(r["crop"], crop_side**2, abs_tol=1e-6)]
+        record["dynamic"] = dynamic_rows(store.root, checkpoint, scale_model, policy_file, split.held, crops,
+                                         cfg.target)
+    record["summary"] = calibration_summary(record, store, policy, split.held)
+    out.mkdir(parents=True, exist_ok=True)
+    calibration_sweep(record["calibration_sweep"], out / "calibration_sweep.png")
+    write_records(out, "calibration", record, calibration_markdown(record))
+    return record
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """The images calibration searches on (``calib_keys`` of ``calib_src``, with its quality index) and the
+    images the result is reported on (``held``, of the calibrated store); ``name`` says how they were split."""
+
+    calib_keys: list[str]
+    held: list[str]
+    calib_src: StoreLike
+    calib_index: QualityIndex
+    name: str
+
+
+def calibration_split(store: StoreLike, index: QualityIndex, checkpoint: str | Path, classes: Sequence[str],
+                      cfg: CalibrationConfig, calib_store: StoreLike | None = None) -> CalibrationSplit:
+    """Calibration and held-out images (see :func:`calibrate`); ``index`` is ``store``'s quality index, and the
+    checkpoint's ``classes`` must be the stores'."""
+    if calib_store is None:
+        calib_keys, held = split_keys(store.keys, cfg.holdout_fraction, cfg.seed)
+        calib_src, calib_index, name = store, index, "hashed split of STORE"
+    else:
+        calib_keys, held = list(calib_store.keys), list(store.keys)
+        calib_src, calib_index, name = calib_store, load_quality(calib_store), "separate calibration store"
+    for s in {id(store): store, id(calib_src): calib_src}.values():
+        if list(classes) != list(s.classes):
+            raise ConfigError(checkpoint, f"checkpoint classes differ from the classes of store {s.root}")
+    if len(calib_keys) > cfg.max_images:
+        rng = np.random.default_rng(cfg.seed)
+        calib_keys = sorted(rng.choice(calib_keys, cfg.max_images, replace=False).tolist())
+    if not calib_keys or not held:
+        raise StoreError(store.root, f"need calibration and held-out images, got {len(calib_keys)} and {len(held)}")
+    return CalibrationSplit(calib_keys, held, calib_src, calib_index, name)
+
+
+def _provenance(store: StoreLike, checkpoint: str | Path, index: QualityIndex, split: CalibrationSplit,
+                crop_side: float, cfg: CalibrationConfig, backend: str) -> dict:
+    """What the policy was calibrated from: saved with it."""
+    from dynres.model.checkpoint import checkpoint_digest
+
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dynres": __version__,
+        "model": str(checkpoint), "model_sha256": checkpoint_digest(checkpoint),
+        "store": str(store.root), "store_manifest_hash": manifest_hash(store),
+        "calibration_store": str(split.calib_src.root), "calibration_manifest_hash": manifest_hash(split.calib_src),
+        "quality_index": index.meta, "crop_side": crop_side, "target": cfg.target, "split": split.name,
+        "calibration_images": len(split.calib_keys), "heldout_images": len(split.held), "config": asdict(cfg),
+        "backend": backend,
+    }
+
+
+def calibration_summary(record: dict, store: StoreLike, policy: CalibrationPolicy, held: Sequence[str]) -> dict:
+    """The record's headline numbers: the best resolution at the index's crop and its savings, the worst losses,
+    the cells over the target, and the dynamic pipeline's savings and loss at the index's crop."""
+    crop_area = record["crop_side"] ** 2
+    rows = record["calibration"]
+    main = [r for r in rows if math.isclose(r["crop"], crop_area, abs_tol=1e-6)]
     best = max(main, key=lambda r: (r["acc_full"], -r["resolution"]))
-    record["summary"] = {
+    summary = {
         "best_resolution": best["resolution"], "best_read_savings": best["read_savings"],
         "max_loss": max(r["acc_full"] - r["acc_calibrated"] for r in rows),
         "max_loss_at_calibration_crop": max(r["acc_full"] - r["acc_calibrated"] for r in main),
@@ -346,13 +401,9 @@ def calibrate(store, checkpoint: str | Path, out: str | Path, cfg: CalibrationCo
         "dynamic_read_savings_worst_case": worst_case_dynamic_savings(store, policy, held),
     }
     for r in record.get("dynamic", []):
-        if math.isclose(r["crop"], crop_side**2, abs_tol=1e-6):
-            record["summary"] |= {"dynamic_read_savings": r["read_savings"],
-                                  "dynamic_loss": r["acc_full"] - r["acc_calibrated"]}
-    out.mkdir(parents=True, exist_ok=True)
-    calibration_sweep(record["calibration_sweep"], out / "calibration_sweep.png")
-    write_records(out, "calibration", record, calibration_markdown(record))
-    return record
+        if math.isclose(r["crop"], crop_area, abs_tol=1e-6):
+            summary |= {"dynamic_read_savings": r["read_savings"], "dynamic_loss": r["acc_full"] - r["acc_calibrated"]}
+    return summary
 
 
 # --- renderings -------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The accuracy chain of the study in one call: full backbone → static grid → scale labels + model → dynamic.
 
-``dynres demo`` runs it (or its four steps as separate cached stages) with :func:`demo_config`. Every step is
-resumable on its own: backbone training resumes from its last epoch; a finished step's outputs are reused when
-its record says it was run with the same settings.
+``dynres demo`` runs it as its ``accuracy`` stage with :func:`demo_config`. Every step is
+resumable on its own: backbone training resumes from its last epoch; the finished chain's result is reused while
+its record (:func:`dynres.study.stages.recorded`) says it was run with the same settings.
 """
 
 from __future__ import annotations
@@ -13,14 +13,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dynres.errors import ConfigError
+from dynres.io.store import StoreLike
 from dynres.model.train import ImageCache, TrainConfig, train_backbone
 from dynres.study.dynamic import DynamicConfig, run_dynamic
 from dynres.study.scale import ScaleConfig, train_scale
+from dynres.study.stages import recorded, write_json
 from dynres.study.static import EvalConfig, run_static
 
 
 @dataclass(frozen=True)
 class ChainConfig:
+    """The accuracy chain's settings, one dataclass per step."""
+
     backbone: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -28,11 +32,11 @@ class ChainConfig:
 
 
 def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) -> ChainConfig:
-    """The demo's settings: ``resnet_tiny`` at 112 px, grid 56..224 (the paper's 0.5x..2x), a 56 px scale model
-    (``resnet_micro``, from its shipped weights; without them a width-0.25 MobileNetV2). ``quick``: fewer epochs.
+    """The demo's settings: ``resnet_tiny`` at 112 px, grid 56..224 (the paper's 0.5x..2x), a 56 px scale model.
+    ``quick``: fewer epochs. The measurements behind each choice are in docs/demo-config.md.
 
     ``pretrained`` (the built-in data): the backbones and the scale model's trunk fine-tune from the shipped weights
-    (:func:`dynres.models.demo_weights`, trained on synthetic images no demo uses), as one fine-tunes from
+    (:func:`dynres.model.checkpoint.demo_weights`, trained on synthetic images no demo uses), as one fine-tunes from
     ImageNet weights; that makes the K=4 shard backbones affordable on 2 cores. From scratch (a user's data set),
     the chain keeps to the paper's one-split option (footnote 2): two backbone trainings.
     """
@@ -41,20 +45,14 @@ def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) ->
 
         backbone = TrainConfig(epochs=4 if quick else 12, optimizer="sgd", lr=0.05, weight_decay=5e-5,
                                crop_scale=(0.35, 1.0), seed=seed, init=str(demo_weights("resnet_tiny")))
-        # Scale model, measured on the demo's labels (600 val images; "savings" = cost-aware GFLOPs saved within
-        # 0.5 points at crops 25/56/75/100%; the issue notes of sessions 4-6 hold every run):
-        # - resnet_micro at 56 px trains 4x faster than a width-0.25 MobileNetV2 (42 vs 183 s) for the same choices;
-        #   12 epochs (32 overfit: AUC 0.74-0.77; 16, 8, 6 and lr 0.002 no better across seeds).
-        # - its trunk fine-tunes from shipped weights (pretrained at 56 px like the backbone's): over scale seeds 0-3
-        #   mean AUC 0.774 -> 0.809, savings 32/36/16/8% -> 39/38/22/14%, training time unchanged.
-        # - not adopted: splits=2 (+185 s of chain; helped the from-scratch model at 100% crop, not this one),
-        #   shard_epochs=4 (chain 260 -> 203 s, but argmax p 1.2-1.7 points worse at 75% crops over 4 seeds), soft
-        #   labels, two K=2 splits, a 4-seed ensemble, flip test-time augmentation.
+        # resnet_micro: the same choices as a width-0.25 MobileNetV2 at a quarter of the training time; its trunk
+        # fine-tuned from shipped weights chooses better at no extra time; more epochs, splits=2 or fewer shard
+        # epochs did not choose better
         scale = ScaleConfig(backbone=backbone, folds=4, cheap=quick, arch="resnet_micro", epochs=6 if quick else 12,
                             init=str(demo_weights("resnet_micro")), seed=seed)
         return ChainConfig(backbone=backbone, scale=scale)
-    # lr 0.01 and crops of >= 50% area: measured to lift resnet_tiny from chance to ~43% top-1 on the built-in data
-    # in 40 epochs (smaller random crops often cut the object out; the default lr learns too slowly for the budget)
+    # lr 0.01 and crops of >= 50% area: a from-scratch resnet_tiny learns within the budget (smaller random crops
+    # often cut the object out; the default lr learns too slowly)
     backbone = TrainConfig(epochs=12 if quick else 40, lr=0.01, crop_scale=(0.5, 1.0), seed=seed)
     return ChainConfig(backbone=backbone, scale=ScaleConfig(backbone=backbone, cheap=True, epochs=8 if quick else 12,
                                                             seed=seed))
@@ -70,24 +68,26 @@ def chain_grid(cfg: ChainConfig) -> tuple[int, ...] | None:
     return tuple(grid) if grid else None
 
 
-def _done(path: Path, settings: dict) -> dict | None:
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return rec if rec.get("settings") == settings else None
+def run_accuracy_chain(train_store: StoreLike, val_store: StoreLike, out: str | Path,
+                       cfg: ChainConfig = ChainConfig(), progress: bool = True) -> dict:
+    """Run (or resume) the whole chain under ``out``; returns ``{backbone, static, scale, dynamic, seconds}``.
 
-
-def run_accuracy_chain(train_store, val_store, out: str | Path, cfg: ChainConfig = ChainConfig(),
-                       progress: bool = True) -> dict:
-    """Run (or resume) the whole chain under ``out``; returns ``{backbone, static, scale, dynamic, seconds}``."""
+    The result is recorded in ``out/accuracy_chain.json`` with the settings it was run with, and reused as long as
+    they are unchanged."""
     grid = chain_grid(cfg)  # a bad grid fails before anything trains
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(asdict(cfg), default=str))
     record = out / "accuracy_chain.json"
-    if (rec := _done(record, settings)) is not None:
+    if (rec := recorded(record, lambda r: r.get("settings") == settings)) is not None:
         return rec["result"]
+    result = _run_chain(train_store, val_store, out, cfg, grid, progress)
+    write_json(record, {"settings": settings, "result": result})
+    return result
+
+
+def _run_chain(train_store: StoreLike, val_store: StoreLike, out: Path, cfg: ChainConfig,
+               grid: tuple[int, ...] | None, progress: bool) -> dict:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     cache = None
@@ -113,10 +113,6 @@ def run_accuracy_chain(train_store, val_store, out: str | Path, cfg: ChainConfig
                           progress=progress)
     seconds["dynamic"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    result = {"backbone": str(backbone), "scale_model": scale["scale_model"],
-              "static": str(out / "eval" / "static.json"), "scale": str(out / "scale" / "scale.json"),
-              "dynamic": str(out / "eval" / "dynamic.json"), "summary": dynamic["summary"], "seconds": seconds}
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "result": result}, indent=2))
-    tmp.replace(record)
-    return result
+    return {"backbone": str(backbone), "scale_model": scale["scale_model"],
+            "static": str(out / "eval" / "static.json"), "scale": str(out / "scale" / "scale.json"),
+            "dynamic": str(out / "eval" / "dynamic.json"), "summary": dynamic["summary"], "seconds": seconds}

@@ -2,16 +2,19 @@
 
 Per crop and image the scale model reads the prefix at its low resolution and predicts p(r) = P(backbone right at
 r). The paper's rule runs the backbone at argmax_r p(r); the cost-aware rule at argmax_r p(r) - lambda * cost(r),
-with cost(r) normalized to 1 at the grid's largest resolution (GFLOPs, or measured latency once the kernels issue
-provides it), so lambda is dimensionless and sweeping it draws the dynamic Pareto curve. Backbone correctness is
-looked up in the static per-image table (same views), so nothing is re-run. Mean GFLOPs include the scale model.
-The oracle knows the best resolution per image: its accuracy is "right at some resolution", its cost the
-cheapest right resolution (free choice, no scale model).
+with cost(r) normalized to 1 at the grid's largest resolution, so lambda is dimensionless and sweeping it draws the
+dynamic Pareto curve. The cost is the backbone's GFLOPs, or a measured latency per resolution when one is given
+(``DynamicConfig.cost_table``; ``dynres eval dynamic --cost-json``). Backbone correctness is looked up in the
+static per-image table (same views), so nothing is re-run. Mean GFLOPs include the scale model. The oracle knows
+the best resolution per image: its accuracy is "right at some resolution", its cost the cheapest right resolution
+(free choice, no scale model). Crops are area fractions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pyarrow.parquet as pq
 
 from dynres.errors import ConfigError
 from dynres.io.decode import decode
+from dynres.io.store import StoreLike
 from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
 from dynres.model.nets import gflops
 from dynres.paper import crop_side
@@ -27,13 +31,18 @@ from dynres.records import markdown_table, write_records
 from dynres.report.figures import accuracy_vs_gflops
 from dynres.runtime.runners import choose
 from dynres.study.scale import auc, predict_scale, scale_inputs
+from dynres.study.stages import recorded
 from dynres.study.static import EvalConfig, run_static
 
-DEFAULT_LAMBDAS = tuple(round(float(x), 3) for x in np.concatenate([np.linspace(0, 0.2, 21), np.linspace(0.25, 1.0, 16)]))
+DEFAULT_LAMBDAS = tuple(round(float(x), 3)
+                        for x in np.concatenate([np.linspace(0, 0.2, 21), np.linspace(0.25, 1.0, 16)]))
 
 
 @dataclass(frozen=True)
 class DynamicConfig:
+    """How the dynamic evaluation chooses and reports: the λ sweep, the tolerance of the reported cost-aware
+    choice, the scale model's prefix and the cost the cost-aware rule weighs."""
+
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     tolerance: float = 0.5  # accuracy points the cost-aware choice may give up against the best static
     scans: int | None = None  # scale model prefix; None: the scale checkpoint's own setting
@@ -51,40 +60,64 @@ def load_cost_table(path: str | Path) -> dict[int, float]:
         raise ConfigError(path, f"need a JSON object resolution -> latency: {err}") from None
 
 
-def decide(scale, prefix: bytes, crop: float, lam: float | None = None,
+def decide(scale, prefix: bytes, crop_area: float, lam: float | None = None,
            cost: np.ndarray | None = None) -> tuple[int, np.ndarray]:
     """One image's decision from the prefix bytes it is given (nothing else is read): the chosen resolution and
-    p(r) over the grid. ``scale`` is a scale checkpoint path or ``(model, meta)``; ``crop`` an area fraction."""
+    p(r) over the grid. ``scale`` is a scale checkpoint path or ``(model, meta)``; ``crop_area`` the center crop's
+    area fraction."""
     model, meta = load_checkpoint(scale) if isinstance(scale, (str, Path)) else scale
-    x = decode(prefix, meta.train_resolution, crop_side(crop))[None]
+    x = decode(prefix, meta.train_resolution, crop_side(crop_area))[None]
     probs = predict_scale(model, x)
     cost = np.array(meta.grid, dtype=float) ** 2 if cost is None else np.asarray(cost, dtype=float)
     return meta.grid[int(choose(probs, cost, lam)[0])], probs[0]
 
 
-def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str | Path,
+def run_dynamic(backbone: str | Path, scale_model: str | Path, store: StoreLike, out: str | Path,
                 cfg: DynamicConfig = DynamicConfig(), eval_cfg: EvalConfig = EvalConfig(),
                 static_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Static + dynamic + oracle + cost-aware records for every crop; writes ``dynamic.json``/``.md``/``.png``."""
+    """Static + dynamic + oracle + cost-aware records for every crop; writes ``dynamic.json``/``.md``/``.png``.
+
+    The static results come from ``static_dir`` (default ``out``) when a ``run_static`` of this backbone there
+    covers the scale model's grid and the crops; otherwise the static evaluation runs first."""
     out = Path(out)
+    payload = dynamic_record(backbone, scale_model, store, Path(static_dir) if static_dir else out, cfg, eval_cfg,
+                             progress)
+    if cfg.plot:
+        payload["plot"] = str(accuracy_vs_gflops(payload, out / "dynamic.png"))
+    write_records(out, "dynamic", payload, dynamic_markdown(payload))
+    return payload
+
+
+def static_results(backbone: str | Path, store: StoreLike, static_dir: Path, grid: Sequence[int],
+                   eval_cfg: EvalConfig, progress: bool = True) -> dict:
+    """The ``run_static`` record in ``static_dir`` if it is of this very backbone (by content) and covers ``grid``
+    x ``eval_cfg.crops`` with its per-image table; else a fresh static evaluation there."""
+    def covers(static: dict) -> bool:
+        return ((static_dir / "static_images.parquet").is_file()
+                and static.get("checkpoint_sha256") == checkpoint_digest(backbone)
+                and set(grid) <= set(static["grid"]) and set(eval_cfg.crops) <= set(static["crops"]))
+
+    static = recorded(static_dir / "static.json", covers)
+    if static is None:
+        static = run_static(backbone, store, static_dir, dataclasses.replace(eval_cfg, grid=tuple(grid)),
+                            progress=progress)
+    return static
+
+
+def dynamic_record(backbone: str | Path, scale_model: str | Path, store: StoreLike, static_dir: Path,
+                   cfg: DynamicConfig = DynamicConfig(), eval_cfg: EvalConfig = EvalConfig(),
+                   progress: bool = True) -> dict:
+    """Compute :func:`run_dynamic`'s record without writing it (the static evaluation may run and be recorded)."""
     smodel, smeta = load_checkpoint(scale_model)
     if smeta.task != "scale":
         raise ConfigError(scale_model, f"not a scale model (task {smeta.task!r})")
     grid = list(smeta.grid)
-    static_dir = Path(static_dir) if static_dir else out
-    static = _load_static(static_dir, backbone, grid, eval_cfg.crops)
-    if static is None:
-        static = run_static(backbone, store, static_dir, EvalConfig(tuple(grid), eval_cfg.crops, eval_cfg.batch_size,
-                                                                    eval_cfg.exact, eval_cfg.limit), progress=progress)
+    static = static_results(backbone, store, static_dir, grid, eval_cfg, progress)
     table = pq.read_table(static_dir / "static_images.parquet")
     bmodel, _ = load_checkpoint(backbone)
     cost_g = np.array([gflops(bmodel, r) for r in grid])
     scale_g = gflops(smodel, smeta.train_resolution)
-    if cfg.cost_table is not None:
-        missing = [r for r in grid if r not in cfg.cost_table]
-        if missing:
-            raise ConfigError("cost_table", f"no latency for resolutions {missing}")
-    cost_rule = np.array([cfg.cost_table[r] for r in grid]) if cfg.cost_table else cost_g
+    cost_rule = _rule_cost(cfg, grid, cost_g)
     correct = {(k, c, r): ok for k, c, r, ok in zip(*(table.column(n).to_pylist()
                                                       for n in ("key", "crop", "resolution", "correct")))}
     keys = list(dict.fromkeys(table.column("key").to_pylist()))
@@ -97,77 +130,79 @@ def run_dynamic(backbone: str | Path, scale_model: str | Path, store, out: str |
     probs_all = predict_scale(smodel, images)
 
     static_rows = [r for r in static["static"] if r["resolution"] in grid]
-    dynamic_rows, oracle_rows, pareto_rows, chosen_rows, auc_rows = [], [], [], [], []
+    rows: dict[str, list[dict]] = {"dynamic": [], "oracle": [], "cost_aware": [], "summary": [], "auc": []}
     for ci, c in enumerate(crops):
         p = probs_all[ci * len(keys):(ci + 1) * len(keys)]
         ok = np.array([[correct[(k, c, r)] for r in grid] for k in keys], dtype=bool)
-        rows = np.arange(len(keys))
-
-        def point(lam: float | None) -> dict:
-            pick = choose(p, cost_rule, lam)
-            return {"crop": c, "accuracy": 100 * float(ok[rows, pick].mean()),
-                    "gflops": float(cost_g[pick].mean() + scale_g), "lambda": lam,
-                    "mean_resolution": float(np.array(grid)[pick].mean())}
-
-        dynamic_rows.append(point(None))
-        curve = [point(lam) for lam in cfg.lambdas]
-        pareto_rows += curve
-        cheapest_right = np.where(ok.any(1), ok.argmax(1), 0)  # grid is ascending: first right = cheapest
-        oracle_rows.append({"crop": c, "accuracy": 100 * float(ok.any(1).mean()),
-                            "gflops": float(cost_g[cheapest_right].mean())})
-        auc_rows += [{"crop": c, "resolution": r, "auc": auc(p[:, i], ok[:, i].astype(float))}
-                     for i, r in enumerate(grid)]
         crop_static = [r for r in static_rows if r["crop"] == c]
-        best = max(crop_static, key=lambda r: r["accuracy"])
-        ok_points = [q for q in curve if q["accuracy"] >= best["accuracy"] - cfg.tolerance]
-        pick = min(ok_points, key=lambda q: q["gflops"]) if ok_points else None
-        # the same budget as the best static resolution: the most accurate λ that costs no more
-        budget = [q for q in curve if q["gflops"] <= best["gflops"]]
-        iso = max(budget, key=lambda q: (q["accuracy"], -q["gflops"])) if budget else None
-        plain = dynamic_rows[-1]
-        chosen_rows.append({
-            "crop": c, "best_static_resolution": best["resolution"], "best_static_accuracy": best["accuracy"],
-            "best_static_gflops": best["gflops"], "dynamic_accuracy": plain["accuracy"],
-            "dynamic_gflops": plain["gflops"],
-            "dynamic_within_1pt": plain["accuracy"] >= best["accuracy"] - 1.0,
-            "dynamic_not_costlier": plain["gflops"] <= best["gflops"],
-            "lambda": pick["lambda"] if pick else None, "cost_aware_accuracy": pick["accuracy"] if pick else None,
-            "cost_aware_gflops": pick["gflops"] if pick else None,
-            "cost_aware_savings_pct": 100 * (1 - pick["gflops"] / best["gflops"]) if pick else None,
-            "iso_cost_lambda": iso["lambda"] if iso else None, "iso_cost_accuracy": iso["accuracy"] if iso else None,
-            "iso_cost_gflops": iso["gflops"] if iso else None,
-            "iso_cost_within_1pt": bool(iso and iso["accuracy"] >= best["accuracy"] - 1.0),
-        })
-    payload = {
+        for name, value in _crop_rows(c, p, ok, grid, cost_g, cost_rule, scale_g, crop_static, cfg).items():
+            rows[name] += value
+    return {
         "backbone": str(backbone), "scale_model": str(scale_model), "images": len(keys), "grid": grid,
         "crops": crops, "scale_resolution": smeta.train_resolution, "scale_gflops": scale_g, "scale_scans": scans,
         "scale_bytes_read": scale_bytes, "cost_rule": "latency" if cfg.cost_table else "gflops",
+        "tolerance": cfg.tolerance,
         "flop_convention": "FlopCounterMode: 2 x MACs; dynamic GFLOPs include the scale model",
-        "static": static_rows, "dynamic": dynamic_rows, "oracle": oracle_rows, "cost_aware": pareto_rows,
-        "summary": chosen_rows, "auc": auc_rows,
+        "static": static_rows, "dynamic": rows["dynamic"], "oracle": rows["oracle"], "cost_aware": rows["cost_aware"],
+        "summary": rows["summary"], "auc": rows["auc"],
     }
-    if cfg.plot:
-        payload["plot"] = str(accuracy_vs_gflops(payload, out / "dynamic.png"))
-    write_records(out, "dynamic", payload, dynamic_markdown(payload))
-    return payload
 
 
-def _load_static(static_dir: Path, backbone: str | Path, grid: list[int], crops: list[float]) -> dict | None:
-    """A previous ``run_static`` result of this very backbone that covers ``grid`` x ``crops``, or None."""
-    try:
-        static = json.loads((static_dir / "static.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not (static_dir / "static_images.parquet").is_file():
-        return None
-    if static.get("checkpoint_sha256") != checkpoint_digest(backbone):
-        return None
-    if set(grid) <= set(static["grid"]) and set(crops) <= set(static["crops"]):
-        return static
-    return None
+def _rule_cost(cfg: DynamicConfig, grid: Sequence[int], cost_g: np.ndarray) -> np.ndarray:
+    """The cost the cost-aware rule weighs: the configured latency per resolution, else the backbone's GFLOPs."""
+    if cfg.cost_table is None:
+        return cost_g
+    missing = [r for r in grid if r not in cfg.cost_table]
+    if missing:
+        raise ConfigError("cost_table", f"no latency for resolutions {missing}")
+    return np.array([cfg.cost_table[r] for r in grid])
+
+
+def _crop_rows(c: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost_g: np.ndarray,
+               cost_rule: np.ndarray, scale_g: float, crop_static: list[dict], cfg: DynamicConfig) -> dict:
+    """One crop area's rows: ``p`` the scale model's p(r) and ``ok`` the backbone's correctness (images x grid)."""
+    rows = np.arange(len(ok))
+
+    def point(lam: float | None) -> dict:
+        pick = choose(p, cost_rule, lam)
+        return {"crop": c, "accuracy": 100 * float(ok[rows, pick].mean()),
+                "gflops": float(cost_g[pick].mean() + scale_g), "lambda": lam,
+                "mean_resolution": float(np.array(grid)[pick].mean())}
+
+    plain = point(None)
+    curve = [point(lam) for lam in cfg.lambdas]
+    cheapest_right = np.where(ok.any(1), ok.argmax(1), 0)  # grid is ascending: first right = cheapest
+    oracle = {"crop": c, "accuracy": 100 * float(ok.any(1).mean()), "gflops": float(cost_g[cheapest_right].mean())}
+    aucs = [{"crop": c, "resolution": r, "auc": auc(p[:, i], ok[:, i].astype(float))} for i, r in enumerate(grid)]
+    return {"dynamic": [plain], "oracle": [oracle], "cost_aware": curve, "auc": aucs,
+            "summary": [versus_best_static(c, plain, curve, crop_static, cfg.tolerance)]}
+
+
+def versus_best_static(c: float, plain: dict, curve: list[dict], crop_static: list[dict], tolerance: float) -> dict:
+    """The summary row of one crop: the best static resolution against the paper's rule (``plain``), the cheapest
+    point of the λ sweep within ``tolerance`` points of it, and the most accurate point at no more GFLOPs."""
+    best = max(crop_static, key=lambda r: r["accuracy"])
+    ok_points = [q for q in curve if q["accuracy"] >= best["accuracy"] - tolerance]
+    pick = min(ok_points, key=lambda q: q["gflops"]) if ok_points else None
+    budget = [q for q in curve if q["gflops"] <= best["gflops"]]
+    iso = max(budget, key=lambda q: (q["accuracy"], -q["gflops"])) if budget else None
+    return {
+        "crop": c, "best_static_resolution": best["resolution"], "best_static_accuracy": best["accuracy"],
+        "best_static_gflops": best["gflops"], "dynamic_accuracy": plain["accuracy"],
+        "dynamic_gflops": plain["gflops"],
+        "dynamic_within_1pt": plain["accuracy"] >= best["accuracy"] - 1.0,
+        "dynamic_not_costlier": plain["gflops"] <= best["gflops"],
+        "lambda": pick["lambda"] if pick else None, "cost_aware_accuracy": pick["accuracy"] if pick else None,
+        "cost_aware_gflops": pick["gflops"] if pick else None,
+        "cost_aware_savings_pct": 100 * (1 - pick["gflops"] / best["gflops"]) if pick else None,
+        "iso_cost_lambda": iso["lambda"] if iso else None, "iso_cost_accuracy": iso["accuracy"] if iso else None,
+        "iso_cost_gflops": iso["gflops"] if iso else None,
+        "iso_cost_within_1pt": bool(iso and iso["accuracy"] >= best["accuracy"] - 1.0),
+    }
 
 
 def dynamic_markdown(p: dict) -> str:
+    """The dynamic record as Markdown: the summary per crop, the iso-cost comparison, the oracle, the AUCs."""
     summary = markdown_table(
         p["summary"],
         ["crop", "best_static_resolution", "best_static_accuracy", "best_static_gflops", "dynamic_accuracy",
@@ -188,7 +223,7 @@ def dynamic_markdown(p: dict) -> str:
             f"Scale model at {p['scale_resolution']} px ({p['scale_gflops']:.4f} GFLOPs, included in every dynamic "
             f"number; {p['scale_bytes_read']:,} bytes read for it). GFLOPs = 2 x MACs. Cost-aware rule: "
             f"argmax p(r) - λ·cost(r)/cost(max) with cost = {p['cost_rule']}; λ = the cheapest within "
-            f"0.5 points of the best static.\n\n{summary}\n\n## At the best static resolution's cost\n\n"
+            f"{p['tolerance']:g} points of the best static.\n\n{summary}\n\n## At the best static resolution's cost\n\n"
             f"The most accurate λ of the sweep whose mean GFLOPs (scale model included) do not exceed the best "
             f"static resolution's.\n\n{iso}\n\n## Oracle\n\n{oracle}\n\n"
             f"## Scale model AUC on this split\n\n{auc_md}\n")

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from dynres._ui import track_threads
 from dynres.errors import ConfigError
+from dynres.io.store import StoreLike
 from dynres.model.checkpoint import ModelMeta, load_checkpoint, load_weights
 from dynres.model.nets import channels_last, create_model, to_input
 from dynres.model.train import ImageCache, TrainConfig, data_hash, fit, train_backbone
@@ -42,17 +43,18 @@ from dynres.study.static import image_views, predict_grid
 
 @dataclass(frozen=True)
 class ScaleConfig:
+    """The scale labels' and the scale model's settings; ``crops`` are area fractions (a run file's ``[scale]``)."""
+
     folds: int = 4
     cheap: bool = False  # the paper's single split: train only fold 0's backbone
     # repeated K-fold splits (shard seeds seed, seed+1, ...): one label per image and split, the scale model learns
-    # their mean (two held-out backbones disagree on ~9% of the demo's labels); each split costs K more trainings
+    # their mean (less label noise: held-out backbones disagree on some labels); each split costs K more trainings
     splits: int = 1
     crops: tuple[float, ...] = PAPER_CROPS  # area fractions the labels (and the scale inputs) cover
     grid: tuple[int, ...] | None = None  # None: the paper's ratios around the backbone's train resolution
     backbone: TrainConfig = field(default_factory=TrainConfig)
-    # the shard backbones' epochs (None: the backbone's). They only label, so fewer can do for a tight budget: on the
-    # demo, 4 instead of 12 (fine-tuned) cut the chain by 22% and gave labels with the same positive rate that agree
-    # with the 12-epoch ones on 92%, but a scale model that chose 1.2-1.7 points worse at 75% crops
+    # the shard backbones' epochs (None: the backbone's). They only label, so fewer save time on a tight budget, at
+    # the price of noisier labels and a scale model that chooses worse (docs/demo-config.md)
     shard_epochs: int | None = None
     arch: str = "mobilenet_v2_tiny"
     init: str | None = None  # local state_dict for the scale model's trunk (its head is always new)
@@ -67,7 +69,7 @@ class ScaleConfig:
     seed: int = 0
     labels: str | None = None  # an existing scale_labels.parquet: retrain only the scale model (no shard backbones)
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.folds < 2:
             raise ConfigError("folds", f"need at least 2 shards, got {self.folds}")
         if self.shard_epochs is not None and self.shard_epochs < 1:
@@ -87,7 +89,7 @@ class ScaleConfig:
         return replace(self.backbone, epochs=self.shard_epochs) if self.shard_epochs else self.backbone
 
 
-def shard_split(store, keys: Sequence[str], folds: int, seed: int = 0) -> list[list[str]]:
+def shard_split(store: StoreLike, keys: Sequence[str], folds: int, seed: int = 0) -> list[list[str]]:
     """K disjoint shards covering ``keys``, each class dealt round-robin after a seeded shuffle."""
     by_class: dict[int, list[str]] = {}
     for key in keys:
@@ -109,7 +111,7 @@ def fold_dir(out: Path, split: int, fold: int) -> Path:
     return (out if split == 0 else out / f"split{split}") / f"fold{fold}"
 
 
-def make_labels(store, out: Path, cfg: ScaleConfig, cache: ImageCache | None = None,
+def make_labels(store: StoreLike, out: Path, cfg: ScaleConfig, cache: ImageCache | None = None,
                 progress: bool = True) -> pa.Table:
     """Train the shard backbones and label each held-out shard; returns (and writes) ``scale_labels.parquet``."""
     tables = []
@@ -129,7 +131,7 @@ def make_labels(store, out: Path, cfg: ScaleConfig, cache: ImageCache | None = N
     return labels
 
 
-def read_labels(path: str | Path, store) -> pa.Table:
+def read_labels(path: str | Path, store: StoreLike) -> pa.Table:
     """A ``scale_labels.parquet`` written by :func:`make_labels`, checked against the store it will be used with."""
     try:
         labels = pq.read_table(path)
@@ -204,7 +206,7 @@ class ScaleInputs(Dataset):
         return x, self.targets[i]
 
 
-def scale_inputs(store, pairs: Sequence[tuple[str, float]], resolution: int, crops: Sequence[float],
+def scale_inputs(store: StoreLike, pairs: Sequence[tuple[str, float]], resolution: int, crops: Sequence[float],
                  scans: Scans, progress: bool = True) -> torch.Tensor:
     """Decoded scale-model inputs for (key, crop) pairs, each image decoded once for all its crops."""
     keys = list(dict.fromkeys(k for k, _ in pairs))
@@ -214,7 +216,7 @@ def scale_inputs(store, pairs: Sequence[tuple[str, float]], resolution: int, cro
     return torch.stack([views[p] for p in pairs])
 
 
-def _targets_hash(store, keys: Sequence[str], targets: torch.Tensor) -> str:
+def _targets_hash(store: StoreLike, keys: Sequence[str], targets: torch.Tensor) -> str:
     """The scale model's training data: the images and their labels' values, so that a resumed (or finished) scale
     model is reused only for the same labels, not for new labels written to the same path."""
     h = hashlib.sha256(data_hash(store, keys).encode())
@@ -230,78 +232,104 @@ def predict_scale(model: nn.Module, images: torch.Tensor, batch_size: int = 256)
     return torch.cat(out).numpy()
 
 
-def train_scale(store, out: str | Path, cfg: ScaleConfig = ScaleConfig(), cache: ImageCache | None = None,
-                progress: bool = True) -> dict:
-    """The whole chain of issue 3 part 3: shard backbones, labels, scale model, label statistics and AUC.
+def train_scale(store: StoreLike, out: str | Path, cfg: ScaleConfig = ScaleConfig(),
+                cache: ImageCache | None = None, progress: bool = True) -> dict:
+    """Shard backbones, labels, scale model, label statistics and AUC (or only the scale model on ``cfg.labels``).
 
-    Writes ``out/scale_model.pt`` (+ JSON), ``out/scale_labels.parquet`` and ``out/scale.json``/``.md``.
+    Writes ``out/scale_model/model.pt`` (+ JSON), ``out/scale_labels.parquet`` and ``out/scale.json``/``.md``.
     """
-    cfg.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.labels is not None:  # grid and crops are the labels' own
-        labels = read_labels(cfg.labels, store)
-        grid = tuple(sorted(set(labels.column("resolution").to_pylist())))
-        crops = tuple(sorted(set(labels.column("crop").to_pylist())))
-        folds = len(set(labels.column("fold").to_pylist())) if "fold" in labels.column_names else None
-        splits = len(set(labels.column("split").to_pylist())) if "split" in labels.column_names else 1
-        labels_path, backbones = str(cfg.labels), []
-    else:
-        if cfg.backbone.cache and cache is None:
-            cache = ImageCache.build(store, store.keys, round(cfg.backbone.cache_factor * cfg.backbone.resolution),
-                                     progress)
-        labels = make_labels(store, out, cfg, cache, progress)
-        del cache
-        grid, crops, folds, splits = cfg.label_grid, cfg.crops, 1 if cfg.cheap else cfg.folds, cfg.splits
-        labels_path = str(out / "scale_labels.parquet")
-        backbones = [str(fold_dir(out, s, f) / "model.pt") for s in range(cfg.splits) for f in range(folds)]
+    labels, source = scale_labels(store, out, cfg, cache, progress)
+    grid, crops = source["grid"], source["crops"]
     res = cfg.resolution or min(grid)
     targets = multi_hot(labels, grid)  # what the scale model learns: with several splits, the mean label
     answers = targets  # statistics and AUC judge against one held-out backbone's 0/1 answers
-    if splits > 1:
+    if source["splits"] > 1:
         answers = multi_hot(labels.filter(pc.equal(labels.column("split"), 0)), grid)
     keys = sorted({k for k, _ in targets})
     rng = random.Random(cfg.seed + 1)
     rng.shuffle(keys)
     held = set(keys[: int(round(cfg.holdout * len(keys)))])
     pairs = sorted(targets)
-    train_pairs = [p for p in pairs if p[0] not in held]
-    test_pairs = [p for p in pairs if p[0] in held]
     images = scale_inputs(store, pairs, res, crops, cfg.scans, progress)
     y = torch.from_numpy(np.stack([targets[p] for p in pairs]))
-    idx = {p: i for i, p in enumerate(pairs)}
-    tr = torch.tensor([idx[p] for p in train_pairs], dtype=torch.long)
-    tcfg = TrainConfig(arch=cfg.arch, resolution=res, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    tr = torch.tensor([i for i, p in enumerate(pairs) if p[0] not in held], dtype=torch.long)
+    test = [i for i, p in enumerate(pairs) if p[0] in held]
+    model = fit_scale_model(images[tr], y[tr], out, cfg, grid, res, _targets_hash(store, keys, y), progress)
+    aucs = heldout_auc(model, images, [answers[pairs[i]] for i in test], test, grid)
+    stats = label_stats(answers, grid, crops)
+    payload = {"grid": list(grid), "crops": list(crops), "folds": source["folds"], "splits": source["splits"],
+               "cheap": cfg.cheap, "scale_resolution": res, "scale_arch": cfg.arch, "scans": cfg.scans,
+               "labelled_images": len(keys), "heldout_images": len(held), "label_stats": stats, "auc": aucs,
+               "scale_model": str(out / "scale_model" / "model.pt"), "labels": source["labels"],
+               "backbones": source["backbones"]}
+    write_records(out, "scale", payload, scale_markdown(payload))
+    return payload
+
+
+def scale_labels(store: StoreLike, out: Path, cfg: ScaleConfig, cache: ImageCache | None = None,
+                 progress: bool = True) -> tuple[pa.Table, dict]:
+    """The labels (``cfg.labels``, or made by :func:`make_labels`) and what they cover: ``grid``, ``crops``,
+    ``folds``, ``splits``, the ``labels`` path and the shard ``backbones``."""
+    if cfg.labels is not None:  # grid and crops are the labels' own
+        labels = read_labels(cfg.labels, store)
+        return labels, {
+            "grid": tuple(sorted(set(labels.column("resolution").to_pylist()))),
+            "crops": tuple(sorted(set(labels.column("crop").to_pylist()))),
+            "folds": len(set(labels.column("fold").to_pylist())) if "fold" in labels.column_names else None,
+            "splits": len(set(labels.column("split").to_pylist())) if "split" in labels.column_names else 1,
+            "labels": str(cfg.labels), "backbones": []}
+    if cfg.backbone.cache and cache is None:
+        cache = ImageCache.build(store, store.keys, round(cfg.backbone.cache_factor * cfg.backbone.resolution),
+                                 progress)
+    labels = make_labels(store, out, cfg, cache, progress)
+    folds = 1 if cfg.cheap else cfg.folds
+    return labels, {"grid": cfg.label_grid, "crops": cfg.crops, "folds": folds, "splits": cfg.splits,
+                    "labels": str(out / "scale_labels.parquet"),
+                    "backbones": [str(fold_dir(out, s, f) / "model.pt") for s in range(cfg.splits)
+                                  for f in range(folds)]}
+
+
+def fit_scale_model(images: torch.Tensor, targets: torch.Tensor, out: Path, cfg: ScaleConfig,
+                    grid: Sequence[int], resolution: int, data_hash: str, progress: bool = True) -> nn.Module:
+    """Train the scale model on its inputs and multi-hot targets; saved (resumably) under ``out/scale_model``."""
+    tcfg = TrainConfig(arch=cfg.arch, resolution=resolution, epochs=cfg.epochs, batch_size=cfg.batch_size,
                        optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, label_smoothing=0.0,
                        seed=cfg.seed, cache=False)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, len(grid))
     if cfg.init:
         load_weights(model.net, cfg.init)
-    recipe = asdict(cfg) | {"samples": len(train_pairs)}
-    meta = ModelMeta(arch=cfg.arch, classes=(), train_resolution=res, task="scale", grid=grid, scans=cfg.scans,
-                     recipe=json.loads(json.dumps(recipe, default=str)), data_hash=_targets_hash(store, keys, y))
-    fit(model, ScaleInputs(images[tr], y[tr]), tcfg, nn.BCEWithLogitsLoss(), out / "scale_model", meta,
-        f"train scale model {cfg.arch} @{res}", progress)
-    aucs = []
-    if test_pairs:
-        te = torch.tensor([idx[p] for p in test_pairs], dtype=torch.long)
-        probs = predict_scale(model, images[te])
-        truth = np.stack([answers[p] for p in test_pairs])
-        aucs = [{"resolution": r, "auc": auc(probs[:, i], truth[:, i]),
-                 "positive_rate": 100 * float(truth[:, i].mean())} for i, r in enumerate(grid)]
-    stats = label_stats(answers, grid, crops)
-    payload = {"grid": list(grid), "crops": list(crops), "folds": folds, "splits": splits,
-               "cheap": cfg.cheap, "scale_resolution": res, "scale_arch": cfg.arch, "scans": cfg.scans,
-               "labelled_images": len(keys), "heldout_images": len(held), "label_stats": stats, "auc": aucs,
-               "scale_model": str(out / "scale_model" / "model.pt"), "labels": labels_path, "backbones": backbones}
+    recipe = asdict(cfg) | {"samples": len(targets)}
+    meta = ModelMeta(arch=cfg.arch, classes=(), train_resolution=resolution, task="scale", grid=tuple(grid),
+                     scans=cfg.scans, recipe=json.loads(json.dumps(recipe, default=str)), data_hash=data_hash)
+    fit(model, ScaleInputs(images, targets), tcfg, nn.BCEWithLogitsLoss(), out / "scale_model", meta,
+        f"train scale model {cfg.arch} @{resolution}", progress)
+    return model
+
+
+def heldout_auc(model: nn.Module, images: torch.Tensor, answers: Sequence[np.ndarray], test: Sequence[int],
+                grid: Sequence[int]) -> list[dict]:
+    """Per-resolution AUC of the scale model on the held-out samples ``test`` (indices into ``images``), judged
+    against ``answers`` (one 0/1 vector per held-out sample)."""
+    if not test:
+        return []
+    probs = predict_scale(model, images[torch.tensor(test, dtype=torch.long)])
+    truth = np.stack(answers)
+    return [{"resolution": r, "auc": auc(probs[:, i], truth[:, i]), "positive_rate": 100 * float(truth[:, i].mean())}
+            for i, r in enumerate(grid)]
+
+
+def scale_markdown(payload: dict) -> str:
+    """The scale record as Markdown: label statistics per crop and the scale model's AUC per resolution."""
+    grid, splits = payload["grid"], payload["splits"]
     stat_cols = ["crop", "samples", "none_correct", "all_correct", "mean_correct"] + [f"p@{r}" for r in grid]
     split_text = f" in each of {splits} splits (the scale model learns the mean label)" if splits > 1 else ""
-    md = (f"# Scale labels and scale model\n\n{payload['folds']} held-out shard(s){split_text}, {len(keys)} labelled "
-          f"images; scale model {cfg.arch} at {res} px.\n\n"
-          "## Labels (percent of samples; p@r = backbone right at r)\n\n"
-          + markdown_table(stats, stat_cols)
-          + f"\n\n## Scale model AUC per resolution ({len(held)} held-out images)\n\n"
-          + markdown_table(aucs, ["resolution", "auc", "positive_rate"]))
-    write_records(out, "scale", payload, md)
-    return payload
+    return (f"# Scale labels and scale model\n\n{payload['folds']} held-out shard(s){split_text}, "
+            f"{payload['labelled_images']} labelled images; scale model {payload['scale_arch']} at "
+            f"{payload['scale_resolution']} px.\n\n"
+            "## Labels (percent of samples; p@r = backbone right at r)\n\n"
+            + markdown_table(payload["label_stats"], stat_cols)
+            + f"\n\n## Scale model AUC per resolution ({payload['heldout_images']} held-out images)\n\n"
+            + markdown_table(payload["auc"], ["resolution", "auc", "positive_rate"]))

@@ -1,9 +1,13 @@
-"""Static characterization: top-1 accuracy and GFLOPs over a resolution grid x center-crop ratios (Table I).
+"""Static characterization: top-1 accuracy and GFLOPs over a resolution grid x center-crop areas (Table I).
+
+Its parts are the grid evaluation every study step shares (:class:`GridModel`: how a classifier runs over many
+image and batch sizes, on ONNX Runtime where it agrees with PyTorch; :func:`predict_grid` over the views of
+:func:`image_views`) and the static record built on it (:func:`run_static`).
 
 Every (image, crop, resolution) prediction is kept in a Parquet table (columns ``key, label, crop, resolution,
 pred, prob, correct``) so the scale labels, the dynamic evaluation and the oracle are look-ups, never re-runs.
 
-Crops are *area* fractions here (the paper's 25/56/75/100 %); :func:`dynres.decode.crop_side` turns them into the
+Crops are *area* fractions here (the paper's 25/56/75/100 %); :func:`dynres.paper.crop_side` turns them into the
 side ratio that ``decode`` takes.
 
 Views: ``exact=True`` decodes every (crop, resolution) view with ``decode`` (what inference does). The default
@@ -29,6 +33,7 @@ import torch
 from dynres._ui import log, track
 from dynres.errors import ConfigError
 from dynres.io.decode import decode, decode_short_side
+from dynres.io.store import StoreLike
 from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
 from dynres.model.nets import channels_last, gflops, to_input
 from dynres.paper import PAPER_CROPS, crop_side, scaled_grid
@@ -38,6 +43,8 @@ from dynres.records import markdown_table, write_records
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """What the static evaluation covers; ``crops`` are area fractions (a run file's ``[eval] crops``)."""
+
     grid: tuple[int, ...] | None = None  # None: the paper's ratios around the checkpoint's train resolution
     crops: tuple[float, ...] = PAPER_CROPS  # area fractions
     batch_size: int = 64
@@ -45,7 +52,7 @@ class EvalConfig:
     limit: int | None = None  # evaluate only the first N keys (smoke runs)
     backend: str = "auto"  # how the model runs: see GridModel
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.grid is not None and (not self.grid or min(self.grid) < 8):
             raise ConfigError("grid", f"need resolutions >= 8, got {self.grid}")
         if not self.crops or not all(0 < c <= 1 for c in self.crops):
@@ -57,7 +64,7 @@ class EvalConfig:
 
 class GridModel:
     """A classifier as evaluation runs it, over many batch and image sizes: ``backend`` "ort" (one ONNX Runtime
-    session with dynamic shapes, see :func:`dynres._backends.ort_any_shape`), "eager" (channels-last PyTorch), or
+    session with dynamic shapes, see :func:`dynres.runtime.backends.ort_any_shape`), "eager" (channels-last PyTorch), or
     "auto": ORT where onnx and onnxruntime are installed and the exported model agrees with PyTorch (relative error
     <= 1e-4 on two image sizes, the tuner's bar), else eager with the reason logged. Build it once and pass it to
     every :func:`predict_grid` call (an export takes about a second)."""
@@ -107,7 +114,7 @@ class GridModel:
 # --- views --------------------------------------------------------------------------------------------------
 
 
-def image_views(store, key: str, grid: Sequence[int], crops: Sequence[float], scans: Scans = None,
+def image_views(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence[float], scans: Scans = None,
                 exact: bool = False) -> dict[tuple[float, int], torch.Tensor]:
     """Every (crop area, resolution) view of one image, each from the prefix the scans policy allows."""
     from torchvision.transforms.v2 import functional as F
@@ -133,7 +140,7 @@ def image_views(store, key: str, grid: Sequence[int], crops: Sequence[float], sc
 
 
 @torch.no_grad()
-def predict_grid(model: torch.nn.Module | GridModel, store, keys: Sequence[str], grid: Sequence[int],
+def predict_grid(model: torch.nn.Module | GridModel, store: StoreLike, keys: Sequence[str], grid: Sequence[int],
                  crops: Sequence[float], scans: Scans = None, exact: bool = False, batch_size: int = 64,
                  progress: bool = True, description: str = "evaluate", backend: str = "auto",
                  workers: int = 0) -> pa.Table:
@@ -196,10 +203,9 @@ def static_markdown(rows: list[dict], model_name: str) -> str:
     return markdown_table(table, cols, heads)
 
 
-def run_static(checkpoint: str | Path, store, out: str | Path, cfg: EvalConfig = EvalConfig(), scans: Scans = None,
-               progress: bool = True) -> dict:
+def run_static(checkpoint: str | Path, store: StoreLike, out: str | Path, cfg: EvalConfig = EvalConfig(),
+               scans: Scans = None, progress: bool = True) -> dict:
     """Evaluate a backbone over grid x crops; writes ``static.json``/``.md`` and ``static_images.parquet``."""
-    cfg.check()
     out = Path(out)
     model, meta = load_checkpoint(checkpoint)
     if list(meta.classes) != list(store.classes):
@@ -224,8 +230,12 @@ def run_static(checkpoint: str | Path, store, out: str | Path, cfg: EvalConfig =
         "static": rows, "best": [{"crop": c, "resolution": best[c], "accuracy": acc[(c, best[c])]} for c in cfg.crops],
         "per_image": str(out / "static_images.parquet"),
     }
-    md = (f"# Static characterization: {meta.arch} trained at {meta.train_resolution}\n\n"
-          f"{len(keys)} images; GFLOPs = 2 x MACs (FlopCounterMode); crops are area fractions.\n\n"
-          + static_markdown(rows, meta.arch))
-    write_records(out, "static", payload, md)
+    write_records(out, "static", payload, static_document(payload))
     return payload
+
+
+def static_document(payload: dict) -> str:
+    """The static record as Markdown: a header and the Table I layout."""
+    return (f"# Static characterization: {payload['arch']} trained at {payload['train_resolution']}\n\n"
+            f"{payload['images']} images; GFLOPs = 2 x MACs (FlopCounterMode); crops are area fractions.\n\n"
+            + static_markdown(payload["static"], payload["arch"]))

@@ -1,0 +1,152 @@
+"""``dynres bench io|pipeline|serve|kernels``: each benchmark writes its JSON + Markdown record and prints a
+digest of it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dynres._ui import console
+from dynres.bench.io import IOBenchConfig
+from dynres.bench.pipeline import PipelineBenchConfig
+from dynres.bench.serve import ServeBenchConfig
+from dynres.cli.options import join, parse_list, path_text
+from dynres.cli.runtime import TUNE_OPTIONS, print_tuned, tune_config
+from dynres.runtime.kernels import TuneConfig
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON + Markdown records).")
+
+
+@app.command("io")
+def bench_io_cmd(
+    store: str = typer.Argument(..., help="Store directory or fsspec URL."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where bench_io.json/.md go."),
+    resolutions: str = typer.Option(join(IOBenchConfig.resolutions), help="Comma-separated resolutions."),
+    images: int = typer.Option(IOBenchConfig.images, help="Images sampled from the store."),
+    repeats: int = typer.Option(IOBenchConfig.repeats, help="Repeats per cell (median reported)."),
+    crop_side: float = typer.Option(IOBenchConfig.crop_side, "--crop", help="Center-crop side ratio."),
+    workers: int = typer.Option(IOBenchConfig.workers, help="Processes for the all-cores run (0: every core)."),
+    src: Optional[Path] = typer.Option(None, help="An ImageFolder tree: also measure ingest images/s on it."),
+) -> None:
+    """Read+decode speed: DCT-scaled decode vs full decode + torchvision resize; bytes per scan count."""
+    from dynres.bench.io import run_bench_io
+
+    cfg = IOBenchConfig(resolutions=parse_list(resolutions, int, "--resolutions"), images=images, repeats=repeats,
+                        crop=crop_side, workers=workers)
+    result = run_bench_io(store, out, cfg, src=src)
+    for row in result["decode"]:
+        console.print(
+            f"{row['resolution']:>4}px  1 core: {row['dct_scaled_one_core_images_per_s']:7.1f} vs "
+            f"{row['baseline_one_core_images_per_s']:7.1f} img/s ({row['speedup_one_core']:.2f}x)   "
+            f"all cores: {row['dct_scaled_all_cores_images_per_s']:7.1f} vs "
+            f"{row['baseline_all_cores_images_per_s']:7.1f} img/s ({row['speedup_all_cores']:.2f}x)"
+        )
+    console.print(f"wrote {out / 'bench_io.json'} and {out / 'bench_io.md'}")
+
+
+
+@app.command("pipeline")
+def bench_pipeline_cmd(
+    store: str = typer.Argument(..., help="Store directory or fsspec URL."),
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
+    scale: Path = typer.Option(..., "--scale", help="Scale-model checkpoint."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where pipeline.json/.md go."),
+    images: int = typer.Option(PipelineBenchConfig.images, help="Images sampled from the store (0: all)."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="Text file, one key a line: bench only these."),
+    kernels: str = typer.Option(PipelineBenchConfig.kernels, help="Kernels for (b) and (c): tuned or eager."),
+    static_resolution: Optional[int] = typer.Option(PipelineBenchConfig.static_resolution,
+                                                    help="(b)'s resolution (default: best of a sweep)."),
+    baseline_resolution: Optional[int] = typer.Option(PipelineBenchConfig.baseline_resolution,
+                                                      help="(a)'s resolution (default: train resolution)."),
+    lam: Optional[float] = typer.Option(
+        PipelineBenchConfig.lam, "--lambda", help=f"Cost weight λ for (c) (default: the largest λ within "
+        f"{PipelineBenchConfig.tolerance} points of (b), picked on the sweep images)."),
+    batch_size: int = typer.Option(PipelineBenchConfig.batch_size, help="Batch size for every mode."),
+    workers: int = typer.Option(PipelineBenchConfig.workers, help="Read/decode threads for every mode."),
+    threads: int = typer.Option(PipelineBenchConfig.torch_threads,
+                                help="torch threads for eager PyTorch (0: torch's default)."),
+    kernel_threads: int = typer.Option(PipelineBenchConfig.kernel_threads,
+                                       help="Threads of the tuned kernels (as tuned by `dynres tune`)."),
+    repeats: int = typer.Option(PipelineBenchConfig.repeats,
+                                help="Timed runs per mode (interleaved); each row is the median run."),
+) -> None:
+    """(a) common baseline vs (b) best static + tuned kernels + calibrated reads vs (c) the dynamic pipeline."""
+    from dynres.bench.pipeline import run_bench_pipeline
+
+    cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
+                              kernel_threads=kernel_threads, baseline_resolution=baseline_resolution,
+                              static_resolution=static_resolution, lam=lam, kernels=kernels, repeats=repeats)
+    only = [k.strip() for k in keys.read_text().splitlines() if k.strip()] if keys else None
+    p = run_bench_pipeline(store, str(model), str(scale), out, path_text(policy), cfg, keys=only)
+    for name, row in p["pipeline"].items():
+        acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2f}%"
+        console.print(f"{name:>13}: {row['images_per_s']:7.1f} img/s  top-1 {acc}  "
+                      f"{row['bytes_per_image']:9.0f} B/img  p50 {row['p50_ms']:.0f} ms  p99 {row['p99_ms']:.0f} ms")
+    r = p["ratios"]
+    console.print(f"(c)/(a) {r['dynamic_vs_baseline_images_per_s']:.2f}x, (c)/(b) "
+                  f"{r['dynamic_vs_static_images_per_s']:.2f}x, scale overhead {100 * r['scale_overhead']:.1f}%")
+    console.print(f"wrote {out / 'pipeline.json'} and {out / 'pipeline.md'}")
+
+
+
+@app.command("serve")
+def bench_serve_cmd(
+    store: str = typer.Argument(..., help="Store directory (requests are store keys)."),
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
+    scale: Path = typer.Option(..., "--scale", help="Scale-model checkpoint."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where serve_load.json/.md go."),
+    latency_target_ms: float = typer.Option(ServeBenchConfig.latency_target_ms,
+                                            help="Target for the load-adaptive scenario."),
+    overload: float = typer.Option(ServeBenchConfig.overload, help="Burst rate as a multiple of the sustainable rate."),
+    burst_s: float = typer.Option(ServeBenchConfig.burst_s, help="Burst length (seconds)."),
+    calm_s: float = typer.Option(ServeBenchConfig.calm_s,
+                                 help="Calm phase before and after (seconds, half the sustainable rate)."),
+    max_queue: int = typer.Option(ServeBenchConfig.max_queue, help="Requests in flight before 503."),
+    lam_max: float = typer.Option(ServeBenchConfig.lam_max, "--lambda-max", help="Ceiling of the load-adaptive λ."),
+    kernels: str = typer.Option(ServeBenchConfig.kernels, help="eager or tuned."),
+) -> None:
+    """Loopback load test of `dynres serve`: a burst at 2x the sustainable rate, fixed λ vs load-adaptive λ."""
+    from dynres.bench.serve import run_bench_serve
+
+    cfg = ServeBenchConfig(latency_target_ms=latency_target_ms, overload=overload, burst_s=burst_s, calm_s=calm_s,
+                           max_queue=max_queue, lam_max=lam_max, kernels=kernels)
+    p = run_bench_serve(store, str(model), str(scale), out, path_text(policy), cfg)
+    for name, row in p["scenarios"].items():
+        console.print(f"{name:>16}: {row['ok']} ok, {row['rejected_503']} x 503, {row['other']} other; "
+                      f"p99 {row['p99_ms']:.0f} ms; top-1 {row['accuracy']}; mean λ {row['mean_lambda']}; "
+                      f"RSS {row['rss_start_mb']:.0f} → max {row['rss_max_mb']:.0f} MB")
+    console.print(f"wrote {out / 'serve_load.json'} and {out / 'serve_load.md'}")
+
+
+@app.command("kernels")
+def bench_kernels_cmd(
+    models: str = typer.Option("resnet18,resnet50,mobilenet_v2", help="Architectures (random weights)."),
+    batches: str = typer.Option(join(TuneConfig.batch_sizes), help="Latency-mode batch sizes over every resolution."),
+    throughput_batch: int = typer.Option(8, help="Throughput-mode batch size (0: none) ..."),
+    throughput_resolutions: str = typer.Option("112,168", help="... at these resolutions."),
+    out: Path = typer.Option(Path("runs/bench-kernels"), "--out", help="Where kernels.json/.md/-fig7.png go."),
+    resolutions: str = TUNE_OPTIONS["resolutions"], threads: int = TUNE_OPTIONS["threads"],
+    backends: str = TUNE_OPTIONS["backends"], runs: int = TUNE_OPTIONS["runs"], warmup: int = TUNE_OPTIONS["warmup"],
+    tolerance: float = TUNE_OPTIONS["tolerance"], tvm_trials: int = TUNE_OPTIONS["tvm_trials"],
+    cache_dir: Optional[Path] = TUNE_OPTIONS["cache_dir"],
+) -> None:
+    """Table II (latency per resolution per backend, tuned vs eager) + Figure 7 (GFLOP/s, fraction of peak)."""
+    from dynres.bench.kernels import run_bench_kernels
+    from dynres.model.nets import IMAGENET_CLASSES, random_backbone
+
+    cfg = tune_config(resolutions, batches, threads, backends, runs, warmup, tolerance, tvm_trials,
+                      cache_dir or out / "cache")
+    extra = [dataclasses.replace(cfg, resolutions=parse_list(throughput_resolutions, int, "--throughput-resolutions"),
+                                 batch_sizes=(throughput_batch,))] if throughput_batch > 0 else []
+    # every model gets the same random weights on every run, whatever the model list: a rerun hits the tuning cache
+    nets = {name: random_backbone(name, IMAGENET_CLASSES) for name in parse_list(models, str, "--models") or ()}
+    rec = run_bench_kernels(nets, cfg, out, extra=extra)
+    print_tuned(rec["rows"])
+    lim = rec["limits"]
+    console.print(f"GEMM peak {lim['gemm_gflops_per_s']:.0f} GFLOP/s, FMA ceiling "
+                  f"{lim.get('fma_gflops_per_s') or float('nan'):.0f} GFLOP/s; wrote {rec['paths']['md']}")

@@ -1,0 +1,82 @@
+"""``dynres index quality`` (the SSIM index beside a store) and ``dynres calibrate`` (the read policy from it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dynres._ui import console
+from dynres.cli.options import join, parse_list
+from dynres.policy.quality import QualityConfig
+from dynres.study.calibrate import CalibrationConfig
+
+index_app = typer.Typer(no_args_is_help=True, help="Per-image indexes stored beside a store's manifest.")
+
+
+@index_app.command("quality")
+def index_quality_cmd(
+    store: str = typer.Argument(..., help="Store directory or fsspec URL."),
+    resolutions: str = typer.Option(join(QualityConfig.resolutions),
+                                    help="Comma-separated resolutions (the backbone grid and the scale model's)."),
+    crop_side: float = typer.Option(QualityConfig.crop_side, "--crop",
+                                    help="Center-crop side ratio of the compared views."),
+    workers: int = typer.Option(QualityConfig.workers, help="Processes (0: every core)."),
+    out: Path = typer.Option(Path("runs/index"), "--out", help="Where quality_index.json/.md go."),
+) -> None:
+    """SSIM of every scan prefix vs the full file, per image and resolution → STORE/quality.parquet (resumable)."""
+    from dynres.policy.quality import build_quality_index, write_quality_record
+
+    cfg = QualityConfig(parse_list(resolutions, int, "--resolutions"), crop_side, workers)
+    rep = build_quality_index(store, cfg)
+    write_quality_record(rep, out)
+    cost = rep["ms_per_image_per_resolution"]
+    console.print(f"indexed {rep['computed']} images ({rep['reused']} reused) in {rep['seconds']:.1f} s; per image "
+                  f"per resolution: decode {cost['decode']:.1f} ms, SSIM {cost['ssim']:.1f} ms (one core)")
+    console.print(f"wrote {rep['index']} and {out / 'quality_index.json'}")
+
+
+def calibrate(
+    store: str = typer.Argument(..., help="Store (with a quality index) the policy is for."),
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
+    out: Path = typer.Option(Path("runs/calibrate"), "--out", help="Records: calibration.json/.md + Figure 6 PNG."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Policy file (default OUT/policy.json)."),
+    calib_store: Optional[str] = typer.Option(None, "--calib-store",
+                                              help="Calibrate on this store (e.g. train); all of STORE is held out."),
+    target: float = typer.Option(CalibrationConfig.target, help="Max accuracy loss (points) vs reading every scan."),
+    max_images: int = typer.Option(CalibrationConfig.max_images, help="Calibration images at most."),
+    holdout: float = typer.Option(CalibrationConfig.holdout_fraction,
+                                  help="Share of STORE held out for the report (without --calib-store)."),
+    resolutions: Optional[str] = typer.Option(None, help="Comma-separated (default: every indexed resolution)."),
+    crops: str = typer.Option(join(CalibrationConfig.crops),
+                              help="Crop areas of the held-out table (index crop added)."),
+    search_crops: Optional[str] = typer.Option(
+        None, help="Crop areas whose lost answers the search also holds to the target (default: the index's only)."),
+    batch_size: int = typer.Option(CalibrationConfig.batch_size, help="Inference batch size."),
+    seed: int = typer.Option(CalibrationConfig.seed, help="Seed of the hashed split and of the calibration sample."),
+    scale_model: Optional[Path] = typer.Option(None, "--scale-model",
+                                               help="Also measure the dynamic pipeline (Table III/IV dynamic row)."),
+    backend: str = typer.Option(CalibrationConfig.backend,
+                                help="Run the model on 'ort' (ONNX Runtime), 'eager' PyTorch, or 'auto'."),
+) -> None:
+    """Binary-search SSIM thresholds per resolution; save the read policy; Table III/IV + Figure 6 records."""
+    from dynres.io.store import open_store
+    from dynres.study.calibrate import calibrate as run_calibration
+
+    cfg = CalibrationConfig(target=target, max_images=max_images, holdout_fraction=holdout, seed=seed,
+                            resolutions=parse_list(resolutions, int, "--resolutions"),
+                            crops=parse_list(crops, float, "--crops"),
+                            search_crops=parse_list(search_crops, float, "--search-crops") or (),
+                            batch_size=batch_size, backend=backend)
+    rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,
+                          policy, scale_model)
+    for s in rec["search"]:
+        console.print(f"{s['resolution']:>4}px  threshold {s['threshold']:.4f}")
+    sm = rec["summary"]
+    console.print(f"held-out: best resolution {sm['best_resolution']} saves {sm['best_read_savings']:.1%} of bytes; "
+                  f"max loss {sm['max_loss']:.3f} points; {sm['cells_over_target']}/{sm['cells']} cells over target")
+    if "dynamic_read_savings" in sm:
+        console.print(f"dynamic pipeline: read savings {sm['dynamic_read_savings']:.1%} (scale model's read included), "
+                      f"loss {sm['dynamic_loss']:.3f} points")
+    console.print(f"wrote {rec['policy']} and {out / 'calibration.md'}")

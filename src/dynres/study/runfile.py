@@ -1,0 +1,128 @@
+"""The run file of ``dynres run CONFIG`` (docs/run-config.md): TOML or YAML read into a validated StudyConfig.
+
+Each section maps to one settings dataclass (``[backbone]`` TrainConfig, ``[scale]`` ScaleConfig, ``[eval]``
+EvalConfig, ``[dynamic]`` DynamicConfig, ``[calibration]`` CalibrationConfig) on top of the demo's preset. An
+unknown or ill-typed setting is refused with the file and the setting named: types are checked against the
+fields' annotations, so settings whose default is None are checked too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from dynres.errors import ConfigError
+from dynres.study.chain import ChainConfig, chain_grid, demo_config
+from dynres.study.demo import StudyConfig
+
+SECTIONS = ("backbone", "scale", "eval", "dynamic", "calibration")
+TOP_LEVEL = {"data", "out", "seed", "workers", "quick", "io_images", "io_repeats", *SECTIONS}
+
+
+def accepts(tp: Any, value: Any) -> bool:
+    """Does a TOML/YAML value (lists already tuples) fit the annotation ``tp``? ``float`` takes ints, ``int`` and
+    ``float`` never take booleans, ``tuple[X, ...]`` checks its items."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(accepts(a, value) for a in args)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if isinstance(value, bool) and tp in (int, float):
+        return False
+    if tp is float:
+        return isinstance(value, (int, float))
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(accepts(args[0], v) for v in value)
+        return not args or (len(args) == len(value) and all(accepts(a, v) for a, v in zip(args, value)))
+    if origin is not None:  # dict[...] and the like: the container's type only
+        return isinstance(value, origin)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def override(obj: Any, section: str, values: Any, source: str | Path) -> Any:
+    """``dataclasses.replace(obj, **values)`` that names the file and key of an unknown or ill-typed setting, and
+    the file and section of a value the dataclass itself refuses."""
+    if not isinstance(values, dict):
+        raise ConfigError(source, f"[{section}] must be a table of settings, got {type(values).__name__}")
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(source, f"unknown setting {section}.{key}; known: {', '.join(sorted(known))}")
+        if isinstance(value, list):  # configs hold tuples (frozen, hashable)
+            value = values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        if not accepts(hints[key], value):
+            expected = str(hints[key]).replace("typing.", "") if typing.get_origin(hints[key]) else hints[key].__name__
+            raise ConfigError(source, f"{section}.{key} must be {expected}, got {value!r}")
+    try:
+        return dataclasses.replace(obj, **values)
+    except ConfigError as err:  # the dataclasses know the setting, not the file it came from
+        raise ConfigError(source, f"[{section}] {err}") from None
+
+
+def _parse(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+    except OSError as err:
+        raise ConfigError(path, f"cannot read config: {err.strerror}") from err
+    except Exception as err:  # tomllib / yaml parse errors carry line numbers in their message
+        raise ConfigError(path, f"not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "the config must be a mapping of settings")
+    unknown = set(raw) - TOP_LEVEL
+    if unknown:
+        raise ConfigError(path, f"unknown setting(s) {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(sorted(TOP_LEVEL))}")
+    if "data" not in raw or "out" not in raw:
+        raise ConfigError(path, "needs `data` (an ImageFolder root with train/ and val/) and `out` (run directory)")
+    return raw
+
+
+def _chain(raw: dict, path: Path) -> ChainConfig:
+    """The demo's preset with the file's sections on top; the shard backbones keep the backbone's recipe."""
+    chain = demo_config(quick=bool(raw.get("quick", False)), seed=int(raw.get("seed", 0)))
+    backbone = override(chain.backbone, "backbone", raw.get("backbone", {}), path)
+    scale = override(dataclasses.replace(chain.scale, backbone=backbone), "scale", raw.get("scale", {}), path)
+    chain = dataclasses.replace(chain, backbone=backbone, scale=scale,
+                                eval=override(chain.eval, "eval", raw.get("eval", {}), path),
+                                dynamic=override(chain.dynamic, "dynamic", raw.get("dynamic", {}), path))
+    try:
+        chain_grid(chain)
+    except ConfigError as err:
+        raise ConfigError(path, err.reason) from None
+    return chain
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read a TOML or YAML run file (see docs/run-config.md) into a validated :class:`StudyConfig`."""
+    from dynres.study.calibrate import CalibrationConfig
+
+    path = Path(path)
+    raw = _parse(path)
+    data = (path.parent / raw["data"]).resolve()
+    for split in ("train", "val"):
+        if not (data / split).is_dir():
+            raise ConfigError(path, f"data: {data / split} is not a directory (expected DATA/train and DATA/val)")
+    chain = _chain(raw, path)
+    calibration = override(CalibrationConfig(), "calibration", raw.get("calibration", {}), path)
+    return StudyConfig(out=(path.parent / raw["out"]).resolve(), data=data, seed=int(raw.get("seed", 0)),
+                       workers=int(raw.get("workers", 0)), quick=bool(raw.get("quick", False)),
+                       io_images=int(raw.get("io_images", 64)), io_repeats=int(raw.get("io_repeats", 3)), chain=chain,
+                       calibration=calibration)
