@@ -48,14 +48,19 @@ def test_every_module_belongs_to_a_known_layer():
     assert {layer(m) for m in modules()} <= set(RANK)
 
 
-def test_imports_flow_down_the_layers():
+def layer_violations(name: str, path: Path) -> list[str]:
+    """Imports in ``path`` (module ``name``) of a package of the same or a higher layer than its own."""
     wrong = []
-    for name, path in modules().items():
-        for target, names, line in dynres_imports(path):
-            for full in [f"{target}.{n}" for n in names if f"{target}.{n}" in modules()] or [target]:
-                src, dst = layer(name), layer(full)
-                if src != dst and RANK[dst] >= RANK[src]:
-                    wrong.append(f"{path.relative_to(ROOT)}:{line} {src} imports {full} ({dst})")
+    for target, names, line in dynres_imports(path):
+        for full in [f"{target}.{n}" for n in names if f"{target}.{n}" in modules()] or [target]:
+            src, dst = layer(name), layer(full)
+            if src != dst and RANK[dst] >= RANK[src]:
+                wrong.append(f"{path.name}:{line} {src} imports {full} ({dst})")
+    return wrong
+
+
+def test_imports_flow_down_the_layers():
+    wrong = [v for name, path in modules().items() for v in layer_violations(name, path)]
     assert not wrong, "\n".join(wrong)
 
 
@@ -97,9 +102,38 @@ def test_no_module_imports_another_modules_private_names():
     assert not wrong, "\n".join(wrong)
 
 
-def test_the_layer_check_catches_an_upward_import(tmp_path):
-    """The checker itself: an io module importing the runtime is reported."""
+def private_attributes(path: Path) -> list[str]:
+    """``obj._name`` uses where ``obj`` is not ``self``/``cls``: reaching into another object's private state."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reaches_into_another_objects_private_attributes():
+    found = [f for path in modules().values() for f in private_attributes(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_checks_catch_an_upward_import_and_a_private_reach_in(tmp_path):
+    """The checkers themselves: an io module importing the runtime and poking an engine's private method."""
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from dynres.runtime.engine import Engine\n")
-    (target, _, _), = dynres_imports(bad)
-    assert RANK[layer(target)] > RANK[layer("dynres.io.store")]
+    bad.write_text("def f(engine):\n    from dynres.runtime.engine import Engine\n    return engine._read(1)\n")
+    assert layer_violations("dynres.io.bad", bad) == ["bad.py:2 io imports dynres.runtime.engine (runtime)"]
+    assert private_attributes(bad) == ["bad.py:3 engine._read"]
+    assert layer_violations("dynres.study.bad", bad) == []  # the study layer may use the runtime
+
+
+def test_files_and_functions_stay_small():
+    """The house rule the redesign set: no module over 500 lines, no function over 80."""
+    too_long = []
+    for name, path in modules().items():
+        text = path.read_text()
+        if text.count("\n") > 500:
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, "\n".join(too_long)

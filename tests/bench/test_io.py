@@ -58,3 +58,18 @@ def test_without_a_source_tree_there_is_no_ingest_row(tmp_path):
 def test_a_bad_io_bench_config_is_refused(bad):
     with pytest.raises(ConfigError):
         IOBenchConfig(**bad)
+
+
+def test_the_bench_io_command_maps_its_flags_to_the_config(tmp_path):
+    """`dynres bench io` end to end on a tiny store, flags included (a wrong keyword would fail here)."""
+    from typer.testing import CliRunner
+
+    from dynres.cli import app
+
+    store = make_store(tmp_path, per_class=3)
+    res = CliRunner().invoke(app, ["bench", "io", str(store.root), "--out", str(tmp_path / "out"), "--images", "4",
+                                   "--repeats", "1", "--resolutions", "32", "--crop", "0.75", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "out" / "bench_io.json").read_text())
+    assert record["config"]["crop_side"] == 0.75 and record["config"]["images"] == 4
+    assert [row["resolution"] for row in record["decode"]] == [32]

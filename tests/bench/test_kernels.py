@@ -48,7 +48,7 @@ def test_markdown_says_why_a_backend_has_no_latency(tmp_path):
 def test_cli_tune_writes_records(tmp_path):
     from typer.testing import CliRunner
 
-    from dynres.cli.main import app
+    from dynres.cli.app import app
 
     args = ["tune", "--arch", "resnet_tiny", "--num-classes", "3", "--resolutions", "32", "--backends", "eager",
             "--threads", "1", "--runs", "2", "--warmup", "1", "--cache-dir", str(tmp_path / "c"),

@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from dynres.cli.main import app
+from dynres.cli.app import app
 from tiny_store import MemoryStore
 
 

@@ -237,7 +237,7 @@ def test_custom_scan_script_needs_jpegtran(tmp_path, monkeypatch):
 
 
 def test_cli_ingest_prints_skipped_files_and_a_summary(tmp_path):
-    from dynres.cli.main import app
+    from dynres.cli.app import app
 
     write(tmp_path / "src/c/ok.png", image())
     write(tmp_path / "src/c/bad.jpg", b"nope")

@@ -125,7 +125,7 @@ def test_render_one_image_without_writing():
 
 
 def test_cli_writes_the_data_set_and_a_summary(tmp_path):
-    from dynres.cli.main import app
+    from dynres.cli.app import app
 
     result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "d"), "--classes", "3", "--per-class", "2",
                                       "--val-per-class", "1", "--min-size", "64", "--max-size", "96"])

@@ -72,7 +72,7 @@ def test_the_data_hash_follows_the_stored_bytes_not_only_the_keys():
 
     a, b = MemoryStore(per_class=2), MemoryStore(per_class=2)
     assert data_hash(a, a.keys) == data_hash(b, b.keys)
-    b._data[b.keys[0]] = make_jpeg(0, 99)  # re-ingested: same key and label, other image
+    b.put(b.keys[0], make_jpeg(0, 99), b.label(b.keys[0]))  # re-ingested: same key and label, other image
     assert data_hash(a, a.keys) != data_hash(b, b.keys)
 
 

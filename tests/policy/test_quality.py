@@ -151,7 +151,7 @@ def test_missing_index_is_a_clear_error(tmp_path, photo_store):
 def test_cli_index_quality_writes_the_index_and_its_cost_record(photo_store, tmp_path):
     from typer.testing import CliRunner
 
-    from dynres.cli.main import app
+    from dynres.cli.app import app
 
     result = CliRunner().invoke(app, ["index", "quality", str(photo_store), "--resolutions", "56",
                                       "--workers", "1", "--out", str(tmp_path)])

@@ -148,7 +148,7 @@ def test_bad_configuration_is_a_clear_error(store):
 def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):
     from typer.testing import CliRunner
 
-    from dynres.cli.main import app
+    from dynres.cli.app import app
     from dynres.policy.calibration import CalibrationPolicy
 
     save_tiny_checkpoints(tmp_path)

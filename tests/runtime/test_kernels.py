@@ -186,7 +186,7 @@ def test_unknown_backend_and_bad_grid_are_config_errors(tmp_path):
 def test_cli_tune_a_checkpoint_then_load_its_kernel(tmp_path):
     from typer.testing import CliRunner
 
-    from dynres.cli.main import app
+    from dynres.cli.app import app
     from dynres.model.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
     from dynres.model.nets import create_model
 

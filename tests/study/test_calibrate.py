@@ -188,6 +188,7 @@ def test_search_crops_hold_every_crop_to_the_target():
 @pytest.mark.parametrize("bad, setting", [
     ({"search_crops": (0.0,)}, "search_crops"), ({"low": 0.99, "high": 0.98}, "calibration"),
     ({"step": 0.0}, "calibration"), ({"target": -1.0}, "calibration"), ({"holdout_fraction": 1.0}, "calibration"),
+    ({"crops": ()}, "crops"), ({"crops": (0.25, 1.5)}, "crops"),
 ])
 def test_a_calibration_config_refuses_bad_settings_when_built(bad, setting):
     with pytest.raises(ConfigError, match=setting):

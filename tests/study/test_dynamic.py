@@ -102,3 +102,14 @@ def test_dynamic_eval_reuses_the_static_results_of_the_same_backbone(tmp_path, m
     wider = EvalConfig(grid=GRID, crops=(0.5, 1.0), batch_size=4)  # one that covers less is not
     run_dynamic(backbone, scale, store, tmp_path, DynamicConfig(lambdas=(0.0,), plot=False), wider, progress=False)
     assert "marker" not in json.loads((tmp_path / "static.json").read_text())
+
+
+@pytest.mark.parametrize("bad, setting", [
+    ({"lambdas": ()}, "lambdas"), ({"lambdas": (0.0, -0.1)}, "lambdas"), ({"tolerance": -1.0}, "tolerance"),
+    ({"scans": 0}, "scans"),
+])
+def test_a_dynamic_config_refuses_bad_settings_when_built(bad, setting):
+    from dynres.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=setting):
+        DynamicConfig(**bad)

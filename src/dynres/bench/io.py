@@ -21,7 +21,7 @@ import numpy as np
 from dynres._ui import track
 from dynres.errors import ConfigError
 from dynres.io.decode import decode, decode_baseline
-from dynres.io.store import StoreLike
+from dynres.io.store import Store, StoreLike
 from dynres.paper import DEFAULT_CROP_SIDE, PAPER_GRID
 from dynres.records import markdown_table, median, write_records
 
@@ -79,7 +79,7 @@ def _rate(fn) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bytes_per_scan(store: StoreLike) -> list[dict]:
+def bytes_per_scan(store: Store) -> list[dict]:
     """Mean bytes read per image (and fraction of the file) when reading the first k scans, k = 1..max."""
     ends = store.manifest.column("scan_ends").to_pylist()
     sizes = np.array([e[-1] for e in ends], dtype=np.float64)

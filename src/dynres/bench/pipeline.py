@@ -21,7 +21,7 @@ import torch
 
 from dynres._ui import status_bar
 from dynres.errors import ConfigError
-from dynres.io.store import StoreLike
+from dynres.io.store import Store, StoreLike
 from dynres.model.checkpoint import ModelMeta
 from dynres.paper import DEFAULT_CROP_SIDE
 from dynres.policy.scans import Scans
@@ -160,7 +160,7 @@ def _operating_points(setup: _Setup, sweep_keys: list[str], cfg: PipelineBenchCo
     return static_r, sweep, lams, lam_sweep
 
 
-def _time_modes(store: StoreLike, engines: dict[str, Engine], keys: list[str], cfg: PipelineBenchConfig,
+def _time_modes(store: Store, engines: dict[str, Engine], keys: list[str], cfg: PipelineBenchConfig,
                 progress: bool) -> dict[str, dict]:
     """Each mode's median timed run over ``keys``, after a warm-up run of every mode."""
     for engine in engines.values():

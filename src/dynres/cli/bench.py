@@ -35,7 +35,7 @@ def bench_io_cmd(
     from dynres.bench.io import run_bench_io
 
     cfg = IOBenchConfig(resolutions=parse_list(resolutions, int, "--resolutions"), images=images, repeats=repeats,
-                        crop=crop_side, workers=workers)
+                        crop_side=crop_side, workers=workers)
     result = run_bench_io(store, out, cfg, src=src)
     for row in result["decode"]:
         console.print(

@@ -32,7 +32,7 @@ SPLITS = ("train", "val")
 TABLE = "objects.parquet"
 PRETRAIN_SEED = 1_000_003  # the shipped demo weights were trained on this seed: demos must use another
 MARKER = ".dynres-synth"  # marks a folder this module may clear and rewrite
-_META_KEY = b"dynres.io.synth"
+_META_KEY = b"dynres.synth"
 
 
 @dataclass(frozen=True)
@@ -448,7 +448,7 @@ def _prepare(out: Path) -> None:
             shutil.rmtree(out / split, ignore_errors=True)
         (out / TABLE).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by dynres.io.synth; a new run may replace this folder's train/, val/ and "
+    (out / MARKER).write_text("written by dynres.synth; a new run may replace this folder's train/, val/ and "
                               f"{TABLE}\n")
 
 

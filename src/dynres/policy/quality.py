@@ -59,7 +59,7 @@ from dynres.records import markdown_table, write_records
 QUALITY = "quality.parquet"
 PARTS = ".quality"  # resumable part files while an index is being built
 FORMAT_VERSION = 2  # 2: one luma decode per prefix at the engine's scale (1: a decode per DCT scale)
-META_KEY = b"dynres.policy.quality"
+META_KEY = b"dynres.quality"
 DEFAULT_RESOLUTIONS = PAPER_GRID  # 112, the grid's smallest, is the paper's scale-model input
 SCHEMA = pa.schema([("key", pa.string()), ("sha256", pa.string()), ("resolution", pa.int32()),
                     ("scans", pa.int32()), ("ssim", pa.float64())])

@@ -125,9 +125,10 @@ class Run:
         the stage drew its figure from; when it is not at hand, the rows the summary copies (without the oracle's
         GFLOPs)."""
         path = self.summary.get("stages", {}).get("accuracy", {}).get("outputs", {}).get("dynamic")
-        record = _read_json(Path(path)) if path else None
-        if record is not None:
-            return record
+        if path:  # recorded relative to where the run started; the run directory is where it is now
+            for candidate in (self.dir / "accuracy" / "eval" / Path(path).name, Path(path)):
+                if (record := _read_json(candidate)) is not None:
+                    return record
         s = self.summary
         dynamic = s.get("dynamic", [])
         return {"crops": sorted({r["crop"] for r in s["static"]}), "static": s["static"],

@@ -32,8 +32,8 @@ import numpy as np
 
 from dynres._ui import log, track
 from dynres.errors import ConfigError, StoreError
-from dynres.io.store import StoreLike
-from dynres.paper import PAPER_CROPS
+from dynres.io.store import Store, StoreLike
+from dynres.paper import DEFAULT_CROP_SIDE, PAPER_CROPS
 from dynres.policy.calibration import CalibrationPolicy
 from dynres.policy.quality import QualityIndex, load_quality, manifest_hash
 from dynres.records import markdown_table, write_records
@@ -72,6 +72,8 @@ class CalibrationConfig:
             raise ConfigError("calibration", "need target >= 0, max_images >= 1, 0 < holdout_fraction < 1")
         if not all(0 < c <= 1 for c in self.search_crops):
             raise ConfigError("search_crops", f"crop areas must be in (0, 1], got {self.search_crops}")
+        if not self.crops or not all(0 < c <= 1 for c in self.crops):
+            raise ConfigError("crops", f"need at least one crop area, each in (0, 1], got {self.crops}")
 
 
 # --- the search -----------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
     return rows
 
 
-def calibrate(store: StoreLike, checkpoint: str | Path, out: str | Path, cfg: CalibrationConfig = CalibrationConfig(),
+def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: CalibrationConfig = CalibrationConfig(),
               calib_store: StoreLike | None = None, policy_path: str | Path | None = None,
               scale_model: str | Path | None = None, progress: bool = True) -> dict:
     """Calibrate thresholds, save the policy for ``store`` and write ``calibration.json/.md`` + Figure 6 PNG.
@@ -299,7 +301,7 @@ def calibrate(store: StoreLike, checkpoint: str | Path, out: str | Path, cfg: Ca
     out = Path(out)
     model, meta = load_checkpoint(checkpoint)
     index = load_quality(store)
-    crop_side = float(index.meta.get("config", {}).get("crop_side", 0.875))
+    crop_side = float(index.meta.get("config", {}).get("crop_side", DEFAULT_CROP_SIDE))
     resolutions = tuple(cfg.resolutions or index.resolutions)
     for r in resolutions:
         index.column(r)  # fails early, naming a resolution the index lacks
@@ -349,7 +351,7 @@ class CalibrationSplit:
     name: str
 
 
-def calibration_split(store: StoreLike, index: QualityIndex, checkpoint: str | Path, classes: Sequence[str],
+def calibration_split(store: Store, index: QualityIndex, checkpoint: str | Path, classes: Sequence[str],
                       cfg: CalibrationConfig, calib_store: StoreLike | None = None) -> CalibrationSplit:
     """Calibration and held-out images (see :func:`calibrate`); ``index`` is ``store``'s quality index, and the
     checkpoint's ``classes`` must be the stores'."""
@@ -370,7 +372,7 @@ def calibration_split(store: StoreLike, index: QualityIndex, checkpoint: str | P
     return CalibrationSplit(calib_keys, held, calib_src, calib_index, name)
 
 
-def _provenance(store: StoreLike, checkpoint: str | Path, index: QualityIndex, split: CalibrationSplit,
+def _provenance(store: Store, checkpoint: str | Path, index: QualityIndex, split: CalibrationSplit,
                 crop_side: float, cfg: CalibrationConfig, backend: str) -> dict:
     """What the policy was calibrated from: saved with it."""
     from dynres.model.checkpoint import checkpoint_digest

@@ -30,6 +30,9 @@ class ChainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
 
+    def __post_init__(self) -> None:
+        chain_grid(self)  # a [scale] grid and an [eval] grid that differ are refused here, before anything trains
+
 
 def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) -> ChainConfig:
     """The demo's settings: ``resnet_tiny`` at 112 px, grid 56..224 (the paper's 0.5x..2x), a 56 px scale model.

@@ -49,6 +49,14 @@ class DynamicConfig:
     cost_table: dict | None = None  # resolution -> latency (ms) for the cost-aware rule; None: GFLOPs
     plot: bool = True
 
+    def __post_init__(self) -> None:
+        if not self.lambdas or min(self.lambdas) < 0:
+            raise ConfigError("lambdas", f"need at least one cost weight, each >= 0, got {self.lambdas}")
+        if self.tolerance < 0:
+            raise ConfigError("tolerance", f"must be >= 0 accuracy points, got {self.tolerance}")
+        if self.scans is not None and self.scans < 1:
+            raise ConfigError("scans", f"the scale model reads at least 1 scan, got {self.scans}")
+
 
 def load_cost_table(path: str | Path) -> dict[int, float]:
     """A JSON object ``{"112": 3.1, ...}`` (resolution -> latency)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dynres.errors import ConfigError
-from dynres.study.chain import ChainConfig, chain_grid, demo_config
+from dynres.study.chain import ChainConfig, demo_config
 from dynres.study.demo import StudyConfig
 
 SECTIONS = ("backbone", "scale", "eval", "dynamic", "calibration")
@@ -100,14 +100,12 @@ def _chain(raw: dict, path: Path) -> ChainConfig:
     chain = demo_config(quick=bool(raw.get("quick", False)), seed=int(raw.get("seed", 0)))
     backbone = override(chain.backbone, "backbone", raw.get("backbone", {}), path)
     scale = override(dataclasses.replace(chain.scale, backbone=backbone), "scale", raw.get("scale", {}), path)
-    chain = dataclasses.replace(chain, backbone=backbone, scale=scale,
-                                eval=override(chain.eval, "eval", raw.get("eval", {}), path),
-                                dynamic=override(chain.dynamic, "dynamic", raw.get("dynamic", {}), path))
-    try:
-        chain_grid(chain)
+    evaluation = override(chain.eval, "eval", raw.get("eval", {}), path)
+    dynamic = override(chain.dynamic, "dynamic", raw.get("dynamic", {}), path)
+    try:  # ChainConfig refuses a [scale] grid that differs from the [eval] grid
+        return dataclasses.replace(chain, backbone=backbone, scale=scale, eval=evaluation, dynamic=dynamic)
     except ConfigError as err:
         raise ConfigError(path, err.reason) from None
-    return chain
 
 
 def load_study_config(path: str | Path) -> StudyConfig:

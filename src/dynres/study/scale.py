@@ -34,7 +34,7 @@ from dynres.errors import ConfigError
 from dynres.io.store import StoreLike
 from dynres.model.checkpoint import ModelMeta, load_checkpoint, load_weights
 from dynres.model.nets import channels_last, create_model, to_input
-from dynres.model.train import ImageCache, TrainConfig, data_hash, fit, train_backbone
+from dynres.model.train import LR_DEFAULTS, ImageCache, TrainConfig, data_hash, fit, train_backbone
 from dynres.paper import PAPER_CROPS, scaled_grid
 from dynres.policy.scans import Scans
 from dynres.records import markdown_table, write_records
@@ -78,6 +78,12 @@ class ScaleConfig:
             raise ConfigError("splits", f"need at least 1 split, got {self.splits}")
         if not 0 <= self.holdout < 0.5:
             raise ConfigError("holdout", f"must be in [0, 0.5), got {self.holdout}")
+        if self.optimizer not in LR_DEFAULTS:
+            raise ConfigError("optimizer", f"must be one of {sorted(LR_DEFAULTS)}, got {self.optimizer!r}")
+        small_grid = self.labels is None and min(self.label_grid) < 16  # existing labels bring their own grid
+        if small_grid or (self.resolution is not None and self.resolution < 16):
+            raise ConfigError("grid", f"the scale model's input and grid need >= 16 px, got {self.resolution} and "
+                                      f"{list(self.label_grid)}")
 
     @property
     def label_grid(self) -> tuple[int, ...]:

@@ -6,8 +6,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynres.io.store import StoreLike
+from dynres.io.store import Store
 from dynres.records import machine_info
+from dynres.study.calibrate import CalibrationConfig
 from dynres.study.stages import Study
 
 
@@ -47,7 +48,7 @@ def assemble_summary(study: Study, dyn: dict, cal: dict, kern: dict, kern_scale:
         "dynamic_summary": dyn.get("summary", []),
         "dynamic_tolerance": dyn.get("tolerance"),
         "calibration": calibration,
-        "calibration_target": cal.get("target", 0.05),
+        "calibration_target": cal.get("target", CalibrationConfig.target),
         "calibration_sweep": cal.get("calibration_sweep", []),
         "kernels": kernel_rows(kern, "backbone") + kernel_rows(kern_scale, "scale"),
         "gemm_gflops_per_s": kern.get("limits", {}).get("gemm_gflops_per_s"),
@@ -58,7 +59,7 @@ def assemble_summary(study: Study, dyn: dict, cal: dict, kern: dict, kern_scale:
     }
 
 
-def scale_choices(store: StoreLike, scale_model: str | Path, policy_path: str | Path, keys: Sequence[str],
+def scale_choices(store: Store, scale_model: str | Path, policy_path: str | Path, keys: Sequence[str],
                   crop_area: float = 0.75) -> list[dict]:
     """The scale model's pick for a few images (the report's thumbnails), from exactly the prefix the policy lets
     it read; ``crop_area`` is the center crop's area fraction."""

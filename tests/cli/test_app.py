@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from dynres.bench.io import IOBenchConfig
-from dynres.cli.main import ERROR_EXIT, app, main
+from dynres.cli.app import ERROR_EXIT, app, main
 from dynres.cli.options import join, parse_list, span
 from dynres.io.jpeg import DEFAULT_MAX_PIXELS
 from dynres.model.train import TrainConfig
