@@ -4,16 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-from skimage import data as skdata
 
 from dynres.errors import ConfigError
-from dynres.io.ingest import IngestConfig, ingest
 from dynres.io.store import open_store
 from dynres.model.data import StoreDataset
 from dynres.policy.calibration import POLICY_VERSION, CalibrationPolicy, load_policy
-from dynres.policy.quality import QualityConfig, build_quality_index, load_quality
+from dynres.policy.quality import load_quality
 from dynres.policy.scans import ScanPolicy
+from photo_store import make_photo_store
 
 RES = (56, 112)
 
@@ -21,21 +19,7 @@ RES = (56, 112)
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     """Crops of scikit-image photos in two classes, ingested and quality-indexed at two resolutions."""
-    src = tmp_path_factory.mktemp("src")
-    rng = np.random.default_rng(0)
-    for cls, names in (("people", ("astronaut", "coffee")), ("things", ("rocket", "chelsea"))):
-        (src / cls).mkdir()
-        for name in names:
-            img = getattr(skdata, name)()
-            for i in range(2):
-                h, w = img.shape[:2]
-                ch, cw = int(h * rng.uniform(0.6, 0.9)), int(w * rng.uniform(0.6, 0.9))
-                y, x = rng.integers(0, h - ch), rng.integers(0, w - cw)
-                Image.fromarray(img[y:y + ch, x:x + cw]).save(src / cls / f"{name}{i}.png")
-    root = tmp_path_factory.mktemp("store") / "s"
-    ingest(src, root, IngestConfig(workers=1), progress=False)
-    build_quality_index(root, QualityConfig(resolutions=RES, workers=1), progress=False)
-    return root
+    return make_photo_store(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("store") / "s", 2, RES)
 
 
 def test_policy_picks_the_fewest_scans_the_threshold_allows_and_round_trips(store_dir, tmp_path):
