@@ -5,9 +5,21 @@ BIN     = $(VENV)/bin
 OUT    ?= runs/demo
 STAMP   = $(VENV)/.dynres-installed
 
-.PHONY: demo demo-quick test test-fast install clean
+.PHONY: demo demo-quick test test-fast install jpegtran clean
 
-install: $(STAMP)
+install: $(STAMP) jpegtran
+
+# ingest transcodes JPEG sources losslessly with libjpeg's jpegtran; installed here where we can (Debian, as root).
+# Without it ingest falls back to mozjpeg-lossless-optimization (a pip dependency) and says so in one line.
+jpegtran:
+	@command -v jpegtran >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing jpegtran (libjpeg-turbo-progs)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq libjpeg-turbo-progs >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjpeg-turbo-progs >/dev/null 2>&1; } || true; \
+	fi; \
+	command -v jpegtran >/dev/null || echo "jpegtran not installed: dynres ingest falls back to mozjpeg-lossless-optimization and says so"
 
 # torch/torchvision first and pinned: they are the big, slow part (local wheels on the dev machines).
 $(STAMP): pyproject.toml requirements-torch.txt
@@ -18,16 +30,16 @@ $(STAMP): pyproject.toml requirements-torch.txt
 	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: install
 	$(BIN)/dynres demo --out $(OUT)
 
-demo-quick: $(STAMP)
+demo-quick: install
 	$(BIN)/dynres demo --quick --out runs/demo-quick
 
-test: $(STAMP)
+test: install
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

@@ -21,7 +21,7 @@ def test_bench_io_records_decode_rates_bytes_per_scan_and_ingest(tmp_path):
     assert json.loads(json.dumps(result)) == {k: v for k, v in record.items() if k not in ("created", "machine")}
 
     assert set(record) == {"created", "machine", "store", "config", "workers", "decode", "bytes_per_scan",
-                           "mean_file_bytes", "ingest"}
+                           "mean_file_bytes", "bytes", "ingest"}
     assert record["config"] == {"resolutions": [32, 64], "images": 4, "repeats": 1, "crop_side": 0.875, "workers": 1,
                                 "seed": 0}
     assert record["workers"] == 1
@@ -41,10 +41,14 @@ def test_bench_io_records_decode_rates_bytes_per_scan_and_ingest(tmp_path):
     assert 0 < scans[0]["fraction_of_file"] < 1 and scans[-1]["fraction_of_file"] == pytest.approx(1.0)
     assert scans[-1]["mean_bytes"] == pytest.approx(record["mean_file_bytes"])  # every scan: the whole file
 
+    source_bytes = sum(store.record(k)["source_size"] for k in store.keys)
+    assert record["bytes"] == {"store_bytes": sum(sizes), "source_bytes": source_bytes,
+                               "store_over_source": pytest.approx(sum(sizes) / source_bytes),
+                               "lossless_images": sum(store.record(k)["lossless"] for k in store.keys), "images": 6}
     assert record["ingest"]["images"] == len(store.keys) and record["ingest"]["images_per_s"] > 0
     markdown = (tmp_path / "out" / "bench_io.md").read_text()
     assert markdown == render_markdown(record).rstrip() + "\n"  # rendered from the record, nothing else
-    assert "| 32 |" in markdown and "Ingest: 6 images" in markdown
+    assert "| 32 |" in markdown and "Ingest: 6 images" in markdown and "Store bytes / source bytes: " in markdown
 
 
 def test_without_a_source_tree_there_is_no_ingest_row(tmp_path):

@@ -10,8 +10,21 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import structural_similarity
 
-from dynres.errors import BadImageError
-from dynres.io.decode import decode, decode_baseline, decode_image, decode_train, draft_size
+from dynres.errors import BadImageError, ConfigError
+from dynres.io.decode import (
+    DECODER_ENV,
+    active_decoder,
+    dct_scale,
+    decode,
+    decode_array,
+    decode_baseline,
+    decode_image,
+    decode_scaled,
+    decode_short_side,
+    decode_train,
+    draft_size,
+    set_decoder,
+)
 from dynres.io.jpeg import EOI
 from dynres.paper import crop_side
 
@@ -95,7 +108,147 @@ def test_train_views_are_random_but_seeded(photo_jpeg):
     assert a.shape == (3, 64, 64) and torch.equal(a, b) and not torch.equal(b, c)
 
 
-@pytest.mark.parametrize("payload", [b"", b"not an image at all", b"\xff\xd8\xff\xe0garbage"])
-def test_bad_bytes_raise_a_clear_error_naming_the_image(payload):
+# --- the decoder: libjpeg-turbo through simplejpeg by default, Pillow's pixels; Pillow as the fallback ----------
+
+
+@pytest.fixture(params=["simplejpeg", "pillow"])
+def decoder(request, monkeypatch):
+    """Each test runs with both decoders, chosen the public way (the environment variable workers inherit)."""
+    monkeypatch.setenv(DECODER_ENV, request.param)
+    assert active_decoder()[0] == request.param
+    return request.param
+
+
+def jpeg(kind: str, size: tuple[int, int] = (701, 499), progressive: bool = True) -> bytes:
+    """The astronaut at an odd size (partial MCUs at every scale) as a 4:2:0 / 4:4:4 colour or grayscale JPEG."""
+    img = Image.fromarray(skdata.astronaut()).resize(size)
+    buf = io.BytesIO()
+    if kind == "gray":
+        img.convert("L").save(buf, "JPEG", quality=90, progressive=progressive)
+    else:
+        img.save(buf, "JPEG", quality=90, progressive=progressive, subsampling=kind)
+    return buf.getvalue()
+
+
+def pillow_draft(data: bytes, scale: int, mode: str) -> np.ndarray:
+    """Pillow's own DCT-scaled decode, asked for 1/scale directly: the reference pixels."""
+    img = Image.open(io.BytesIO(data))
+    img.draft(mode, (img.size[0] // scale, img.size[1] // scale))
+    return np.asarray(img if img.mode == mode else img.convert(mode))
+
+
+def short_side_for(data: bytes, scale: int) -> int:
+    w, h = Image.open(io.BytesIO(data)).size
+    return next(s for s in range(min(w, h) // scale, 0, -1) if dct_scale(w, h, s) == scale)
+
+
+def test_the_default_decoder_is_simplejpeg(monkeypatch):
+    monkeypatch.delenv(DECODER_ENV, raising=False)
+    assert active_decoder()[0] == "simplejpeg"
+
+
+@pytest.mark.parametrize("kind", ["4:2:0", "4:4:4", "gray"])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_every_prefix_at_every_dct_scale_gives_pillows_pixels(decoder, kind, mode):
+    data = jpeg(kind)
+    pres = prefixes(data)
+    assert len(pres) == (6 if kind == "gray" else 10)
+    for scale in (1, 2, 4, 8):
+        side = short_side_for(data, scale)
+        for k, prefix in enumerate(pres, 1):
+            got, want = decode_array(prefix, side, mode=mode), pillow_draft(prefix, scale, mode)
+            assert got.dtype == np.uint8 and got.shape == want.shape == (
+                (-(-499 // scale), -(-701 // scale), 3) if mode == "RGB" else (-(-499 // scale), -(-701 // scale)))
+            assert np.array_equal(got, want), f"{kind} {mode}: {k} scans at 1/{scale}"
+
+
+def test_dct_scale_is_pillow_drafts_choice():
+    """The scale follows Image.draft for draft_size(...), including where floor division picks a smaller scale
+    than the short side alone would (701 // 351 = 1)."""
+    assert dct_scale(700, 500, 128) == 2 and dct_scale(701, 499, 250) == 1 and dct_scale(701, 499, 249) == 2
+    for w, h in ((701, 499), (64, 64), (97, 131), (1000, 333)):
+        for side in range(1, max(w, h) + 2, 7):
+            img = Image.new("RGB", (w, h))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG")
+            drafted = Image.open(io.BytesIO(buf.getvalue()))
+            drafted.draft("RGB", draft_size(w, h, side))
+            scale = dct_scale(w, h, side)
+            assert drafted.size == (-(-w // scale), -(-h // scale)), (w, h, side)
+
+
+def test_both_decoders_give_the_same_tensors_on_every_path(photo_jpeg, monkeypatch):
+    def outputs():
+        torch.manual_seed(0)
+        return [decode(p, r, c) for p in prefixes(photo_jpeg)[::3] for r in (56, 112, 224) for c in (0.5, 0.875)] + [
+            decode_scaled(photo_jpeg, 100), decode_short_side(photo_jpeg, 96, True), decode_train(photo_jpeg, 64)]
+
+    monkeypatch.setenv(DECODER_ENV, "pillow")
+    slow = outputs()
+    monkeypatch.setenv(DECODER_ENV, "simplejpeg")
+    fast = outputs()
+    assert all(torch.equal(a, b) for a, b in zip(slow, fast))
+
+
+def test_set_decoder_overrides_the_environment_in_this_process(photo_jpeg, monkeypatch):
+    monkeypatch.setenv(DECODER_ENV, "simplejpeg")
+    set_decoder("pillow")
+    try:
+        assert active_decoder() == ("pillow", "asked for")
+        slow = decode_scaled(photo_jpeg, 200)
+    finally:
+        set_decoder(None)
+    assert active_decoder()[0] == "simplejpeg"
+    assert torch.equal(slow, decode_scaled(photo_jpeg, 200))
+    with pytest.raises(ConfigError, match="unknown decoder"):
+        set_decoder("libjpeg")
+    monkeypatch.setenv(DECODER_ENV, "turbo")
+    with pytest.raises(ConfigError, match=DECODER_ENV):
+        decode(photo_jpeg, 64)
+
+
+def test_a_decoded_view_is_channels_last_memory_without_a_copy(photo_jpeg):
+    t = decode_scaled(photo_jpeg, 100)
+    assert t.shape == (3, 125, 175) and t.stride() == (1, 175 * 3, 3)  # 1/4 scale of 700x500
+
+
+def test_inputs_simplejpeg_does_not_take_like_pillow_are_decoded_by_pillow(decoder):
+    """CMYK (Pillow's own conversion), MPO (a JPEG with a second picture) and PNG all decode to the same pixels,
+    whichever decoder is chosen."""
+    rgb = Image.fromarray(skdata.astronaut()).resize((160, 120))
+    cmyk, mpo, png = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    rgb.convert("CMYK").save(cmyk, "JPEG", quality=90)
+    rgb.save(mpo, "MPO", save_all=True, append_images=[rgb.rotate(90)])
+    rgb.save(png, "PNG")
+    for data, size in ((cmyk, (60, 80)), (mpo, (60, 80)), (png, (120, 160))):  # JPEGs at 1/2 scale
+        got = decode_array(data.getvalue(), 50)
+        assert got.shape == (*size, 3)
+        img = Image.open(io.BytesIO(data.getvalue()))
+        if img.format in ("JPEG", "MPO"):
+            img.draft("RGB", draft_size(*img.size, 50))
+        assert np.array_equal(got, np.asarray(img.convert("RGB")))
+
+
+def test_corrupt_entropy_data_decodes_as_pillow_decodes_it(decoder, photo_jpeg):
+    """libjpeg warns (bad Huffman code) and simplejpeg refuses; Pillow decodes what it can, as before."""
+    broken = bytearray(photo_jpeg)
+    mid = len(broken) // 2
+    broken[mid : mid + 64] = bytes(range(64))
+    got = decode_array(bytes(broken), 200)
+    assert np.array_equal(got, pillow_draft(bytes(broken), 2, "RGB"))
+
+
+def test_more_pixels_than_pillows_limit_is_refused_by_either_decoder(decoder, photo_jpeg, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(BadImageError, match="cat/001.*decompression bomb"):
+        decode(photo_jpeg, 64, name="cat/001")
+
+
+@pytest.mark.parametrize("payload", ["empty", "text", "garbage", "truncated", "prefix without EOI"])
+def test_bad_bytes_raise_a_clear_error_naming_the_image(decoder, photo_jpeg, payload):
+    data = {"empty": b"", "text": b"not an image at all", "garbage": b"\xff\xd8\xff\xe0garbage",
+            "truncated": photo_jpeg[: len(photo_jpeg) // 2], "prefix without EOI": prefixes(photo_jpeg)[2][:-2]}
     with pytest.raises(BadImageError, match="cat/001"):
-        decode(payload, 112, name="cat/001")
+        decode(data[payload], 112, name="cat/001")
+    with pytest.raises(BadImageError, match="cat/001"):
+        decode_array(data[payload], 40, name="cat/001", mode="L")

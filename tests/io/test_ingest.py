@@ -1,4 +1,5 @@
-"""Ingest: every source format becomes a progressive JPEG; bad inputs are skipped and reported; resumable; atomic."""
+"""Ingest: JPEG sources stored losslessly, every other format re-encoded with its reason; bad inputs skipped and
+reported; resumable; atomic; a killed ingest leaves no process behind."""
 
 import io
 import json
@@ -16,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dynres.errors import ConfigError, StoreError
+from dynres.io.format import reason_rule
 from dynres.io.ingest import IngestConfig, ingest
 from dynres.io.store import open_store
 
@@ -27,10 +29,20 @@ def image(w=64, h=48, seed=0, mode="RGB") -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert(mode)
 
 
-def jpeg_bytes(img: Image.Image) -> bytes:
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
+    img.save(buf, "JPEG", **{"quality": 90, **kw})
     return buf.getvalue()
+
+
+def with_junk(data: bytes) -> bytes:
+    """Two stray bytes after APP0: Pillow skips them, libjpeg warns ("extraneous bytes"), so jpegtran exits 2."""
+    end = 4 + int.from_bytes(data[4:6], "big")
+    return data[:end] + b"\x00\x00" + data[end:]
+
+
+def pixels(data_or_path) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path))
 
 
 def write(path, content):
@@ -47,14 +59,21 @@ def assert_store_is_complete_and_valid(store_dir, expected_keys):
     for key in store.keys:
         data = store.read(key)  # verifies sha256
         img = Image.open(io.BytesIO(data))
-        assert img.format == "JPEG" and img.mode == "RGB" and img.info.get("progressive")
+        assert img.format == "JPEG" and img.mode in ("RGB", "L") and img.info.get("progressive")
+        assert store.record(key)["lossless"] == (store.record(key)["reason"] in ("", MOZJPEG))
         assert store.scan_ends(key)[-1] == len(data) == store.size(key)
     assert not (store_dir / ".ingest").exists()
     assert not [p for p in store_dir.rglob("*") if ".tmp" in p.name]
     return store
 
 
-def test_every_source_format_becomes_an_rgb_progressive_jpeg(tmp_path):
+MOZJPEG = "jpegtran missing: mozjpeg lossless transcode (its scan script)"
+needs_jpegtran = pytest.mark.skipif(shutil.which("jpegtran") is None,
+                                    reason="needs jpegtran (libjpeg-turbo-progs; `make install` adds it)")
+
+
+@needs_jpegtran
+def test_every_source_format_becomes_a_progressive_jpeg_and_says_how(tmp_path):
     src = tmp_path / "src"
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees
@@ -79,9 +98,16 @@ def test_every_source_format_becomes_an_rgb_progressive_jpeg(tmp_path):
     ])
     assert store.classes == ["a_modes", "b_formats"]  # sorted folder names, as ImageFolder
     assert store.label("b_formats/web") == 1 and store.label("a_modes/gray") == 0
-    assert store.num_scans("a_modes/gray") == 10  # grayscale sources are stored as RGB
+    assert store.num_scans("a_modes/gray") == 10  # a grayscale PNG is re-encoded as RGB (a gray JPEG stays gray)
     assert (store.record("a_modes/rotated")["width"], store.record("a_modes/rotated")["height"]) == (48, 64)
     assert store.record("a_modes/nested/deeper/ünï cödé")["path"].startswith("images/a_modes/nested_deeper_ünï cödé-")
+    # JPEGs are transcoded (the rotated one too: rotating 64x48 by 90 degrees moves whole 16x16 blocks), except CMYK
+    assert {k for k in store.keys if store.record(k)["lossless"]} == {"b_formats/photo", "a_modes/rotated"}
+    assert store.record("a_modes/print")["reason"] == "CMYK/YCCK JPEG (4 components)"
+    assert store.record("b_formats/web")["reason"] == "not a JPEG source (WEBP)"
+    assert report.lossless == 2 and report.reasons == {"not a JPEG source": 8, "CMYK/YCCK JPEG": 1}
+    on_disk = json.loads((tmp_path / "store/ingest_report.json").read_text())
+    assert on_disk["reasons"] == report.reasons and on_disk["transcoder"] == "jpegtran"
 
 
 def test_max_side_and_quality_shape_the_stored_files(tmp_path):
@@ -93,6 +119,108 @@ def test_max_side_and_quality_shape_the_stored_files(tmp_path):
     assert small.bytes < big.bytes and hi.record("c/big")["width"] == 200
 
 
+JPEG_KINDS = {  # name: (mode, Pillow save options)
+    "baseline_420": ("RGB", {}),
+    "baseline_422": ("RGB", {"subsampling": 1}),
+    "baseline_444": ("RGB", {"subsampling": 0, "quality": 95}),
+    "optimized": ("RGB", {"optimize": True, "quality": 80}),
+    "progressive": ("RGB", {"progressive": True, "quality": 85}),
+    "gray": ("L", {}),
+    "odd_size": ("RGB", {}),
+}
+
+
+@needs_jpegtran
+def test_jpeg_sources_are_stored_losslessly_and_in_fewer_bytes(tmp_path):
+    src = tmp_path / "src"
+    for i, (name, (mode, kw)) in enumerate(JPEG_KINDS.items()):
+        w, h = (161, 97) if name == "odd_size" else (192, 144)
+        write(src / f"c{i % 2}/{name}.jpg", jpeg_bytes(image(w, h, seed=i, mode=mode), **kw))
+    report = ingest(src, tmp_path / "store", IngestConfig(workers=2), progress=False)
+    store = assert_store_is_complete_and_valid(tmp_path / "store", [f"c{i % 2}/{n}" for i, n in enumerate(JPEG_KINDS)])
+    for key in store.keys:
+        rec = store.record(key)
+        source = pixels(src / rec["source"])
+        assert rec["lossless"] and rec["reason"] == "", key
+        assert np.array_equal(pixels(store.read(key)), source), key  # the source's pixels, exactly
+        assert (rec["width"], rec["height"]) == (source.shape[1], source.shape[0])
+        assert store.num_scans(key) == (6 if source.ndim == 2 else 10)  # libjpeg's default script
+        # optimized Huffman tables shrink a source written with standard ones; one already optimized may grow a
+        # little (a progressive file's extra scan headers and tables)
+        assert rec["size"] <= rec["source_size"] * (1.05 if "optimized" in key else 1.0), key
+    assert report.lossless == report.images == len(JPEG_KINDS) and report.reasons == {}
+    assert report.bytes <= report.source_bytes == sum(p.stat().st_size for p in src.rglob("*.jpg"))
+
+
+@needs_jpegtran
+def test_a_jpeg_is_re_encoded_only_where_it_must_be_and_says_why(tmp_path):
+    src = tmp_path / "src"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    write(src / "c/wide.jpg", jpeg_bytes(image(200, 100, seed=1)))
+    write(src / "c/small.jpg", jpeg_bytes(image(40, 30, seed=2)))
+    write(src / "c/rotated_odd.jpg", jpeg_bytes(image(65, 49, seed=3), exif=exif))  # 49 rows: not whole 16-px blocks
+    write(src / "c/warned.jpg", with_junk(jpeg_bytes(image(64, 48, seed=4))))  # jpegtran fails, Pillow reads it
+    report = ingest(src, tmp_path / "store", IngestConfig(max_side=100, workers=1), progress=False)
+    store = open_store(tmp_path / "store")
+    rec = {k: store.record(k) for k in store.keys}
+    assert rec["c/wide"]["reason"] == "--max-side smaller than the image (200x100 > 100)"
+    assert (rec["c/wide"]["width"], rec["c/wide"]["height"]) == (100, 50) and not rec["c/wide"]["lossless"]
+    assert rec["c/small"]["lossless"] and np.array_equal(pixels(store.read("c/small")), pixels(src / "c/small.jpg"))
+    assert reason_rule(rec["c/rotated_odd"]["reason"]) == "EXIF orientation not lossless at this size"
+    assert (rec["c/rotated_odd"]["width"], rec["c/rotated_odd"]["height"]) == (49, 65)  # upright
+    assert reason_rule(rec["c/warned"]["reason"]) == "jpegtran failed" and "extraneous bytes" in rec["c/warned"]["reason"]
+    assert report.lossless == 1 and report.reasons == {
+        "--max-side smaller than the image": 1, "EXIF orientation not lossless at this size": 1, "jpegtran failed": 1}
+
+
+def test_lossless_false_re_encodes_everything_and_a_resumed_ingest_honours_the_switch(tmp_path):
+    src = tmp_path / "src"
+    for i in range(4):
+        write(src / f"c/im{i}.jpg", jpeg_bytes(image(seed=i)))
+    ingest(src, tmp_path / "store", IngestConfig(workers=1), progress=False)
+    report = ingest(src, tmp_path / "store", IngestConfig(lossless=False, workers=1), progress=False)
+    assert (report.ingested, report.reused, report.lossless) == (4, 0, 0)  # not reused: another setting
+    assert report.reasons == {"re-encoding requested": 4} and report.transcoder is None
+    store = assert_store_is_complete_and_valid(tmp_path / "store", [f"c/im{i}" for i in range(4)])
+    assert {store.record(k)["reason"] for k in store.keys} == {"re-encoding requested (lossless=False)"}
+    assert not np.array_equal(pixels(store.read("c/im0")), pixels(src / "c/im0.jpg"))  # a generation loss
+
+
+def test_without_jpegtran_mozjpeg_transcodes_and_one_line_says_so(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("mozjpeg_lossless_optimization")
+    src = tmp_path / "src"
+    for i in range(3):
+        write(src / f"c/im{i}.jpg", jpeg_bytes(image(96, 72, seed=i)))
+    write(src / "c/graphic.png", image(seed=9))
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    report = ingest(src, tmp_path / "store", IngestConfig(workers=1), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dynres.io.ingest"]
+    assert len(lines) == 1 and lines[0].startswith("jpegtran not found: JPEG sources are transcoded losslessly by "
+                                                   "mozjpeg-lossless-optimization")
+    store = assert_store_is_complete_and_valid(tmp_path / "store", ["c/im0", "c/im1", "c/im2", "c/graphic"])
+    for i in range(3):
+        assert store.record(f"c/im{i}")["reason"] == MOZJPEG and store.record(f"c/im{i}")["lossless"]
+        assert np.array_equal(pixels(store.read(f"c/im{i}")), pixels(src / f"c/im{i}.jpg"))
+    assert report.transcoder == "mozjpeg" and report.lossless == 3
+    assert report.reasons == {"jpegtran missing: mozjpeg lossless transcode": 3, "not a JPEG source": 1}
+
+
+def test_with_no_lossless_route_jpegs_are_re_encoded_with_the_reason_and_one_line(tmp_path, monkeypatch, caplog):
+    src = tmp_path / "src"
+    for i in range(3):
+        write(src / f"c/im{i}.jpg", jpeg_bytes(image(seed=i)))
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "mozjpeg_lossless_optimization", None)  # an import of it now fails
+    report = ingest(src, tmp_path / "store", IngestConfig(workers=1), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dynres.io.ingest"]
+    assert len(lines) == 1 and "JPEG sources are re-encoded at quality 90 (lossy" in lines[0]
+    assert "install libjpeg-turbo-progs" in lines[0]
+    assert report.lossless == 0 and report.reasons == {"jpegtran missing": 3} and report.transcoder is None
+    reasons = {open_store(tmp_path / "store").record(f"c/im{i}")["reason"] for i in range(3)}
+    assert reasons == {"jpegtran missing (and mozjpeg-lossless-optimization not installed)"}
+
+
 def test_bad_inputs_are_skipped_reported_and_the_rest_is_kept(tmp_path, monkeypatch):
     src = tmp_path / "src"
     good = jpeg_bytes(image(seed=1))
@@ -102,6 +230,7 @@ def test_bad_inputs_are_skipped_reported_and_the_rest_is_kept(tmp_path, monkeypa
     write(src / "cat/corrupt.png", b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     write(src / "cat/notes.jpg", b"just some text, not an image\n")
     write(src / "cat/huge.png", image(200, 200, seed=2))
+    write(src / "cat/big.jpg", jpeg_bytes(image(200, 200, seed=2)))  # refused from its header, before jpegtran
     write(src / "cat/locked.png", image(seed=3))
     os.symlink(src / "cat/gone.png", src / "cat/dangling.png")
     os.mkfifo(src / "cat/pipe.jpg")  # opening a FIFO would block forever
@@ -130,6 +259,7 @@ def test_bad_inputs_are_skipped_reported_and_the_rest_is_kept(tmp_path, monkeypa
         "cat/corrupt.png": "",
         "cat/notes.jpg": "not an image",
         "cat/huge.png": "decompression bomb: 200x200 = 40000 pixels > max_pixels 10000",
+        "cat/big.jpg": "decompression bomb: 200x200 = 40000 pixels > max_pixels 10000",
         "cat/locked.png": "permission denied",
         "cat/dangling.png": "cannot read: No such file",
         "cat/pipe.jpg": "not a regular file",
@@ -226,11 +356,15 @@ def test_a_killed_rerun_keeps_the_previous_complete_manifest(tmp_path):
 
 def test_custom_scan_script_needs_jpegtran(tmp_path, monkeypatch):
     write(tmp_path / "src/c/a.png", image())
+    write(tmp_path / "src/c/b.jpg", jpeg_bytes(image(seed=1)))
     script = tmp_path / "scans.txt"
     script.write_text("0,1,2: 0-0, 0, 0 ;\n0: 1-63, 0, 0 ;\n1: 1-63, 0, 0 ;\n2: 1-63, 0, 0 ;\n")
     if shutil.which("jpegtran"):  # libjpeg-turbo-progs; Pillow itself cannot set a scan script
         ingest(tmp_path / "src", tmp_path / "store", IngestConfig(workers=1, scans=str(script)), progress=False)
-        assert open_store(tmp_path / "store").num_scans("c/a") == 4
+        store = open_store(tmp_path / "store")
+        assert store.num_scans("c/a") == store.num_scans("c/b") == 4
+        assert store.record("c/b")["lossless"]  # the JPEG's coefficients, rearranged by the script
+        assert np.array_equal(pixels(store.read("c/b")), pixels(tmp_path / "src/c/b.jpg"))
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(ConfigError, match="needs libjpeg's `jpegtran`"):
         ingest(tmp_path / "src", tmp_path / "store2", IngestConfig(workers=1, scans=str(script)), progress=False)
@@ -247,6 +381,21 @@ def test_cli_ingest_prints_skipped_files_and_a_summary(tmp_path):
     assert "c/bad.jpg" in result.output and "not an image" in result.output
     assert "1 images in" in result.output and "1 skipped" in result.output
     assert open_store(tmp_path / "store").record("c/ok")["width"] == 32
+    assert "0 stored losslessly, 1 re-encoded (reasons: 1 not a JPEG source)" in result.output
+
+
+def test_cli_ingest_reencode_flag(tmp_path):
+    from dynres.cli.app import app
+
+    write(tmp_path / "src/c/a.jpg", jpeg_bytes(image()))
+    args = ["ingest", str(tmp_path / "src"), str(tmp_path / "store"), "--workers", "1"]
+    result = CliRunner().invoke(app, [*args, "--reencode"])
+    assert result.exit_code == 0, result.output
+    assert "0 stored losslessly, 1 re-encoded (reasons: 1 re-encoding requested)" in result.output
+    assert not open_store(tmp_path / "store").record("c/a")["lossless"]
+    if shutil.which("jpegtran"):
+        result = CliRunner().invoke(app, args)  # --lossless, the default: the resumed ingest transcodes
+        assert "1 stored losslessly, 0 re-encoded;" in result.output, result.output
 
 
 def test_a_missing_source_or_bad_setting_is_a_clear_error(tmp_path):
@@ -259,3 +408,59 @@ def test_a_missing_source_or_bad_setting_is_a_clear_error(tmp_path):
         IngestConfig(quality=0)
     with pytest.raises(ConfigError, match="chunksize"):
         IngestConfig(chunksize=0)
+
+
+def process_tree() -> dict[int, tuple[int, str]]:
+    """Every process: pid -> (parent pid, state), from /proc."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            procs[int(entry)] = (int(fields[1]), fields[0])
+    return procs
+
+
+def descendants(pids: set[int], procs: dict[int, tuple[int, str]]) -> set[int]:
+    found, todo = set(), list(pids)
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _) in procs.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                todo.append(pid)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds processes through /proc (Linux)")
+def test_a_killed_ingest_leaves_no_process_behind(tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store"
+    data = jpeg_bytes(image(256, 192, seed=1))
+    for i in range(1500):
+        write(src / f"c{i % 2}/im{i:04d}.jpg", data)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from dynres.cli import main; main()", "ingest", str(src), str(store), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "DYNRES_NO_PROGRESS": "1"})
+    journal, started = store / ".ingest" / "journal.jsonl", set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        started |= descendants({proc.pid}, process_tree())  # the forkserver, its workers, the resource tracker
+        if len(started) >= 4 and journal.exists() and journal.read_text(encoding="utf-8").count("\n") > 20:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "ingest finished before the kill"
+    assert len(started) >= 4, started
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        procs = process_tree()
+        started |= descendants(started, procs)  # anything they started meanwhile
+        left = {pid for pid in started if pid in procs and procs[pid][1] != "Z"}
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"still running 10 s after the SIGKILL: {left}"

@@ -183,6 +183,21 @@ def test_a_manifest_from_a_newer_format_or_another_tool_is_refused(store_dir, co
         open_store(copy_of)
 
 
+def test_a_store_written_before_the_lossless_columns_opens_reads_and_says_it_was_re_encoded(store_dir, copy_of):
+    table = pq.read_table(store_dir / "manifest.parquet")
+    old = table.drop_columns(["lossless", "reason"]).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(old, copy_of / "manifest.parquet")  # what a version-1 ingest wrote before the columns existed
+    store = open_store(copy_of)
+    assert store.keys == open_store(store_dir).keys and "lossless" not in pq.read_schema(copy_of / "manifest.parquet")
+    for key in store.keys:
+        assert store.read(key) == file_bytes(store, key) and store.read(key, scans=2).endswith(b"\xff\xd9")
+        rec = store.record(key)
+        assert rec["lossless"] is False and rec["reason"] == "re-encoded (stored before lossless ingest)"
+    pq.write_table(old.drop_columns(["sha256"]), copy_of / "manifest.parquet")
+    with pytest.raises(StoreError, match=r"manifest lacks columns \['sha256'\]"):  # only the new ones may be absent
+        open_store(copy_of)
+
+
 def with_path(manifest: pa.Table, key: str, path: str) -> pa.Table:
     """The manifest with ``key``'s stored path replaced, its schema metadata kept."""
     paths = [path if k == key else p for k, p in zip(manifest["key"].to_pylist(), manifest["path"].to_pylist())]

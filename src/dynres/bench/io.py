@@ -3,7 +3,8 @@
 For each resolution: images/s of read + decode + resize + crop with the fast path (``decode``: libjpeg DCT scaling)
 versus the baseline (full Pillow decode + torchvision Resize + CenterCrop), on one core and on all cores, both
 reading every scan. Methods alternate inside each repeat so machine drift hits both alike; medians are reported.
-Also the mean bytes read per image for each scan count, and ingest throughput when a source tree is given.
+Also the mean bytes read per image for each scan count, the store's bytes against its sources' (and how many images
+are stored losslessly), and ingest throughput when a source tree is given.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from dynres._ui import track
 from dynres.errors import ConfigError
@@ -97,7 +99,17 @@ def measure_ingest(src: str | Path, workers: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dynres-bench-ingest-") as tmp:
         report = ingest(src, Path(tmp) / "store", IngestConfig(workers=workers), progress=False)
     return {"images": report.ingested, "seconds": report.seconds, "images_per_s": report.images_per_s,
-            "workers": workers}
+            "workers": workers, "lossless": report.lossless, "reasons": report.reasons,
+            "transcoder": report.transcoder}
+
+
+def store_bytes(store: Store) -> dict:
+    """Stored bytes against the sources' bytes (the manifest's ``size`` and ``source_size``), and how many images
+    are stored losslessly."""
+    m = store.manifest
+    size, source = int(pc.sum(m.column("size")).as_py() or 0), int(pc.sum(m.column("source_size")).as_py() or 0)
+    return {"store_bytes": size, "source_bytes": source, "store_over_source": size / source if source else None,
+            "lossless_images": int(pc.sum(m.column("lossless")).as_py() or 0), "images": m.num_rows}
 
 
 def _decode_row(store: StoreLike, pool: ProcessPoolExecutor, keys: list[str], chunks: list[list[str]],
@@ -146,6 +158,7 @@ def measure_io(store_url: str, config: IOBenchConfig = IOBenchConfig(), src: str
         "decode": rows,
         "bytes_per_scan": bytes_per_scan(store),
         "mean_file_bytes": float(np.mean(store.manifest.column("size").to_numpy())),
+        "bytes": store_bytes(store),
     }
     if src is not None:
         result["ingest"] = measure_ingest(src, workers)
@@ -166,10 +179,17 @@ def render_markdown(result: dict) -> str:
         markdown_table(result["bytes_per_scan"], ["scans", "mean_bytes", "fraction_of_file"],
                        ["scans", "mean bytes", "fraction of file"]),
     ]
+    if "bytes" in result:
+        b = result["bytes"]
+        ratio = f"**{b['store_over_source']:.3f}x**" if b["store_over_source"] is not None else "n/a"
+        parts += ["", f"Store bytes / source bytes: {b['store_bytes']:,} / {b['source_bytes']:,} = {ratio}; "
+                  f"{b['lossless_images']} of {b['images']} images stored losslessly."]
     if "ingest" in result:
         ing = result["ingest"]
+        reasons = "; ".join(f"{n} {rule}" for rule, n in ing.get("reasons", {}).items()) or "none"
         parts += ["", f"Ingest: {ing['images']} images in {ing['seconds']:.1f} s = **{ing['images_per_s']:.1f} images/s** "
-                  f"({ing['workers']} workers, progressive re-encode included)."]
+                  f"({ing['workers']} workers; {ing.get('lossless', 0)} transcoded losslessly by "
+                  f"{ing.get('transcoder')}, the rest re-encoded; reasons: {reasons})."]
     return "\n".join(parts)
 
 

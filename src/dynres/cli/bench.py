@@ -1,4 +1,4 @@
-"""``dynres bench io|pipeline|serve|kernels``: each benchmark writes its JSON + Markdown record and prints a
+"""``dynres bench io|decode|pipeline|serve|kernels``: each benchmark writes its JSON + Markdown record and prints a
 digest of it."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from dynres._ui import console
+from dynres.bench.decode import DecodeBenchConfig
 from dynres.bench.io import IOBenchConfig
 from dynres.bench.pipeline import PipelineBenchConfig
 from dynres.bench.serve import ServeBenchConfig
@@ -45,6 +46,32 @@ def bench_io_cmd(
             f"{row['baseline_all_cores_images_per_s']:7.1f} img/s ({row['speedup_all_cores']:.2f}x)"
         )
     console.print(f"wrote {out / 'bench_io.json'} and {out / 'bench_io.md'}")
+
+
+@app.command("decode")
+def bench_decode_cmd(
+    store: str = typer.Argument(..., help="Store directory or fsspec URL."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where bench_decode.json/.md go."),
+    images: int = typer.Option(DecodeBenchConfig.images, help="Images sampled from the store."),
+    repeats: int = typer.Option(DecodeBenchConfig.repeats, help="Repeats per cell (median reported)."),
+    scans: str = typer.Option(join(DecodeBenchConfig.scans), help="Scan counts to read (0: the whole file)."),
+    scales: str = typer.Option(join(DecodeBenchConfig.scales), help="DCT scale denominators (1, 2, 4, 8)."),
+    modes: str = typer.Option(join(DecodeBenchConfig.modes), help="RGB and/or L (luma, the quality index's)."),
+) -> None:
+    """ms per prefix decode of every libjpeg-turbo binding at every DCT scale, pixels vs Pillow's; dynres's decoder."""
+    from dynres.bench.decode import run_bench_decode
+
+    cfg = DecodeBenchConfig(images=images, repeats=repeats, scans=parse_list(scans, int, "--scans"),
+                            scales=parse_list(scales, int, "--scales"), modes=parse_list(modes, str, "--modes"))
+    result = run_bench_decode(store, out, cfg)
+    for row in result["summary"]:
+        console.print(f"{row['mode']:>3} scans {row['scans']!s:>3} 1/{row['scale']}: fastest equal "
+                      f"{row['fastest']} {row['fastest_ms']:.3f} ms, pillow {row['pillow_ms']:.3f} ms, dynres "
+                      f"{row['dynres_ms']:.3f} ms ({row['dynres_vs_fastest']:.2f}x)")
+    missing = [f"{n} ({b['reason']})" for n, b in result["bindings"].items() if not b["available"]]
+    if missing:
+        console.print("not measured: " + "; ".join(missing))
+    console.print(f"wrote {out / 'bench_decode.json'} and {out / 'bench_decode.md'}")
 
 
 

@@ -47,19 +47,22 @@ def data_synth(
 def ingest(
     src: Path = typer.Argument(..., help="ImageFolder tree: SRC/<class>/<image> (JPEG, PNG, WebP, BMP, TIFF)."),
     store: Path = typer.Argument(..., help="Store directory to create or resume."),
-    quality: int = typer.Option(IngestConfig.quality, help="JPEG quality (1-100)."),
+    lossless: bool = typer.Option(IngestConfig.lossless, "--lossless/--reencode",
+                                  help="Transcode JPEG sources losslessly (--reencode: re-encode every image)."),
+    quality: int = typer.Option(IngestConfig.quality, help="JPEG quality (1-100) of re-encoded images."),
     max_side: Optional[int] = typer.Option(IngestConfig.max_side, "--max-side", help="Cap the long side (pixels)."),
     workers: int = typer.Option(IngestConfig.workers, help="Processes (0: every core, 1: no subprocesses)."),
     max_pixels: int = typer.Option(IngestConfig.max_pixels, "--max-pixels",
                                    help="Skip larger images as decompression bombs."),
     scans: Optional[Path] = typer.Option(None, "--scans", help="jpegtran scan-script file (needs `jpegtran`)."),
 ) -> None:
-    """Re-encode an image tree as progressive JPEGs + manifest.parquet (resumable; skipped files listed)."""
+    """Store an image tree as progressive JPEGs + manifest.parquet: JPEGs transcoded losslessly, the rest re-encoded
+    (resumable; re-encode reasons counted, skipped files listed)."""
     from rich.table import Table
 
     from dynres.io.ingest import ingest as run_ingest
 
-    cfg = IngestConfig(quality=quality, max_side=max_side, workers=workers, max_pixels=max_pixels,
+    cfg = IngestConfig(lossless=lossless, quality=quality, max_side=max_side, workers=workers, max_pixels=max_pixels,
                        scans=path_text(scans))
     rep = run_ingest(src, store, cfg, progress=True)
     if rep.skipped:
@@ -69,3 +72,7 @@ def ingest(
         console.print(table)
     console.print(f"{rep.images} images in {store} ({rep.ingested} encoded, {rep.reused} reused, "
                   f"{len(rep.skipped)} skipped) in {rep.seconds:.1f} s = {rep.images_per_s:.1f} images/s")
+    reasons = "; ".join(f"{n} {rule}" for rule, n in rep.reasons.items())
+    console.print(f"{rep.lossless} stored losslessly, {rep.images - rep.lossless} re-encoded"
+                  f"{' (reasons: ' + reasons + ')' if reasons else ''}; the store is "
+                  f"{rep.bytes / max(rep.source_bytes, 1):.3f}x the sources' bytes", soft_wrap=True, markup=False)

@@ -3,7 +3,7 @@
 Layout::
 
     STORE/manifest.parquet        one row per image (see SCHEMA); written last, atomically
-    STORE/ingest_report.json      counts, seconds and every skipped source file with its reason
+    STORE/ingest_report.json      counts (lossless, re-encoded per reason), seconds, every skipped file with its reason
     STORE/images/<class>/<name>.jpg
 """
 
@@ -16,6 +16,8 @@ MANIFEST = "manifest.parquet"
 VERSION_KEY = b"dynres.format_version"
 CLASSES_KEY = b"dynres.classes"
 CONFIG_KEY = b"dynres.ingest_config"
+IMAGES = "images"
+REPORT = "ingest_report.json"
 
 SCHEMA = pa.schema(
     [
@@ -32,8 +34,32 @@ SCHEMA = pa.schema(
         ("source", pa.string()),  # source file relative to SRC, with extension
         ("source_size", pa.int64()),  # with source_mtime_ns: lets a resumed ingest spot changed sources
         ("source_mtime_ns", pa.int64()),
+        ("lossless", pa.bool_()),  # the source's DCT coefficients, copied: a full read decodes to its pixels
+        ("reason", pa.string()),  # why not lossless (or how, when not by jpegtran); "" for a jpegtran transcode
     ]
 )
 
-IMAGES = "images"
-REPORT = "ingest_report.json"
+# Columns a manifest written before they existed lacks, and what a reader fills in: every image of such a store was
+# re-encoded. New columns are additive (an older dynres reads a newer manifest and ignores them), so FORMAT_VERSION
+# stays 1: a bump would make older readers refuse stores they read correctly.
+LEGACY_COLUMNS = {"lossless": False, "reason": "re-encoded (stored before lossless ingest)"}
+
+# A reason is one of these rules, optionally followed by " (detail)": reason_rule() gives the rule back, and the
+# ingest report counts images per rule.
+REASON_REQUESTED = "re-encoding requested"
+REASON_NOT_JPEG = "not a JPEG source"
+REASON_MAX_SIDE = "--max-side smaller than the image"
+REASON_CMYK = "CMYK/YCCK JPEG"
+REASON_ARITHMETIC = "arithmetic-coded JPEG"
+REASON_PRECISION = "not an 8-bit JPEG"  # 12-bit
+REASON_HIERARCHICAL = "lossless or hierarchical JPEG"
+REASON_ORIENTATION = "EXIF orientation not lossless at this size"
+REASON_HEADER = "unreadable JPEG header"
+REASON_TRANSCODE_FAILED = "jpegtran failed"
+REASON_MISSING = "jpegtran missing"
+REASON_MOZJPEG = "jpegtran missing: mozjpeg lossless transcode"  # lossless, with mozjpeg's own scan script
+
+
+def reason_rule(reason: str) -> str:
+    """The rule of a manifest ``reason`` (its text before " (detail)")."""
+    return reason.split(" (", 1)[0]

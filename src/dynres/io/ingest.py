@@ -1,5 +1,9 @@
 """``ingest``: turn an ImageFolder tree into a progressive-JPEG store, in parallel, resumably, atomically.
 
+A JPEG source is transcoded losslessly (:mod:`dynres.io.transcode`: a full read decodes to exactly its pixels); any
+other image, and a JPEG that cannot be, is re-encoded at ``quality``. Each manifest row says which (``lossless``) and
+why (``reason``); the report counts images per reason; a missing jpegtran is logged once, never silent.
+
 Crash safety, in order of events:
   1. every image is written to a temporary name in its final folder, then renamed (never half a file);
   2. the main process appends each finished record to ``STORE/.ingest/journal.jsonl`` (flushed per line);
@@ -15,14 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import stat
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,15 +39,30 @@ import pyarrow.parquet as pq
 
 from dynres._ui import track
 from dynres.errors import BadImageError, ConfigError, StoreError
-from dynres.io.format import CLASSES_KEY, CONFIG_KEY, FORMAT_VERSION, IMAGES, MANIFEST, REPORT, SCHEMA, VERSION_KEY
+from dynres.io.format import (
+    CLASSES_KEY,
+    CONFIG_KEY,
+    FORMAT_VERSION,
+    IMAGES,
+    MANIFEST,
+    REASON_REQUESTED,
+    REPORT,
+    SCHEMA,
+    VERSION_KEY,
+    reason_rule,
+)
 from dynres.io.jpeg import (
     DEFAULT_MAX_PIXELS,
     check_scan_script,
     encode_progressive,
+    load_error_reason,
     load_rgb,
     parse_scans,
     prefix_crc32s,
 )
+from dynres.io.transcode import Transcoder, fallback_notice, find_transcoder, source_bytes
+
+log = logging.getLogger(__name__)
 
 # the extensions torchvision's ImageFolder accepts (case-insensitive)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -50,9 +73,11 @@ _MAX_NAME_BYTES = 150  # file-name limits are 255 bytes; leave room for a hash s
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """How sources become stored files. ``workers``: processes (0: every core; 1: in this process).
-    ``scans``: a jpegtran scan-script file; None = libjpeg's default script."""
+    """How sources become stored files. ``lossless``: transcode JPEG sources (False: re-encode every image at
+    ``quality``). ``workers``: processes (0: every core; 1: in this process). ``scans``: a jpegtran scan-script
+    file; None = libjpeg's default script."""
 
+    lossless: bool = True
     quality: int = 90
     max_side: int | None = None
     workers: int = 0
@@ -77,12 +102,15 @@ class IngestConfig:
         script = None
         if self.scans is not None:
             script = hashlib.sha256(Path(self.scans).read_bytes()).hexdigest()
-        return {"quality": self.quality, "max_side": self.max_side, "scan_script_sha256": script}
+        return {"lossless": self.lossless, "quality": self.quality, "max_side": self.max_side,
+                "scan_script_sha256": script}
 
 
 @dataclass(frozen=True)
 class IngestReport:
-    """What one ``ingest`` call did. ``images_per_s`` counts newly encoded images over the whole call."""
+    """What one ``ingest`` call did. ``images_per_s`` counts newly encoded images over the whole call; ``lossless``,
+    ``reasons`` (images per reason rule, :func:`dynres.io.format.reason_rule`) and the byte counts cover the
+    manifest. ``transcoder``: the lossless route used (``jpegtran``, ``mozjpeg``; None: none available or wanted)."""
 
     store: str
     ingested: int
@@ -92,6 +120,10 @@ class IngestReport:
     bytes: int  # stored bytes in total
     seconds: float
     images_per_s: float
+    lossless: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    source_bytes: int = 0
+    transcoder: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,7 +146,8 @@ class _Task:
 def ingest(
     src_dir: str | os.PathLike, store_dir: str | os.PathLike, config: IngestConfig | None = None, progress: bool = True
 ) -> IngestReport:
-    """Re-encode every image under ``src_dir`` (ImageFolder layout) into a store at ``store_dir``.
+    """Store every image under ``src_dir`` (ImageFolder layout) in a store at ``store_dir``: JPEGs transcoded
+    losslessly where they can be, everything else re-encoded (each row's ``lossless`` and ``reason`` say which).
 
     Bad files are skipped and listed in the report (and ``STORE/ingest_report.json``); configuration
     problems raise. With ``workers != 1`` a script calling this needs the usual
@@ -124,18 +157,31 @@ def ingest(
     cfg = config or IngestConfig()
     t0 = time.perf_counter()
     src, store_dir = _check_dirs(Path(src_dir), Path(store_dir), cfg)
-    fingerprint = cfg.fingerprint()
+    transcoder = _transcoder(cfg)
+    fingerprint = {**cfg.fingerprint(), "transcoder": transcoder and transcoder.name}
     classes, tasks, skipped = _plan(src)
     store_dir.mkdir(parents=True, exist_ok=True)
-    records, reused = _encode_journaled(store_dir, tasks, skipped, cfg, fingerprint, progress)
+    records, reused = _encode_journaled(store_dir, tasks, skipped, cfg, transcoder, fingerprint, progress)
     rows = [records[t.key] for t in tasks if t.key in records]
     seconds = time.perf_counter() - t0
     report = IngestReport(
         store=str(store_dir), ingested=len(records) - reused, reused=reused, skipped=skipped, images=len(rows),
         bytes=sum(r["size"] for r in rows), seconds=seconds, images_per_s=(len(records) - reused) / max(seconds, 1e-9),
+        lossless=sum(bool(r["lossless"]) for r in rows), source_bytes=sum(r["source_size"] for r in rows),
+        reasons=dict(Counter(reason_rule(r["reason"]) for r in rows if r["reason"]).most_common()),
+        transcoder=transcoder and transcoder.name,
     )
     _write_store(store_dir, report, rows, classes, fingerprint)
     return report
+
+
+def _transcoder(cfg: IngestConfig) -> Transcoder | None:
+    """The lossless route for this ingest, with one log line when it is not jpegtran."""
+    transcoder = find_transcoder() if cfg.lossless else None
+    notice = fallback_notice(transcoder, cfg.quality) if cfg.lossless else None
+    if notice:
+        log.warning(notice)
+    return transcoder
 
 
 def _check_dirs(src: Path, store_dir: Path, cfg: IngestConfig) -> tuple[Path, Path]:
@@ -150,7 +196,7 @@ def _check_dirs(src: Path, store_dir: Path, cfg: IngestConfig) -> tuple[Path, Pa
 
 
 def _encode_journaled(store_dir: Path, tasks: list[_Task], skipped: list[tuple[str, str]], cfg: IngestConfig,
-                      fingerprint: dict, progress: bool) -> tuple[dict[str, dict], int]:
+                      transcoder: Transcoder | None, fingerprint: dict, progress: bool) -> tuple[dict[str, dict], int]:
     """Records by key for every task that yields one, and how many of them were reused; each new record is journaled
     as it arrives, and each failure appended to ``skipped``."""
     manifest = store_dir / MANIFEST
@@ -172,7 +218,7 @@ def _encode_journaled(store_dir: Path, tasks: list[_Task], skipped: list[tuple[s
                 journal.write(json.dumps(rec, ensure_ascii=False) + "\n")
             journal.flush()
             manifest.unlink()  # about to rewrite files it references (or its settings differ): no longer complete
-        for task, result in track(_encode_all(todo, store_dir, cfg), len(todo), "ingest", progress):
+        for task, result in track(_encode_all(todo, store_dir, cfg, transcoder), len(todo), "ingest", progress):
             if isinstance(result, str):
                 skipped.append((task.source, result))
                 continue
@@ -329,39 +375,56 @@ def _reusable(store_dir: Path, task: _Task, rec: dict) -> bool:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_all(todo: list[_Task], store_dir: Path, cfg: IngestConfig) -> Iterator[tuple[_Task, dict | str]]:
+def _encode_all(todo: list[_Task], store_dir: Path, cfg: IngestConfig, transcoder: Transcoder | None
+                ) -> Iterator[tuple[_Task, dict | str]]:
     """(task, record or skip reason) in task order; processes when workers > 1."""
-    args = [(t, str(store_dir), cfg) for t in todo]
+    args = [(t, str(store_dir), cfg, transcoder) for t in todo]
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(todo) <= 1:
         yield from zip(todo, map(_encode_one, args))
         return
     # forkserver: never fork a parent that may hold torch/OpenMP threads
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    # workers ignore Ctrl-C: the parent alone stops, cancels queued work and leaves the journal intact
-    pool = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context(method), initializer=signal.signal,
-        initargs=(signal.SIGINT, signal.SIG_IGN),
-    )
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker)
     try:
         yield from zip(todo, pool.map(_encode_one, args, chunksize=cfg.chunksize))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued work, keep the journal
 
 
-def _encode_one(arg: tuple[_Task, str, IngestConfig]) -> dict | str:
-    """Encode one source and write it atomically; a record for the manifest, or the reason it was skipped."""
-    task, store_dir, cfg = arg
+def _init_worker() -> None:
+    """Workers ignore Ctrl-C (the parent alone stops, cancels queued work and leaves the journal intact) and exit
+    as soon as the parent dies: a SIGKILLed ingest leaves no pool behind (the forkserver follows its children)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True, name="exit-with-parent").start()
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # ready when the parent process has ended
+    os.kill(os.getpid(), signal.SIGKILL)  # nothing of this worker's is worth finishing: its results have no reader
+
+
+def _encode_one(arg: tuple[_Task, str, IngestConfig, Transcoder | None]) -> dict | str:
+    """Store one source and write it atomically; a record for the manifest, or the reason it was skipped."""
+    task, store_dir, cfg, transcoder = arg
     try:
-        img = load_rgb(task.source_abs, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
-        data = encode_progressive(img, cfg.quality, cfg.scans)
+        data, reason = None, f"{REASON_REQUESTED} (lossless=False)"
+        if cfg.lossless:  # a JPEG source: transcoded if it can be, else the reason it cannot
+            data, reason = source_bytes(Path(task.source_abs).read_bytes(), task.source, transcoder,
+                                        max_side=cfg.max_side, max_pixels=cfg.max_pixels, scans=cfg.scans)
+        lossless = data is not None
+        if data is None:
+            img = load_rgb(task.source_abs, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
+            data = encode_progressive(img, cfg.quality, cfg.scans)
         layout = parse_scans(data, task.source)
     except ConfigError:
         raise
     except BadImageError as err:
         return err.reason
     except Exception as err:  # noqa: BLE001 - one undecodable file must never stop a long ingest
-        return _reason(err)
+        return load_error_reason(err)
     if not layout.progressive:
         return "encoder produced a non-progressive JPEG"
     data = data[: layout.scan_ends[-1]]
@@ -373,22 +436,11 @@ def _encode_one(arg: tuple[_Task, str, IngestConfig]) -> dict | str:
     os.replace(tmp, out)
     return {
         "key": task.key, "path": task.path, "label": task.label, "class_name": task.class_name,
-        "width": img.width, "height": img.height, "size": len(data), "scan_ends": list(layout.scan_ends),
+        "width": layout.width, "height": layout.height, "size": len(data), "scan_ends": list(layout.scan_ends),
         "scan_crc32": prefix_crc32s(data, layout.scan_ends), "sha256": hashlib.sha256(data).hexdigest(),
         "source": task.source, "source_size": task.source_size, "source_mtime_ns": task.source_mtime_ns,
+        "lossless": lossless, "reason": reason,
     }
-
-
-def _reason(err: Exception) -> str:
-    from PIL import UnidentifiedImageError
-
-    if isinstance(err, UnidentifiedImageError):
-        return "not an image Pillow can identify"
-    if isinstance(err, PermissionError):
-        return f"cannot read: permission denied ({err.strerror or err})"
-    if isinstance(err, OSError) and "truncated" in str(err):
-        return f"truncated image ({err})"
-    return f"corrupt image ({type(err).__name__}: {err})"
 
 
 # --------------------------------------------------------------------------- atomic files

@@ -8,8 +8,8 @@ No library exposes that, so :func:`parse_scans` walks the markers by hand (ITU T
     SOS + entropy-coded data, in which ``FF 00`` is a stuffed data byte and ``FF D0..D7`` are restart
     markers; the scan ends at the first other marker (usually the DHT before the next SOS), then EOI.
 
-Source images are normalised here too (:func:`load_rgb`), so that every stored file is an 8-bit RGB
-progressive JPEG whatever came in.
+A JPEG source is stored by a lossless transcode (:mod:`dynres.io.transcode`); whatever cannot be transcoded is
+normalised here (:func:`load_rgb`) and re-encoded (:func:`encode_progressive`) as an 8-bit RGB progressive JPEG.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dynres.errors import BadImageError, ConfigError
 
@@ -31,9 +31,9 @@ SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
 _SOS = 0xDA
 _EOI = 0xD9
-_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0..7 carry no length
+STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0..7 carry no length
 # SOF0..15 except DHT (C4), JPG (C8) and DAC (CC); progressive ones are SOF2/6/10/14.
-_SOF = {m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)}
+SOF_MARKERS = {m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)}
 _PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
 
 # Pillow's own warning threshold; images above it are treated as decompression bombs by default.
@@ -83,14 +83,14 @@ def parse_scans(data: bytes, name: str = "") -> JpegLayout:
                 raise BadImageError(name, "corrupt JPEG: EOI before any scan")
             ends[-1] = pos
             return JpegLayout(progressive, width, height, comps, tuple(ends))
-        if marker in _STANDALONE:
+        if marker in STANDALONE_MARKERS:
             continue
         if pos + 2 > n:
             raise BadImageError(name, f"truncated JPEG: marker FF{marker:02X} at byte {pos - 2} has no length")
         seg_end = pos + int.from_bytes(data[pos : pos + 2], "big")
         if seg_end > n or seg_end < pos + 2:
             raise BadImageError(name, f"truncated JPEG: segment FF{marker:02X} runs past the end")
-        if marker in _SOF:
+        if marker in SOF_MARKERS:
             progressive = marker in _PROGRESSIVE_SOF
             height = int.from_bytes(data[pos + 3 : pos + 5], "big")
             width = int.from_bytes(data[pos + 5 : pos + 7], "big")
@@ -185,6 +185,17 @@ def load_rgb(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int |
     if max_side is not None and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return rgb
+
+
+def load_error_reason(err: Exception) -> str:
+    """Why :func:`load_rgb` failed on a source, in a few words for an ingest report."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image Pillow can identify"
+    if isinstance(err, PermissionError):
+        return f"cannot read: permission denied ({err.strerror or err})"
+    if isinstance(err, OSError) and "truncated" in str(err):
+        return f"truncated image ({err})"
+    return f"corrupt image ({type(err).__name__}: {err})"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

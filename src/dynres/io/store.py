@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynres.errors import ChecksumError, KeyNotFoundError, StoreError
-from dynres.io.format import CLASSES_KEY, FORMAT_VERSION, MANIFEST, SCHEMA, VERSION_KEY
+from dynres.io.format import CLASSES_KEY, FORMAT_VERSION, LEGACY_COLUMNS, MANIFEST, SCHEMA, VERSION_KEY
 from dynres.io.jpeg import EOI
 
 __all__ = ["FORMAT_VERSION", "SCHEMA", "Store", "StoreLike", "open_store"]
@@ -109,9 +109,13 @@ def _parse_manifest(source: Any, name: str) -> pa.Table:
         raise StoreError(
             name, f"written by a newer dynres (format version {version} > {FORMAT_VERSION}); upgrade dynres to read it"
         )
-    missing = [f.name for f in SCHEMA if f.name not in table.column_names]
+    missing = [f.name for f in SCHEMA if f.name not in table.column_names and f.name not in LEGACY_COLUMNS]
     if missing:
         raise StoreError(name, f"manifest lacks columns {missing}")
+    for column, value in LEGACY_COLUMNS.items():  # a store written before the column existed: what it means there
+        if column not in table.column_names:
+            field = SCHEMA.field(column)
+            table = table.append_column(field, pa.array([value] * table.num_rows, field.type))
     return table
 
 

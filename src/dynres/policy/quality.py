@@ -49,9 +49,9 @@ import torch.nn.functional as F
 
 from dynres._ui import track
 from dynres.errors import BadImageError, ConfigError, StoreError
-from dynres.io.decode import open_drafted, resize_center
+from dynres.io.decode import decode_array, resize_center
 from dynres.io.format import REPORT
-from dynres.io.jpeg import scan_components, scan_prefix
+from dynres.io.jpeg import SOI, scan_components, scan_prefix
 from dynres.io.store import Store, StoreLike, open_store
 from dynres.paper import DEFAULT_CROP_SIDE, PAPER_GRID
 from dynres.records import markdown_table, write_records
@@ -136,18 +136,15 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 255.0) -> torch
 
 
 def _luma_plane(prefix: bytes, short_side: float, name: str) -> torch.Tensor:
-    """The prefix's luma plane, decoded at the DCT scale the engine's one decode uses: uint8 (H, W).
+    """The prefix's luma plane, decoded at the DCT scale the engine's one decode uses, by the engine's decoder
+    (:func:`dynres.io.decode.decode_array`): uint8 (H, W).
 
     Asking libjpeg for grayscale output skips the chroma inverse DCT, upsampling and colour conversion (about a
     quarter of the decode); JFIF's Y is ITU-R 601 luma, so this is the luma of the RGB decode up to rounding.
     """
-    img = open_drafted(prefix, short_side, name, mode="L")
-    if img.format != "JPEG":
+    if prefix[:2] != SOI:
         raise BadImageError(name, "not a JPEG")
-    try:
-        return torch.from_numpy(np.array(img if img.mode == "L" else img.convert("L"), dtype=np.uint8))
-    except Exception as err:  # Pillow raises several unrelated types for bad bytes
-        raise BadImageError(name, f"cannot decode image: {err}") from err
+    return torch.from_numpy(decode_array(prefix, short_side, name, mode="L"))
 
 
 def luma_views(planes: torch.Tensor, resolution: int, crop_side: float) -> torch.Tensor:
