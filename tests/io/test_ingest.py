@@ -20,6 +20,7 @@ from dynres.errors import ConfigError, StoreError
 from dynres.io.format import reason_rule
 from dynres.io.ingest import IngestConfig, ingest
 from dynres.io.store import open_store
+from jpeg_samples import jpeg_bytes, with_junk
 
 
 def image(w=64, h=48, seed=0, mode="RGB") -> Image.Image:
@@ -27,18 +28,6 @@ def image(w=64, h=48, seed=0, mode="RGB") -> Image.Image:
     y, x = np.mgrid[0:h, 0:w]
     arr = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, seed * 37 % 256)], -1) + rng.normal(0, 8, (h, w, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert(mode)
-
-
-def jpeg_bytes(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", **{"quality": 90, **kw})
-    return buf.getvalue()
-
-
-def with_junk(data: bytes) -> bytes:
-    """Two stray bytes after APP0: Pillow skips them, libjpeg warns ("extraneous bytes"), so jpegtran exits 2."""
-    end = 4 + int.from_bytes(data[4:6], "big")
-    return data[:end] + b"\x00\x00" + data[end:]
 
 
 def pixels(data_or_path) -> np.ndarray:

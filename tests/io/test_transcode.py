@@ -21,6 +21,8 @@ from dynres.io.transcode import (
     read_frame,
     source_bytes,
 )
+from jpeg_samples import jpeg_bytes as jpeg
+from jpeg_samples import with_junk
 
 needs_jpegtran = pytest.mark.skipif(shutil.which("jpegtran") is None,
                                     reason="needs jpegtran (libjpeg-turbo-progs; `make install` adds it)")
@@ -31,18 +33,6 @@ def picture(w=96, h=64, seed=0, mode="RGB") -> Image.Image:
     y, x = np.mgrid[0:h, 0:w]
     img = np.stack([x * 255 / w, y * 255 / h, (x * y) % 256], axis=-1) + rng.normal(0, 6, (h, w, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert(mode)
-
-
-def jpeg(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", **{"quality": 90, **kw})
-    return buf.getvalue()
-
-
-def with_junk(data: bytes) -> bytes:
-    """Two stray bytes after APP0: Pillow skips them, libjpeg warns ("extraneous bytes"), so jpegtran exits 2."""
-    end = 4 + int.from_bytes(data[4:6], "big")
-    return data[:end] + b"\x00\x00" + data[end:]
 
 
 def pixels(data: bytes) -> np.ndarray:
