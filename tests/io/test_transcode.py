@@ -20,6 +20,7 @@ from dynres.io.transcode import (
     lossless_obstacle,
     read_frame,
     source_bytes,
+    turbo_transform,
 )
 from jpeg_samples import jpeg_bytes as jpeg
 from jpeg_samples import with_junk
@@ -107,10 +108,10 @@ def test_the_perfect_rule_agrees_with_jpegtran(subsampling, size):
 
 @needs_jpegtran
 @pytest.mark.parametrize("orientation", sorted(ORIENTATION_TRANSFORMS))
-def test_an_exif_orientation_is_applied_losslessly_as_pillow_shows_it(orientation):
+def test_an_exif_orientation_is_applied_to_the_coefficients_and_not_called_lossless(orientation):
     source = oriented(picture(64, 48, seed=orientation), orientation)
     data, reason = source_bytes(source, "a.jpg", find_transcoder())
-    assert reason == "" and parse_scans(data).progressive
+    assert reason.startswith("EXIF orientation applied to the DCT coefficients") and parse_scans(data).progressive
     shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(source)))).astype(int)
     stored = pixels(data).astype(int)
     assert stored.shape == shown.shape
@@ -135,6 +136,20 @@ def test_jpegtran_copies_coefficients_of_every_coding_and_reports_its_failures()
     assert data is None and reason.startswith("jpegtran failed (") and "extraneous bytes" in reason
 
 
+@needs_jpegtran
+@pytest.mark.skipif(turbo_transform(jpeg(picture(16, 16))) is None, reason="libturbojpeg does not load here")
+def test_the_in_process_transform_writes_jpegtrans_bytes_and_leaves_what_it_declines_to_jpegtran():
+    """libturbojpeg's tjTransform is jpegtran's transform without a process per image: the same bytes, and a source
+    libjpeg warns about is declined, so the jpegtran process still decides (and words) the failure."""
+    sources = [jpeg(picture(83, 61)), jpeg(picture(83, 61), subsampling=0), jpeg(picture(83, 61), progressive=True),
+               jpeg(picture(83, 61, mode="L")), jpeg(picture(64, 48), quality=60)]
+    for data in sources:
+        tool = subprocess.run(["jpegtran", "-copy", "none", "-optimize", "-progressive"], input=data,
+                              capture_output=True, check=True).stdout
+        assert turbo_transform(data) == tool
+    assert turbo_transform(with_junk(sources[0])) is None and turbo_transform(sources[0][:300]) is None
+
+
 def test_mozjpeg_transcodes_losslessly_to_a_progressive_file_with_its_own_scan_script():
     pytest.importorskip("mozjpeg_lossless_optimization")
     transcoder = Transcoder("mozjpeg", note="jpegtran missing: mozjpeg lossless transcode (its scan script)")
@@ -156,3 +171,33 @@ def test_non_jpeg_and_bomb_sources(tmp_path):
         source_bytes(jpeg(picture()), "big.jpg", find_transcoder(), max_pixels=6000)
     assert source_bytes(jpeg(picture()), "a.jpg", None) == (
         None, "jpegtran missing (and mozjpeg-lossless-optimization not installed)")
+
+
+XMP_ROTATED = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+               b"</x:xmpmeta>")
+
+
+@needs_jpegtran
+def test_an_orientation_given_only_in_xmp_is_applied_as_the_reencode_path_would():
+    """Pillow's exif_transpose (the re-encode path) reads XMP's tiff:Orientation too: the transcode must agree."""
+    buf = io.BytesIO()
+    picture(64, 48).save(buf, "JPEG", quality=90, xmp=XMP_ROTATED)
+    data, reason = source_bytes(buf.getvalue(), "x.jpg", find_transcoder())
+    assert Image.open(io.BytesIO(data)).size == (48, 64) and reason.startswith("EXIF orientation applied")
+
+
+def test_the_mozjpeg_route_refuses_what_libjpeg_warns_about_and_custom_scan_scripts():
+    """mozjpeg would return a truncated source grey-filled as if it were whole; the check before it says why not."""
+    mozjpeg = Transcoder("mozjpeg", note="jpegtran missing: mozjpeg lossless transcode (its scan script)")
+    source = jpeg(picture(80, 60))
+    with pytest.raises(BadImageError, match="refused: libjpeg warns"):
+        mozjpeg.transcode(source[: 2 * len(source) // 3], name="cut.jpg")
+    data, reason = source_bytes(source, "a.jpg", mozjpeg, scans="script.txt")
+    assert data is None and reason.startswith("a custom scan script needs jpegtran")
+
+
+def test_a_jpegtran_that_cannot_start_is_a_transcode_failure_not_a_lost_image(tmp_path):
+    gone = Transcoder("jpegtran", path=str(tmp_path / "no-jpegtran"))
+    with pytest.raises(BadImageError, match="jpegtran failed"):
+        gone.transcode(jpeg(picture(32, 32)), name="a.jpg", orientation=6)  # a rotation always takes the process

@@ -58,6 +58,10 @@ REASON_HEADER = "unreadable JPEG header"
 REASON_TRANSCODE_FAILED = "jpegtran failed"
 REASON_MISSING = "jpegtran missing"
 REASON_MOZJPEG = "jpegtran missing: mozjpeg lossless transcode"  # lossless, with mozjpeg's own scan script
+# transcoded with the EXIF rotation done on the coefficients (jpegtran -perfect): no generation loss, but the
+# rotated image's inverse DCT and chroma upsampling round differently: pixels within a few levels, so not lossless
+REASON_ROTATED = "EXIF orientation applied to the DCT coefficients"
+REASON_SCANS = "a custom scan script needs jpegtran"
 
 
 def reason_rule(reason: str) -> str:

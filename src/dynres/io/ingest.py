@@ -46,6 +46,7 @@ from dynres.io.format import (
     IMAGES,
     MANIFEST,
     REASON_REQUESTED,
+    REASON_ROTATED,
     REPORT,
     SCHEMA,
     VERSION_KEY,
@@ -414,7 +415,7 @@ def _encode_one(arg: tuple[_Task, str, IngestConfig, Transcoder | None]) -> dict
         if cfg.lossless:  # a JPEG source: transcoded if it can be, else the reason it cannot
             data, reason = source_bytes(Path(task.source_abs).read_bytes(), task.source, transcoder,
                                         max_side=cfg.max_side, max_pixels=cfg.max_pixels, scans=cfg.scans)
-        lossless = data is not None
+        lossless = data is not None and not reason.startswith(REASON_ROTATED)
         if data is None:
             img = load_rgb(task.source_abs, max_pixels=cfg.max_pixels, max_side=cfg.max_side)
             data = encode_progressive(img, cfg.quality, cfg.scans)

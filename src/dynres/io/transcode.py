@@ -2,7 +2,10 @@
 progressive, so a full read decodes to exactly the source's pixels.
 
 ``jpegtran -copy none -optimize -progressive`` (libjpeg-turbo-progs) does it, with a custom ``-scans`` script if
-asked, and applies an EXIF orientation losslessly where the flip or rotation moves whole blocks (``-perfect``).
+asked, and applies an EXIF orientation losslessly where the flip or rotation moves whole blocks (``-perfect``). The
+common case (no scan script, no rotation) runs the same transform in-process through libturbojpeg's
+``tjTransform`` (progressive, copy none, stop on warning) when that library loads: byte-identical output without a
+process per image; anything it declines goes to the jpegtran process, whose message becomes the reason.
 Without jpegtran, mozjpeg-lossless-optimization (a pip wheel) transcodes with mozjpeg's own scan script and no
 rotations. :func:`source_bytes` decides per image; everything it declines is re-encoded by the caller, with the
 reason it gives (one of :mod:`dynres.io.format`'s rules).
@@ -10,10 +13,14 @@ reason it gives (one of :mod:`dynres.io.format`'s rules).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import dataclasses
 import importlib
 import io
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -30,6 +37,8 @@ from dynres.io.format import (
     REASON_NOT_JPEG,
     REASON_ORIENTATION,
     REASON_PRECISION,
+    REASON_ROTATED,
+    REASON_SCANS,
     REASON_TRANSCODE_FAILED,
 )
 from dynres.io.jpeg import SOF_MARKERS, SOI, STANDALONE_MARKERS
@@ -145,21 +154,78 @@ class Transcoder:
         the EXIF orientation applied). BadImageError with the tool's message if it fails."""
         if self.name == "mozjpeg":
             return _mozjpeg(data, name)
+        if orientation == 1 and scans is None and (out := turbo_transform(data)) is not None:
+            return out
         args = [self.path, "-copy", "none", "-optimize", "-progressive"]
         if orientation != 1:
             args += [*ORIENTATION_TRANSFORMS[orientation], "-perfect"]
         if scans is not None:
             args += ["-scans", scans]
-        proc = subprocess.run(args, input=data, capture_output=True, check=False)
+        try:
+            proc = subprocess.run(args, input=data, capture_output=True, check=False, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as err:  # gone mid-ingest, no process slots, hung
+            raise BadImageError(name, f"{REASON_TRANSCODE_FAILED} ({err})") from None
         if proc.returncode != 0 or not proc.stdout:  # 2: libjpeg warned (e.g. a truncated source): not to be trusted
             message = " ".join(proc.stderr.decode(errors="replace").split()) or f"exit status {proc.returncode}"
             raise BadImageError(name, f"{REASON_TRANSCODE_FAILED} ({message})")
         return proc.stdout
 
 
+class _TJRegion(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("w", ctypes.c_int), ("h", ctypes.c_int)]
+
+
+class _TJTransform(ctypes.Structure):
+    _fields_ = [("r", _TJRegion), ("op", ctypes.c_int), ("options", ctypes.c_int), ("data", ctypes.c_void_p),
+                ("customFilter", ctypes.c_void_p)]
+
+
+_TJXOPT_PROGRESSIVE, _TJXOPT_COPYNONE, _TJFLAG_STOPONWARNING = 32, 64, 8192  # turbojpeg.h
+_turbo = threading.local()
+
+
+def _turbo_library():
+    """libturbojpeg with tjTransform's signature, or None where it does not load (then jpegtran's process runs)."""
+    path = ctypes.util.find_library("turbojpeg")
+    try:
+        lib = ctypes.CDLL(path or "libturbojpeg.so.0")
+    except OSError:
+        return None
+    lib.tjInitTransform.restype = ctypes.c_void_p
+    lib.tjTransform.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int,
+                                ctypes.POINTER(ctypes.POINTER(ctypes.c_ubyte)), ctypes.POINTER(ctypes.c_ulong),
+                                ctypes.POINTER(_TJTransform), ctypes.c_int]
+    lib.tjFree.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def turbo_transform(data: bytes) -> bytes | None:
+    """``jpegtran -copy none -optimize -progressive`` in-process (libturbojpeg's tjTransform; progressive output has
+    optimized Huffman tables), or None when the library is missing or declines (any libjpeg warning included)."""
+    if not hasattr(_turbo, "handle"):  # one handle per thread: TurboJPEG handles are not thread-safe
+        lib = _turbo_library()
+        _turbo.lib, _turbo.handle = lib, (lib.tjInitTransform() if lib is not None else None)
+    if not _turbo.handle:
+        return None
+    out, size = ctypes.POINTER(ctypes.c_ubyte)(), ctypes.c_ulong(0)
+    transform = _TJTransform(options=_TJXOPT_PROGRESSIVE | _TJXOPT_COPYNONE)
+    status = _turbo.lib.tjTransform(_turbo.handle, data, len(data), 1, ctypes.byref(out), ctypes.byref(size),
+                                    ctypes.byref(transform), _TJFLAG_STOPONWARNING)
+    try:
+        return ctypes.string_at(out, size.value) if status == 0 and size.value else None
+    finally:
+        if out:
+            _turbo.lib.tjFree(out)
+
+
 def _mozjpeg(data: bytes, name: str) -> bytes:
     import mozjpeg_lossless_optimization
+    import simplejpeg
 
+    try:  # mozjpeg does not stop on libjpeg's warnings (a truncated file comes back grey-filled): check first
+        simplejpeg.decode_jpeg(data, "GRAY", strict=True, min_height=1, min_width=1)
+    except (ValueError, RuntimeError) as err:
+        raise BadImageError(name, f"{REASON_MOZJPEG} refused: libjpeg warns ({err})") from None
     try:
         return mozjpeg_lossless_optimization.optimize(data)
     except Exception as err:  # noqa: BLE001 - it raises ValueError and others for bad input
@@ -206,13 +272,29 @@ def source_bytes(source: bytes, name: str, transcoder: Transcoder | None, *, max
                                   f"{frame.width * frame.height} pixels > max_pixels {max_pixels}")
     if transcoder is None:
         return None, f"{REASON_MISSING} (and mozjpeg-lossless-optimization not installed)"
+    if scans is not None and transcoder.name != "jpegtran":
+        return None, f"{REASON_SCANS} (mozjpeg-lossless-optimization writes its own)"
+    frame = dataclasses.replace(frame, orientation=pillow_orientation(source))
     reason = lossless_obstacle(frame, max_side=max_side, jpegtran=transcoder.name == "jpegtran")
     if reason is not None:
         return None, reason
     try:
-        return transcoder.transcode(source, name=name, orientation=frame.orientation, scans=scans), transcoder.note
+        data = transcoder.transcode(source, name=name, orientation=frame.orientation, scans=scans)
     except BadImageError as err:
         return None, err.reason
+    if frame.orientation != 1:
+        return data, f"{REASON_ROTATED} ({' '.join(ORIENTATION_TRANSFORMS[frame.orientation])}: pixels within a few levels)"
+    return data, transcoder.note
+
+
+def pillow_orientation(source: bytes) -> int:
+    """The orientation Pillow's ``exif_transpose`` (and so the re-encode path) applies: EXIF, or XMP without it."""
+    try:
+        with Image.open(io.BytesIO(source)) as img:
+            value = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - an unreadable header is the transcoder's to report
+        return 1
+    return value if value in ORIENTATION_TRANSFORMS else 1
 
 
 def _format_name(source: bytes) -> str:
