@@ -12,14 +12,14 @@ install: $(STAMP) jpegtran
 # ingest transcodes JPEG sources losslessly with libjpeg's jpegtran; installed here where we can (Debian, as root).
 # Without it ingest falls back to mozjpeg-lossless-optimization (a pip dependency) and says so in one line.
 jpegtran:
-	@command -v jpegtran >/dev/null && exit 0; \
+	@jpegtran -version 2>&1 | grep -q libjpeg-turbo && exit 0; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing jpegtran (libjpeg-turbo-progs)"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -qq libjpeg-turbo-progs >/dev/null 2>&1 || \
 	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjpeg-turbo-progs >/dev/null 2>&1; } || true; \
 	fi; \
-	command -v jpegtran >/dev/null || echo "jpegtran not installed: dynres ingest falls back to mozjpeg-lossless-optimization and says so"
+	jpegtran -version 2>&1 | grep -q libjpeg-turbo || echo "libjpeg-turbo's jpegtran not installed: dynres ingest falls back to mozjpeg-lossless-optimization and says so"
 
 # torch/torchvision first and pinned: they are the big, slow part (local wheels on the dev machines).
 $(STAMP): pyproject.toml requirements-torch.txt

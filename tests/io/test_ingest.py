@@ -188,8 +188,8 @@ def test_without_jpegtran_mozjpeg_transcodes_and_one_line_says_so(tmp_path, monk
     monkeypatch.setattr("shutil.which", lambda name: None)
     report = ingest(src, tmp_path / "store", IngestConfig(workers=1), progress=False)
     lines = [r.getMessage() for r in caplog.records if r.name == "dynres.io.ingest"]
-    assert len(lines) == 1 and lines[0].startswith("jpegtran not found: JPEG sources are transcoded losslessly by "
-                                                   "mozjpeg-lossless-optimization")
+    assert len(lines) == 1 and lines[0].startswith(
+        "libjpeg-turbo's jpegtran not found: JPEG sources are transcoded losslessly by mozjpeg-lossless-optimization")
     store = assert_store_is_complete_and_valid(tmp_path / "store", ["c/im0", "c/im1", "c/im2", "c/graphic"])
     for i in range(3):
         assert store.record(f"c/im{i}")["reason"] == MOZJPEG and store.record(f"c/im{i}")["lossless"]

@@ -16,6 +16,7 @@ from dynres.io.transcode import (
     ORIENTATION_TRANSFORMS,
     JpegFrame,
     Transcoder,
+    fallback_notice,
     find_transcoder,
     lossless_obstacle,
     read_frame,
@@ -201,3 +202,14 @@ def test_a_jpegtran_that_cannot_start_is_a_transcode_failure_not_a_lost_image(tm
     gone = Transcoder("jpegtran", path=str(tmp_path / "no-jpegtran"))
     with pytest.raises(BadImageError, match="jpegtran failed"):
         gone.transcode(jpeg(picture(32, 32)), name="a.jpg", orientation=6)  # a rotation always takes the process
+
+
+def test_a_jpegtran_that_is_not_libjpeg_turbos_is_not_used(tmp_path, monkeypatch):
+    """mozjpeg ships a `jpegtran` with another default progressive script: the store's layout would silently change."""
+    fake = tmp_path / "jpegtran"
+    fake.write_text("#!/bin/sh\necho 'mozjpeg version 4.1.1 (build 20230101)' >&2\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    transcoder = find_transcoder()
+    assert transcoder is None or transcoder.name == "mozjpeg"
+    assert "libjpeg-turbo's jpegtran not found" in fallback_notice(transcoder, 90)

@@ -232,10 +232,21 @@ def _mozjpeg(data: bytes, name: str) -> bytes:
         raise BadImageError(name, f"{REASON_MOZJPEG} failed ({err})") from None
 
 
+def is_libjpeg_turbo(path: str) -> bool:
+    """Whether the ``jpegtran`` at ``path`` is libjpeg-turbo's: mozjpeg ships one too, with another default
+    progressive script, and the store's layout is libjpeg's."""
+    try:
+        proc = subprocess.run([path, "-version"], capture_output=True, check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return b"libjpeg-turbo" in proc.stdout + proc.stderr
+
+
 def find_transcoder() -> Transcoder | None:
-    """The lossless route available here: jpegtran on PATH, else mozjpeg-lossless-optimization, else None."""
+    """The lossless route available here: libjpeg-turbo's jpegtran on PATH, else mozjpeg-lossless-optimization,
+    else None."""
     path = shutil.which("jpegtran")
-    if path is not None:
+    if path is not None and is_libjpeg_turbo(path):
         return Transcoder("jpegtran", path)
     try:
         importlib.import_module("mozjpeg_lossless_optimization")
@@ -248,12 +259,13 @@ def fallback_notice(transcoder: Transcoder | None, quality: int) -> str | None:
     """The one line an ingest logs when it cannot transcode with jpegtran: what it does instead (None: nothing)."""
     install = "install libjpeg-turbo-progs (`make install` does, as root on Debian)"
     if transcoder is None:
-        return (f"jpegtran not found and mozjpeg-lossless-optimization not installed: JPEG sources are re-encoded at "
-                f"quality {quality} (lossy; reason {REASON_MISSING!r} per image); {install} to store them losslessly")
+        return (f"libjpeg-turbo's jpegtran not found and mozjpeg-lossless-optimization not installed: JPEG sources "
+                f"are re-encoded at quality {quality} (lossy; reason {REASON_MISSING!r} per image); {install} to "
+                "store them losslessly")
     if transcoder.name != "jpegtran":
-        return ("jpegtran not found: JPEG sources are transcoded losslessly by mozjpeg-lossless-optimization with its "
-                f"own scan script (not libjpeg's default), and those with an EXIF rotation re-encoded; {install} for "
-                "libjpeg's layout")
+        return ("libjpeg-turbo's jpegtran not found: JPEG sources are transcoded losslessly by "
+                "mozjpeg-lossless-optimization with its own scan script (not libjpeg's default), and those with an "
+                f"EXIF rotation re-encoded; {install} for libjpeg's layout")
     return None
 
 
@@ -283,7 +295,8 @@ def source_bytes(source: bytes, name: str, transcoder: Transcoder | None, *, max
     except BadImageError as err:
         return None, err.reason
     if frame.orientation != 1:
-        return data, f"{REASON_ROTATED} ({' '.join(ORIENTATION_TRANSFORMS[frame.orientation])}: pixels within a few levels)"
+        transform = " ".join(ORIENTATION_TRANSFORMS[frame.orientation])
+        return data, f"{REASON_ROTATED} ({transform}: pixels within a few levels)"
     return data, transcoder.note
 
 
