@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import importlib
 import io
 import shutil
@@ -72,10 +71,11 @@ class JpegFrame:
 
 
 def read_frame(data: bytes, name: str = "") -> JpegFrame:
-    """The frame header of a JPEG and the orientation of the EXIF segment before it (BadImageError if none)."""
+    """The frame header of a JPEG and its orientation as Pillow's ``exif_transpose`` (the re-encode path) reads it:
+    EXIF, else XMP (BadImageError if there is no frame header)."""
     if data[:2] != SOI:
         raise BadImageError(name, "not a JPEG (no SOI marker)")
-    pos, orientation = 2, None  # from the first EXIF segment, as Pillow's exif_transpose reads it
+    pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:  # junk between segments: libjpeg skips it with a warning, and so does Pillow
             pos = data.find(b"\xff", pos)
@@ -90,23 +90,11 @@ def read_frame(data: bytes, name: str = "") -> JpegFrame:
         if marker in SOF_MARKERS and len(seg) >= 6 and len(seg) >= 6 + 3 * seg[5]:
             sampling = tuple((seg[7 + 3 * i] >> 4, seg[7 + 3 * i] & 15) for i in range(seg[5]))
             return JpegFrame(marker, seg[0], int.from_bytes(seg[3:5], "big"), int.from_bytes(seg[1:3], "big"),
-                             sampling, orientation or 1)
-        if marker == 0xE1 and seg.startswith(b"Exif\x00\x00") and orientation is None:
-            orientation = _exif_orientation(seg)
+                             sampling, pillow_orientation(data))
         if marker in (0xDA, 0xD9):  # SOS, EOI
             break
         pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     raise BadImageError(name, "no frame header (SOFn) before the first scan")
-
-
-def _exif_orientation(segment: bytes) -> int:
-    try:
-        value = Image.Exif()
-        value.load(segment)
-        orientation = int(value.get(0x0112, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block: Pillow's exif_transpose would ignore it too
-        return 1
-    return orientation if orientation in ORIENTATION_TRANSFORMS else 1
 
 
 def lossless_obstacle(frame: JpegFrame, *, max_side: int | None = None, jpegtran: bool = True) -> str | None:
@@ -286,7 +274,6 @@ def source_bytes(source: bytes, name: str, transcoder: Transcoder | None, *, max
         return None, f"{REASON_MISSING} (and mozjpeg-lossless-optimization not installed)"
     if scans is not None and transcoder.name != "jpegtran":
         return None, f"{REASON_SCANS} (mozjpeg-lossless-optimization writes its own)"
-    frame = dataclasses.replace(frame, orientation=pillow_orientation(source))
     reason = lossless_obstacle(frame, max_side=max_side, jpegtran=transcoder.name == "jpegtran")
     if reason is not None:
         return None, reason
