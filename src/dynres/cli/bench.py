@@ -74,7 +74,6 @@ def bench_decode_cmd(
     console.print(f"wrote {out / 'bench_decode.json'} and {out / 'bench_decode.md'}")
 
 
-
 @app.command("pipeline")
 def bench_pipeline_cmd(
     store: str = typer.Argument(..., help="Store directory or fsspec URL."),
@@ -117,7 +116,6 @@ def bench_pipeline_cmd(
     console.print(f"(c)/(a) {r['dynamic_vs_baseline_images_per_s']:.2f}x, (c)/(b) "
                   f"{r['dynamic_vs_static_images_per_s']:.2f}x, scale overhead {100 * r['scale_overhead']:.1f}%")
     console.print(f"wrote {out / 'pipeline.json'} and {out / 'pipeline.md'}")
-
 
 
 @app.command("serve")
