@@ -1,4 +1,5 @@
-"""The calibration policy: thresholds per resolution → the fewest scans per image, saved and loaded back."""
+"""The calibration policy: a rule per resolution (scan count or SSIM threshold) → scans per image, saved and loaded
+back; version-1 files (thresholds only) still load."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from dynres.errors import ConfigError
 from dynres.io.store import open_store
 from dynres.model.data import StoreDataset
-from dynres.policy.calibration import POLICY_VERSION, CalibrationPolicy, load_policy
+from dynres.policy.calibration import POLICY_VERSION, CalibrationPolicy, ReadRule, load_policy
 from dynres.policy.quality import load_quality
 from dynres.policy.scans import ScanPolicy
 from photo_store import make_photo_store
@@ -64,12 +65,39 @@ def test_a_policy_without_thresholds_reads_every_scan():
 
 def test_counts_must_match_keys_and_resolutions():
     with pytest.raises(ConfigError, match="counts"):
-        CalibrationPolicy({56: 0.9, 112: 0.99}, ("a/1", "a/2"), np.ones((2, 1), dtype=np.int64))
+        CalibrationPolicy({56: ReadRule("ssim", 0.9), 112: ReadRule("full")}, ("a/1", "a/2"),
+                          np.ones((2, 1), dtype=np.int64))
+
+
+def test_a_count_rule_reads_the_same_scans_everywhere_and_answers_for_new_images(store_dir, tmp_path):
+    store = open_store(store_dir)
+    keys = tuple(store.keys)
+    scans = np.array([store.num_scans(k) for k in keys])
+    policy = CalibrationPolicy.from_rules({56: ReadRule("count", 3), 112: ReadRule("full")}, keys, scans)
+    assert all(policy.scans(k, 56) == min(3, store.num_scans(k)) for k in keys)
+    assert all(policy.scans(k, 112) == store.num_scans(k) for k in keys)
+    assert policy.scans("new/upload", 56) == 3 and policy.scans("new/upload", 112) is None
+    assert policy.thresholds == {}
+    back = load_policy(str(policy.save(tmp_path / "count.json")))
+    assert back.rules == policy.rules and back.scans("new/upload", 56) == 3
+
+
+@pytest.mark.parametrize("rule", [("count", 0), ("count", 2.5), ("ssim", 1.5), ("ssim", None), ("median", 3)])
+def test_a_bad_rule_is_refused(rule):
+    with pytest.raises(ConfigError):
+        ReadRule(*rule)
+
+
+def test_a_version_1_policy_of_thresholds_still_loads(tmp_path):
+    (tmp_path / "v1.json").write_text(json.dumps({"version": 1, "thresholds": {"56": 0.9}, "resolutions": [56],
+                                                  "keys": ["a/1"], "counts": [[2]], "provenance": {}}))
+    policy = load_policy(str(tmp_path / "v1.json"))
+    assert policy.rules == {56: ReadRule("ssim", 0.9)} and policy.scans("a/1", 56) == 2
 
 
 def write_policy(path, **changes) -> str:
-    data = {"version": POLICY_VERSION, "thresholds": {"56": 0.9}, "resolutions": [56], "keys": ["a/1"],
-            "counts": [[2]], "provenance": {}} | changes
+    data = {"version": POLICY_VERSION, "rules": {"56": {"family": "ssim", "value": 0.9}}, "resolutions": [56],
+            "keys": ["a/1"], "counts": [[2]], "provenance": {}} | changes
     path.write_text(json.dumps(data))
     return str(path)
 
@@ -78,7 +106,8 @@ def write_policy(path, **changes) -> str:
     ({"version": POLICY_VERSION + 1}, "newer than this dynres"),
     ({"counts": [[2, 3]]}, "malformed policy"),
     ({"resolutions": [112]}, "resolutions do not match"),
-    ({"thresholds": {"big": 0.9}}, "malformed policy"),
+    ({"rules": {"big": {"family": "ssim", "value": 0.9}}}, "malformed policy"),
+    ({"rules": {"56": {"family": "median", "value": 0.9}}}, "malformed policy"),
 ])
 def test_a_bad_policy_file_is_refused_naming_it(tmp_path, changes, reason):
     assert load_policy(write_policy(tmp_path / "good.json")).scans("a/1", 56) == 2

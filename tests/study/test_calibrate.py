@@ -1,4 +1,5 @@
-"""The calibration search: thresholds, the hashed split, the records (the policy it saves: tests/policy)."""
+"""Calibration end to end: the hashed split, the pools, the records (the search: test_certify; the policy it saves:
+tests/policy)."""
 
 import json
 
@@ -11,14 +12,7 @@ from dynres.io.store import open_store
 from dynres.model.checkpoint import ModelMeta, save_checkpoint
 from dynres.model.nets import create_model
 from dynres.policy.calibration import load_policy
-from dynres.study.calibrate import (
-    CalibrationConfig,
-    calibrate,
-    search_areas,
-    search_resolution,
-    search_threshold,
-    split_keys,
-)
+from dynres.study.calibrate import CalibrationConfig, calibrate, judges_from_record, split_keys
 from photo_store import make_photo_store
 
 RES = (56, 112)
@@ -39,17 +33,6 @@ def checkpoint(store_dir, tmp_path_factory):
     return save_checkpoint(model.eval(), ModelMeta("resnet_tiny", tuple(store.classes), 56), path)
 
 
-def test_binary_search_finds_the_threshold_of_a_synthetic_accuracy_curve():
-    def loss(t):  # accuracy loss falls linearly until SSIM 0.9731, then nothing is lost
-        return max(0.0, (0.9731 - t) * 50)
-
-    t, trail = search_threshold(loss, target=0.05)  # loss <= 0.05 from t = 0.9721
-    assert 0.9721 <= t < 0.9721 + 1e-4
-    assert len(trail) <= 12 and all(e["threshold"] >= 0.94 for e in trail)
-    assert search_threshold(lambda t: 0.0, 0.05) == (0.94, [{"threshold": 0.94, "loss": 0.0}])
-    assert search_threshold(lambda t: 0.0 if t == 1.0 else 9.0, 0.05)[0] > 1 - 1e-4  # nothing lower will do
-
-
 def test_split_is_deterministic_disjoint_and_stable_as_the_store_grows():
     keys = [f"c/{i:04d}" for i in range(400)]
     calib, held = split_keys(keys, 0.5)
@@ -60,30 +43,60 @@ def test_split_is_deterministic_disjoint_and_stable_as_the_store_grows():
 
 def test_calibrate_end_to_end_writes_policy_records_and_figure(store_dir, checkpoint, tmp_path):
     store = open_store(store_dir)
-    cfg = CalibrationConfig(target=0.0, crops=(1.0,), sweep=(0.94, 0.99, 1.0), batch_size=8)
+    cfg = CalibrationConfig(target=0.0, delta=None, crops=(1.0,), sweep=(0.94, 0.99, 1.0), batch_size=8)
     record = calibrate(store, checkpoint, tmp_path, cfg, progress=False)
-    for s in record["search"]:  # on the calibration split the target holds by construction
-        assert s["acc_full"] - s["acc_calibrated"] <= 1e-9
-        assert 0.94 <= s["threshold"] <= 1.0
     policy = load_policy(record["policy"])
+    for s in record["search"]:  # on the calibration images the target holds by construction
+        assert s["family"] == "full" or s["bound"] <= 1e-9
+        assert policy.rules[s["resolution"]].to_dict() == s["rule"]
+        assert {w["family"] for w in s["families"]} == {"count", "ssim"}
     held = {r["resolution"] for r in record["calibration"]}
     assert held == set(RES) and {r["crop"] for r in record["calibration"]} == {0.765625, 1.0}
     assert record["calibration_images"] + record["heldout_images"] == len(store.keys)
     prov = policy.provenance
-    assert prov["target"] == 0.0 and prov["model_sha256"] and prov["store_manifest_hash"]
+    assert prov["target"] == 0.0 and prov["delta"] is None and prov["model_sha256"] and prov["store_manifest_hash"]
     calib, held_keys = split_keys(store.keys, 0.5)
     assert prov["heldout_images"] == len(held_keys)
     for name in ("calibration.json", "calibration.md", "calibration_sweep.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "calibration.json").read_text())
-    assert {"resolution", "relative_bytes", "acc_change"} <= set(saved["calibration_sweep"][0])
+    assert {"resolution", "family", "relative_bytes", "acc_change"} <= set(saved["calibration_sweep"][0])
     assert all(0.0 <= r["read_savings"] < 1.0 for r in saved["calibration"])
-    # holding a second crop to the target too can only raise a threshold, never lower it
+    # holding a second crop to the target too can only shorten a walk, never save more
     both = calibrate(store, checkpoint, tmp_path / "both", CalibrationConfig(
-        target=0.0, crops=(1.0,), sweep=(1.0,), batch_size=8, search_crops=(1.0,)), progress=False)
+        target=0.0, delta=None, crops=(1.0,), sweep=(1.0,), batch_size=8, search_crops=(1.0,)), progress=False)
+    assert both["search_crops"] == [0.765625, 1.0]
     for one, two in zip(record["search"], both["search"]):
-        assert two["search_crops"] == [0.765625, 1.0] and two["threshold"] >= one["threshold"]
-        assert two["acc_full"] == one["acc_full"]  # reported at the index's crop either way
+        assert two["read_savings"] <= one["read_savings"] + 1e-12
+
+
+def test_with_the_default_guarantee_a_handful_of_images_certifies_nothing_and_says_so(store_dir, checkpoint,
+                                                                                       tmp_path):
+    record = calibrate(open_store(store_dir), checkpoint, tmp_path, CalibrationConfig(crops=(1.0,), sweep=(1.0,),
+                                                                                      batch_size=8), progress=False)
+    assert all(s["family"] == "full" and s["read_savings"] == 0.0 for s in record["search"])
+    assert all(r["read_savings"] == 0.0 for r in record["calibration"])
+    assert record["search"][0]["images_needed_without_events"] > 1000
+    assert "needs" in (tmp_path / "calibration.md").read_text()
+
+
+def test_judges_are_the_shard_backbones_each_with_the_shard_it_labelled(store_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = open_store(store_dir)
+    keys = list(store.keys)
+    folds = [i % 2 for i in range(len(keys))]
+    pq.write_table(pa.table({"key": keys, "split": [0] * len(keys), "fold": folds}), tmp_path / "labels.parquet")
+    (tmp_path / "scale.json").write_text(json.dumps({"backbones": ["f0/model.pt", "f1/model.pt"],
+                                                     "labels": str(tmp_path / "labels.parquet")}))
+    judges = judges_from_record(store, tmp_path / "scale.json")
+    assert [j.checkpoint for j in judges] == ["f0/model.pt", "f1/model.pt"]
+    assert set(judges[0].keys) == set(keys[0::2]) and set(judges[1].keys) == set(keys[1::2])
+    (tmp_path / "bad.json").write_text(json.dumps({"backbones": ["f0/model.pt"],
+                                                   "labels": str(tmp_path / "labels.parquet")}))
+    with pytest.raises(ConfigError, match="1 backbones but 2 labelled shards"):
+        judges_from_record(store, tmp_path / "bad.json")
 
 
 def test_dynamic_row_counts_the_scale_models_calibrated_read(store_dir, checkpoint, tmp_path):
@@ -105,74 +118,13 @@ def test_dynamic_row_counts_the_scale_models_calibrated_read(store_dir, checkpoi
     assert min(r["read_savings"] for r in rows) >= record["summary"]["dynamic_read_savings_worst_case"] - 1e-12
 
 
-class _Index:
-    """Four images of 5 scans whose SSIM reaches any threshold below ``cut`` with 2 scans, the rest only with 5."""
-    rows = {k: i for i, k in enumerate("abcd")}
-    num_scans = np.full(4, 5)
-
-    def __init__(self, cut: float):
-        self.cut = cut
-
-    def fewest_scans(self, t, resolution, rows):
-        return np.where(np.full(len(rows), t) < self.cut, 2, 5)
-
-
-class _Store:
-    """Label 0 everywhere; 100 bytes a scan, 500 a file."""
-
-    def label(self, key):
-        return 0
-
-    def prefix_size(self, key, scans):
-        return 100 * scans
-
-    def size(self, key):
-        return 500
-
-
-def test_a_lucky_gain_does_not_buy_a_loss():
-    """Short reads turn image a wrong and image b right: the net accuracy is unchanged, but a was lost."""
-
-    class Preds:
-        evaluated, crop_areas = 0, (1.0,)
-
-        def predict(self, keys, scans):  # one crop; label 0 everywhere; full reads: a right, b wrong
-            short = np.asarray(scans) < 5
-            return np.where(short, [1, 0, 0, 0], [0, 1, 0, 0])[None]
-
-    result = search_resolution(Preds(), _Store(), _Index(0.97), list("abcd"), 32, CalibrationConfig(sweep=()))
-    assert result["threshold"] >= 0.97 and result["acc_calibrated"] == result["acc_full"] == 75.0
-    assert result["read_savings"] == 0.0
-
-
-def test_search_crops_hold_every_crop_to_the_target():
-    """Short reads cost nothing at the index's crop but lose image a at a 25% crop: only a search that looks at
-    that crop too pays for the longer read."""
-
-    class Preds:
-        def __init__(self, crop_areas):
-            self.crop_areas, self.evaluated = tuple(crop_areas), 0
-            self.small = [area < 0.8 for area in crop_areas]
-
-        def predict(self, keys, scans):  # label 0 everywhere; every image right on a full read
-            lost = [small & (np.asarray(scans) < 5) & (np.asarray(keys) == "a") for small in self.small]
-            return np.array(lost, dtype=np.int64)
-
-    def search(cfg):
-        return search_resolution(Preds(search_areas(cfg, 1.0)), _Store(), _Index(0.98), list("abcd"), 32, cfg)
-
-    one = search(CalibrationConfig(sweep=()))
-    both = search(CalibrationConfig(sweep=(), search_crops=(0.25, 1.0)))
-    assert one["threshold"] == 0.94 and one["read_savings"] == pytest.approx(0.6)
-    assert both["threshold"] >= 0.98 and both["read_savings"] == 0.0
-    assert both["search_crops"] == [1.0, 0.25]  # the index's crop first; a repeat of it is not searched twice
-
-
 @pytest.mark.parametrize("bad, setting", [
-    ({"search_crops": (0.0,)}, "search_crops"), ({"low": 0.99, "high": 0.98}, "calibration"),
-    ({"step": 0.0}, "calibration"), ({"target": -1.0}, "calibration"), ({"holdout_fraction": 1.0}, "calibration"),
+    ({"search_crops": (0.0,)}, "search_crops"), ({"delta": -0.1}, "delta"), ({"delta": 1.0}, "delta"),
+    ({"criterion": "median"}, "criterion"), ({"families": ()}, "families"), ({"families": ("psnr",)}, "families"),
+    ({"target": -1.0}, "calibration"), ({"holdout_fraction": 1.0}, "calibration"),
     ({"crops": ()}, "crops"), ({"crops": (0.25, 1.5)}, "crops"),
 ])
 def test_a_calibration_config_refuses_bad_settings_when_built(bad, setting):
+    assert CalibrationConfig(delta=0).delta is None  # a run file's way to ask for point estimates
     with pytest.raises(ConfigError, match=setting):
         CalibrationConfig(**bad)

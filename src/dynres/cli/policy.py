@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from dynres._ui import console
+from dynres.errors import ConfigError
 from dynres.cli.options import join, parse_list
 from dynres.policy.quality import QualityConfig
 from dynres.study.calibrate import CalibrationConfig
@@ -45,6 +46,16 @@ def calibrate(
     calib_store: Optional[str] = typer.Option(None, "--calib-store",
                                               help="Calibrate on this store (e.g. train); all of STORE is held out."),
     target: float = typer.Option(CalibrationConfig.target, help="Max accuracy loss (points) vs reading every scan."),
+    delta: float = typer.Option(CalibrationConfig.delta,
+                                help="The loss bound holds at confidence 1 - delta; 0: point estimates, no bound."),
+    criterion: str = typer.Option(CalibrationConfig.criterion,
+                                  help="net (accuracy drop), lost (answers lost) or flips (label-free)."),
+    families: str = typer.Option(join(CalibrationConfig.families), help="Policy families searched: count, ssim."),
+    judges: Optional[Path] = typer.Option(
+        None, "--judges", help="A scale stage's scale.json: its shard backbones judge the training images they did "
+                               "not see (needs --train-store)."),
+    train_store: Optional[str] = typer.Option(None, "--train-store", help="The store the shard backbones split."),
+    judge_images: int = typer.Option(CalibrationConfig.judge_images, help="Shard-judged images at most."),
     max_images: int = typer.Option(CalibrationConfig.max_images, help="Calibration images at most."),
     holdout: float = typer.Option(CalibrationConfig.holdout_fraction,
                                   help="Share of STORE held out for the report (without --calib-store)."),
@@ -60,19 +71,26 @@ def calibrate(
     backend: str = typer.Option(CalibrationConfig.backend,
                                 help="Run the model on 'ort' (ONNX Runtime), 'eager' PyTorch, or 'auto'."),
 ) -> None:
-    """Binary-search SSIM thresholds per resolution; save the read policy; Table III/IV + Figure 6 records."""
+    """Certify a read rule per resolution (scan count or SSIM threshold); save the policy; Table III/IV + Figure 6."""
     from dynres.io.store import open_store
     from dynres.study.calibrate import calibrate as run_calibration
+    from dynres.study.calibrate import judges_from_record
 
-    cfg = CalibrationConfig(target=target, max_images=max_images, holdout_fraction=holdout, seed=seed,
+    if (judges is None) != (train_store is None):
+        raise ConfigError("--judges", "--judges and --train-store go together")
+    cfg = CalibrationConfig(target=target, delta=delta, criterion=criterion, judge_images=judge_images,
+                            families=parse_list(families, str, "--families"),
+                            max_images=max_images, holdout_fraction=holdout, seed=seed,
                             resolutions=parse_list(resolutions, int, "--resolutions"),
                             crops=parse_list(crops, float, "--crops"),
                             search_crops=parse_list(search_crops, float, "--search-crops") or (),
                             batch_size=batch_size, backend=backend)
+    shard = judges_from_record(open_store(train_store), judges) if judges is not None else []
     rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,
-                          policy, scale_model)
+                          policy, scale_model, judges=shard)
     for s in rec["search"]:
-        console.print(f"{s['resolution']:>4}px  threshold {s['threshold']:.4f}")
+        bound = "" if s["bound"] is None else f", loss bound {s['bound']:.3f} points"
+        console.print(f"{s['resolution']:>4}px  {s['rule']['family']}: {s['rule']['value']}{bound}")
     sm = rec["summary"]
     console.print(f"held-out: best resolution {sm['best_resolution']} saves {sm['best_read_savings']:.1%} of bytes; "
                   f"max loss {sm['max_loss']:.3f} points; {sm['cells_over_target']}/{sm['cells']} cells over target")

@@ -1,22 +1,18 @@
 """Storage calibration (paper section V, Figure 6, Tables III/IV): how many scans each image needs per resolution.
 
-For each resolution r, binary search an SSIM threshold t(r) over [0.94, 1.0] (until the step is below 1e-4) for the
-largest read saving whose top-1 accuracy loss, versus reading every scan, stays within the target (default 0.05
-points) on a calibration split. The loss searched on counts only images a full read gets right and the calibrated
-read gets wrong (an upper bound of the accuracy drop: images a shorter read happens to fix do not buy losses). The
-policy for an image at r is then the fewest scans whose SSIM (quality index) reaches t(r); :class:`CalibrationPolicy`
-implements the ``ScanPolicy`` protocol, so the dataset, the evaluation and the pipeline read calibrated prefixes by
-being handed it.
+Per resolution, every policy family (``count``: one scan count for every image; ``ssim``: the paper's SSIM
+threshold) is walked from the full read towards the cheapest rule on *pools* of images judged by models that never
+trained on them (:mod:`dynres.study.certify`), and the family that saves most wins while an upper confidence bound
+on the loss stays within the target (default 0.05 points at confidence 95%). The pools: the deployed backbone on
+the labelled calibration split (a hashed part of STORE, or a separate calibration store), and, when the accuracy
+chain's shard backbones are given, each of them on the training shard it did not see: thousands of images without
+new labels. The criterion (``net`` accuracy drop, ``lost`` answers, or label-free ``flips``) is a setting;
+docs/calibration.md compares them. :class:`CalibrationPolicy` implements the ``ScanPolicy`` protocol, so the
+dataset, the evaluation and the pipeline read calibrated prefixes by being handed it.
 
-Calibration data never includes the images the result is reported on: either a deterministic hashed split of the
-store (``holdout_fraction`` of it is held out for the report), or a separate calibration store (the paper used
-training images, which with a small backbone that fits its training set is optimistic).
-
-Predictions are cached per (image, scans): the search evaluates each distinct prefix once (each decoded exactly, as
-``decode`` does), and a prefix whose decode equals the full decode (SSIM exactly 1.0 in the index) reuses the
-full-read prediction. The held-out table (every resolution x crop, full vs calibrated reads) uses the static
-evaluation's views by default, one decode per image and prefix: the same numbers as Table I for full reads, at a
-fraction of the cost of decoding each view on its own (``exact=True``; docs/demo-config.md).
+The result is reported on images calibration never saw (the held-out part of STORE): every resolution x crop,
+full vs calibrated reads, with the static evaluation's views by default (one decode per image and prefix; the
+same numbers as Table I for full reads; ``exact=True`` decodes each view on its own, docs/demo-config.md).
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,75 +30,65 @@ from dynres._ui import log, track
 from dynres.errors import ConfigError, StoreError
 from dynres.io.store import Store, StoreLike
 from dynres.paper import DEFAULT_CROP_SIDE, PAPER_CROPS
-from dynres.policy.calibration import CalibrationPolicy
+from dynres.policy.calibration import CalibrationPolicy, ReadRule
 from dynres.policy.quality import QualityIndex, load_quality, manifest_hash
 from dynres.records import markdown_table, write_records
 from dynres.report.figures import calibration_sweep
+from dynres.study.certify import Certification, Pool, ViewPredictions, certify_resolution
 from dynres.version import __version__
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """The threshold search and the held-out report; ``crops`` and ``search_crops`` are area fractions."""
+    """The certified search and the held-out report; ``crops`` and ``search_crops`` are area fractions."""
 
     target: float = 0.05  # accuracy points a calibrated read may lose vs reading every scan
-    low: float = 0.94
-    high: float = 1.0
-    step: float = 1e-4
-    max_images: int = 10_000  # calibration images (the paper's budget)
+    # the bound holds at confidence 1 - delta; None (or 0, as a run file spells it): point estimates, no guarantee
+    delta: float | None = 0.05
+    criterion: str = "net"  # net (accuracy drop), lost (answers lost, gains ignored) or flips (label-free)
+    families: tuple[str, ...] = ("count", "ssim")
+    max_images: int = 10_000  # labelled calibration images (the paper's budget)
     holdout_fraction: float = 0.5  # share of STORE held out for the report when no calibration store is given
     seed: int = 0
     resolutions: tuple[int, ...] | None = None  # None: every resolution of the quality index
     crops: tuple[float, ...] = PAPER_CROPS  # area fractions of the held-out table (the index's crop is added)
-    # area fractions whose lost answers the search also counts, each held to the target (the index's crop always
-    # is): for a service that sees objects at several scales; stricter thresholds, fewer bytes saved
+    # area fractions whose losses the search also bounds, each held to the target (the index's crop always is):
+    # for a service that sees objects at several scales; longer reads, fewer bytes saved
     search_crops: tuple[float, ...] = ()
     sweep: tuple[float, ...] = (0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995, 0.998, 0.999, 1.0)
     batch_size: int = 64
-    # how the model runs (dynres.study.static.GridModel): predictions, not thresholds, depend on it
+    # how the model runs (dynres.study.static.GridModel): predictions, not rules, depend on it
     backend: str = "auto"
-    # held-out table views: False, one decode per image and prefix with every view resized from it (the static
-    # evaluation's views; 35 views for one decode); True, each view decoded on its own (35x the decodes)
+    # views: False, one decode per image and prefix with every view resized from it (the static evaluation's
+    # views, for the search and the held-out table); True, each view decoded on its own (35x the decodes)
     exact: bool = False
+    judge_images: int = 4_000  # shard-backbone judged images at most (0: none), spread over the shards
 
     def __post_init__(self) -> None:
-        if not 0 <= self.low < self.high <= 1 or self.step <= 0:
-            raise ConfigError("calibration", f"need 0 <= low < high <= 1 and step > 0, got {self.low}, {self.high}")
-        if self.target < 0 or self.max_images < 1 or not 0 < self.holdout_fraction < 1:
-            raise ConfigError("calibration", "need target >= 0, max_images >= 1, 0 < holdout_fraction < 1")
+        from dynres.policy.bounds import CRITERIA
+
+        if self.target < 0 or self.max_images < 1 or not 0 < self.holdout_fraction < 1 or self.judge_images < 0:
+            raise ConfigError("calibration", "need target >= 0, max_images >= 1, 0 < holdout_fraction < 1, "
+                                             "judge_images >= 0")
+        if self.delta == 0:
+            object.__setattr__(self, "delta", None)
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError("delta", f"need 0 < delta < 1 (or None for point estimates), got {self.delta}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError("criterion", f"unknown criterion {self.criterion!r}; one of {', '.join(CRITERIA)}")
+        if not self.families or not set(self.families) <= {"count", "ssim"}:
+            raise ConfigError("families", f"need families among count, ssim, got {self.families}")
         if not all(0 < c <= 1 for c in self.search_crops):
             raise ConfigError("search_crops", f"crop areas must be in (0, 1], got {self.search_crops}")
         if not self.crops or not all(0 < c <= 1 for c in self.crops):
             raise ConfigError("crops", f"need at least one crop area, each in (0, 1], got {self.crops}")
 
+    @property
+    def certification(self) -> Certification:
+        return Certification(self.criterion, self.target, self.delta)
 
-# --- the search -----------------------------------------------------------------------------------------------
 
-
-def search_threshold(loss: Callable[[float], float], target: float, low: float = 0.94, high: float = 1.0,
-                     step: float = 1e-4) -> tuple[float, list[dict]]:
-    """The lowest threshold in [low, high] whose ``loss(t) <= target``, assuming loss falls as t rises.
-
-    Returns it with every evaluation made. ``high`` is the fallback (at 1.0 a policy reads every scan that changes
-    the pixels, so it loses nothing by construction).
-    """
-    trail = []
-
-    def ok(t: float) -> bool:
-        value = loss(t)
-        trail.append({"threshold": t, "loss": value})
-        return value <= target + 1e-12
-
-    if ok(low):
-        return low, trail
-    lo, hi = low, high
-    while hi - lo >= step:
-        mid = (lo + hi) / 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi, trail
+# --- the pools -------------------------------------------------------------------------------------------------
 
 
 def split_keys(keys: Sequence[str], holdout_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -114,59 +100,6 @@ def split_keys(keys: Sequence[str], holdout_fraction: float, seed: int = 0) -> t
     return calib, held
 
 
-# --- predictions ---------------------------------------------------------------------------------------------
-
-
-class PrefixPredictions:
-    """Top-1 predictions per (key, scans) at one resolution and one or more crops, computed in batches on demand
-    and cached: each prefix is read once for all its crops."""
-
-    def __init__(self, model, store: StoreLike, index: QualityIndex, resolution: int, crop_areas: Sequence[float],
-                 batch_size: int):
-        self.model, self.store, self.index = model, store, index
-        self.resolution, self.crop_areas, self.batch_size = resolution, tuple(crop_areas), batch_size
-        self.col = index.column(resolution)
-        self.cache: dict[tuple[str, int], tuple[int, ...]] = {}
-        self.evaluated = 0
-
-    def _canonical(self, key: str, k: int) -> int:
-        """A prefix whose decode is the full decode (SSIM exactly 1) shares the full read's prediction."""
-        i = self.index.rows[key]
-        n = int(self.index.num_scans[i])
-        return n if k >= n or self.index.ssim[i, self.col, k - 1] == 1.0 else k
-
-    def predict(self, keys: Sequence[str], scans: Sequence[int]) -> np.ndarray:
-        """Predicted classes (number of crops, number of keys)."""
-        from dynres.study.static import predict_grid
-
-        want = [(key, self._canonical(key, int(k))) for key, k in zip(keys, scans)]
-        pending = sorted({p for p in want if p not in self.cache})
-        self.evaluated += len(pending)
-        column = {c: j for j, c in enumerate(self.crop_areas)}
-        while pending:  # one prefix per key per pass (a search step asks for one per key anyway)
-            group: dict[str, int] = {}
-            rest = []
-            for key, k in pending:
-                if key in group:
-                    rest.append((key, k))
-                else:
-                    group[key] = k
-            table = predict_grid(self.model, self.store, list(group), (self.resolution,), self.crop_areas,
-                                 scans=group, exact=True, batch_size=self.batch_size, progress=False)
-            found: dict[str, list[int]] = {key: [0] * len(self.crop_areas) for key in group}
-            for key, crop, pred in zip(*(table.column(n).to_pylist() for n in ("key", "crop", "pred"))):
-                found[key][column[crop]] = int(pred)
-            self.cache.update({(key, k): tuple(found[key]) for key, k in group.items()})
-            pending = rest
-        return np.array([self.cache[p] for p in want], dtype=np.int64).T
-
-
-def _prefix_bytes(store: StoreLike, keys: Sequence[str], scans: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    read = np.array([store.prefix_size(k, int(s)) for k, s in zip(keys, scans)], dtype=np.float64)
-    size = np.array([store.size(k) for k in keys], dtype=np.float64)
-    return read, size
-
-
 def search_areas(cfg: CalibrationConfig, crop_side: float) -> list[float]:
     """The crop areas the search holds to the target: the quality index's (``crop_side``) first, then every
     ``cfg.search_crops`` that is not it."""
@@ -174,53 +107,87 @@ def search_areas(cfg: CalibrationConfig, crop_side: float) -> list[float]:
                              if not math.isclose(c, crop_side**2, abs_tol=1e-6)]
 
 
-def calibrate_resolution(model, store: StoreLike, index: QualityIndex, keys: Sequence[str], resolution: int,
-                         cfg: CalibrationConfig, crop_side: float) -> dict:
-    """Binary-search t(resolution) on ``keys``; returns the threshold, the search trail and the Figure 6 sweep.
+@dataclass(frozen=True)
+class Judge:
+    """A model that never trained on ``keys`` of ``store`` (a shard backbone of the accuracy chain)."""
 
-    The search holds the lost answers at ``crop_side`` (the quality index's) and at every ``cfg.search_crops`` to
-    the target; accuracies and the sweep are reported at ``crop_side``."""
-    preds = PrefixPredictions(model, store, index, resolution, search_areas(cfg, crop_side), cfg.batch_size)
-    return search_resolution(preds, store, index, keys, resolution, cfg)
+    checkpoint: str
+    store: StoreLike
+    keys: tuple[str, ...]
 
 
-def search_resolution(preds: PrefixPredictions, store: StoreLike, index: QualityIndex, keys: Sequence[str],
-                      resolution: int, cfg: CalibrationConfig) -> dict:
-    """:func:`calibrate_resolution` on given predictions: anything with ``crop_areas`` (the index's first),
-    ``evaluated`` and ``predict(keys, scans)`` like :class:`PrefixPredictions`."""
-    areas = preds.crop_areas
-    rows = np.array([index.rows[k] for k in keys])
-    labels = np.array([store.label(k) for k in keys])
-    right = preds.predict(keys, index.num_scans[rows]) == labels  # (crops, keys)
-    acc_full = 100.0 * float(np.mean(right[0]))
+def judges_from_record(train_store: StoreLike, scale_json: str | Path) -> list[Judge]:
+    """The accuracy chain's shard backbones, each with the training images it did not see, from a scale stage's
+    ``scale.json`` (``dynres train scale`` or the study's): the shard each backbone labelled is exactly the one it
+    was not trained on (``scale_labels.parquet``: key, split, fold)."""
+    import json
 
-    def accuracy(t: float) -> tuple[float, np.ndarray]:
-        ks = index.fewest_scans(t, resolution, rows)
-        return 100.0 * float(np.mean(preds.predict(keys, ks)[0] == labels)), ks
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    def lost(t: float) -> float:
-        """Points of images right on a full read and wrong on the calibrated one (the worst crop's). The accuracy
-        drop is this minus the images the shorter read happens to fix; searching on the net drop would let such
-        lucky gains cancel real losses (docs/demo-config.md)."""
-        wrong = preds.predict(keys, index.fewest_scans(t, resolution, rows)) != labels
-        return 100.0 * float(np.mean(right & wrong, axis=1).max())
+    rec = json.loads(Path(scale_json).read_text())
+    backbones = rec.get("backbones") or []
+    if not backbones or not rec.get("labels"):
+        raise ConfigError(scale_json, "records no shard backbones and labels (labels given from a file?)")
+    table = pq.read_table(rec["labels"], columns=["key", "split", "fold"])
+    pairs = sorted({(s, f) for s, f in zip(table.column("split").to_pylist(), table.column("fold").to_pylist())})
+    if len(pairs) != len(backbones):
+        raise ConfigError(scale_json, f"{len(backbones)} backbones but {len(pairs)} labelled shards")
+    judges, stored = [], set(train_store.keys)
+    for path, (split, fold) in zip(backbones, pairs):
+        mask = pc.and_(pc.equal(table.column("split"), split), pc.equal(table.column("fold"), fold))
+        keys = sorted(set(table.filter(mask).column("key").to_pylist()))
+        judges.append(Judge(str(path), train_store, tuple(k for k in keys if k in stored)))
+    return judges
 
-    threshold, trail = search_threshold(lost, cfg.target, cfg.low, cfg.high, cfg.step)
-    acc_cal, ks = accuracy(threshold)
-    read, size = _prefix_bytes(store, keys, ks)
-    sweep = []
-    for t in sorted(set(cfg.sweep) | {threshold}):
-        acc_t, ks_t = accuracy(t)
-        r_t, s_t = _prefix_bytes(store, keys, ks_t)
-        sweep.append({"resolution": resolution, "threshold": t, "relative_bytes": float(np.mean(r_t / s_t)),
-                      "acc_change": acc_t - acc_full})
-    return {"resolution": resolution, "threshold": threshold, "images": len(keys), "acc_full": acc_full,
-            "acc_calibrated": acc_cal, "read_savings": 1.0 - float(read.sum() / size.sum()),
-            "evaluations": len(trail), "prefixes_evaluated": preds.evaluated, "trail": trail,
-            "sweep": sweep, "search_crops": [round(c, 6) for c in areas]}
+
+def build_pools(main: Pool, judges: Sequence[Judge], cfg: CalibrationConfig, grid: Sequence[int],
+                areas: Sequence[float], classes: Sequence[str]) -> list[Pool]:
+    """The labelled calibration pool plus one pool per judge, ``cfg.judge_images`` judged images in all."""
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.study.static import GridModel
+
+    pools, budget = [main], cfg.judge_images
+    rng = np.random.default_rng(cfg.seed)
+    for i, judge in enumerate(judges):
+        take = budget // (len(judges) - i)
+        if take <= 0:
+            continue
+        model, meta = load_checkpoint(judge.checkpoint)
+        if list(meta.classes) != list(classes):
+            raise ConfigError(judge.checkpoint, "a judge's classes differ from the calibrated backbone's")
+        keys = sorted(rng.choice(judge.keys, min(take, len(judge.keys)), replace=False).tolist())
+        budget -= len(keys)
+        preds = ViewPredictions(GridModel(model, cfg.backend), judge.store, grid, areas, cfg.exact, cfg.batch_size)
+        pools.append(Pool(f"shard backbone {Path(judge.checkpoint).parent.name}", preds, keys))
+    return pools
+
+
+def sweep_points(pool: Pool, resolutions: Sequence[int], cfg: CalibrationConfig) -> list[dict]:
+    """Figure 6 on the labelled pool at the index's crop: accuracy change vs relative bytes, per family."""
+    from dynres.policy.calibration import ReadRule
+
+    points = []
+    for r in resolutions:
+        rules = [ReadRule("count", k) for k in range(1, int(pool.num_scans.max()) + 1)]
+        if pool.index is not None and "ssim" in cfg.families:
+            rules += [ReadRule("ssim", t) for t in cfg.sweep]
+        for rule in rules:
+            j = pool.judge(rule, r)
+            points.append({"resolution": r, "family": rule.family, "value": rule.value,
+                           "relative_bytes": float(j["read"] / j["size"]),
+                           "acc_change": 100.0 * float(j["gained"][0] - j["lost"][0]) / j["n"]})
+    return points
 
 
 # --- held-out report -------------------------------------------------------------------------------------------
+
+
+def _prefix_bytes(store: StoreLike, keys: Sequence[str], scans: Sequence[int | None]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    read = np.array([store.prefix_size(k, s) for k, s in zip(keys, scans)], dtype=np.float64)
+    size = np.array([store.size(k) for k in keys], dtype=np.float64)
+    return read, size
 
 
 def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str], crops: Sequence[float],
@@ -288,11 +255,13 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
 
 def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: CalibrationConfig = CalibrationConfig(),
               calib_store: StoreLike | None = None, policy_path: str | Path | None = None,
-              scale_model: str | Path | None = None, progress: bool = True) -> dict:
-    """Calibrate thresholds, save the policy for ``store`` and write ``calibration.json/.md`` + Figure 6 PNG.
+              scale_model: str | Path | None = None, progress: bool = True, judges: Sequence[Judge] = ()) -> dict:
+    """Certify a read rule per resolution, save the policy for ``store`` and write ``calibration.json/.md`` +
+    Figure 6 PNG.
 
     Calibration images: up to ``max_images`` of ``calib_store`` if given (then all of ``store`` is held out), else
-    the hashed calibration part of ``store``. Returns the record.
+    the hashed calibration part of ``store``; plus up to ``cfg.judge_images`` images judged by ``judges`` (e.g.
+    :func:`shard_judges`). Returns the record.
     """
     from dynres.model.checkpoint import load_checkpoint
     from dynres.study.static import GridModel
@@ -300,34 +269,43 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     t0 = time.perf_counter()
     out = Path(out)
     model, meta = load_checkpoint(checkpoint)
-    index = load_quality(store)
-    crop_side = float(index.meta.get("config", {}).get("crop_side", DEFAULT_CROP_SIDE))
+    index = _quality_index(store, cfg)
+    crop_side = float(index.meta.get("config", {}).get("crop_side", DEFAULT_CROP_SIDE)) if index else DEFAULT_CROP_SIDE
     resolutions = tuple(cfg.resolutions or index.resolutions)
-    for r in resolutions:
-        index.column(r)  # fails early, naming a resolution the index lacks
+    if index is not None:
+        for r in resolutions:
+            index.column(r)  # fails early, naming a resolution the index lacks
     split = calibration_split(store, index, checkpoint, meta.classes, cfg, calib_store)
     run = GridModel(model, cfg.backend)  # one model (ORT session) for every search step and the held-out table
-    searches = []
-    for r in track(resolutions, len(resolutions), f"calibrate ({len(split.calib_keys)} images)", progress):
-        searches.append(calibrate_resolution(run, split.calib_src, split.calib_index, split.calib_keys, r, cfg,
-                                             crop_side))
-        s = searches[-1]
-        log(f"{r}px: threshold {s['threshold']:.4f}, calibration-split loss {s['acc_full'] - s['acc_calibrated']:.3f}"
-            f" points, read savings {s['read_savings']:.1%}")
-    thresholds = {s["resolution"]: s["threshold"] for s in searches}
-    provenance = _provenance(store, checkpoint, index, split, crop_side, cfg, run.backend)
-    policy = CalibrationPolicy.from_index(thresholds, index, provenance)
+    areas = search_areas(cfg, crop_side)
+    main = Pool("calibration split", ViewPredictions(run, split.calib_src, resolutions, areas, cfg.exact,
+                                                     cfg.batch_size), split.calib_keys, split.calib_index)
+    pools = build_pools(main, judges, cfg, resolutions, areas, meta.classes)
+    certified = []
+    n = sum(len(p.keys) for p in pools)
+    for r in track(resolutions, len(resolutions), f"calibrate ({n} images, {len(pools)} judges)", progress):
+        certified.append(certify_resolution(pools, r, cfg.families, cfg.certification))
+        c = certified[-1]
+        bound = "" if c["bound"] is None else f", bound {c['bound']:.3f} points"
+        log(f"{r}px: {ReadRule(**c['rule']).label()} ({c['family']}){bound}, pooled read savings "
+            f"{c['read_savings']:.1%}")
+    rules = {c["resolution"]: ReadRule(**c["rule"]) for c in certified}
+    provenance = _provenance(store, checkpoint, index, split, crop_side, cfg, run.backend, pools)
+    policy = _materialize(store, index, rules, provenance)
     policy_file = policy.save(policy_path or out / "policy.json")
 
     crops = tuple(sorted(set(cfg.crops) | {round(crop_side**2, 6)}))
     rows = heldout_table(run, store, policy, split.held, crops, cfg.target, cfg.batch_size, progress, cfg.exact)
     record = {
         "policy": str(policy_file), "model": str(checkpoint), "store": str(store.root), "split": split.name,
-        "calibration_images": len(split.calib_keys), "heldout_images": len(split.held), "crop_side": crop_side,
-        "calibration_target": cfg.target, "thresholds": {str(r): t for r, t in thresholds.items()},
-        "calibration": rows, "calibration_sweep": [p for s in searches for p in s["sweep"]],
-        "search": [{k: v for k, v in s.items() if k != "sweep"} for s in searches],
-        "seconds": time.perf_counter() - t0,
+        "calibration_images": len(split.calib_keys), "judged_images": n - len(main.keys),
+        "pools": [{"name": p.name, "images": len(p.keys)} for p in pools],
+        "heldout_images": len(split.held), "crop_side": crop_side, "calibration_target": cfg.target,
+        "delta": cfg.delta, "criterion": cfg.criterion, "families": list(cfg.families),
+        "rules": {str(r): rule.to_dict() for r, rule in rules.items()},
+        "thresholds": {str(r): t for r, t in policy.thresholds.items()},
+        "calibration": rows, "calibration_sweep": sweep_points(main, resolutions, cfg),
+        "search": certified, "search_crops": [round(c, 6) for c in areas], "seconds": time.perf_counter() - t0,
     }
     if scale_model is not None:
         record["dynamic"] = dynamic_rows(store.root, checkpoint, scale_model, policy_file, split.held, crops,
@@ -339,6 +317,24 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     return record
 
 
+def _quality_index(store: Store, cfg: CalibrationConfig) -> QualityIndex | None:
+    """The store's quality index: needed for the ssim family; otherwise used when present (its crop side)."""
+    try:
+        return load_quality(store)
+    except (StoreError, ConfigError, FileNotFoundError):
+        if "ssim" in cfg.families or not cfg.resolutions:
+            raise
+        return None
+
+
+def _materialize(store: Store, index: QualityIndex | None, rules: dict[int, ReadRule], provenance: dict
+                 ) -> CalibrationPolicy:
+    if index is not None:
+        return CalibrationPolicy.from_rules(rules, index.keys, index.num_scans, index, provenance)
+    keys = tuple(store.keys)
+    return CalibrationPolicy.from_rules(rules, keys, np.array([store.num_scans(k) for k in keys]), None, provenance)
+
+
 @dataclass(frozen=True)
 class CalibrationSplit:
     """The images calibration searches on (``calib_keys`` of ``calib_src``, with its quality index) and the
@@ -347,11 +343,11 @@ class CalibrationSplit:
     calib_keys: list[str]
     held: list[str]
     calib_src: StoreLike
-    calib_index: QualityIndex
+    calib_index: QualityIndex | None
     name: str
 
 
-def calibration_split(store: Store, index: QualityIndex, checkpoint: str | Path, classes: Sequence[str],
+def calibration_split(store: Store, index: QualityIndex | None, checkpoint: str | Path, classes: Sequence[str],
                       cfg: CalibrationConfig, calib_store: StoreLike | None = None) -> CalibrationSplit:
     """Calibration and held-out images (see :func:`calibrate`); ``index`` is ``store``'s quality index, and the
     checkpoint's ``classes`` must be the stores'."""
@@ -360,7 +356,8 @@ def calibration_split(store: Store, index: QualityIndex, checkpoint: str | Path,
         calib_src, calib_index, name = store, index, "hashed split of STORE"
     else:
         calib_keys, held = list(calib_store.keys), list(store.keys)
-        calib_src, calib_index, name = calib_store, load_quality(calib_store), "separate calibration store"
+        calib_index = load_quality(calib_store) if index is not None else None
+        calib_src, name = calib_store, "separate calibration store"
     for s in {id(store): store, id(calib_src): calib_src}.values():
         if list(classes) != list(s.classes):
             raise ConfigError(checkpoint, f"checkpoint classes differ from the classes of store {s.root}")
@@ -372,8 +369,8 @@ def calibration_split(store: Store, index: QualityIndex, checkpoint: str | Path,
     return CalibrationSplit(calib_keys, held, calib_src, calib_index, name)
 
 
-def _provenance(store: Store, checkpoint: str | Path, index: QualityIndex, split: CalibrationSplit,
-                crop_side: float, cfg: CalibrationConfig, backend: str) -> dict:
+def _provenance(store: Store, checkpoint: str | Path, index: QualityIndex | None, split: CalibrationSplit,
+                crop_side: float, cfg: CalibrationConfig, backend: str, pools: Sequence[Pool]) -> dict:
     """What the policy was calibrated from: saved with it."""
     from dynres.model.checkpoint import checkpoint_digest
 
@@ -382,9 +379,10 @@ def _provenance(store: Store, checkpoint: str | Path, index: QualityIndex, split
         "model": str(checkpoint), "model_sha256": checkpoint_digest(checkpoint),
         "store": str(store.root), "store_manifest_hash": manifest_hash(store),
         "calibration_store": str(split.calib_src.root), "calibration_manifest_hash": manifest_hash(split.calib_src),
-        "quality_index": index.meta, "crop_side": crop_side, "target": cfg.target, "split": split.name,
+        "quality_index": index.meta if index is not None else None, "crop_side": crop_side, "target": cfg.target,
+        "delta": cfg.delta, "criterion": cfg.criterion, "split": split.name,
         "calibration_images": len(split.calib_keys), "heldout_images": len(split.held), "config": asdict(cfg),
-        "backend": backend,
+        "pools": [{"name": p.name, "images": len(p.keys)} for p in pools], "backend": backend,
     }
 
 
@@ -412,21 +410,27 @@ def calibration_summary(record: dict, store: StoreLike, policy: CalibrationPolic
 
 
 def calibration_markdown(record: dict) -> str:
-    """Table III/IV layout plus the search summary; cells losing more than the target are flagged."""
-    target = record["calibration_target"]
+    """Table III/IV layout plus the certified rules, a column per family; cells losing more than the target are
+    flagged."""
+    target, delta = record["calibration_target"], record.get("delta")
     rows = [r | {"loss": r["acc_full"] - r["acc_calibrated"], "flag": "**LOSS > target**" if r["flag"] else ""}
             for r in record["calibration"] + record.get("dynamic", [])]
-    search = [{"resolution": s["resolution"], "threshold": f"{s['threshold']:.4f}", "acc_full": s["acc_full"],
-               "acc_calibrated": s["acc_calibrated"], "read_savings": s["read_savings"],
-               "prefixes": s["prefixes_evaluated"]} for s in record["search"]]
+    families = record.get("families", [])
+    search = [_search_row(s, families) for s in record["search"]]
+    columns = ["resolution"] + [f"{f}_{k}" for f in families for k in ("rule", "savings", "bound")] + ["chosen"]
+    heads = ["res"] + [h for f in families for h in (f"{f}: rule", f"{f}: savings", f"{f}: bound")] + ["chosen"]
+    pools = ", ".join(f"{p['name']} ({p['images']})" for p in record.get("pools", []))
+    guarantee = (f"an upper {100 * (1 - delta):g}% confidence bound on the {record.get('criterion')} loss"
+                 if delta is not None else f"the measured {record.get('criterion')} loss (no confidence bound)")
+    needed = record["search"][0].get("images_needed_without_events") if record["search"] else None
     return "\n".join([
         "# Storage calibration",
         "",
-        f"Policy `{record['policy']}`: per resolution, read the fewest scans whose SSIM (luma, vs the full decode, "
-        f"at crop side {record['crop_side']}) reaches the threshold. Target: lose at most {target} points vs reading "
-        f"every scan{_at_crops(record)}. Calibrated on {record['calibration_images']} images ({record['split']}); "
-        f"the table below is on {record['heldout_images']} held-out images. Crops are area fractions; read savings "
-        "= 1 - bytes read / file bytes (identical for every crop).",
+        f"Policy `{record['policy']}`: per resolution, the read rule of the family (`count`: one scan count for "
+        f"every image; `ssim`: the fewest scans whose SSIM vs the full decode at crop side {record['crop_side']} "
+        f"reaches a threshold) that saves most while {guarantee} stays within {target} points vs reading every "
+        f"scan{_at_crops(record)}. Judged on {pools}; the table below is on {record['heldout_images']} held-out "
+        "images. Crops are area fractions; read savings = 1 - bytes read / file bytes (identical for every crop).",
         "",
         "## Held-out: full vs calibrated reads",
         "",
@@ -434,16 +438,31 @@ def calibration_markdown(record: dict) -> str:
                        ["res", "crop", "acc. full reads (%)", "acc. calibrated (%)", "loss (points)",
                         "read savings", ""]),
         "",
-        "## Thresholds (calibration split)",
+        "## Certified rules per family (pooled calibration images)",
         "",
-        markdown_table(search, ["resolution", "threshold", "acc_full", "acc_calibrated", "read_savings", "prefixes"],
-                       ["res", "SSIM threshold", "acc. full (%)", "acc. calibrated (%)", "read savings",
-                        "prefixes evaluated"]),
+        markdown_table(search, columns, heads),
+        "",
+        (f"With no event at all, a bound of {target} points needs {needed} images per family at this confidence; "
+         "fewer can certify a shorter read only where it wins more answers than it loses (criterion `net`)."
+         if needed else ""),
         "",
         "![Figure 6](calibration_sweep.png)",
     ])
 
 
+def _search_row(certified: dict, families: Sequence[str]) -> dict:
+    row = {"resolution": certified["resolution"], "chosen": certified["family"]}
+    for walk in certified["families"]:
+        f = walk["family"]
+        if "skipped" in walk:
+            row |= {f"{f}_rule": "n/a", f"{f}_savings": "", f"{f}_bound": ""}
+            continue
+        bound = walk["bound"]
+        row |= {f"{f}_rule": walk["label"], f"{f}_savings": walk["read_savings"],
+                f"{f}_bound": "" if bound is None else f"{bound:.3f}"}
+    return row
+
+
 def _at_crops(record: dict) -> str:
-    crops = record["search"][0].get("search_crops", []) if record["search"] else []
+    crops = record.get("search_crops", [])
     return f", at each of the crop areas {', '.join(f'{c:g}' for c in crops)}" if len(crops) > 1 else ""

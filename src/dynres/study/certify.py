@@ -1,0 +1,174 @@
+"""The calibration search with a stated guarantee: per resolution, the cheapest read rule of each policy family
+whose upper confidence bound on the loss stays within the target.
+
+Images are judged in *pools*: a model and images it never trained on (the deployed backbone on the labelled
+calibration split; each shard backbone of the scale-model chain on the training shard it did not see), so the
+calibration can use thousands of images without new labels. Per image, a candidate read is compared with the full
+read of the same image by the same model (:mod:`dynres.policy.bounds`: lost, gained, flipped). Candidates of a
+family are walked from the safest (every scan) towards the cheapest, and the walk stops at the first candidate
+whose bound exceeds the target at any searched crop (fixed-sequence testing: the chosen rule is certified at
+confidence ``1 - delta`` without correction). The family with the largest saving on the pools wins each
+resolution; each family is tested at ``delta / families`` (Bonferroni), so the winner keeps the guarantee.
+A resolution where nothing shorter than the full read can be certified reads every scan, and the record says how
+many images a certificate would have needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dynres.io.store import StoreLike
+from dynres.policy.bounds import images_needed, loss_bound
+from dynres.policy.calibration import ReadRule, rule_counts
+from dynres.policy.quality import QualityIndex
+
+# SSIM thresholds walked from the safest down (the paper's search range is [0.94, 1.0])
+SSIM_LADDER = (1.0, 0.99995, 0.9999, 0.9998, 0.9996, 0.9993, 0.999, 0.998, 0.997, 0.995, 0.993, 0.99, 0.985, 0.98,
+               0.97, 0.96, 0.95, 0.94)
+
+
+class ViewPredictions:
+    """Top-1 predictions of one model per (key, scans), at every (resolution, crop) of a grid from one read of the
+    prefix, computed in batches on demand and cached. A prefix of ``num_scans`` or more is the full read."""
+
+    def __init__(self, model, store: StoreLike, grid: Sequence[int], crops: Sequence[float], exact: bool,
+                 batch_size: int):
+        self.model, self.store, self.grid, self.crops = model, store, tuple(grid), tuple(crops)
+        self.exact, self.batch_size = exact, batch_size
+        self.cache: dict[tuple[str, int], np.ndarray] = {}  # (resolutions, crops) predicted classes
+        self.evaluated = 0
+
+    def predict(self, keys: Sequence[str], scans: Sequence[int]) -> np.ndarray:
+        """Predicted classes, shape (resolutions, crops, keys)."""
+        from dynres.study.static import predict_grid
+
+        want = [(k, min(int(s), self.store.num_scans(k))) for k, s in zip(keys, scans)]
+        pending = sorted({p for p in want if p not in self.cache})
+        self.evaluated += len(pending)
+        rows = {r: i for i, r in enumerate(self.grid)}
+        cols = {c: j for j, c in enumerate(self.crops)}
+        while pending:  # predict_grid reads one prefix per key per call
+            group: dict[str, int] = {}
+            rest = []
+            for key, k in pending:
+                (rest.append((key, k)) if key in group else group.__setitem__(key, k))
+            table = predict_grid(self.model, self.store, list(group), self.grid, self.crops, scans=group,
+                                 exact=self.exact, batch_size=self.batch_size, progress=False)
+            found = {key: np.zeros((len(self.grid), len(self.crops)), dtype=np.int64) for key in group}
+            for key, crop, res, pred in zip(*(table.column(n).to_pylist()
+                                              for n in ("key", "crop", "resolution", "pred"))):
+                found[key][rows[res], cols[crop]] = pred
+            self.cache.update({(key, k): found[key] for key, k in group.items()})
+            pending = rest
+        return np.stack([self.cache[p] for p in want], axis=-1)
+
+
+@dataclass
+class Pool:
+    """Images one model judges (it never trained on them): ``index`` rows for the SSIM family (None: no index)."""
+
+    name: str
+    preds: ViewPredictions
+    keys: list[str]
+    index: QualityIndex | None = None
+    labels: np.ndarray = field(init=False)
+    num_scans: np.ndarray = field(init=False)
+    full: np.ndarray = field(init=False)  # (resolutions, crops, keys) full-read predictions
+    sizes: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        store = self.preds.store
+        self.labels = np.array([store.label(k) for k in self.keys])
+        self.num_scans = np.array([store.num_scans(k) for k in self.keys])
+        self.sizes = np.array([store.size(k) for k in self.keys], dtype=np.float64)
+        self.full = self.preds.predict(self.keys, self.num_scans)
+        self.rows = None if self.index is None else np.array([self.index.rows[k] for k in self.keys])
+
+    def counts(self, rule: ReadRule, resolution: int) -> np.ndarray:
+        return rule_counts(rule, resolution, self.num_scans, self.index, self.rows)
+
+    def judge(self, rule: ReadRule, resolution: int) -> dict:
+        """Events of ``rule`` at ``resolution`` per crop (lost, gained, flipped: arrays over crops) and bytes."""
+        counts = self.counts(rule, resolution)
+        i = self.preds.grid.index(resolution)
+        full, cal = self.full[i], self.preds.predict(self.keys, counts)[i]  # (crops, keys)
+        right_full, right_cal = full == self.labels, cal == self.labels
+        store = self.preds.store
+        read = np.array([store.prefix_size(k, int(c)) for k, c in zip(self.keys, counts)], dtype=np.float64)
+        return {"lost": (right_full & ~right_cal).sum(axis=1), "gained": (~right_full & right_cal).sum(axis=1),
+                "flipped": (full != cal).sum(axis=1), "n": len(self.keys), "read": read.sum(),
+                "size": self.sizes.sum()}
+
+
+@dataclass(frozen=True)
+class Certification:
+    """What the search certifies: ``criterion`` (net, lost, flips), ``target`` in accuracy points, confidence
+    ``1 - delta`` (None: point estimates, no guarantee: the paper's way)."""
+
+    criterion: str = "net"
+    target: float = 0.05
+    delta: float | None = 0.05
+
+
+def judge_pools(pools: Sequence[Pool], rule: ReadRule, resolution: int, cert: Certification, delta: float | None
+                ) -> dict:
+    """Pooled events of ``rule`` and the criterion's bound at the worst crop (points)."""
+    parts = [p.judge(rule, resolution) for p in pools]
+    total = {name: sum(part[name] for part in parts) for name in ("lost", "gained", "flipped", "n", "read", "size")}
+    bounds = [100.0 * loss_bound(cert.criterion, int(lo), int(g), int(f), int(total["n"]), delta)
+              for lo, g, f in zip(total["lost"], total["gained"], total["flipped"])]
+    worst = int(np.argmax(bounds))
+    return {"rule": rule.to_dict(), "label": rule.label(), "bound": bounds[worst], "bounds": bounds,
+            "lost": int(total["lost"][worst]), "gained": int(total["gained"][worst]),
+            "flipped": int(total["flipped"][worst]), "images": int(total["n"]),
+            "read_savings": 1.0 - float(total["read"] / total["size"])}
+
+
+def family_ladder(family: str, pools: Sequence[Pool]) -> list[ReadRule]:
+    """A family's candidates from the safest to the cheapest."""
+    if family == "count":
+        top = max(int(p.num_scans.max()) for p in pools)
+        return [ReadRule("count", k) for k in range(top - 1, 0, -1)]
+    if family == "ssim":
+        return [ReadRule("ssim", t) for t in SSIM_LADDER]
+    raise ValueError(f"unknown family {family!r}")
+
+
+def walk(pools: Sequence[Pool], family: str, resolution: int, cert: Certification, delta: float | None) -> dict:
+    """Fixed-sequence test of one family at one resolution: the last candidate before the first failure. The
+    ssim family is judged on the pools with a quality index only (the index costs more than the ingest)."""
+    pools = [p for p in pools if family != "ssim" or p.index is not None]
+    if not pools:
+        return {"family": family, "skipped": "no pool has a quality index", "steps": []}
+    ladder = family_ladder(family, pools)
+    chosen, steps = ReadRule("full"), []
+    for rule in ladder:
+        step = judge_pools(pools, rule, resolution, cert, delta)
+        steps.append(step)
+        if step["bound"] > cert.target + 1e-9:
+            break
+        chosen = rule
+    passed = [s for s in steps if s["bound"] <= cert.target + 1e-9]
+    best = passed[-1] if passed else None
+    return {"family": family, "rule": chosen.to_dict(), "label": chosen.label(), "steps": steps,
+            "read_savings": best["read_savings"] if best else 0.0, "bound": best["bound"] if best else None,
+            "images": steps[0]["images"] if steps else 0}
+
+
+def certify_resolution(pools: Sequence[Pool], resolution: int, families: Sequence[str], cert: Certification
+                       ) -> dict:
+    """Every family's walk at ``resolution`` and the winner (largest pooled saving; ties: the earlier family)."""
+    delta = None if cert.delta is None else cert.delta / len(families)
+    walks = [walk(pools, f, resolution, cert, delta) for f in families]
+    judged = [w for w in walks if "skipped" not in w]
+    best = max(judged, key=lambda w: w["read_savings"]) if judged else None
+    rule = best["rule"] if best and best["read_savings"] > 0 else ReadRule("full").to_dict()
+    n = sum(len(p.keys) for p in pools)
+    needed = None if delta is None else images_needed(cert.target / 100.0, delta)
+    return {"resolution": resolution, "rule": rule, "family": rule["family"], "families": walks,
+            "images": n, "delta_per_family": delta, "images_needed_without_events": needed,
+            "read_savings": best["read_savings"] if best and rule["family"] != "full" else 0.0,
+            "bound": best["bound"] if best and rule["family"] != "full" else None}

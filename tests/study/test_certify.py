@@ -1,0 +1,92 @@
+"""The certified search on made-up predictions: fixed-sequence walks, criteria, the family that saves most."""
+
+import numpy as np
+import pytest
+
+from dynres.policy.calibration import ReadRule
+from dynres.study.certify import Certification, Pool, certify_resolution, walk
+
+
+class _Store:
+    """Five scans of 100 bytes per image; label 0 everywhere."""
+
+    def label(self, key):
+        return 0
+
+    def num_scans(self, key):
+        return 5
+
+    def prefix_size(self, key, scans):
+        return 100 * min(scans, 5)
+
+    def size(self, key):
+        return 500
+
+
+class _Preds:
+    """One resolution (32), one crop; ``answer(key, scans)`` gives the predicted class."""
+
+    def __init__(self, answer):
+        self.store, self.grid, self.answer = _Store(), (32,), answer
+
+    def predict(self, keys, scans):
+        return np.array([[[self.answer(k, int(s)) for k, s in zip(keys, scans)]]])
+
+
+def pool(answer, n=20, index=None):
+    return Pool("test", _Preds(answer), [f"k{i:03d}" for i in range(n)], index)
+
+
+def test_the_walk_stops_at_the_first_failure_even_if_a_cheaper_rule_would_pass():
+    """4 scans lose image k000; 3 scans and fewer lose nothing: a walk from the full read must not skip ahead."""
+    p = pool(lambda k, s: 1 if (k == "k000" and s == 4) else 0)
+    result = walk([p], "count", 32, Certification("lost", 0.0, None), None)
+    assert result["rule"] == ReadRule("full").to_dict() and len(result["steps"]) == 1
+
+
+def test_a_lucky_gain_buys_a_loss_under_net_only():
+    """Short reads turn k000 wrong and k001 right: the net accuracy is unchanged, but k000 was lost."""
+    p = pool(lambda k, s: {"k000": int(s < 5), "k001": int(s == 5)}.get(k, 0))
+    net = walk([p], "count", 32, Certification("net", 0.0, None), None)
+    lost = walk([p], "count", 32, Certification("lost", 0.0, None), None)
+    flips = walk([p], "count", 32, Certification("flips", 0.0, None), None)
+    assert net["rule"] == {"family": "count", "value": 1} and net["read_savings"] == pytest.approx(0.8)
+    assert lost["rule"]["family"] == flips["rule"]["family"] == "full"
+
+
+def test_a_bound_is_harder_to_pass_than_the_point_estimate():
+    p = pool(lambda k, s: 0, n=50)  # shorter reads never change an answer
+    point = walk([p], "count", 32, Certification("flips", 0.5, None), None)
+    bound = walk([p], "count", 32, Certification("flips", 0.5, 0.05), 0.05)
+    assert point["rule"]["value"] == 1  # nothing ever flips
+    assert bound["rule"]["family"] == "full"  # but 50 images cannot bound a rate by 0.5%
+    assert bound["steps"][0]["bound"] == pytest.approx(100 * (1 - 0.05 ** (1 / 50)))
+
+
+class _Index:
+    """SSIM reaches any threshold with 2 scans."""
+
+    def __init__(self, keys):
+        self.rows = {k: i for i, k in enumerate(keys)}
+
+    def fewest_scans(self, t, resolution, rows):
+        return np.full(len(rows), 2)
+
+
+def test_the_family_that_saves_most_wins_and_needs_an_index_to_be_judged():
+    keys = [f"k{i:03d}" for i in range(20)]
+    answer = lambda k, s: int(s < 2)  # noqa: E731 -- one scan is wrong everywhere, two are enough
+    with_index = pool(answer, index=_Index(keys))
+    result = certify_resolution([with_index], 32, ("count", "ssim"), Certification("lost", 0.0, None))
+    count, ssim = result["families"]
+    assert count["rule"] == {"family": "count", "value": 2} and ssim["rule"]["family"] == "ssim"
+    assert count["read_savings"] == ssim["read_savings"] == pytest.approx(0.6)
+    assert result["family"] == "count"  # a tie goes to the family listed first
+    alone = certify_resolution([pool(answer)], 32, ("ssim", "count"), Certification("lost", 0.0, None))
+    assert alone["families"][0]["skipped"] and alone["family"] == "count"
+
+
+def test_nothing_certified_reads_every_scan_and_reports_the_images_a_certificate_needs():
+    result = certify_resolution([pool(lambda k, s: int(s < 5))], 32, ("count",), Certification("lost", 0.05, 0.05))
+    assert result["rule"] == {"family": "full", "value": None} and result["read_savings"] == 0.0
+    assert result["images_needed_without_events"] > 5000 and result["bound"] is None
