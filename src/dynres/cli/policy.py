@@ -73,6 +73,7 @@ def calibrate(
 ) -> None:
     """Certify a read rule per resolution (scan count or SSIM threshold); save the policy; Table III/IV + Figure 6."""
     from dynres.io.store import open_store
+    from dynres.policy.calibration import ReadRule
     from dynres.study.calibrate import calibrate as run_calibration
     from dynres.study.calibrate import judges_from_record
 
@@ -90,7 +91,7 @@ def calibrate(
                           policy, scale_model, judges=shard)
     for s in rec["search"]:
         bound = "" if s["bound"] is None else f", loss bound {s['bound']:.3f} points"
-        console.print(f"{s['resolution']:>4}px  {s['rule']['family']}: {s['rule']['value']}{bound}")
+        console.print(f"{s['resolution']:>4}px  {ReadRule(**s['rule']).label()}{bound}")
     sm = rec["summary"]
     console.print(f"held-out: best resolution {sm['best_resolution']} saves {sm['best_read_savings']:.1%} of bytes; "
                   f"max loss {sm['max_loss']:.3f} points; {sm['cells_over_target']}/{sm['cells']} cells over target")

@@ -418,7 +418,8 @@ def calibration_markdown(record: dict) -> str:
     families = record.get("families", [])
     search = [_search_row(s, families) for s in record["search"]]
     columns = ["resolution"] + [f"{f}_{k}" for f in families for k in ("rule", "savings", "bound")] + ["chosen"]
-    heads = ["res"] + [h for f in families for h in (f"{f}: rule", f"{f}: savings", f"{f}: bound")] + ["chosen"]
+    heads = ["res"] + [h for f in families for h in (f"{f}: rule", f"{f}: savings", f"{f}: bound (points)")] + \
+        ["chosen"]
     pools = ", ".join(f"{p['name']} ({p['images']})" for p in record.get("pools", []))
     guarantee = (f"an upper {100 * (1 - delta):g}% confidence bound on the {record.get('criterion')} loss"
                  if delta is not None else f"the measured {record.get('criterion')} loss (no confidence bound)")
@@ -457,9 +458,10 @@ def _search_row(certified: dict, families: Sequence[str]) -> dict:
         if "skipped" in walk:
             row |= {f"{f}_rule": "n/a", f"{f}_savings": "", f"{f}_bound": ""}
             continue
-        bound = walk["bound"]
-        row |= {f"{f}_rule": walk["label"], f"{f}_savings": walk["read_savings"],
-                f"{f}_bound": "" if bound is None else f"{bound:.3f}"}
+        bound, stop = walk["bound"], walk.get("stopped_at")
+        parts = ([] if bound is None else [f"{bound:.3f}"]) + ([f"next ({stop['label']}): {stop['bound']:.3f}"]
+                                                                if stop else [])
+        row |= {f"{f}_rule": walk["label"], f"{f}_savings": walk["read_savings"], f"{f}_bound": "; ".join(parts)}
     return row
 
 

@@ -153,7 +153,9 @@ def walk(pools: Sequence[Pool], family: str, resolution: int, cert: Certificatio
         chosen = rule
     passed = [s for s in steps if s["bound"] <= cert.target + 1e-9]
     best = passed[-1] if passed else None
+    failed = steps[-1] if steps and steps[-1]["bound"] > cert.target + 1e-9 else None
     return {"family": family, "rule": chosen.to_dict(), "label": chosen.label(), "steps": steps,
+            "stopped_at": None if failed is None else {"label": failed["label"], "bound": failed["bound"]},
             "read_savings": best["read_savings"] if best else 0.0, "bound": best["bound"] if best else None,
             "images": steps[0]["images"] if steps else 0}
 
