@@ -90,3 +90,26 @@ def test_nothing_certified_reads_every_scan_and_reports_the_images_a_certificate
     result = certify_resolution([pool(lambda k, s: int(s < 5))], 32, ("count",), Certification("lost", 0.05, 0.05))
     assert result["rule"] == {"family": "full", "value": None} and result["read_savings"] == 0.0
     assert result["images_needed_without_events"] > 5000 and result["bound"] is None
+
+
+class _EndAnswers:
+    """Stands in for the scale model's read judged by the pipeline's end answers: fewer than ``need`` scans change
+    the chosen resolution of every image, and the end answer with it."""
+
+    def __init__(self, need):
+        self.need = need
+
+    def judge(self, rule, resolution):
+        wrong = 20 if rule.family == "count" and rule.value < self.need else 0
+        return {"lost": np.array([wrong]), "gained": np.array([0]), "flipped": np.array([wrong]), "n": 20,
+                "read": 100.0 * 20 * min(rule.value or 5, 5), "size": 500.0 * 20}
+
+
+def test_at_the_scale_models_resolution_a_rule_must_also_keep_the_pipelines_answers():
+    p = pool(lambda k, s: 0)  # the backbone at this resolution never minds a short read
+    cert = Certification("lost", 0.0, None)
+    alone = walk([p], "count", 32, cert, None)
+    with_scale = walk([p], "count", 32, cert, None, scale_read=[_EndAnswers(need=3)])
+    assert alone["rule"]["value"] == 1
+    assert with_scale["rule"] == {"family": "count", "value": 3}
+    assert with_scale["stopped_at"]["label"] == "2 scans" and "scale_read" in with_scale["steps"][0]

@@ -32,9 +32,17 @@ from dynres.io.store import Store, StoreLike
 from dynres.paper import DEFAULT_CROP_SIDE, PAPER_CROPS
 from dynres.policy.calibration import CalibrationPolicy, ReadRule
 from dynres.policy.quality import QualityIndex, load_quality, manifest_hash
-from dynres.records import markdown_table, write_records
+from dynres.records import write_records
+from dynres.report.calibration import calibration_markdown
 from dynres.report.figures import calibration_sweep
-from dynres.study.certify import Certification, Pool, ViewPredictions, certify_resolution
+from dynres.study.certify import (
+    Certification,
+    ChoiceModel,
+    ChoicePool,
+    Pool,
+    ViewPredictions,
+    certify_resolution,
+)
 from dynres.version import __version__
 
 
@@ -163,6 +171,30 @@ def build_pools(main: Pool, judges: Sequence[Judge], cfg: CalibrationConfig, gri
     return pools
 
 
+def scale_read_pools(scale_model: str | Path | None, backbone, main: Pool, cfg: CalibrationConfig,
+                     areas: Sequence[float], classes: int) -> tuple[int | None, list[ChoicePool]]:
+    """The scale model's resolution and the pool that judges its read by the dynamic pipeline's end answers on the
+    labelled calibration images (none without a scale model, or when its grid is not calibrated here)."""
+    if scale_model is None:
+        return None, []
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.model.nets import gflops
+    from dynres.runtime.engine import PipelineConfig
+    from dynres.study.static import GridModel
+
+    scale, meta = load_checkpoint(scale_model)
+    grid = tuple(meta.grid or ())
+    if meta.train_resolution not in main.preds.grid or not set(grid) <= set(main.preds.grid):
+        log(f"the scale model's read is not calibrated: its resolutions {meta.train_resolution}, {grid} are not all "
+            f"among the calibrated {main.preds.grid}")
+        return None, []
+    costs = [gflops(backbone, r) for r in grid]
+    choice = ChoiceModel(scale, costs, PipelineConfig().lam, max(len(grid), classes))
+    preds = ViewPredictions(GridModel(choice, "eager"), main.preds.store, (meta.train_resolution,), areas, cfg.exact,
+                            cfg.batch_size)
+    return meta.train_resolution, [ChoicePool(preds, main, grid)]
+
+
 def sweep_points(pool: Pool, resolutions: Sequence[int], cfg: CalibrationConfig) -> list[dict]:
     """Figure 6 on the labelled pool at the index's crop: accuracy change vs relative bytes, per family."""
     from dynres.policy.calibration import ReadRule
@@ -281,10 +313,12 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     main = Pool("calibration split", ViewPredictions(run, split.calib_src, resolutions, areas, cfg.exact,
                                                      cfg.batch_size), split.calib_keys, split.calib_index)
     pools = build_pools(main, judges, cfg, resolutions, areas, meta.classes)
+    scale_res, scale_pools = scale_read_pools(scale_model, model, main, cfg, areas, len(meta.classes))
     certified = []
     n = sum(len(p.keys) for p in pools)
     for r in track(resolutions, len(resolutions), f"calibrate ({n} images, {len(pools)} judges)", progress):
-        certified.append(certify_resolution(pools, r, cfg.families, cfg.certification))
+        certified.append(certify_resolution(pools, r, cfg.families, cfg.certification,
+                                            scale_pools if r == scale_res else ()))
         c = certified[-1]
         bound = "" if c["bound"] is None else f", bound {c['bound']:.3f} points"
         log(f"{r}px: {ReadRule(**c['rule']).label()} ({c['family']}){bound}, pooled read savings "
@@ -404,67 +438,3 @@ def calibration_summary(record: dict, store: StoreLike, policy: CalibrationPolic
         if math.isclose(r["crop"], crop_area, abs_tol=1e-6):
             summary |= {"dynamic_read_savings": r["read_savings"], "dynamic_loss": r["acc_full"] - r["acc_calibrated"]}
     return summary
-
-
-# --- renderings -------------------------------------------------------------------------------------------------
-
-
-def calibration_markdown(record: dict) -> str:
-    """Table III/IV layout plus the certified rules, a column per family; cells losing more than the target are
-    flagged."""
-    target, delta = record["calibration_target"], record.get("delta")
-    rows = [r | {"loss": r["acc_full"] - r["acc_calibrated"], "flag": "**LOSS > target**" if r["flag"] else ""}
-            for r in record["calibration"] + record.get("dynamic", [])]
-    families = record.get("families", [])
-    search = [_search_row(s, families) for s in record["search"]]
-    columns = ["resolution"] + [f"{f}_{k}" for f in families for k in ("rule", "savings", "bound")] + ["chosen"]
-    heads = ["res"] + [h for f in families for h in (f"{f}: rule", f"{f}: savings", f"{f}: bound (points)")] + \
-        ["chosen"]
-    pools = ", ".join(f"{p['name']} ({p['images']})" for p in record.get("pools", []))
-    guarantee = (f"an upper {100 * (1 - delta):g}% confidence bound on the {record.get('criterion')} loss"
-                 if delta is not None else f"the measured {record.get('criterion')} loss (no confidence bound)")
-    needed = record["search"][0].get("images_needed_without_events") if record["search"] else None
-    return "\n".join([
-        "# Storage calibration",
-        "",
-        f"Policy `{record['policy']}`: per resolution, the read rule of the family (`count`: one scan count for "
-        f"every image; `ssim`: the fewest scans whose SSIM vs the full decode at crop side {record['crop_side']} "
-        f"reaches a threshold) that saves most while {guarantee} stays within {target} points vs reading every "
-        f"scan{_at_crops(record)}. Judged on {pools}; the table below is on {record['heldout_images']} held-out "
-        "images. Crops are area fractions; read savings = 1 - bytes read / file bytes (identical for every crop).",
-        "",
-        "## Held-out: full vs calibrated reads",
-        "",
-        markdown_table(rows, ["resolution", "crop", "acc_full", "acc_calibrated", "loss", "read_savings", "flag"],
-                       ["res", "crop", "acc. full reads (%)", "acc. calibrated (%)", "loss (points)",
-                        "read savings", ""]),
-        "",
-        "## Certified rules per family (pooled calibration images)",
-        "",
-        markdown_table(search, columns, heads),
-        "",
-        (f"With no event at all, a bound of {target} points needs {needed} images per family at this confidence; "
-         "fewer can certify a shorter read only where it wins more answers than it loses (criterion `net`)."
-         if needed else ""),
-        "",
-        "![Figure 6](calibration_sweep.png)",
-    ])
-
-
-def _search_row(certified: dict, families: Sequence[str]) -> dict:
-    row = {"resolution": certified["resolution"], "chosen": certified["family"]}
-    for walk in certified["families"]:
-        f = walk["family"]
-        if "skipped" in walk:
-            row |= {f"{f}_rule": "n/a", f"{f}_savings": "", f"{f}_bound": ""}
-            continue
-        bound, stop = walk["bound"], walk.get("stopped_at")
-        parts = ([] if bound is None else [f"{bound:.3f}"]) + ([f"next ({stop['label']}): {stop['bound']:.3f}"]
-                                                                if stop else [])
-        row |= {f"{f}_rule": walk["label"], f"{f}_savings": walk["read_savings"], f"{f}_bound": "; ".join(parts)}
-    return row
-
-
-def _at_crops(record: dict) -> str:
-    crops = record.get("search_crops", [])
-    return f", at each of the crop areas {', '.join(f'{c:g}' for c in crops)}" if len(crops) > 1 else ""

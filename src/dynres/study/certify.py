@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from dynres.io.store import StoreLike
 from dynres.policy.bounds import images_needed, loss_bound
@@ -103,6 +104,50 @@ class Pool:
                 "size": self.sizes.sum()}
 
 
+class ChoiceModel(torch.nn.Module):
+    """The scale model's choice as a classifier, so :class:`ViewPredictions` can run it: output ``i`` wins when the
+    pipeline's rule (:func:`dynres.runtime.runners.choose`: argmax p - lam * cost / max cost) picks ``grid[i]``;
+    padded to ``width`` outputs."""
+
+    def __init__(self, scale: torch.nn.Module, costs: Sequence[float], lam: float | None, width: int):
+        super().__init__()
+        self.scale, self.lam, self.width = scale.eval(), lam, width
+        self.register_buffer("penalty", torch.tensor(costs, dtype=torch.float32) / max(costs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = torch.sigmoid(self.scale(x).float())
+        if self.lam is not None:
+            score = score - self.lam * self.penalty[None, :]
+        return torch.nn.functional.one_hot(score.argmax(1), self.width).float()
+
+
+class ChoicePool:
+    """The scale model's read judged by the dynamic pipeline's end answer: a shorter scale prefix changes the
+    answer only by changing the chosen resolution, and the answer at each resolution is the backbone's full read
+    there (``backbone``: a :class:`Pool` over the same keys whose grid holds the scale model's)."""
+
+    def __init__(self, choices: ViewPredictions, backbone: Pool, scale_grid: Sequence[int]):
+        self.choices, self.backbone, self.keys = choices, backbone, backbone.keys
+        self.rows = [backbone.preds.grid.index(r) for r in scale_grid]
+        self.full_choice = choices.predict(self.keys, backbone.num_scans)[0]  # (crops, keys)
+
+    def judge(self, rule: ReadRule, resolution: int) -> dict:
+        b = self.backbone
+        counts = b.counts(rule, resolution)
+        choice = self.choices.predict(self.keys, counts)[0]
+        rows = np.asarray(self.rows)
+        cols = np.arange(len(self.keys))
+        crops = range(choice.shape[0])
+        full = np.stack([b.full[rows[self.full_choice[c]], c, cols] for c in crops])
+        cal = np.stack([b.full[rows[choice[c]], c, cols] for c in crops])
+        right_full, right_cal = full == b.labels, cal == b.labels
+        store = b.preds.store
+        read = np.array([store.prefix_size(k, int(n)) for k, n in zip(self.keys, counts)], dtype=np.float64)
+        return {"lost": (right_full & ~right_cal).sum(axis=1), "gained": (~right_full & right_cal).sum(axis=1),
+                "flipped": (full != cal).sum(axis=1), "n": len(self.keys), "read": read.sum(),
+                "size": b.sizes.sum()}
+
+
 @dataclass(frozen=True)
 class Certification:
     """What the search certifies: ``criterion`` (net, lost, flips), ``target`` in accuracy points, confidence
@@ -137,9 +182,12 @@ def family_ladder(family: str, pools: Sequence[Pool]) -> list[ReadRule]:
     raise ValueError(f"unknown family {family!r}")
 
 
-def walk(pools: Sequence[Pool], family: str, resolution: int, cert: Certification, delta: float | None) -> dict:
+def walk(pools: Sequence[Pool], family: str, resolution: int, cert: Certification, delta: float | None,
+         scale_read: Sequence[ChoicePool] = ()) -> dict:
     """Fixed-sequence test of one family at one resolution: the last candidate before the first failure. The
-    ssim family is judged on the pools with a quality index only (the index costs more than the ingest)."""
+    ssim family is judged on the pools with a quality index only (the index costs more than the ingest). With
+    ``scale_read`` pools (this is the scale model's resolution), a rule must also keep the dynamic pipeline's end
+    answers within the target (both bounds at ``delta``: the rule passes only if both hold)."""
     pools = [p for p in pools if family != "ssim" or p.index is not None]
     if not pools:
         return {"family": family, "skipped": "no pool has a quality index", "steps": []}
@@ -147,6 +195,9 @@ def walk(pools: Sequence[Pool], family: str, resolution: int, cert: Certificatio
     chosen, steps = ReadRule("full"), []
     for rule in ladder:
         step = judge_pools(pools, rule, resolution, cert, delta)
+        if scale_read:
+            step["scale_read"] = judge_pools(scale_read, rule, resolution, cert, delta)
+            step["bound"] = max(step["bound"], step["scale_read"]["bound"])
         steps.append(step)
         if step["bound"] > cert.target + 1e-9:
             break
@@ -160,11 +211,11 @@ def walk(pools: Sequence[Pool], family: str, resolution: int, cert: Certificatio
             "images": steps[0]["images"] if steps else 0}
 
 
-def certify_resolution(pools: Sequence[Pool], resolution: int, families: Sequence[str], cert: Certification
-                       ) -> dict:
+def certify_resolution(pools: Sequence[Pool], resolution: int, families: Sequence[str], cert: Certification,
+                       scale_read: Sequence[ChoicePool] = ()) -> dict:
     """Every family's walk at ``resolution`` and the winner (largest pooled saving; ties: the earlier family)."""
     delta = None if cert.delta is None else cert.delta / len(families)
-    walks = [walk(pools, f, resolution, cert, delta) for f in families]
+    walks = [walk(pools, f, resolution, cert, delta, scale_read) for f in families]
     judged = [w for w in walks if "skipped" not in w]
     best = max(judged, key=lambda w: w["read_savings"]) if judged else None
     rule = best["rule"] if best and best["read_savings"] > 0 else ReadRule("full").to_dict()
