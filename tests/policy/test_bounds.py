@@ -17,6 +17,9 @@ def test_zero_events_certify_the_target_from_exactly_the_images_needed():
     n = images_needed(0.0005, 0.05)  # 0.05 points at 95%
     assert 5_900 < n < 6_100
     assert cp_upper(0, n, 0.05) <= 0.0005 < cp_upper(0, n - 1, 0.05)
+    m = images_needed(0.0005, 0.05, "net")  # net spends half of delta on the discordant rate
+    assert m > n and net_upper(0, 0, m, 0.05) <= 0.0005 < net_upper(0, 0, m - 1, 0.05)
+    assert images_needed(0.0, 0.05) is None
 
 
 @pytest.mark.parametrize("p_lose, p_gain", [(0.02, 0.02), (0.01, 0.03), (0.03, 0.005), (0.0, 0.0)])

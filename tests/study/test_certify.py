@@ -113,3 +113,40 @@ def test_at_the_scale_models_resolution_a_rule_must_also_keep_the_pipelines_answ
     assert alone["rule"]["value"] == 1
     assert with_scale["rule"] == {"family": "count", "value": 3}
     assert with_scale["stopped_at"]["label"] == "2 scans" and "scale_read" in with_scale["steps"][0]
+
+
+class _Drawn:
+    """A fresh sample of ``n`` images whose true loss rate at k scans is ``rates[k]`` (no gains)."""
+
+    def __init__(self, rates, n, rng):
+        self.draws = {k: int(rng.binomial(n, p)) for k, p in rates.items()}
+        self.n = n
+
+    def judge(self, rule, resolution):
+        lost = self.draws[int(rule.value)]
+        return {"lost": np.array([lost]), "gained": np.array([0]), "flipped": np.array([lost]), "n": self.n,
+                "read": 100.0 * self.n * rule.value, "size": 500.0 * self.n}
+
+
+def test_the_chosen_rule_keeps_the_true_loss_within_the_target_at_least_one_minus_delta_of_the_time():
+    """True loss rates per scan count straddle the target (0.5 points); over many calibrations, the walk's choice
+    must lose more than the target in at most delta of them."""
+    from dynres.study.certify import family_ladder
+
+    rates = {5: 0.0, 4: 0.001, 3: 0.004, 2: 0.006, 1: 0.02}  # 5 scans: the full read
+    rng = np.random.default_rng(0)
+    cert, bad, trials, chosen_counts = Certification("lost", 0.5, 0.1), 0, 300, []
+
+    class Ladder:  # family_ladder reads num_scans.max()
+        num_scans = np.array([5])
+
+    assert [r.value for r in family_ladder("count", [Ladder()])] == [4, 3, 2, 1]
+    for _ in range(trials):
+        drawn = _Drawn(rates, 1500, rng)
+        drawn.num_scans = np.array([5])
+        chosen = walk([drawn], "count", 32, cert, cert.delta)["rule"]
+        true = 0.0 if chosen["family"] == "full" else rates[int(chosen["value"])]
+        bad += true > cert.target / 100
+        chosen_counts.append(chosen["value"])
+    assert bad / trials <= cert.delta
+    assert chosen_counts.count(3) > trials // 10  # the test is not vacuous: the walk often goes as far as allowed

@@ -43,8 +43,9 @@ def calibrate(
     model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
     out: Path = typer.Option(Path("runs/calibrate"), "--out", help="Records: calibration.json/.md + Figure 6 PNG."),
     policy: Optional[Path] = typer.Option(None, "--policy", help="Policy file (default OUT/policy.json)."),
-    calib_store: Optional[str] = typer.Option(None, "--calib-store",
-                                              help="Calibrate on this store (e.g. train); all of STORE is held out."),
+    calib_store: Optional[str] = typer.Option(
+        None, "--calib-store", help="Calibrate on this store (images the backbone never trained on: not its training "
+                                    "store); all of STORE is held out."),
     target: float = typer.Option(CalibrationConfig.target, help="Max accuracy loss (points) vs reading every scan."),
     delta: float = typer.Option(CalibrationConfig.delta,
                                 help="The loss bound holds at confidence 1 - delta; 0: point estimates, no bound."),

@@ -61,9 +61,12 @@ def loss_bound(criterion: str, lost: int, gained: int, flipped: int, n: int, del
     return cp_upper(lost if criterion == "lost" else flipped, n, delta)
 
 
-def images_needed(target: float, delta: float) -> int:
-    """The fewest images with no event at all whose Clopper–Pearson bound reaches ``target`` (a rate): below this,
-    no read shorter than the full one can be certified."""
+def images_needed(target: float, delta: float, criterion: str = "lost") -> int | None:
+    """The fewest images with no event at all whose bound reaches ``target`` (a rate): below this, no read that
+    changes any answer can be certified (``net`` spends ``delta / 2`` on the discordant rate). None: never
+    (target 0)."""
     if target <= 0:
-        return math.inf  # type: ignore[return-value]
+        return None
+    if criterion == "net":
+        delta = delta / 2
     return math.ceil(math.log(delta) / math.log1p(-target))

@@ -127,7 +127,8 @@ class Judge:
 def judges_from_record(train_store: StoreLike, scale_json: str | Path) -> list[Judge]:
     """The accuracy chain's shard backbones, each with the training images it did not see, from a scale stage's
     ``scale.json`` (``dynres train scale`` or the study's): the shard each backbone labelled is exactly the one it
-    was not trained on (``scale_labels.parquet``: key, split, fold)."""
+    was not trained on (``scale_labels.parquet``: key, split, fold). Only the first split's: each training image
+    is judged once."""
     import json
 
     import pyarrow.compute as pc
@@ -143,6 +144,8 @@ def judges_from_record(train_store: StoreLike, scale_json: str | Path) -> list[J
         raise ConfigError(scale_json, f"{len(backbones)} backbones but {len(pairs)} labelled shards")
     judges, stored = [], set(train_store.keys)
     for path, (split, fold) in zip(backbones, pairs):
+        if split > 0:  # repeated splits judge the same images again with correlated models: not independent draws
+            continue
         mask = pc.and_(pc.equal(table.column("split"), split), pc.equal(table.column("fold"), fold))
         keys = sorted(set(table.filter(mask).column("key").to_pylist()))
         judges.append(Judge(str(path), train_store, tuple(k for k in keys if k in stored)))
@@ -164,6 +167,9 @@ def build_pools(main: Pool, judges: Sequence[Judge], cfg: CalibrationConfig, gri
         model, meta = load_checkpoint(judge.checkpoint)
         if list(meta.classes) != list(classes):
             raise ConfigError(judge.checkpoint, "a judge's classes differ from the calibrated backbone's")
+        if not judge.keys:
+            log(f"judge {judge.checkpoint} has no images in {judge.store.root}: not used")
+            continue
         keys = sorted(rng.choice(judge.keys, min(take, len(judge.keys)), replace=False).tolist())
         budget -= len(keys)
         preds = ViewPredictions(GridModel(model, cfg.backend), judge.store, grid, areas, cfg.exact, cfg.batch_size)
@@ -184,6 +190,9 @@ def scale_read_pools(scale_model: str | Path | None, backbone, main: Pool, cfg: 
 
     scale, meta = load_checkpoint(scale_model)
     grid = tuple(meta.grid or ())
+    if meta.scans is not None:
+        log(f"the scale model reads {meta.scans} scans whatever the policy says: its read is not calibrated here")
+        return None, []
     if meta.train_resolution not in main.preds.grid or not set(grid) <= set(main.preds.grid):
         log(f"the scale model's read is not calibrated: its resolutions {meta.train_resolution}, {grid} are not all "
             f"among the calibrated {main.preds.grid}")
@@ -215,6 +224,12 @@ def sweep_points(pool: Pool, resolutions: Sequence[int], cfg: CalibrationConfig)
 # --- held-out report -------------------------------------------------------------------------------------------
 
 
+def _scans(policy: CalibrationPolicy, store: StoreLike, key: str, resolution: int) -> int:
+    """The policy's scans for ``key``; every scan for an image it does not list."""
+    scans = policy.scans(key, resolution)
+    return store.num_scans(key) if scans is None else scans
+
+
 def _prefix_bytes(store: StoreLike, keys: Sequence[str], scans: Sequence[int | None]
                   ) -> tuple[np.ndarray, np.ndarray]:
     read = np.array([store.prefix_size(k, s) for k, s in zip(keys, scans)], dtype=np.float64)
@@ -230,7 +245,7 @@ def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequ
     grid = policy.resolutions
     full = predict_grid(model, store, keys, grid, crops, scans=None, exact=exact, batch_size=batch_size,
                         progress=progress, description="held-out, full reads")
-    partial = [k for k in keys if any(policy.scans(k, r) < store.num_scans(k) for r in grid)]
+    partial = [k for k in keys if any(_scans(policy, store, k, r) < store.num_scans(k) for r in grid)]
     acc_full = accuracy_table(full)
     if partial:
         import pyarrow as pa
@@ -257,7 +272,7 @@ def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequ
 def worst_case_dynamic_savings(store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str]) -> float:
     """Read savings of the dynamic pipeline whatever resolutions the scale model picks: per image, the largest
     prefix the policy gives any resolution (the scale model's own included, as it is one of them)."""
-    read = sum(store.prefix_size(k, max(policy.scans(k, r) for r in policy.resolutions)) for k in keys)
+    read = sum(store.prefix_size(k, max(_scans(policy, store, k, r) for r in policy.resolutions)) for k in keys)
     return 1.0 - read / sum(store.size(k) for k in keys)
 
 

@@ -122,9 +122,11 @@ class ChoiceModel(torch.nn.Module):
 
 
 class ChoicePool:
-    """The scale model's read judged by the dynamic pipeline's end answer: a shorter scale prefix changes the
-    answer only by changing the chosen resolution, and the answer at each resolution is the backbone's full read
-    there (``backbone``: a :class:`Pool` over the same keys whose grid holds the scale model's)."""
+    """The scale model's read judged by what it alone changes in the dynamic pipeline's answers: a shorter scale
+    prefix changes an answer only by changing the chosen resolution; the answer compared at each resolution is the
+    backbone's full read there (``backbone``: a :class:`Pool` over the same keys whose grid holds the scale
+    model's). What the backbone's own shorter reads lose at the chosen resolutions is certified per resolution and
+    adds to this; the two are not one simultaneous bound on the pipeline."""
 
     def __init__(self, choices: ViewPredictions, backbone: Pool, scale_grid: Sequence[int]):
         self.choices, self.backbone, self.keys = choices, backbone, backbone.keys
@@ -186,8 +188,8 @@ def walk(pools: Sequence[Pool], family: str, resolution: int, cert: Certificatio
          scale_read: Sequence[ChoicePool] = ()) -> dict:
     """Fixed-sequence test of one family at one resolution: the last candidate before the first failure. The
     ssim family is judged on the pools with a quality index only (the index costs more than the ingest). With
-    ``scale_read`` pools (this is the scale model's resolution), a rule must also keep the dynamic pipeline's end
-    answers within the target (both bounds at ``delta``: the rule passes only if both hold)."""
+    ``scale_read`` pools (this is the scale model's resolution), a rule must also keep what the scale read changes
+    in the pipeline's answers within the target (:class:`ChoicePool`; the rule passes only if both bounds hold)."""
     pools = [p for p in pools if family != "ssim" or p.index is not None]
     if not pools:
         return {"family": family, "skipped": "no pool has a quality index", "steps": []}
@@ -220,7 +222,7 @@ def certify_resolution(pools: Sequence[Pool], resolution: int, families: Sequenc
     best = max(judged, key=lambda w: w["read_savings"]) if judged else None
     rule = best["rule"] if best and best["read_savings"] > 0 else ReadRule("full").to_dict()
     n = sum(len(p.keys) for p in pools)
-    needed = None if delta is None else images_needed(cert.target / 100.0, delta)
+    needed = None if delta is None else images_needed(cert.target / 100.0, delta, cert.criterion)
     return {"resolution": resolution, "rule": rule, "family": rule["family"], "families": walks,
             "images": n, "delta_per_family": delta, "images_needed_without_events": needed,
             "read_savings": best["read_savings"] if best and rule["family"] != "full" else 0.0,
