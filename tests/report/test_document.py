@@ -119,3 +119,48 @@ def test_the_tolerance_the_summary_records_is_rendered(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(s))
     _, md_path = build_report(tmp_path)
     assert "within 0.25 points of the best static accuracy" in md_path.read_text()
+
+
+def verdict() -> dict:
+    """The guard's record as `dynres run` writes it (dynres.study.verdict): dynamic at 25% crops, static at 100%."""
+    return {
+        "rule": "the guard's rule", "selection_images": 300, "held_out_images": 300,
+        "crops": [{"crop": 0.25, "mode": "dynamic", "lambda": 0.05, "static_resolution": 112, "reason": "wins",
+                   "held_static_accuracy": 70.25, "held_static_gflops": 0.041, "held_dynamic_accuracy": 74.75,
+                   "held_dynamic_gflops": 0.038, "baseline_resolution": 112, "held_baseline_accuracy": 70.25,
+                   "held_baseline_gflops": 0.041},
+                  {"crop": 1.0, "mode": "static", "lambda": 0.1, "static_resolution": 168,
+                   "reason": "less accurate: dynamic 88.5% vs static 89.25%", "held_static_accuracy": 89.25,
+                   "held_static_gflops": 0.092, "held_dynamic_accuracy": 88.5, "held_dynamic_gflops": 0.09}],
+        "pipeline": {"crop": 0.766, "guard_crop": 1.0, "served": "static_tuned", "reason": "the guard chose static",
+                     "static_resolution": 140, "baseline_resolution": 112,
+                     "rows": {"static_tuned": {"images_per_s": 500.0, "accuracy": 85.5, "bytes_per_image": 9000.0},
+                              "baseline": {"images_per_s": 200.0, "accuracy": 77.0, "bytes_per_image": 10000.0}}},
+        "serving": "/runs/x/serving.json",
+        "default_serving": {"crop": 0.75, "mode": "static", "infer": "dynres infer S --resolution 168",
+                            "serve": "dynres serve --resolution 168"},
+    }
+
+
+def test_the_report_opens_with_the_verdict_rendered_from_the_records(tmp_path):
+    run_config = {"rows": [{"setting": "scale.folds", "value": 3, "source": "file"},
+                           {"setting": "scale.cheap", "value": False, "source": "default"}],
+                  "warnings": ["dynamic.scans = 2 applies to the dynamic evaluation only"]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path) | {"verdict": verdict(),
+                                                                           "run_config": run_config}))
+    _, md_path = build_report(tmp_path)
+    md = md_path.read_text()
+    verdict_at = md.index("## Verdict on this data")
+    assert verdict_at < md.index("## Settings") < md.index("torch") < md.index("## Accuracy and GFLOPs")
+    head = md[verdict_at:md.index("## Settings")]
+    assert "25% crop: dynamic (λ=0.05); 100% crop: static 168 px" in head
+    for needle in ("74.75", "89.25", "88.5", "300 held-out", "less accurate", "2.50x the common baseline",
+                   "dynres infer S --resolution 168", "Warning: dynamic.scans = 2", "9,000 bytes/image"):
+        assert needle in head, needle
+    assert "folds=3" in md[md.index("## Settings"):]
+
+
+def test_a_run_from_before_the_guard_says_it_has_no_verdict(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path)))
+    _, md_path = build_report(tmp_path)
+    assert "No verdict (a run from before the guard) in this run." in md_path.read_text()

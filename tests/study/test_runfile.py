@@ -1,5 +1,8 @@
 """study.runfile: the run file of `dynres run` (TOML or YAML) mapped onto the settings dataclasses."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from dynres.errors import ConfigError
@@ -59,3 +62,41 @@ def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, me
     with pytest.raises(ConfigError, match=message) as err:
         load_study_config(tmp_path / "run.toml")
     assert "run.toml" in str(err.value)
+
+
+def test_folds_means_folds_unless_the_file_itself_says_cheap(tmp_path):
+    """`folds = K` trains K shard backbones for a user's data: the preset used to set `cheap` silently (issue 18)."""
+    _data(tmp_path)
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\n[scale]\nfolds = 3\n')
+    cfg = load_study_config(tmp_path / "run.toml")
+    assert cfg.chain.scale.folds == 3 and not cfg.chain.scale.cheap
+    assert cfg.file_settings == ("data", "out", "scale.folds")
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\nquick = true\n')
+    assert not load_study_config(tmp_path / "run.toml").chain.scale.cheap  # nor does `quick`
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\n[scale]\ncheap = true\n')
+    assert load_study_config(tmp_path / "run.toml").chain.scale.cheap
+
+
+@pytest.mark.parametrize("moot", ["folds = 3", "cheap = true", "splits = 2", "shard_epochs = 1", "crops = [1.0]"])
+def test_settings_that_reused_labels_would_ignore_are_refused_by_name(tmp_path, moot):
+    _data(tmp_path)
+    (tmp_path / "run.toml").write_text(f'data = "data"\nout = "o"\n[scale]\nlabels = "l.parquet"\n{moot}\n')
+    with pytest.raises(ConfigError, match=rf"scale\.{moot.split()[0]} would be ignored"):
+        load_study_config(tmp_path / "run.toml")
+
+
+def test_a_run_files_folds_train_that_many_shard_backbones(tmp_path):
+    """End to end on tiny data: the chain a run file describes trains exactly `folds` shard backbones."""
+    from dynres.study.chain import run_accuracy_chain
+    from tiny_store import MemoryStore
+
+    _data(tmp_path)
+    (tmp_path / "run.toml").write_text(
+        'data = "data"\nout = "o"\n[backbone]\nresolution = 32\nepochs = 1\nbatch_size = 8\n'
+        '[scale]\nfolds = 3\nepochs = 1\nbatch_size = 8\ncrops = [1.0]\n[eval]\ngrid = [24, 32]\ncrops = [1.0]\n')
+    chain = load_study_config(tmp_path / "run.toml").chain
+    result = run_accuracy_chain(MemoryStore(per_class=3), MemoryStore(per_class=2, offset=50), tmp_path / "acc",
+                                chain, progress=False)
+    shards = sorted(p.parent.name for p in (tmp_path / "acc" / "scale").glob("fold*/model.pt"))
+    assert shards == ["fold0", "fold1", "fold2"]
+    assert json.loads(Path(result["scale"]).read_text())["folds"] == 3

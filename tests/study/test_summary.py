@@ -33,3 +33,31 @@ def test_the_summary_copies_the_rows_the_report_needs(tmp_path):
     assert [d["read_savings"] for d in s["dynamic"]] == [0.25, 0.25]  # the calibrated pipeline's, per crop
     assert s["dynamic_tolerance"] == 0.5 and s["calibration_target"] == 0.05 and s["gemm_gflops_per_s"] == 100.0
     assert "flag" not in s["calibration"][0] and "other" not in s["pipeline"]["dynamic"]
+
+
+def test_every_effective_setting_is_recorded_with_where_it_came_from(tmp_path):
+    from dynres.study.runfile import load_study_config
+    from dynres.study.summary import study_settings
+
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\n[scale]\nfolds = 3\n[dynamic]\nscans = 2\n')
+    settings = study_settings(load_study_config(tmp_path / "run.toml"))
+    rows = {r["setting"]: r for r in settings["rows"]}
+    assert rows["scale.folds"] == {"setting": "scale.folds", "value": 3, "source": "file"}
+    assert rows["scale.cheap"] == {"setting": "scale.cheap", "value": False, "source": "default"}
+    assert rows["backbone.epochs"]["source"] == "preset"  # dynres run's choice for a user's data, not TrainConfig's
+    assert rows["calibration.target"]["source"] == "default" and "scale.backbone" not in rows
+    assert any(w.startswith("dynamic.scans = 2") for w in settings["warnings"])  # a setting serving does not honour
+
+
+def test_the_demo_records_its_settings_too(tmp_path):
+    from dynres.study.demo import demo_study_config
+    from dynres.study.summary import study_settings
+
+    rows = {r["setting"]: r for r in study_settings(demo_study_config(tmp_path, quick=True))["rows"]}
+    assert rows["quick"] == {"setting": "quick", "value": True, "source": "preset"}
+    assert rows["scale.arch"]["value"] == "resnet_micro" and not any(r["source"] == "file" for r in rows.values())
+    assert rows["scale.cheap"] == {"setting": "scale.cheap", "value": True, "source": "preset"}
+    assert any(w.startswith("scale.cheap = true") for w in study_settings(demo_study_config(tmp_path, quick=True))
+               ["warnings"])  # said, not silent

@@ -38,10 +38,55 @@ def run(
 
     from dynres.study.demo import run_study
     from dynres.study.runfile import load_study_config
+    from dynres.study.summary import study_settings
 
     cfg = replace(load_study_config(config), force=force)
+    print_settings(study_settings(cfg), config)
     summary = run_study(cfg)
+    print_verdict(summary.get("verdict"))
     console.print(f"[green]run finished in {summary['wall_s']:.0f} s[/green]; report: {cfg.out / 'report.html'}")
+
+
+def settings_table(settings: dict, source: Path):
+    """The effective settings as one rich table: a row per section, what the file set, what the preset chose
+    (where it differs from the dataclass's default) and the defaults."""
+    from rich.table import Table
+
+    table = Table(title=f"Effective settings ({source}; also in RUN/run_config.json)", title_justify="left")
+    for head in ("section", "from the file", "preset", "defaults"):
+        table.add_column(head, overflow="fold")
+    sections: dict[str, dict[str, list[str]]] = {}
+    for row in settings["rows"]:
+        section, _, name = row["setting"].rpartition(".")
+        text = f"{name}={_short(row['value'])}"
+        sections.setdefault(section or "run", {}).setdefault(row["source"], []).append(text)
+    for section, by_source in sections.items():
+        table.add_row(section, *(", ".join(by_source.get(src, [])) for src in ("file", "preset", "default")))
+    return table
+
+
+def _short(value) -> str:
+    """A setting's value as the table shows it: TOML's spelling, a long list by its ends and length."""
+    if value is None or isinstance(value, bool):
+        return "none" if value is None else str(value).lower()
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{value[0]}, …, {value[-1]}] ({len(value)} values)"
+    return str(value)
+
+
+def print_settings(settings: dict, source: Path) -> None:
+    console.print(settings_table(settings, source))
+    for warning in settings["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def print_verdict(verdict: dict | None) -> None:
+    """One line per crop: what the run recommends and the held-out evidence."""
+    if not verdict:
+        return
+    for row in verdict["crops"]:
+        console.print(f"crop {row['crop']:g}: [bold]{row['mode']}[/bold] — {row['reason']}")
+    console.print(f"serving configuration: {verdict['serving']}")
 
 
 def report(run_dir: Path = typer.Argument(..., help="A run directory with summary.json.")) -> None:

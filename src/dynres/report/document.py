@@ -1,6 +1,7 @@
 """`dynres report RUN_DIR`: the paper's tables and figures, rendered from a run's records (never recomputed).
 
-Input is ``RUN_DIR/summary.json`` (the schema `dynres demo` and `dynres run` write; see docs/summary-schema.md)
+The report opens with the verdict (what the run recommends per crop and the held-out evidence: the summary's
+``verdict``) and the effective settings (``run_config``). Input is ``RUN_DIR/summary.json`` (the schema `dynres demo` and `dynres run` write; see docs/summary-schema.md)
 plus, for what the summary does not copy, the records a run keeps: the dynamic evaluation's record that the
 summary's ``stages`` lists (Figures 8/9 with the oracle's GFLOPs) and, for a summary without ``dynamic_tolerance``,
 the accuracy stage's settings (``RUN_DIR/stages/accuracy.json``). Output: ``RUN_DIR/report.html``
@@ -145,6 +146,78 @@ def _by(rows: list[dict], key: str) -> dict:
 
 # --- the sections -----------------------------------------------------------------------------------------------
 
+def _choice(row: dict) -> str:
+    return f"dynamic (λ={row['lambda']:g})" if row["mode"] == "dynamic" else f"static {row['static_resolution']} px"
+
+
+def _read_savings(s: dict, row: dict) -> float | None:
+    """The calibrated reads' savings of the recommended choice at this crop (None: not in the records)."""
+    if row["mode"] == "dynamic":
+        rows = [d for d in s.get("dynamic", []) if d.get("lambda") is None and d["crop"] == row["crop"]]
+    else:
+        rows = [c for c in s.get("calibration", []) if c["crop"] == row["crop"]
+                and c["resolution"] == row["static_resolution"]]
+    return rows[0].get("read_savings") if rows else None
+
+
+def fill_verdict(sec: Section, run: Run) -> None:
+    """One screen: what the run recommends per crop and why, on held-out images, against the best static
+    resolution and the common baseline; what the pipeline serves, end to end; how to serve it."""
+    s, v = run.summary, run.summary["verdict"]
+    rows = v["crops"]
+    picks = "; ".join(f"{round(100 * r['crop'])}% crop: {_choice(r)}" for r in rows)
+    sec.text(f"Recommended on this data: {picks}. Rule: {v['rule']}. Evidence: {v['held_out_images']} held-out "
+             f"validation images (choices made on {v['selection_images']} others).")
+    table = [{"crop": r["crop"], "choice": _choice(r), "savings": _read_savings(s, r),
+              "acc": r.get(f"held_{r['mode']}_accuracy"), "gflops": r.get(f"held_{r['mode']}_gflops")} | r
+             for r in rows]
+    sec.table(table, ["crop", "choice", "acc", "gflops", "savings", "static_resolution", "held_static_accuracy",
+                      "held_static_gflops", "lambda", "held_dynamic_accuracy", "held_dynamic_gflops",
+                      "baseline_resolution", "held_baseline_accuracy", "held_baseline_gflops"],
+              ["crop", "recommended", "top-1 %", "GFLOPs", "read savings", "best static px", "top-1 %", "GFLOPs",
+               "dynamic λ", "top-1 %", "GFLOPs", "baseline px", "top-1 %", "GFLOPs"])
+    for r in rows:
+        if r["mode"] != "dynamic":
+            sec.text(f"{round(100 * r['crop'])}% crop, static: {r['reason']}.")
+    pipe = v.get("pipeline")
+    if pipe:
+        served, static, base = (pipe["rows"].get(k, {}) for k in (pipe["served"], "static_tuned", "baseline"))
+
+        def ratio(key: str, other: dict) -> str:
+            return f"{served[key] / other[key]:.2f}x" if served.get(key) and other.get(key) else "n/a"
+
+        def num(value: float | None, digits: int = 0) -> str:
+            return "n/a" if value is None else f"{value:,.{digits}f}"
+
+        sec.text(f"End to end at the pipeline stage's {round(100 * pipe['crop'])}% crop (held-out images): serving "
+                 f"{pipe['served']} ({pipe['reason']}): {num(served.get('images_per_s'))} images/s = "
+                 f"{ratio('images_per_s', static)} the best static @{pipe['static_resolution']} and "
+                 f"{ratio('images_per_s', base)} the common baseline (eager @{pipe['baseline_resolution']}, full "
+                 f"reads); {num(served.get('bytes_per_image'))} bytes/image = {ratio('bytes_per_image', static)} "
+                 f"and {ratio('bytes_per_image', base)}; top-1 {num(served.get('accuracy'), 1)}% vs "
+                 f"{num(static.get('accuracy'), 1)}% and {num(base.get('accuracy'), 1)}%.")
+    if v.get("default_serving"):
+        d = v["default_serving"]
+        sec.text(f"Serve it ({round(100 * d['crop'])}% crop, {d['mode']}): {d['infer']} — or {d['serve']}. Every "
+                 f"crop's configuration: {Path(v['serving']).name}.")
+    for warning in (s.get("run_config") or {}).get("warnings", []):
+        sec.text(f"Warning: {warning}.")
+
+
+def fill_settings(sec: Section, run: Run) -> None:
+    """Every effective setting, per section: what the run file set, the preset's choices, the defaults."""
+    by_section: dict[str, dict[str, list[str]]] = {}
+    for row in run.summary["run_config"]["rows"]:
+        section, _, name = row["setting"].rpartition(".")
+        value = row["value"]
+        if isinstance(value, list) and len(value) > 8:  # the λ sweep, the calibration sweep: by their ends
+            value = f"[{value[0]}, …, {value[-1]}] ({len(value)} values)"
+        by_section.setdefault(section or "run", {}).setdefault(row["source"], []).append(f"{name}={value}")
+    sec.table([{"section": k} | {src: ", ".join(v.get(src, [])) for src in ("file", "preset", "default")}
+               for k, v in by_section.items()], ["section", "file", "preset", "default"],
+              ["section", "from the run file", "preset", "defaults"])
+
+
 def fill_overview(sec: Section, run: Run) -> None:
     s = run.summary
     m = s.get("machine", {})
@@ -251,6 +324,8 @@ def fill_samples(sec: Section, run: Run) -> None:
 
 # (title, the summary field it renders or None, what the section says is missing without it, how to fill it)
 SECTIONS: tuple[tuple[str, str | None, str, Callable[[Section, Run], None]], ...] = (
+    ("Verdict on this data", "verdict", "verdict (a run from before the guard)", fill_verdict),
+    ("Settings", "run_config", "record of the effective settings", fill_settings),
     ("Run", None, "", fill_overview),
     ("Accuracy and GFLOPs per resolution and crop (Table I, Figures 8/9)", "static", "static evaluation",
      fill_static),

@@ -40,8 +40,10 @@ def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) ->
 
     ``pretrained`` (the built-in data): the backbones and the scale model's trunk fine-tune from the shipped weights
     (:func:`dynres.model.checkpoint.demo_weights`, trained on synthetic images no demo uses), as one fine-tunes from
-    ImageNet weights; that makes the K=4 shard backbones affordable on 2 cores. From scratch (a user's data set),
-    the chain keeps to the paper's one-split option (footnote 2): two backbone trainings.
+    ImageNet weights; that makes the K=4 shard backbones affordable on 2 cores. From scratch (a user's data set,
+    ``dynres run``) the scale labels keep ScaleConfig's own cross-validation (``folds`` shard backbones, ``cheap``
+    false): a run file's ``folds = K`` trains K of them, and only a run file's own ``cheap = true`` trains one
+    (the paper's footnote 2). It once defaulted to one shard of labels here, silently (issue 18).
     """
     if pretrained:
         from dynres.model.checkpoint import demo_weights
@@ -57,8 +59,7 @@ def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) ->
     # lr 0.01 and crops of >= 50% area: a from-scratch resnet_tiny learns within the budget (smaller random crops
     # often cut the object out; the default lr learns too slowly)
     backbone = TrainConfig(epochs=12 if quick else 40, lr=0.01, crop_scale=(0.5, 1.0), seed=seed)
-    return ChainConfig(backbone=backbone, scale=ScaleConfig(backbone=backbone, cheap=True, epochs=8 if quick else 12,
-                                                            seed=seed))
+    return ChainConfig(backbone=backbone, scale=ScaleConfig(backbone=backbone, epochs=8 if quick else 12, seed=seed))
 
 
 def chain_grid(cfg: ChainConfig) -> tuple[int, ...] | None:

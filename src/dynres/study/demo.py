@@ -15,7 +15,7 @@ from typing import Any
 
 from dynres.io.store import StoreLike, open_store
 from dynres.study.stages import Study, digest, read_json, write_json
-from dynres.study.summary import assemble_summary, scale_choices
+from dynres.study.summary import assemble_summary, scale_choices, study_settings
 
 STAGES = 9  # data, ingest, accuracy, quality, calibration, kernels, pipeline, bench_io, report
 
@@ -48,6 +48,8 @@ class StudyConfig:
     force: bool = False
     chain: Any = None  # dynres.study.chain.ChainConfig; None: the demo's preset (demo_config)
     calibration: Any = None  # dynres.study.calibrate.CalibrationConfig; None: its defaults
+    # the settings a run file set ("seed", "scale.folds", ...): recorded as the file's, the rest as preset/default
+    file_settings: tuple[str, ...] = ()
 
     @property
     def n_workers(self) -> int:
@@ -71,6 +73,7 @@ def run_study(config: StudyConfig) -> dict:
 
     out = Path(config.out)
     study = Study(out, total_stages=STAGES, force=config.force)
+    run_config = write_json(out / "run_config.json", study_settings(config))  # before anything runs
     data_dir = data_stage(study, config)
     stores = ingest_stage(study, config, data_dir)
     train_store, val_store = open_store(stores["train"]["store"]), open_store(stores["val"]["store"])
@@ -82,15 +85,17 @@ def run_study(config: StudyConfig) -> dict:
     quality_stage(study, config, val_store, grid, scale_res)
     cal_cfg = config.calibration or CalibrationConfig()
     held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never sees
-    cal = calibration_stage(study, val_store, acc, cal_cfg)
-    pipe_cfg = _pipeline_config(config)
+    cal = calibration_stage(study, val_store, train_store, acc, cal_cfg)
+    pipe_cfg = _pipeline_config(config, chain_cfg.dynamic.tolerance)
     kern = kernels_stage(study, config, acc, grid, scale_res, pipe_cfg.batch_size)
     pipe = pipeline_stage(study, stores["val"]["store"], acc, cal, pipe_cfg, held)
     io = io_stage(study, config, stores["val"]["store"], data_dir, grid)
+    verdict = verdict_step(study, chain_cfg, val_store, stores["val"]["store"], acc, dyn, cal, held, pipe)
 
     samples = scale_choices(val_store, acc["scale_model"], cal["policy"], held[:: max(1, len(held) // 16)][:16])
     summary = assemble_summary(study, dyn, read_json(cal["json"]), read_json(kern["json"]),
-                               read_json(kern["scale_json"]), read_json(pipe["json"]), read_json(io["json"]), samples)
+                               read_json(kern["scale_json"]), read_json(pipe["json"]), read_json(io["json"]), samples,
+                               verdict=verdict, run_config=read_json(run_config))
     write_json(out / "summary.json", summary)
     report_stage(study, summary)
     return summary
@@ -165,23 +170,32 @@ def quality_stage(study: Study, config: StudyConfig, val_store: StoreLike, grid:
                        lambda: build_quality_index(val_store, q_cfg, progress=True), after=("ingest",))
 
 
-def calibration_stage(study: Study, val_store: StoreLike, acc: dict, cal_cfg: Any) -> dict:
-    """The read policy, calibrated on the validation store's hashed calibration split."""
-    from dynres.study.calibrate import calibrate
+def calibration_stage(study: Study, val_store: StoreLike, train_store: StoreLike, acc: dict, cal_cfg: Any) -> dict:
+    """The read policy, calibrated on the validation store's hashed calibration split and on the training images
+    the chain's shard backbones did not see."""
+    from dynres.errors import ConfigError
+    from dynres.study.calibrate import calibrate, judges_from_record
 
     out = study.dir / "calibration"
 
     def calibration() -> dict:
-        rec = calibrate(val_store, acc["backbone"], out, cal_cfg, scale_model=acc["scale_model"])
+        judges = []
+        if cal_cfg.judge_images:
+            try:
+                judges = judges_from_record(train_store, acc["scale"])
+            except ConfigError as err:  # scale labels given from a file: no shard backbones to judge with
+                study.say(f"calibration without shard judges: {err}", style="yellow")
+        rec = calibrate(val_store, acc["backbone"], out, cal_cfg, scale_model=acc["scale_model"], judges=judges)
         return {"policy": rec["policy"], "json": str(out / "calibration.json")}
 
     return study.stage("calibration", {"calibration": asdict(cal_cfg)}, calibration, after=("accuracy", "quality"))
 
 
-def _pipeline_config(config: StudyConfig) -> Any:
+def _pipeline_config(config: StudyConfig, tolerance: float) -> Any:
+    """The pipeline benchmark's settings; its λ tolerance is the run's ``[dynamic] tolerance``."""
     from dynres.bench.pipeline import PipelineBenchConfig
 
-    return PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0)
+    return PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0, tolerance=tolerance)
 
 
 def kernels_stage(study: Study, config: StudyConfig, acc: dict, grid: tuple[int, ...], scale_res: int,
@@ -235,6 +249,34 @@ def io_stage(study: Study, config: StudyConfig, store_path: str, data_dir: Path,
         return {"json": str(out / "bench_io.json")}
 
     return study.stage("bench_io", {"io": asdict(io_cfg)}, io, after=("ingest",))
+
+
+def verdict_step(study: Study, chain_cfg: Any, val_store: StoreLike, store_path: str, acc: dict, dyn: dict,
+                 cal: dict, held: list[str], pipe: dict) -> dict:
+    """The guard (:mod:`dynres.study.verdict`): per crop, dynamic or the best static resolution on held-out
+    evidence; what the pipeline stage serves; ``RUN/serving.json`` for `dynres infer` / `serve`. Not a stage: it
+    reads the records of the others (a dynamic record from before the guard gets its per-image p(r) computed
+    once)."""
+    from dataclasses import replace
+
+    from dynres.study.dynamic import PROBS_FILE, dynamic_record
+    from dynres.study.verdict import SERVING_FILE, run_guard, served_pipeline, serving_config
+
+    eval_dir = study.dir / "accuracy" / "eval"
+    if not (eval_dir / PROBS_FILE).is_file():
+        dynamic_record(acc["backbone"], acc["scale_model"], val_store, eval_dir, replace(chain_cfg.dynamic, plot=False),
+                       replace(chain_cfg.eval, grid=tuple(dyn["grid"])), probs_path=eval_dir / PROBS_FILE)
+    pipe_rec = read_json(pipe["json"])
+    guard = run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, pipe_rec.get("baseline_resolution"))
+    serving = serving_config(guard, store_path, acc["backbone"], acc["scale_model"], cal["policy"])
+    path = write_json(study.dir / SERVING_FILE, serving)
+    verdict = guard | {"pipeline": served_pipeline(guard, pipe_rec), "serving": str(path),
+                       "default_serving": {k: serving["default"][k] for k in ("crop", "mode", "infer", "serve")}}
+    write_json(study.dir / "verdict.json", verdict)
+    modes = ", ".join(f"{r['crop']:g}: {r['mode']}" + (f" @{r['static_resolution']}" if r["mode"] == "static" else
+                                                       f" λ={r['lambda']:g}") for r in guard["crops"])
+    study.say(f"verdict (per crop, held-out evidence): {modes}; serving config {path}", style="bold")
+    return verdict
 
 
 def report_stage(study: Study, summary: dict) -> dict:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynres.errors import ConfigError
@@ -34,6 +35,7 @@ from dynres.study.scale import auc, predict_scale, scale_inputs
 from dynres.study.stages import recorded
 from dynres.study.static import EvalConfig, run_static
 
+PROBS_FILE = "dynamic_images.parquet"  # the scale model's p(r) per image and crop, beside dynamic.json
 DEFAULT_LAMBDAS = tuple(round(float(x), 3)
                         for x in np.concatenate([np.linspace(0, 0.2, 21), np.linspace(0.25, 1.0, 16)]))
 
@@ -89,7 +91,7 @@ def run_dynamic(backbone: str | Path, scale_model: str | Path, store: StoreLike,
     covers the scale model's grid and the crops; otherwise the static evaluation runs first."""
     out = Path(out)
     payload = dynamic_record(backbone, scale_model, store, Path(static_dir) if static_dir else out, cfg, eval_cfg,
-                             progress)
+                             progress, probs_path=out / PROBS_FILE)
     if cfg.plot:
         payload["plot"] = str(accuracy_vs_gflops(payload, out / "dynamic.png"))
     write_records(out, "dynamic", payload, dynamic_markdown(payload))
@@ -114,8 +116,9 @@ def static_results(backbone: str | Path, store: StoreLike, static_dir: Path, gri
 
 def dynamic_record(backbone: str | Path, scale_model: str | Path, store: StoreLike, static_dir: Path,
                    cfg: DynamicConfig = DynamicConfig(), eval_cfg: EvalConfig = EvalConfig(),
-                   progress: bool = True) -> dict:
-    """Compute :func:`run_dynamic`'s record without writing it (the static evaluation may run and be recorded)."""
+                   progress: bool = True, probs_path: Path | None = None) -> dict:
+    """Compute :func:`run_dynamic`'s record without writing it (the static evaluation may run and be recorded).
+    ``probs_path``: also write the scale model's p(r) per image and crop there (:func:`write_probs`)."""
     smodel, smeta = load_checkpoint(scale_model)
     if smeta.task != "scale":
         raise ConfigError(scale_model, f"not a scale model (task {smeta.task!r})")
@@ -136,6 +139,8 @@ def dynamic_record(backbone: str | Path, scale_model: str | Path, store: StoreLi
     images = scale_inputs(store, pairs, smeta.train_resolution, crops, scans, progress)
     scale_bytes = store.bytes_read - before
     probs_all = predict_scale(smodel, images)
+    if probs_path is not None:
+        write_probs(probs_path, pairs, probs_all, grid)
 
     static_rows = [r for r in static["static"] if r["resolution"] in grid]
     rows: dict[str, list[dict]] = {"dynamic": [], "oracle": [], "cost_aware": [], "summary": [], "auc": []}
@@ -154,6 +159,17 @@ def dynamic_record(backbone: str | Path, scale_model: str | Path, store: StoreLi
         "static": static_rows, "dynamic": rows["dynamic"], "oracle": rows["oracle"], "cost_aware": rows["cost_aware"],
         "summary": rows["summary"], "auc": rows["auc"],
     }
+
+
+def write_probs(path: Path, pairs: Sequence[tuple[str, float]], probs: np.ndarray, grid: Sequence[int]) -> Path:
+    """The scale model's p(r) per (key, crop) as Parquet (``key``, ``crop``, ``probs`` over ``grid``): with the
+    static per-image table it is everything a choice rule needs, so the guard (:mod:`dynres.study.verdict`) decides
+    on other images than it reports on without running a model again."""
+    table = pa.table({"key": [k for k, _ in pairs], "crop": pa.array([c for _, c in pairs], pa.float64()),
+                      "probs": pa.array([list(map(float, row)) for row in probs], pa.list_(pa.float32()))})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.replace_schema_metadata({"grid": json.dumps(list(grid))}), path)
+    return path
 
 
 def _rule_cost(cfg: DynamicConfig, grid: Sequence[int], cost_g: np.ndarray) -> np.ndarray:

@@ -95,8 +95,31 @@ def _parse(path: Path) -> dict:
     return raw
 
 
+# settings the scale labels make moot: with ``[scale] labels`` no shard backbone trains, and the labels bring
+# their own crops; set together they would be silently ignored, so they are refused
+LABELS_IGNORE = ("folds", "cheap", "splits", "shard_epochs", "crops")
+
+
+def file_settings(raw: dict) -> tuple[str, ...]:
+    """The settings the file sets, by dotted name (``seed``, ``scale.folds``): recorded as the file's."""
+    top = [k for k in raw if k not in SECTIONS]
+    return tuple(top + [f"{sec}.{key}" for sec in SECTIONS if isinstance(raw.get(sec), dict) for key in raw[sec]])
+
+
+def _refuse_ignored(raw: dict, path: Path) -> None:
+    scale = raw.get("scale") if isinstance(raw.get("scale"), dict) else {}
+    if scale.get("labels") is not None:
+        moot = [f"scale.{k}" for k in LABELS_IGNORE if k in scale]
+        if moot:
+            raise ConfigError(path, f"{', '.join(moot)} would be ignored: scale.labels reuses existing labels (no "
+                                    "shard backbone trains, the labels' own crops are used); drop one of them")
+
+
 def _chain(raw: dict, path: Path) -> ChainConfig:
-    """The demo's preset with the file's sections on top; the shard backbones keep the backbone's recipe."""
+    """The preset for a user's data (:func:`demo_config`; the scale labels' cross-validation as ScaleConfig's own
+    defaults, so ``folds = K`` trains K shard backbones unless the file sets ``cheap = true``) with the file's
+    sections on top; the shard backbones keep the backbone's recipe."""
+    _refuse_ignored(raw, path)
     chain = demo_config(quick=bool(raw.get("quick", False)), seed=int(raw.get("seed", 0)))
     backbone = override(chain.backbone, "backbone", raw.get("backbone", {}), path)
     scale = override(dataclasses.replace(chain.scale, backbone=backbone), "scale", raw.get("scale", {}), path)
@@ -123,4 +146,4 @@ def load_study_config(path: str | Path) -> StudyConfig:
     return StudyConfig(out=(path.parent / raw["out"]).resolve(), data=data, seed=int(raw.get("seed", 0)),
                        workers=int(raw.get("workers", 0)), quick=bool(raw.get("quick", False)),
                        io_images=int(raw.get("io_images", 64)), io_repeats=int(raw.get("io_repeats", 3)), chain=chain,
-                       calibration=calibration)
+                       calibration=calibration, file_settings=file_settings(raw))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dynres.io.store import Store
 from dynres.records import machine_info
@@ -33,9 +36,10 @@ def _pipeline_rows(pipe: dict) -> dict:
 
 
 def assemble_summary(study: Study, dyn: dict, cal: dict, kern: dict, kern_scale: dict, pipe: dict, io: dict,
-                     samples: list[dict]) -> dict:
+                     samples: list[dict], verdict: dict | None = None, run_config: dict | None = None) -> dict:
     """The summary from the records of the dynamic evaluation, calibration, kernels (backbone and scale model),
-    pipeline and I/O benchmarks, plus the scale model's ``samples`` (:func:`scale_choices`)."""
+    pipeline and I/O benchmarks, plus the scale model's ``samples`` (:func:`scale_choices`), the guard's
+    ``verdict`` (:mod:`dynres.study.verdict`) and the effective settings (:func:`study_settings`)."""
     calibration = [{k: r[k] for k in ("resolution", "crop", "acc_full", "acc_calibrated", "read_savings")}
                    for r in cal["calibration"]]
     return {
@@ -56,7 +60,63 @@ def assemble_summary(study: Study, dyn: dict, cal: dict, kern: dict, kern_scale:
         "pipeline_ratios": pipe.get("ratios", {}),
         "io": {"decode": io["decode"], "bytes_per_scan": io["bytes_per_scan"], "ingest": io.get("ingest")},
         "samples": samples,
+        "verdict": verdict,
+        "run_config": run_config,
     }
+
+
+# --- the effective settings -------------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _rows(section: str, obj: Any, chosen: frozenset[str], skip: tuple[str, ...] = ()) -> list[dict]:
+    """One row per field of the settings dataclass ``obj``: its value and where it came from."""
+    rows = []
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        name = f"{section}.{f.name}" if section else f.name
+        source = "file" if name in chosen else ("default" if _plain(value) == _plain(default) else "preset")
+        rows.append({"setting": name, "value": _plain(value), "source": source})
+    return rows
+
+
+def settings_warnings(chain: Any) -> list[str]:
+    """Settings the rest of the run does not honour as the evaluation does, each named (a setting the chain would
+    override outright is refused when the run file is read, :mod:`dynres.study.runfile`)."""
+    warnings = []
+    if chain.scale.cheap and chain.scale.labels is None:
+        warnings.append(f"scale.cheap = true: one shard backbone labels one shard, 1/{chain.scale.folds} of the "
+                        f"training images, although scale.folds = {chain.scale.folds} (the paper's single split)")
+    if chain.dynamic.scans is not None and chain.dynamic.scans != chain.scale.scans:
+        warnings.append(f"dynamic.scans = {chain.dynamic.scans} applies to the dynamic evaluation only: the pipeline "
+                        f"stage and `dynres infer` / `serve` read the scale checkpoint's prefix (scale.scans = "
+                        f"{chain.scale.scans})")
+    if chain.dynamic.cost_table is not None:
+        warnings.append("dynamic.cost_table weighs the evaluation's λ sweep only: the guard, the pipeline stage and "
+                        "`dynres infer` / `serve` weigh GFLOPs")
+    return warnings
+
+
+def study_settings(config: Any) -> dict:
+    """Every effective setting of a study (:class:`~dynres.study.demo.StudyConfig`): ``rows`` of ``{setting,
+    value, source}`` with source ``file`` (the run file set it), ``preset`` (the preset of `dynres run` / `dynres
+    demo` differs from the dataclass's default there) or ``default``; and the ``warnings`` of
+    :func:`settings_warnings`."""
+    from dynres.study.chain import demo_config
+
+    chain = config.chain or demo_config(quick=config.quick, seed=config.seed, pretrained=config.data is None)
+    chosen = frozenset(config.file_settings)
+    demo_only = ("size",) if config.data is not None else ()  # the built-in data's size
+    top = _rows("", config, chosen, skip=("chain", "calibration", "file_settings", *demo_only))
+    rows = (top + _rows("backbone", chain.backbone, chosen) + _rows("scale", chain.scale, chosen, skip=("backbone",))
+            + _rows("eval", chain.eval, chosen) + _rows("dynamic", chain.dynamic, chosen)
+            + _rows("calibration", config.calibration or CalibrationConfig(), chosen))
+    return {"rows": rows, "warnings": settings_warnings(chain)}
 
 
 def scale_choices(store: Store, scale_model: str | Path, policy_path: str | Path, keys: Sequence[str],

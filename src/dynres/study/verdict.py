@@ -1,0 +1,193 @@
+"""The guard ("never silently worse", issue 18) and the serving configuration it writes for `dynres infer` / `serve`.
+
+Per crop, the study recommends the dynamic pipeline only where held-out evidence shows it at least as accurate as
+the best static resolution at no more GFLOPs, and that static resolution everywhere else:
+
+1. Selection, on the calibration part of the validation store (calibration's own split, so that the evidence is on
+   exactly the images the pipeline benchmark times): the best static resolution r* (most images right; the cheaper
+   on a tie) and the iso-cost λ* (the λ of the sweep with the most images right among those whose mean GFLOPs,
+   scale model included, do not exceed r*'s), under the rule `dynres infer` / `serve` run: argmax p(r) −
+   λ·GFLOPs(r)/max GFLOPs.
+2. Decision and evidence, on the held-out part: dynamic at λ* when it gets at least as many images right as r*
+   and its mean GFLOPs do not exceed r*'s; else static at r*. The held-out numbers are what the report shows.
+3. The pipeline stage timed every mode at one crop: the mode it serves follows the guard at the nearest crop, and
+   is the static one whenever its own held-out measurement has the dynamic mode less accurate.
+
+Everything here reads records (the static per-image table and the scale model's p(r) per image, both beside
+``dynamic.json``); no model runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dynres.paper import crop_area, crop_side
+from dynres.runtime.engine import EngineSpec, PipelineConfig
+from dynres.runtime.runners import choose
+from dynres.study.dynamic import PROBS_FILE
+
+RULE = ("per crop: the dynamic pipeline at the iso-cost λ (chosen on the calibration split) where, on the held-out "
+        "split, it gets at least as many images right as the best static resolution (chosen on the calibration "
+        "split) at no more mean GFLOPs (scale model included); that static resolution elsewhere")
+SERVING_FILE = "serving.json"
+EPS = 1e-12  # GFLOPs compared as floats: equal costs must count as "no more"
+
+
+# --- the guard --------------------------------------------------------------------------------------------------
+
+
+def _point(p: np.ndarray, ok: np.ndarray, cost: np.ndarray, scale_g: float, lam: float,
+           mask: np.ndarray) -> tuple[int, float]:
+    """Images right and mean GFLOPs (scale model included) of the cost-aware rule at ``lam`` on ``mask``'s images."""
+    pick = choose(p[mask], cost, lam)
+    return int(ok[mask][np.arange(len(pick)), pick].sum()), float(cost[pick].mean() + scale_g)
+
+
+def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost: np.ndarray, scale_g: float,
+               lambdas: Sequence[float], select: np.ndarray, baseline_resolution: int | None = None) -> dict:
+    """One crop's decision. ``p``: the scale model's p(r) and ``ok``: the backbone right or not (images x grid);
+    ``cost``: the backbone's GFLOPs per grid resolution; ``select``: True for the selection images (the rest are
+    the held-out evidence); ``baseline_resolution``: the common baseline's, reported alongside when on the grid."""
+    select = np.asarray(select, dtype=bool)
+    held = ~select
+    n_sel, n_held = int(select.sum()), int(held.sum())
+    row: dict = {"crop": crop, "selection_images": n_sel, "held_out_images": n_held, "lambda": None}
+    if not n_sel or not n_held:
+        best = int(np.argmax(ok.sum(0)))
+        return row | {"mode": "static", "static_resolution": int(grid[best]),
+                      "reason": "too few validation images to hold any out: the most accurate static resolution"}
+    right_sel = ok[select].sum(0)
+    best = int(np.argmax(right_sel))  # the first maximum: the cheapest resolution on a tie (the grid ascends)
+    budget = float(cost[best])
+    static_right = int(ok[held, best].sum())
+    row |= {"static_resolution": int(grid[best]), "selection_static_accuracy": 100 * right_sel[best] / n_sel,
+            "held_static_accuracy": 100 * static_right / n_held, "held_static_gflops": budget}
+    if baseline_resolution in grid:
+        i = list(grid).index(baseline_resolution)
+        row |= {"baseline_resolution": int(baseline_resolution),
+                "held_baseline_accuracy": 100 * int(ok[held, i].sum()) / n_held, "held_baseline_gflops": float(cost[i])}
+    affordable = []
+    for lam in lambdas:
+        right, gf = _point(p, ok, cost, scale_g, lam, select)
+        if gf <= budget + EPS:
+            affordable.append((right, -gf, lam))
+    if not affordable:
+        return row | {"mode": "static", "reason": "no λ of the sweep is as cheap as the best static resolution "
+                                                  "(the scale model's own GFLOPs included)"}
+    sel_right, neg_gf, lam = max(affordable)
+    right, gf = _point(p, ok, cost, scale_g, lam, held)
+    row |= {"lambda": lam, "selection_dynamic_accuracy": 100 * sel_right / n_sel,
+            "selection_dynamic_gflops": -neg_gf, "held_dynamic_accuracy": 100 * right / n_held,
+            "held_dynamic_gflops": gf}
+    vs = (f"dynamic (λ={lam:g}) {row['held_dynamic_accuracy']:.1f}% at {gf:.4g} GFLOPs vs static "
+          f"{grid[best]} px {row['held_static_accuracy']:.1f}% at {budget:.4g} GFLOPs on {n_held} held-out images")
+    if right < static_right:
+        return row | {"mode": "static", "reason": f"less accurate: {vs}"}
+    if gf > budget + EPS:
+        return row | {"mode": "static", "reason": f"costlier: {vs}"}
+    return row | {"mode": "dynamic", "reason": f"at least as accurate for no more GFLOPs: {vs}"}
+
+
+def load_evidence(eval_dir: str | Path) -> tuple[list[str], list[int], dict[float, np.ndarray],
+                                                 dict[float, np.ndarray]]:
+    """Keys, grid, and per crop the scale model's p(r) and the backbone's correctness (images x grid), from the
+    dynamic evaluation's per-image table and the static one beside it."""
+    eval_dir = Path(eval_dir)
+    probs = pq.read_table(eval_dir / PROBS_FILE)
+    grid = [int(r) for r in json.loads(probs.schema.metadata[b"grid"])]
+    static = pq.read_table(eval_dir / "static_images.parquet")
+    correct = {(k, c, r): bool(v) for k, c, r, v in zip(*(static.column(n).to_pylist()
+                                                         for n in ("key", "crop", "resolution", "correct")))}
+    keys = list(dict.fromkeys(probs.column("key").to_pylist()))
+    by_pair = {(k, c): v for k, c, v in zip(*(probs.column(n).to_pylist() for n in ("key", "crop", "probs")))}
+    crops = sorted({c for _, c in by_pair})
+    p = {c: np.array([by_pair[(k, c)] for k in keys], dtype=np.float64) for c in crops}
+    ok = {c: np.array([[correct[(k, c, r)] for r in grid] for k in keys], dtype=bool) for c in crops}
+    return keys, grid, p, ok
+
+
+def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas: Sequence[float],
+              baseline_resolution: int | None = None) -> dict:
+    """The guard over every crop of the dynamic evaluation in ``eval_dir`` (its record ``dyn`` gives the GFLOPs):
+    held-out images are ``held_keys``, the rest select."""
+    keys, grid, p, ok = load_evidence(eval_dir)
+    gflops = {r["resolution"]: r["gflops"] for r in dyn["static"]}
+    cost = np.array([gflops[r] for r in grid], dtype=np.float64)
+    held = set(held_keys)
+    select = np.array([k not in held for k in keys])
+    rows = [guard_crop(c, p[c], ok[c], grid, cost, float(dyn["scale_gflops"]), lambdas, select, baseline_resolution)
+            for c in sorted(p)]
+    return {"rule": RULE, "cost": "gflops", "selection_images": int(select.sum()),
+            "held_out_images": int((~select).sum()), "crops": rows}
+
+
+def nearest(rows: Sequence[dict], area: float) -> dict:
+    """The guard row of the crop nearest to ``area`` (an area fraction)."""
+    return min(rows, key=lambda r: abs(r["crop"] - area))
+
+
+def served_pipeline(guard: dict, pipe: dict) -> dict:
+    """Which of the pipeline benchmark's modes the study serves at the benchmark's crop: the fastest dynamic
+    variant the benchmark reports (``ratios.dynamic_mode``) where the guard says dynamic at the nearest crop and
+    that variant is at least as accurate as the tuned static mode on the same held-out images; else the static."""
+    rows = pipe["pipeline"]
+    area = crop_area(pipe.get("config", {}).get("crop_side", PipelineConfig.crop_side))
+    row = nearest(guard["crops"], area)
+    dynamic = pipe.get("ratios", {}).get("dynamic_mode", "dynamic")
+    static = rows["static_tuned"]
+    if row["mode"] != "dynamic":
+        served, reason = "static_tuned", f"the guard chose static at crop {row['crop']:g}: {row['reason']}"
+    elif (rows[dynamic]["accuracy"] or 0.0) < (static["accuracy"] or 0.0):
+        served, reason = "static_tuned", (f"the guard chose dynamic at crop {row['crop']:g}, but the pipeline's "
+                                          f"{dynamic} was less accurate than the tuned static mode on its images")
+    else:
+        served, reason = dynamic, f"the guard chose dynamic at crop {row['crop']:g}: {row['reason']}"
+    keep = ("images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms")
+    return {"crop": area, "guard_crop": row["crop"], "served": served, "reason": reason,
+            "static_resolution": pipe.get("static_resolution"), "baseline_resolution": pipe.get("baseline_resolution"),
+            "rows": {name: {k: rows[name].get(k) for k in keep}
+                     for name in dict.fromkeys((served, "static_tuned", "baseline")) if name in rows}}
+
+
+# --- the serving configuration ------------------------------------------------------------------------------------
+
+
+def serving_entry(row: dict, store: str, backbone: str, scale: str, policy: str | None,
+                  kernels: str = "tuned") -> dict:
+    """One crop's serving configuration: the engine spec (static: the backbone alone at r*, no scale model) and the
+    `dynres infer` / `dynres serve` command lines that run it."""
+    side = crop_side(row["crop"])
+    static = row["mode"] != "dynamic"
+    cfg = PipelineConfig(crop_side=side, resolution=row["static_resolution"] if static else None,
+                         lam=0.0 if static else float(row["lambda"]))
+    spec = EngineSpec(store, backbone, None if static else scale, policy, kernels, cfg)
+    mode = (["--resolution", str(row["static_resolution"])] if static
+            else ["--scale", scale, "--lambda", f"{row['lambda']:g}"])
+    common = ["--model", backbone, *mode, *(["--policy", policy] if policy else []), "--kernels", kernels]
+    return {"crop": row["crop"], "mode": "static" if static else "dynamic", "resolution": cfg.resolution,
+            "lambda": None if static else cfg.lam, "reason": row["reason"],
+            "engine": asdict(spec),
+            "infer": shlex.join(["dynres", "infer", store, *common, "--crop", f"{side:.4g}"]),
+            "serve": shlex.join(["dynres", "serve", *common, "--store", store])}
+
+
+def serving_config(guard: dict, store: str, backbone: str, scale: str, policy: str | None,
+                   kernels: str = "tuned") -> dict:
+    """Every crop's serving entry, and as ``default`` the one at the crop `dynres infer` / `serve` use unless told
+    (:attr:`PipelineConfig.crop_side`)."""
+    entries = [serving_entry(row, store, backbone, scale, policy, kernels) for row in guard["crops"]]
+    default = nearest(entries, crop_area(PipelineConfig.crop_side))
+    return {"rule": guard["rule"], "default": default, "crops": entries}
+
+
+def engine_spec(entry: dict) -> EngineSpec:
+    """The :class:`EngineSpec` of a serving entry (as :func:`dynres.runtime.engine.build_engine` takes it)."""
+    spec = dict(entry["engine"])
+    return EngineSpec(**{**spec, "config": PipelineConfig(**spec["config"])})

@@ -1,0 +1,126 @@
+"""study.verdict: the guard serves the dynamic pipeline only where held-out evidence says it is at least as accurate
+as the best static resolution at no more GFLOPs; the serving configuration and the pipeline's mode follow it."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dynres.runtime.engine import build_engine
+from dynres.study.dynamic import PROBS_FILE, write_probs
+from dynres.study.verdict import engine_spec, guard_crop, run_guard, served_pipeline, serving_config
+
+GRID = (56, 112)
+COST = np.array([1.0, 4.0])  # GFLOPs per grid resolution
+LAMBDAS = (0.0, 0.1, 1.0)
+
+
+def images(n: int) -> np.ndarray:
+    """Correctness at (56, 112) of ``n`` images: 30% right at 56 only, 50% at 112 only, 20% at both. The best
+    static resolution is 112 (70%); a scale model that knows which is which gets all of them right for less."""
+    kinds = [[True, False]] * 3 + [[False, True]] * 5 + [[True, True]] * 2
+    return np.array([kinds[i % 10] for i in range(n)], dtype=bool)
+
+
+def test_the_guard_picks_dynamic_when_it_wins_on_held_out_images():
+    ok = images(40)
+    select = np.arange(40) < 20
+    row = guard_crop(0.5, ok.astype(float), ok, GRID, COST, 0.1, LAMBDAS, select, baseline_resolution=112)
+    assert row["mode"] == "dynamic" and row["static_resolution"] == 112
+    assert row["held_static_accuracy"] == 70.0 and row["held_dynamic_accuracy"] == 100.0
+    assert row["held_dynamic_gflops"] <= row["held_static_gflops"] == 4.0
+    assert row["held_baseline_accuracy"] == 70.0 and row["held_out_images"] == row["selection_images"] == 20
+
+
+def test_the_guard_picks_the_best_static_resolution_when_dynamic_is_worse():
+    ok = images(40)
+    row = guard_crop(0.5, (~ok).astype(float), ok, GRID, COST, 0.1, LAMBDAS, np.arange(40) < 20)
+    assert row["mode"] == "static" and row["static_resolution"] == 112
+    assert row["held_dynamic_accuracy"] < row["held_static_accuracy"]
+    assert row["reason"].startswith("less accurate")
+
+
+def test_the_decision_rests_on_the_held_out_images_not_on_the_ones_it_chose_on():
+    """A scale model right on the selection half and wrong on the held-out half: the selection alone would say
+    dynamic; the held-out evidence says static."""
+    ok = images(40)
+    select = np.arange(40) < 20
+    p = np.where(select[:, None], ok, ~ok).astype(float)
+    row = guard_crop(1.0, p, ok, GRID, COST, 0.1, LAMBDAS, select)
+    assert row["selection_dynamic_accuracy"] == 100.0 > row["selection_static_accuracy"]
+    assert row["mode"] == "static"
+
+
+def test_no_affordable_lambda_or_no_held_out_image_means_static():
+    ok = images(20)
+    costly = guard_crop(1.0, ok.astype(float), ok, GRID, COST, scale_g=10.0, lambdas=LAMBDAS,
+                        select=np.arange(20) < 10)  # the scale model alone costs more than the best static
+    assert costly["mode"] == "static" and costly["lambda"] is None and "as cheap" in costly["reason"]
+    none_held = guard_crop(1.0, ok.astype(float), ok, GRID, COST, 0.1, LAMBDAS, np.ones(20, dtype=bool))
+    assert none_held["mode"] == "static" and none_held["static_resolution"] == 112
+
+
+def write_records(eval_dir, n: int = 40) -> tuple[dict, list[str]]:
+    """A static per-image table and the scale model's p(r), as the dynamic evaluation writes them: at crop 0.25 the
+    scale model knows the answer, at crop 1.0 it has it backwards."""
+    ok = images(n)
+    keys = [f"k{i:03d}" for i in range(n)]
+    rows = [{"key": k, "crop": c, "resolution": r, "correct": bool(ok[i, j])}
+            for c in (0.25, 1.0) for i, k in enumerate(keys) for j, r in enumerate(GRID)]
+    pq.write_table(pa.Table.from_pylist(rows), eval_dir / "static_images.parquet")
+    pairs = [(k, c) for c in (0.25, 1.0) for k in keys]
+    probs = np.concatenate([ok, ~ok]).astype(float)
+    write_probs(eval_dir / PROBS_FILE, pairs, probs, GRID)
+    dyn = {"static": [{"crop": c, "resolution": r, "gflops": float(COST[j])} for c in (0.25, 1.0)
+                      for j, r in enumerate(GRID)], "scale_gflops": 0.1}
+    return dyn, keys[::2]  # every other image held out
+
+
+def test_the_guard_reads_the_evaluations_records(tmp_path):
+    dyn, held = write_records(tmp_path)
+    guard = run_guard(tmp_path, dyn, held, LAMBDAS, baseline_resolution=112)
+    assert guard["held_out_images"] == 20 and guard["selection_images"] == 20
+    assert [(r["crop"], r["mode"]) for r in guard["crops"]] == [(0.25, "dynamic"), (1.0, "static")]
+    json.dumps(guard)  # a record: plain JSON
+
+
+def test_the_serving_config_follows_the_guard(tmp_path, models):
+    store, backbone, scale = models
+    guard = {"rule": "r", "crops": [
+        {"crop": 0.25, "mode": "dynamic", "lambda": 0.1, "static_resolution": 32, "reason": "wins"},
+        {"crop": 0.75, "mode": "static", "lambda": 0.1, "static_resolution": 24, "reason": "loses"}]}
+    with_policy = serving_config(guard, "STORE", str(backbone), str(scale), "calib/policy.json")
+    assert all("--policy calib/policy.json --kernels tuned" in e["infer"] for e in with_policy["crops"])
+    serving = serving_config(guard, "STORE", str(backbone), str(scale), None, kernels="eager")
+    dynamic, static = serving["crops"]
+    assert serving["default"]["crop"] == 0.75  # the crop `dynres infer` uses unless told (side 0.875)
+    assert static["engine"]["scale"] is None and static["engine"]["config"]["resolution"] == 24
+    assert "--resolution 24" in static["infer"] and "--scale" not in static["infer"] + static["serve"]
+    assert dynamic["engine"]["config"]["resolution"] is None and dynamic["engine"]["config"]["lam"] == 0.1
+    assert "--lambda 0.1" in dynamic["serve"] and "--resolution" not in dynamic["infer"]
+    assert build_engine(engine_spec(static), store=store).scale is None  # the backbone alone, at 24 px
+    engine = build_engine(engine_spec(dynamic), store=store)
+    assert engine.scale is not None and engine.config.lam == 0.1
+    assert engine.config.crop_side == pytest.approx(0.5)
+
+
+def pipeline(dynamic_accuracy: float) -> dict:
+    row = {"images_per_s": 10.0, "bytes_per_image": 1e4, "p50_ms": 1.0, "p99_ms": 2.0}
+    return {"config": {"crop_side": 0.875}, "static_resolution": 112, "baseline_resolution": 112,
+            "ratios": {"dynamic_mode": "dynamic_read_ahead"},
+            "pipeline": {"baseline": row | {"accuracy": 60.0}, "static_tuned": row | {"accuracy": 70.0},
+                         "dynamic_read_ahead": row | {"accuracy": dynamic_accuracy, "images_per_s": 20.0}}}
+
+
+@pytest.mark.parametrize("mode, dynamic_accuracy, served", [
+    ("dynamic", 71.0, "dynamic_read_ahead"),
+    ("dynamic", 69.0, "static_tuned"),  # the pipeline's own held-out run has it less accurate
+    ("static", 80.0, "static_tuned"),
+])
+def test_the_pipeline_serves_what_the_guard_chose(mode, dynamic_accuracy, served):
+    guard = {"crops": [{"crop": 0.25, "mode": "dynamic", "reason": "x"}, {"crop": 0.75, "mode": mode, "reason": "y"}]}
+    result = served_pipeline(guard, pipeline(dynamic_accuracy))
+    assert result["guard_crop"] == 0.75 and result["served"] == served
+    assert set(result["rows"]) == {served, "static_tuned", "baseline"}
