@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from dynres._ui import console
-from dynres.cli import bench, data, policy, runtime, study, train
+from dynres.cli import bench, data, layout, policy, runtime, study, train
 from dynres.cli import eval as evaluation
 from dynres.errors import DynresError
 from dynres.version import __version__
@@ -28,6 +28,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 # the order of `dynres --help`: single commands, then the groups
 app.command()(study.demo)
 app.command()(data.ingest)
+app.command()(layout.layout)
 app.command()(study.run)
 app.command()(study.report)
 app.command()(runtime.infer)

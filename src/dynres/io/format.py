@@ -16,6 +16,7 @@ MANIFEST = "manifest.parquet"
 VERSION_KEY = b"dynres.format_version"
 CLASSES_KEY = b"dynres.classes"
 CONFIG_KEY = b"dynres.ingest_config"
+LAYOUT_KEY = b"dynres.scan_layout"  # the scan layout as JSON (dynres.io.layout.store_layout); absent in older stores
 IMAGES = "images"
 REPORT = "ingest_report.json"
 

@@ -44,6 +44,7 @@ from dynres.io.format import (
     CONFIG_KEY,
     FORMAT_VERSION,
     IMAGES,
+    LAYOUT_KEY,
     MANIFEST,
     REASON_REQUESTED,
     REASON_ROTATED,
@@ -61,6 +62,7 @@ from dynres.io.jpeg import (
     parse_scans,
     prefix_crc32s,
 )
+from dynres.io.layout import read_script, script_for_source, store_layout
 from dynres.io.transcode import Transcoder, fallback_notice, find_transcoder, source_bytes
 
 log = logging.getLogger(__name__)
@@ -172,7 +174,7 @@ def ingest(
         reasons=dict(Counter(reason_rule(r["reason"]) for r in rows if r["reason"]).most_common()),
         transcoder=transcoder and transcoder.name,
     )
-    _write_store(store_dir, report, rows, classes, fingerprint)
+    _write_store(store_dir, report, rows, classes, fingerprint, store_layout(cfg.scans, report.transcoder))
     return report
 
 
@@ -193,6 +195,7 @@ def _check_dirs(src: Path, store_dir: Path, cfg: IngestConfig) -> tuple[Path, Pa
         raise ConfigError(store_dir, f"the store must not be inside the source tree {src}")
     if cfg.scans is not None:
         check_scan_script(cfg.scans)
+        read_script(cfg.scans)  # and lossless: every coefficient reaches bit 0 (libjpeg accepts scripts that drop bits)
     return src, store_dir
 
 
@@ -232,14 +235,15 @@ def _encode_journaled(store_dir: Path, tasks: list[_Task], skipped: list[tuple[s
 
 
 def _write_store(store_dir: Path, report: IngestReport, rows: list[dict], classes: list[str],
-                 fingerprint: dict) -> None:
+                 fingerprint: dict, layout: dict) -> None:
     """The report, then the manifest (atomically: the store is complete from here), then the journal and any file
-    the manifest no longer references go."""
+    the manifest no longer references go. ``layout``: the scan layout the store records (:mod:`dynres.io.layout`)."""
     _atomic_write(store_dir / REPORT, json.dumps(report.to_dict(), indent=1, ensure_ascii=False).encode())
     metadata = {
         VERSION_KEY: str(FORMAT_VERSION).encode(),
         CLASSES_KEY: json.dumps(classes, ensure_ascii=False).encode(),
         CONFIG_KEY: json.dumps(fingerprint).encode(),
+        LAYOUT_KEY: json.dumps(layout).encode(),
         b"dynres.created": datetime.now(timezone.utc).isoformat().encode(),
     }
     _write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata)), store_dir / MANIFEST)
@@ -413,8 +417,9 @@ def _encode_one(arg: tuple[_Task, str, IngestConfig, Transcoder | None]) -> dict
     try:
         data, reason = None, f"{REASON_REQUESTED} (lossless=False)"
         if cfg.lossless:  # a JPEG source: transcoded if it can be, else the reason it cannot
-            data, reason = source_bytes(Path(task.source_abs).read_bytes(), task.source, transcoder,
-                                        max_side=cfg.max_side, max_pixels=cfg.max_pixels, scans=cfg.scans)
+            source = Path(task.source_abs).read_bytes()
+            data, reason = source_bytes(source, task.source, transcoder, max_side=cfg.max_side,
+                                        max_pixels=cfg.max_pixels, scans=script_for_source(cfg.scans, source))
         lossless = data is not None and not reason.startswith(REASON_ROTATED)
         if data is None:
             img = load_rgb(task.source_abs, max_pixels=cfg.max_pixels, max_side=cfg.max_side)

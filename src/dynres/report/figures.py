@@ -35,15 +35,22 @@ def kernel_groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
 
 
 def calibration_sweep(points: list[dict], path: Path) -> Path:
-    """Figure 6: accuracy change vs relative bytes read, one curve per resolution."""
+    """Figure 6: accuracy change vs relative bytes read, one curve per resolution and policy family (solid: one
+    scan count for every image; dashed: SSIM thresholds; records without a family are SSIM sweeps)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for r in sorted({p["resolution"] for p in points}):
-        pts = sorted((p for p in points if p["resolution"] == r), key=lambda p: p["relative_bytes"])
-        ax.plot([p["relative_bytes"] for p in pts], [p["acc_change"] for p in pts], "o-", ms=3, label=f"{r}")
+    colours = {r: f"C{i}" for i, r in enumerate(sorted({p["resolution"] for p in points}))}
+    labelled = set()
+    for (r, family) in sorted({(p["resolution"], p.get("family", "ssim")) for p in points}):
+        pts = sorted((p for p in points if p["resolution"] == r and p.get("family", "ssim") == family),
+                     key=lambda p: p["relative_bytes"])
+        ax.plot([p["relative_bytes"] for p in pts], [p["acc_change"] for p in pts],
+                "o-" if family == "count" else "s--", ms=3, color=colours[r],
+                label=None if r in labelled else f"{r}")
+        labelled.add(r)
     ax.set_xlabel("relative bytes read (1.0 = whole file)")
     ax.set_ylabel("top-1 accuracy change (points)")
-    ax.set_title("Storage calibration: SSIM threshold sweep")
+    ax.set_title("Storage calibration: scan counts (solid), SSIM thresholds (dashed)")
     ax.legend(title="resolution", fontsize=7)
     fig.tight_layout()
     return _save(fig, path, dpi=120)
@@ -144,3 +151,31 @@ def scale_choice_thumbnails(samples: list[dict], path: Path) -> Path:
             continue
         ax.set_title(f"{sm['resolution']} px\n{sm.get('class_name', '')}", fontsize=7)
     return _save(fig, path, dpi=110, bbox_inches="tight")
+
+
+def layout_frontiers(record: dict, path: Path, half: str = "held_out") -> Path:
+    """Scan layouts: top-1 vs bytes read (fraction of the libjpeg-default file) at every scan count, one panel per
+    resolution, one line per candidate (``record``: ``grid`` and ``candidates``, each with ``name`` and
+    ``frontier[half]`` rows of resolution, bytes, top1)."""
+    plt = _pyplot()
+    grid = record["grid"]
+    cols = min(4, len(grid))
+    rows = (len(grid) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(grid):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, grid):
+        for c in record["candidates"]:
+            pts = [p for p in c["frontier"][half] if p["resolution"] == r]
+            ax.plot([p["bytes"] for p in pts], [p["top1"] for p in pts], "o-", ms=2.5, lw=1, label=c["name"])
+        ax.set_title(f"{r} px", fontsize=9)
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("top-1 (%)", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("bytes read (default file = 1)", fontsize=8)
+    axes.flat[0].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path, dpi=110)
