@@ -21,12 +21,12 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(store, tmp_path_factory):
     """Backbone and scale checkpoints, and a policy that reads 3 scans everywhere."""
-    from dynres.policy.calibration import CalibrationPolicy
+    from dynres.policy.calibration import CalibrationPolicy, ReadRule
 
     root = tmp_path_factory.mktemp("bench-pipeline-models")
     backbone, scale = save_tiny_checkpoints(root)
     counts = np.full((len(store.keys), len(GRID)), 3)
-    CalibrationPolicy(dict.fromkeys(GRID, 0.95), tuple(store.keys), counts).save(root / "policy.json")
+    CalibrationPolicy(dict.fromkeys(GRID, ReadRule("ssim", 0.95)), tuple(store.keys), counts).save(root / "policy.json")
     return str(backbone), str(scale), str(root / "policy.json")
 
 
@@ -77,6 +77,17 @@ def test_fixed_operating_points_skip_the_sweeps_and_every_mode_runs_the_given_im
     assert record["images"] == len(keys) and all(r["images"] == len(keys) for r in rows.values())
     assert all(len(r["images_per_s_runs"]) == 1 for r in rows.values())
     assert set(rows["static_tuned"]["resolution_histogram"]) == {"48"}
+    # GFLOPs per image, as the guard counts them: what the served decision compares with the static row
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.model.nets import gflops
+
+    net, smodel = load_checkpoint(backbone)[0], load_checkpoint(scale)
+    assert rows["static_tuned"]["gflops"] == rows["baseline"]["gflops"] == pytest.approx(gflops(net, 48))
+    scale_g = gflops(smodel[0], smodel[1].train_resolution)
+    for mode in MODES[2:]:
+        hist = rows[mode]["resolution_histogram"]
+        mean = sum(k * gflops(net, int(r)) for r, k in hist.items()) / sum(hist.values())
+        assert rows[mode]["gflops"] == pytest.approx(mean + scale_g) and scale_g > 0
     markdown = (tmp_path / "out" / "pipeline.md").read_text()
     assert markdown == render_markdown(record).rstrip() + "\n"  # rendered from the record, nothing else
 

@@ -132,9 +132,12 @@ def verdict() -> dict:
                   {"crop": 1.0, "mode": "static", "lambda": 0.1, "static_resolution": 168,
                    "reason": "less accurate: dynamic 88.5% vs static 89.25%", "held_static_accuracy": 89.25,
                    "held_static_gflops": 0.092, "held_dynamic_accuracy": 88.5, "held_dynamic_gflops": 0.09}],
-        "pipeline": {"crop": 0.766, "guard_crop": 1.0, "served": "static_tuned", "reason": "the guard chose static",
-                     "static_resolution": 140, "baseline_resolution": 112,
-                     "rows": {"static_tuned": {"images_per_s": 500.0, "accuracy": 85.5, "bytes_per_image": 9000.0},
+        "pipeline": {"crop": 1.0, "guard_crop": 1.0, "served": "static_tuned", "reason": "the guard chose static",
+                     "lambda": 0.1, "dynamic_mode": "dynamic", "static_resolution": 168, "baseline_resolution": 112,
+                     "rows": {"static_tuned": {"images_per_s": 500.0, "accuracy": 85.5, "bytes_per_image": 9000.0,
+                                               "gflops": 0.092},
+                              "dynamic": {"images_per_s": 450.0, "accuracy": 85.0, "bytes_per_image": 7000.0,
+                                          "gflops": 0.09},
                               "baseline": {"images_per_s": 200.0, "accuracy": 77.0, "bytes_per_image": 10000.0}}},
         "serving": "/runs/x/serving.json",
         "default_serving": {"crop": 0.75, "mode": "static", "infer": "dynres infer S --resolution 168",
@@ -154,8 +157,12 @@ def test_the_report_opens_with_the_verdict_rendered_from_the_records(tmp_path):
     assert verdict_at < md.index("## Settings") < md.index("torch") < md.index("## Accuracy and GFLOPs")
     head = md[verdict_at:md.index("## Settings")]
     assert "25% crop: dynamic (λ=0.05); 100% crop: static 168 px" in head
-    for needle in ("74.75", "89.25", "88.5", "300 held-out", "less accurate", "2.50x the common baseline",
-                   "dynres infer S --resolution 168", "Warning: dynamic.scans = 2", "9,000 bytes/image"):
+    for needle in ("74.75", "89.25", "88.5", "less accurate", "2.50x the common baseline",
+                   "dynres infer S --resolution 168", "Warning: dynamic.scans = 2", "9,000 bytes/image",
+                   "r* and λ* chosen on 300 validation images; dynamic vs static decided on these 300 held-out",
+                   "with every scan read; serving.json runs with the calibrated policy's reads",
+                   "dynamic rows run at λ=0.1, static @168", "Timed dynamic row (dynamic, λ=0.1): 450 images/s",
+                   "0.31 (dynamic at λ=0)"):  # the calibration's dynamic row is at λ=0, not λ*: labelled
         assert needle in head, needle
     assert "folds=3" in md[md.index("## Settings"):]
 

@@ -14,13 +14,15 @@ def test_the_demo_refuses_the_seed_its_shipped_weights_were_trained_on(tmp_path)
     assert not (tmp_path / "data").exists()
 
 
-def test_the_verdict_step_writes_a_serving_config_that_follows_the_guard(tmp_path, models):
-    """From the records of a (tiny) dynamic evaluation: the guard per crop, serving.json agreeing with it, and the
-    same verdict for a dynamic record from before the guard (its per-image p(r) computed once, afterwards)."""
+def test_the_guard_runs_first_and_the_pipeline_times_its_operating_point_then_serving_follows_it(tmp_path, models):
+    """From the records of a (tiny) dynamic evaluation: the guard per crop; the pipeline benchmark's settings are its
+    crop, r* and λ* (so nothing is chosen on the held-out images the benchmark times); serving.json agrees with the
+    guard; the same guard for a dynamic record from before it (its per-image p(r) computed once, afterwards)."""
     import json
 
+    from dynres.paper import crop_area
     from dynres.study.chain import ChainConfig
-    from dynres.study.demo import verdict_step
+    from dynres.study.demo import _pipeline_config, guard_step, verdict_step
     from dynres.study.dynamic import PROBS_FILE, DynamicConfig, run_dynamic
     from dynres.study.stages import Study
     from dynres.study.static import EvalConfig
@@ -30,20 +32,29 @@ def test_the_verdict_step_writes_a_serving_config_that_follows_the_guard(tmp_pat
                         dynamic=DynamicConfig(lambdas=(0.0, 0.5, 5.0), plot=False))
     eval_dir = tmp_path / "accuracy" / "eval"
     dyn = run_dynamic(backbone, scale, store, eval_dir, chain.dynamic, chain.eval, progress=False)
-    row = {"images_per_s": 10.0, "accuracy": 50.0, "bytes_per_image": 1e4, "p50_ms": 1.0, "p99_ms": 2.0}
+    acc = {"backbone": str(backbone), "scale_model": str(scale)}
+    guard = guard_step(Study(tmp_path, 1), chain, store, acc, dyn, store.keys[::2])
+    row = guard["crops"][-1]  # the default crop side 0.875 is nearest the 100% crop here
+    cfg = _pipeline_config(StudyConfig(out=tmp_path, workers=1), 0.5, guard, chain.dynamic.lambdas)
+    assert crop_area(cfg.crop_side) == pytest.approx(row["crop"]) and cfg.static_resolution == row["static_resolution"]
+    assert cfg.lam == (row["lambda"] if row["lambda"] is not None else 5.0) and cfg.tolerance == 0.5
+
+    line = {"images_per_s": 10.0, "accuracy": 50.0, "bytes_per_image": 1e4, "p50_ms": 1.0, "p99_ms": 2.0,
+            "gflops": 1.0}
     pipe = tmp_path / "pipeline.json"
-    pipe.write_text(json.dumps({"config": {"crop_side": 0.875}, "static_resolution": 32, "baseline_resolution": 32,
-                                "pipeline": {m: row for m in ("baseline", "static_tuned", "dynamic")}}))
-    args = (chain, store, "STORE", {"backbone": str(backbone), "scale_model": str(scale)}, dyn, {"policy": None},
-            store.keys[::2], {"json": str(pipe)})
-    verdict = verdict_step(Study(tmp_path, 1), *args)
+    pipe.write_text(json.dumps({"config": {"crop_side": cfg.crop_side}, "static_resolution": cfg.static_resolution,
+                                "baseline_resolution": 32, "lams": {"dynamic": cfg.lam},
+                                "pipeline": {m: line for m in ("baseline", "static_tuned", "dynamic")}}))
+    verdict = verdict_step(Study(tmp_path, 1), guard, "STORE", acc, {"policy": None}, {"json": str(pipe)})
     serving = json.loads((tmp_path / "serving.json").read_text())
     assert [e["mode"] for e in serving["crops"]] == [r["mode"] for r in verdict["crops"]]
-    for entry, guard in zip(serving["crops"], verdict["crops"]):
-        static = guard["mode"] == "static"
+    for entry, crop in zip(serving["crops"], verdict["crops"]):
+        static = crop["mode"] == "static"
         assert (entry["engine"]["scale"] is None) == static
-        assert entry["engine"]["config"]["resolution"] == (guard["static_resolution"] if static else None)
-    assert verdict["pipeline"]["guard_crop"] == 1.0 and json.loads((tmp_path / "verdict.json").read_text())
+        assert entry["engine"]["config"]["resolution"] == (crop["static_resolution"] if static else None)
+    assert verdict["pipeline"]["guard_crop"] == 1.0 and verdict["pipeline"]["lambda"] == cfg.lam
+    assert verdict["pipeline"]["served"] == ("dynamic" if row["mode"] == "dynamic" else "static_tuned")
+    assert json.loads((tmp_path / "verdict.json").read_text())["crops"] == guard["crops"]
     (eval_dir / PROBS_FILE).unlink()  # a record from before the guard
-    assert verdict_step(Study(tmp_path, 1), *args)["crops"] == verdict["crops"]
+    assert guard_step(Study(tmp_path, 1), chain, store, acc, dyn, store.keys[::2])["crops"] == guard["crops"]
     assert (eval_dir / PROBS_FILE).is_file()

@@ -33,6 +33,21 @@ def test_run_config_maps_sections_to_the_dataclasses(tmp_path):
     assert cfg.calibration.target == 0.1 and cfg.calibration.search_crops == (0.25, 1.0)
 
 
+def test_a_top_level_seed_is_recorded_as_the_files_where_it_flows(tmp_path):
+    """``seed`` seeds the backbone and the scale model too: those settings come from the file, not the preset."""
+    from dynres.study.summary import study_settings
+
+    _data(tmp_path)
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "out"\nseed = 3\n')
+    cfg = load_study_config(tmp_path / "run.toml")
+    rows = {r["setting"]: r for r in study_settings(cfg)["rows"]}
+    assert cfg.chain.backbone.seed == cfg.chain.scale.seed == 3
+    assert {rows[k]["source"] for k in ("seed", "backbone.seed", "scale.seed")} == {"file"}
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "out"\n')
+    rows = {r["setting"]: r for r in study_settings(load_study_config(tmp_path / "run.toml"))["rows"]}
+    assert rows["backbone.seed"]["source"] == "default"
+
+
 def test_yaml_works_too(tmp_path):
     _data(tmp_path)
     (tmp_path / "run.yaml").write_text("data: data\nout: out\nscale:\n  folds: 3\n")

@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dynres.bench.pipeline import PipelineBenchConfig
 from dynres.runtime.engine import build_engine
 from dynres.study.dynamic import PROBS_FILE, write_probs
-from dynres.study.verdict import engine_spec, guard_crop, run_guard, served_pipeline, serving_config
+from dynres.study.verdict import engine_spec, guard_crop, pipeline_point, run_guard, served_pipeline, serving_config
 
 GRID = (56, 112)
 COST = np.array([1.0, 4.0])  # GFLOPs per grid resolution
@@ -100,27 +101,81 @@ def test_the_serving_config_follows_the_guard(tmp_path, models):
     assert "--resolution 24" in static["infer"] and "--scale" not in static["infer"] + static["serve"]
     assert dynamic["engine"]["config"]["resolution"] is None and dynamic["engine"]["config"]["lam"] == 0.1
     assert "--lambda 0.1" in dynamic["serve"] and "--resolution" not in dynamic["infer"]
+    assert "--crop 0.5 " in dynamic["serve"] and "--crop 0.866 " in static["serve"]  # the entry's crop side
     assert build_engine(engine_spec(static), store=store).scale is None  # the backbone alone, at 24 px
     engine = build_engine(engine_spec(dynamic), store=store)
     assert engine.scale is not None and engine.config.lam == 0.1
     assert engine.config.crop_side == pytest.approx(0.5)
 
 
-def pipeline(dynamic_accuracy: float) -> dict:
-    row = {"images_per_s": 10.0, "bytes_per_image": 1e4, "p50_ms": 1.0, "p99_ms": 2.0}
-    return {"config": {"crop_side": 0.875}, "static_resolution": 112, "baseline_resolution": 112,
-            "ratios": {"dynamic_mode": "dynamic_read_ahead"},
+def test_dynamic_must_also_match_the_best_static_resolution_on_the_images_that_chose_it():
+    """Backwards on the selection half, right on the held-out half: the held-out images alone would say dynamic."""
+    ok = images(40)
+    select = np.arange(40) < 20
+    p = np.where(select[:, None], ~ok, ok).astype(float)
+    row = guard_crop(1.0, p, ok, GRID, COST, 0.1, LAMBDAS, select)
+    assert row["held_dynamic_accuracy"] == 100.0 > row["held_static_accuracy"]
+    assert row["selection_dynamic_accuracy"] < row["selection_static_accuracy"]
+    assert row["mode"] == "static" and row["reason"].startswith("less accurate on the 20 selection images")
+
+
+def test_dynamic_costlier_on_the_held_out_images_means_static():
+    """On the selection images every image is right at both resolutions and the rule picks 56 px (as cheap as r*,
+    the cheaper on the tie); on the held-out ones it is right at 112 px only and the rule goes there: as accurate
+    as it can be, but costlier than r*."""
+    select = np.arange(20) < 10
+    ok = np.where(select[:, None], [True, True], [False, True])
+    row = guard_crop(1.0, ok.astype(float), ok, GRID, COST, 0.0, LAMBDAS, select)
+    assert row["static_resolution"] == 56 and row["held_dynamic_accuracy"] == 100.0 > row["held_static_accuracy"]
+    assert row["held_dynamic_gflops"] == 4.0 > row["held_static_gflops"] == 1.0
+    assert row["mode"] == "static" and row["reason"].startswith("costlier")
+
+
+def test_a_tie_in_images_right_at_equal_gflops_serves_dynamic():
+    ok = np.ones((20, 2), dtype=bool)  # right at both resolutions: the rule and r* both take 56 px
+    row = guard_crop(1.0, ok.astype(float), ok, GRID, COST, 0.0, LAMBDAS, np.arange(20) < 10)
+    assert row["held_dynamic_accuracy"] == row["held_static_accuracy"] == 100.0
+    assert row["held_dynamic_gflops"] == row["held_static_gflops"] == 1.0
+    assert row["mode"] == "dynamic" and row["reason"].startswith("at least as accurate")
+
+
+GUARD = {"crops": [{"crop": 0.25, "mode": "dynamic", "lambda": 0.5, "static_resolution": 56, "reason": "x"},
+                   {"crop": 0.75, "mode": "dynamic", "lambda": 0.1, "static_resolution": 112, "reason": "y"}]}
+
+
+def test_the_pipeline_runs_the_guards_operating_point_at_its_crop():
+    point = pipeline_point(GUARD, LAMBDAS)  # the default crop side 0.875: nearest the 75% crop
+    assert point == {"crop_side": pytest.approx(0.75 ** 0.5), "static_resolution": 112, "lam": 0.1}
+    PipelineBenchConfig(**point)  # the fields the benchmark takes
+    no_lam = {"crops": [{"crop": 1.0, "mode": "static", "lambda": None, "static_resolution": 112, "reason": "z"}]}
+    assert pipeline_point(no_lam, LAMBDAS)["lam"] == 1.0  # the cheapest rule of the sweep, for reference
+
+
+def pipeline(dynamic_accuracy: float = 71.0, **dynamic) -> dict:
+    """A pipeline record as the stage writes it, run at the guard's 75% crop, r* = 112 and λ* = 0.1."""
+    row = {"images_per_s": 10.0, "bytes_per_image": 1e4, "p50_ms": 1.0, "p99_ms": 2.0, "gflops": 4.0}
+    fast = row | {"accuracy": dynamic_accuracy, "images_per_s": 20.0, "gflops": 3.0}
+    return {"config": {"crop_side": 0.75 ** 0.5}, "static_resolution": 112, "baseline_resolution": 112,
+            "ratios": {"dynamic_mode": "dynamic_read_ahead"}, "lams": {"dynamic_read_ahead": 0.1},
             "pipeline": {"baseline": row | {"accuracy": 60.0}, "static_tuned": row | {"accuracy": 70.0},
-                         "dynamic_read_ahead": row | {"accuracy": dynamic_accuracy, "images_per_s": 20.0}}}
+                         "dynamic_read_ahead": fast | dynamic}}
 
 
-@pytest.mark.parametrize("mode, dynamic_accuracy, served", [
-    ("dynamic", 71.0, "dynamic_read_ahead"),
-    ("dynamic", 69.0, "static_tuned"),  # the pipeline's own held-out run has it less accurate
-    ("static", 80.0, "static_tuned"),
+@pytest.mark.parametrize("mode, pipe, served, why", [
+    ("dynamic", pipeline(), "dynamic_read_ahead", "y"),
+    ("dynamic", pipeline(70.0, gflops=4.0), "dynamic_read_ahead", "y"),  # ties serve dynamic
+    ("dynamic", pipeline(69.0), "static_tuned", "less accurate"),  # the pipeline's own run has it less accurate
+    ("dynamic", pipeline(gflops=4.5), "static_tuned", "costlier in GFLOPs"),
+    ("dynamic", pipeline(images_per_s=9.0), "static_tuned", "slower"),
+    ("dynamic", pipeline(gflops=None), "static_tuned", "no GFLOPs"),
+    ("dynamic", pipeline() | {"lams": {"dynamic_read_ahead": 0.3}}, "static_tuned", "not at the guard's"),
+    ("dynamic", pipeline() | {"config": {"crop_side": 0.875}}, "static_tuned", "not at the guard's"),
+    ("dynamic", pipeline() | {"static_resolution": 84}, "static_tuned", "not at the guard's"),
+    ("static", pipeline(80.0), "static_tuned", "the guard chose static"),
 ])
-def test_the_pipeline_serves_what_the_guard_chose(mode, dynamic_accuracy, served):
-    guard = {"crops": [{"crop": 0.25, "mode": "dynamic", "reason": "x"}, {"crop": 0.75, "mode": mode, "reason": "y"}]}
-    result = served_pipeline(guard, pipeline(dynamic_accuracy))
-    assert result["guard_crop"] == 0.75 and result["served"] == served
-    assert set(result["rows"]) == {served, "static_tuned", "baseline"}
+def test_the_pipeline_serves_dynamic_only_where_the_guard_and_its_own_run_agree(mode, pipe, served, why):
+    guard = {"crops": [GUARD["crops"][0], GUARD["crops"][1] | {"mode": mode}]}
+    result = served_pipeline(guard, pipe)
+    assert result["guard_crop"] == 0.75 and result["served"] == served and why in result["reason"]
+    assert result["lambda"] == pipe["lams"]["dynamic_read_ahead"]  # the λ actually run, for the report
+    assert set(result["rows"]) == {served, "dynamic_read_ahead", "static_tuned", "baseline"}

@@ -23,6 +23,7 @@ from dynres._ui import status_bar
 from dynres.errors import ConfigError
 from dynres.io.store import Store, StoreLike
 from dynres.model.checkpoint import ModelMeta
+from dynres.model.nets import gflops
 from dynres.paper import DEFAULT_CROP_SIDE
 from dynres.policy.scans import Scans
 from dynres.records import markdown_table, write_records
@@ -78,6 +79,16 @@ class _Setup:
     stage: ScaleStage
     policy: Scans
     base: dict
+    scale_gflops: float  # the scale model's GFLOPs at its resolution (every dynamic image pays them)
+
+    def gflops(self, name: str, histogram: dict) -> float:
+        """Mean GFLOPs per image of a mode's run, from its resolution histogram: the backbone at each image's
+        resolution, plus the scale model for a dynamic variant (FlopCounterMode counts, as the guard's)."""
+        costs = dict(zip(self.stage.grid, self.stage.costs))
+        n = sum(histogram.values())
+        backbone = sum(k * (costs[int(r)] if int(r) in costs else gflops(self.model, int(r)))
+                       for r, k in histogram.items()) / n if n else 0.0
+        return backbone + (self.scale_gflops if name in DYNAMIC else 0.0)
 
     def engine(self, **mode) -> Engine:
         """(b) or a dynamic variant (``lam`` in ``mode``: the scale stage chooses) on the tuned kernels."""
@@ -100,6 +111,7 @@ def _setup(store_path: str, backbone: str, scale: str, policy: str | None, cfg: 
     threads = cfg.kernel_threads if cfg.kernels == "tuned" else cfg.torch_threads or torch.get_num_threads()
     tuned = make_runner(model, cfg.kernels, cfg.batch_size, threads)
     stage = load_scale(scale, model, cfg.kernels, cfg.batch_size, threads)
+    scale_gflops = gflops(load_checkpoint(scale)[0], stage.resolution)
     calibrated = None
     if policy is not None:
         from dynres.policy.calibration import load_policy
@@ -109,7 +121,7 @@ def _setup(store_path: str, backbone: str, scale: str, policy: str | None, cfg: 
     stage.runner.warm([stage.resolution])
     base = dict(batch_size=cfg.batch_size, workers=cfg.workers, torch_threads=cfg.torch_threads,
                 crop_side=cfg.crop_side)
-    return _Setup(store, model, meta, tuned, stage, calibrated, base)
+    return _Setup(store, model, meta, tuned, stage, calibrated, base, scale_gflops)
 
 
 def _sample(keys: list[str], n: int, seed: int) -> list[str]:
@@ -189,6 +201,8 @@ def measure_pipeline(store_path: str, backbone: str, scale: str, policy: str | N
     engines = {"baseline": setup.baseline(baseline_r), "static_tuned": setup.engine(resolution=static_r),
                **{name: setup.engine(lam=lams[name], **variant) for name, variant in DYNAMIC.items()}}
     rows = _time_modes(setup.store, engines, keys, cfg, progress)
+    for name, row in rows.items():
+        row["gflops"] = setup.gflops(name, row["resolution_histogram"])
     return {
         "store": str(store_path), "backbone": str(backbone), "scale_model": str(scale), "policy": policy,
         "images": len(keys), "config": asdict(cfg), "baseline_resolution": baseline_r,
@@ -266,9 +280,9 @@ def render_markdown(p: dict) -> str:
              "dynamic_exact": f"(c'') dynamic, exact views (each decoded at its own scale, "
                               f"λ={p['lams']['dynamic_exact']})"}
     rows = [{"mode": names[m], **p["pipeline"][m]} for m in MODES if m in p["pipeline"]]
-    table = markdown_table(rows, ["mode", *COLUMNS, "read_fraction", "scale_overhead"],
-                           ["Mode", "Images/s", "Top-1 %", "Bytes/image", "p50 ms", "p99 ms", "Read fraction",
-                            "Scale overhead"])
+    columns = ["mode", *COLUMNS[:2], "gflops", *COLUMNS[2:], "read_fraction", "scale_overhead"]
+    table = markdown_table(rows, columns, ["Mode", "Images/s", "Top-1 %", "GFLOPs/image", "Bytes/image", "p50 ms",
+                                           "p99 ms", "Read fraction", "Scale overhead"])
     r = p["ratios"]
     best = r.get("dynamic_mode", "dynamic")
     hist = ", ".join(f"{k}: {v}" for k, v in p["pipeline"][best]["resolution_histogram"].items())

@@ -1,6 +1,6 @@
 """The paper's whole study as a chain of cached stages: what `dynres demo` and `dynres run` execute.
 
-data → ingest → accuracy chain → quality index → calibration → kernels → pipeline → I/O benchmark → summary →
+data → ingest → accuracy chain → quality index → calibration → guard → kernels → pipeline → I/O benchmark → summary →
 report. Each stage is one function below: it computes through the library, and :class:`~dynres.study.stages.Study`
 records its outputs (or reuses them when its inputs are unchanged); the summary and the report are rendered from
 those records.
@@ -86,11 +86,12 @@ def run_study(config: StudyConfig) -> dict:
     cal_cfg = config.calibration or CalibrationConfig()
     held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never sees
     cal = calibration_stage(study, val_store, train_store, acc, cal_cfg)
-    pipe_cfg = _pipeline_config(config, chain_cfg.dynamic.tolerance)
+    guard = guard_step(study, chain_cfg, val_store, acc, dyn, held)  # before the pipeline: it runs r* and λ*
+    pipe_cfg = _pipeline_config(config, chain_cfg.dynamic.tolerance, guard, chain_cfg.dynamic.lambdas)
     kern = kernels_stage(study, config, acc, grid, scale_res, pipe_cfg.batch_size)
     pipe = pipeline_stage(study, stores["val"]["store"], acc, cal, pipe_cfg, held)
     io = io_stage(study, config, stores["val"]["store"], data_dir, grid)
-    verdict = verdict_step(study, chain_cfg, val_store, stores["val"]["store"], acc, dyn, cal, held, pipe)
+    verdict = verdict_step(study, guard, stores["val"]["store"], acc, cal, pipe)
 
     samples = scale_choices(val_store, acc["scale_model"], cal["policy"], held[:: max(1, len(held) // 16)][:16])
     summary = assemble_summary(study, dyn, read_json(cal["json"]), read_json(kern["json"]),
@@ -191,11 +192,15 @@ def calibration_stage(study: Study, val_store: StoreLike, train_store: StoreLike
     return study.stage("calibration", {"calibration": asdict(cal_cfg)}, calibration, after=("accuracy", "quality"))
 
 
-def _pipeline_config(config: StudyConfig, tolerance: float) -> Any:
-    """The pipeline benchmark's settings; its λ tolerance is the run's ``[dynamic] tolerance``."""
+def _pipeline_config(config: StudyConfig, tolerance: float, guard: dict, lambdas: Any) -> Any:
+    """The pipeline benchmark's settings: the guard's crop, r* and λ* (chosen on the selection split, so nothing
+    is chosen on the held-out images it times: :func:`dynres.study.verdict.pipeline_point`); its tolerance (which
+    dynamic variant the ratios use) is the run's ``[dynamic] tolerance``."""
     from dynres.bench.pipeline import PipelineBenchConfig
+    from dynres.study.verdict import pipeline_point
 
-    return PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0, tolerance=tolerance)
+    return PipelineBenchConfig(workers=config.n_workers, images=200 if config.quick else 0, tolerance=tolerance,
+                               **pipeline_point(guard, lambdas))
 
 
 def kernels_stage(study: Study, config: StudyConfig, acc: dict, grid: tuple[int, ...], scale_res: int,
@@ -224,7 +229,7 @@ def kernels_stage(study: Study, config: StudyConfig, acc: dict, grid: tuple[int,
 
 
 def pipeline_stage(study: Study, store_path: str, acc: dict, cal: dict, pipe_cfg: Any, held: list[str]) -> dict:
-    """The pipeline benchmark on the images calibration never saw."""
+    """The pipeline benchmark on the images calibration never saw, at the guard's crop, r* and λ* (``pipe_cfg``)."""
     from dynres.bench.pipeline import run_bench_pipeline
 
     out = study.dir / "pipeline"
@@ -251,31 +256,40 @@ def io_stage(study: Study, config: StudyConfig, store_path: str, data_dir: Path,
     return study.stage("bench_io", {"io": asdict(io_cfg)}, io, after=("ingest",))
 
 
-def verdict_step(study: Study, chain_cfg: Any, val_store: StoreLike, store_path: str, acc: dict, dyn: dict,
-                 cal: dict, held: list[str], pipe: dict) -> dict:
-    """The guard (:mod:`dynres.study.verdict`): per crop, dynamic or the best static resolution on held-out
-    evidence; what the pipeline stage serves; ``RUN/serving.json`` for `dynres infer` / `serve`. Not a stage: it
-    reads the records of the others (a dynamic record from before the guard gets its per-image p(r) computed
-    once)."""
+def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dyn: dict, held: list[str]) -> dict:
+    """The guard (:mod:`dynres.study.verdict`): per crop, dynamic or the best static resolution, chosen on the
+    selection split and decided on ``held``. Not a stage: it reads the accuracy stage's records (a dynamic record
+    from before the guard gets its per-image p(r) computed once); it runs before the pipeline stage, which times
+    its r* and λ*."""
     from dataclasses import replace
 
+    from dynres.model.checkpoint import read_meta
     from dynres.study.dynamic import PROBS_FILE, dynamic_record
-    from dynres.study.verdict import SERVING_FILE, run_guard, served_pipeline, serving_config
+    from dynres.study.verdict import run_guard
 
     eval_dir = study.dir / "accuracy" / "eval"
     if not (eval_dir / PROBS_FILE).is_file():
         dynamic_record(acc["backbone"], acc["scale_model"], val_store, eval_dir, replace(chain_cfg.dynamic, plot=False),
                        replace(chain_cfg.eval, grid=tuple(dyn["grid"])), probs_path=eval_dir / PROBS_FILE)
-    pipe_rec = read_json(pipe["json"])
-    guard = run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, pipe_rec.get("baseline_resolution"))
+    baseline = read_meta(acc["backbone"]).train_resolution  # the pipeline's common baseline
+    return run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline)
+
+
+def verdict_step(study: Study, guard: dict, store_path: str, acc: dict, cal: dict, pipe: dict) -> dict:
+    """The verdict: the guard, what the pipeline stage serves (:func:`~dynres.study.verdict.served_pipeline`) and
+    ``RUN/serving.json`` for `dynres infer` / `serve`; also ``RUN/verdict.json``."""
+    from dynres.study.verdict import SERVING_FILE, served_pipeline, serving_config
+
     serving = serving_config(guard, store_path, acc["backbone"], acc["scale_model"], cal["policy"])
     path = write_json(study.dir / SERVING_FILE, serving)
-    verdict = guard | {"pipeline": served_pipeline(guard, pipe_rec), "serving": str(path),
+    verdict = guard | {"pipeline": served_pipeline(guard, read_json(pipe["json"])), "serving": str(path),
                        "default_serving": {k: serving["default"][k] for k in ("crop", "mode", "infer", "serve")}}
     write_json(study.dir / "verdict.json", verdict)
     modes = ", ".join(f"{r['crop']:g}: {r['mode']}" + (f" @{r['static_resolution']}" if r["mode"] == "static" else
                                                        f" λ={r['lambda']:g}") for r in guard["crops"])
-    study.say(f"verdict (per crop, held-out evidence): {modes}; serving config {path}", style="bold")
+    study.say(f"verdict (per crop: chosen on {guard['selection_images']} images, decided on "
+              f"{guard['held_out_images']} held out): {modes}; pipeline serves {verdict['pipeline']['served']}; "
+              f"serving config {path}", style="bold")
     return verdict
 
 

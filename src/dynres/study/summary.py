@@ -111,6 +111,8 @@ def study_settings(config: Any) -> dict:
 
     chain = config.chain or demo_config(quick=config.quick, seed=config.seed, pretrained=config.data is None)
     chosen = frozenset(config.file_settings)
+    if "seed" in chosen:  # the file's top-level seed is the preset's backbone and scale seeds (demo_config)
+        chosen |= {"backbone.seed", "scale.seed"}
     demo_only = ("size",) if config.data is not None else ()  # the built-in data's size
     top = _rows("", config, chosen, skip=("chain", "calibration", "file_settings", *demo_only))
     rows = (top + _rows("backbone", chain.backbone, chosen) + _rows("scale", chain.scale, chosen, skip=("backbone",))

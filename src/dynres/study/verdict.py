@@ -7,11 +7,14 @@ the best static resolution at no more GFLOPs, and that static resolution everywh
    exactly the images the pipeline benchmark times): the best static resolution r* (most images right; the cheaper
    on a tie) and the iso-cost λ* (the λ of the sweep with the most images right among those whose mean GFLOPs,
    scale model included, do not exceed r*'s), under the rule `dynres infer` / `serve` run: argmax p(r) −
-   λ·GFLOPs(r)/max GFLOPs.
-2. Decision and evidence, on the held-out part: dynamic at λ* when it gets at least as many images right as r*
-   and its mean GFLOPs do not exceed r*'s; else static at r*. The held-out numbers are what the report shows.
-3. The pipeline stage timed every mode at one crop: the mode it serves follows the guard at the nearest crop, and
-   is the static one whenever its own held-out measurement has the dynamic mode less accurate.
+   λ·GFLOPs(r)/max GFLOPs. Dynamic at λ* must already get at least as many selection images right as r*.
+2. Decision, on the held-out part: dynamic at λ* when it also gets at least as many held-out images right as r*
+   and its mean GFLOPs there do not exceed r*'s; else static at r*. Correctness is the evaluation's: every scan
+   read (serving reads what the calibrated policy allows).
+3. The pipeline stage runs after the guard, at the guard's crop nearest the pipeline's default and at its r* and
+   λ* (:func:`pipeline_point`): nothing is chosen on the images it times. The mode it serves is the dynamic one
+   only where the guard says dynamic and the timed dynamic row is at that λ*, no less accurate, no costlier in
+   GFLOPs and no slower in images/s than the static row (:func:`served_pipeline`).
 
 Everything here reads records (the static per-image table and the scale model's p(r) per image, both beside
 ``dynamic.json``); no model runs.
@@ -33,9 +36,10 @@ from dynres.runtime.engine import EngineSpec, PipelineConfig
 from dynres.runtime.runners import choose
 from dynres.study.dynamic import PROBS_FILE
 
-RULE = ("per crop: the dynamic pipeline at the iso-cost λ (chosen on the calibration split) where, on the held-out "
-        "split, it gets at least as many images right as the best static resolution (chosen on the calibration "
-        "split) at no more mean GFLOPs (scale model included); that static resolution elsewhere")
+RULE = ("per crop: the dynamic pipeline at the iso-cost λ (chosen on the calibration split) where it gets at least "
+        "as many images right as the best static resolution (chosen on the calibration split) on the calibration "
+        "split and again on the held-out split, at no more mean GFLOPs (scale model included); that static "
+        "resolution elsewhere")
 SERVING_FILE = "serving.json"
 EPS = 1e-12  # GFLOPs compared as floats: equal costs must count as "no more"
 
@@ -83,11 +87,16 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
                                                   "(the scale model's own GFLOPs included)"}
     sel_right, neg_gf, lam = max(affordable)
     right, gf = _point(p, ok, cost, scale_g, lam, held)
+    sel_static = int(right_sel[best])
     row |= {"lambda": lam, "selection_dynamic_accuracy": 100 * sel_right / n_sel,
             "selection_dynamic_gflops": -neg_gf, "held_dynamic_accuracy": 100 * right / n_held,
             "held_dynamic_gflops": gf}
     vs = (f"dynamic (λ={lam:g}) {row['held_dynamic_accuracy']:.1f}% at {gf:.4g} GFLOPs vs static "
           f"{grid[best]} px {row['held_static_accuracy']:.1f}% at {budget:.4g} GFLOPs on {n_held} held-out images")
+    if sel_right < sel_static:
+        return row | {"mode": "static", "reason": f"less accurate on the {n_sel} selection images "
+                                                  f"({row['selection_dynamic_accuracy']:.1f}% vs "
+                                                  f"{row['selection_static_accuracy']:.1f}%); held out: {vs}"}
     if right < static_right:
         return row | {"mode": "static", "reason": f"less accurate: {vs}"}
     if gf > budget + EPS:
@@ -133,27 +142,56 @@ def nearest(rows: Sequence[dict], area: float) -> dict:
     return min(rows, key=lambda r: abs(r["crop"] - area))
 
 
+def pipeline_point(guard: dict, lambdas: Sequence[float], side: float = PipelineConfig.crop_side) -> dict:
+    """The operating point the pipeline stage times, fixed before it runs: the guard's crop nearest ``side``'s
+    area (as a side ratio), its r*, and its λ*; where the guard found no affordable λ, the sweep's largest (the
+    cheapest rule), so that the dynamic rows still run, for reference. Keys are
+    :class:`~dynres.bench.pipeline.PipelineBenchConfig` fields."""
+    row = nearest(guard["crops"], crop_area(side))
+    lam = row["lambda"] if row.get("lambda") is not None else max(lambdas)
+    return {"crop_side": crop_side(row["crop"]), "static_resolution": int(row["static_resolution"]),
+            "lam": float(lam)}
+
+
+def _pipeline_objection(row: dict, pipe: dict, dynamic: str) -> str | None:
+    """Why the pipeline's timed dynamic row may not be served although the guard chose dynamic (None: it may)."""
+    rows, run_lam = pipe["pipeline"], pipe.get("lams", {}).get(dynamic)
+    dyn, static = rows[dynamic], rows["static_tuned"]
+    area = crop_area(pipe.get("config", {}).get("crop_side", PipelineConfig.crop_side))
+    if abs(area - row["crop"]) > 1e-6 or pipe.get("static_resolution") != row["static_resolution"] \
+            or run_lam is None or abs(run_lam - row["lambda"]) > EPS:
+        return (f"the pipeline ran at crop {area:.3g}, static {pipe.get('static_resolution')} px, λ={run_lam}, not "
+                f"at the guard's crop {row['crop']:g}, {row['static_resolution']} px, λ={row['lambda']:g}")
+    if (dyn.get("accuracy") or 0.0) < (static.get("accuracy") or 0.0):
+        return f"its {dynamic} run was less accurate than the static row on the pipeline's images"
+    if dyn.get("gflops") is None or static.get("gflops") is None or dyn["gflops"] > static["gflops"] + EPS:
+        return f"its {dynamic} run was costlier in GFLOPs than the static row (or the record has no GFLOPs)"
+    if dyn["images_per_s"] < static["images_per_s"]:
+        return f"its {dynamic} run was slower in images/s than the static row"
+    return None
+
+
 def served_pipeline(guard: dict, pipe: dict) -> dict:
-    """Which of the pipeline benchmark's modes the study serves at the benchmark's crop: the fastest dynamic
-    variant the benchmark reports (``ratios.dynamic_mode``) where the guard says dynamic at the nearest crop and
-    that variant is at least as accurate as the tuned static mode on the same held-out images; else the static."""
+    """Which of the pipeline benchmark's modes the study serves: the dynamic variant the benchmark reports
+    (``ratios.dynamic_mode``) only where the guard says dynamic at the benchmark's crop, the benchmark ran that
+    crop at the guard's r* and λ*, and that variant's row is no less accurate, no costlier in GFLOPs and no slower
+    in images/s than the static row; else the static row."""
     rows = pipe["pipeline"]
     area = crop_area(pipe.get("config", {}).get("crop_side", PipelineConfig.crop_side))
     row = nearest(guard["crops"], area)
     dynamic = pipe.get("ratios", {}).get("dynamic_mode", "dynamic")
-    static = rows["static_tuned"]
     if row["mode"] != "dynamic":
         served, reason = "static_tuned", f"the guard chose static at crop {row['crop']:g}: {row['reason']}"
-    elif (rows[dynamic]["accuracy"] or 0.0) < (static["accuracy"] or 0.0):
-        served, reason = "static_tuned", (f"the guard chose dynamic at crop {row['crop']:g}, but the pipeline's "
-                                          f"{dynamic} was less accurate than the tuned static mode on its images")
+    elif (objection := _pipeline_objection(row, pipe, dynamic)) is not None:
+        served, reason = "static_tuned", f"the guard chose dynamic at crop {row['crop']:g}, but {objection}"
     else:
         served, reason = dynamic, f"the guard chose dynamic at crop {row['crop']:g}: {row['reason']}"
-    keep = ("images_per_s", "accuracy", "bytes_per_image", "p50_ms", "p99_ms")
+    keep = ("images_per_s", "accuracy", "gflops", "bytes_per_image", "p50_ms", "p99_ms")
     return {"crop": area, "guard_crop": row["crop"], "served": served, "reason": reason,
+            "lambda": pipe.get("lams", {}).get(dynamic), "dynamic_mode": dynamic,
             "static_resolution": pipe.get("static_resolution"), "baseline_resolution": pipe.get("baseline_resolution"),
             "rows": {name: {k: rows[name].get(k) for k in keep}
-                     for name in dict.fromkeys((served, "static_tuned", "baseline")) if name in rows}}
+                     for name in dict.fromkeys((served, dynamic, "static_tuned", "baseline")) if name in rows}}
 
 
 # --- the serving configuration ------------------------------------------------------------------------------------
@@ -175,7 +213,7 @@ def serving_entry(row: dict, store: str, backbone: str, scale: str, policy: str 
             "lambda": None if static else cfg.lam, "reason": row["reason"],
             "engine": asdict(spec),
             "infer": shlex.join(["dynres", "infer", store, *common, "--crop", f"{side:.4g}"]),
-            "serve": shlex.join(["dynres", "serve", *common, "--store", store])}
+            "serve": shlex.join(["dynres", "serve", *common, "--crop", f"{side:.4g}", "--store", store])}
 
 
 def serving_config(guard: dict, store: str, backbone: str, scale: str, policy: str | None,
