@@ -333,3 +333,32 @@ def test_an_fsspec_store_refuses_a_manifest_path_that_escapes_it(store_dir):
     finally:
         mem.rm("/dynres-escape", recursive=True)
         mem.rm("/secret.jpg")
+
+
+@pytest.mark.network
+def test_requests_count_the_gets_the_server_answered(store, http_root):
+    url, log = http_root
+    remote = open_store(url)
+    log.clear()
+    key = "dog/a"
+    remote.read(key, scans=2)
+    remote.read(key, scans=5)  # the missing range only: one more request
+    remote.read(key, scans=3)  # in the cache: none
+    assert remote.requests == len(log) == 2 and remote.reads == 3
+    remote.reset_stats()
+    assert remote.requests == 0
+
+
+def test_a_held_prefix_from_another_reader_is_not_fetched_again(store_dir):
+    first, second = open_store(store_dir), open_store(store_dir)
+    key = "cat/IMG 001"
+    ends = first.scan_ends(key)
+    prefix = first.read(key, scans=2)  # as a Ray stage hands it to the next: with its EOI marker
+    second.hold(key, prefix)
+    assert second.read(key, scans=5) == first.read(key, scans=5)
+    assert (second.requests, second.bytes_read) == (1, ends[4] - ends[1])  # only the range the prefix lacks
+    whole = open_store(store_dir)
+    whole.hold(key, first.read(key))
+    assert whole.read(key) == first.read(key) and whole.requests == 0
+    with pytest.raises(ValueError, match="not a prefix read"):
+        whole.hold(key, prefix[:-3])

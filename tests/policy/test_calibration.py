@@ -118,3 +118,8 @@ def test_a_bad_policy_file_is_refused_naming_it(tmp_path, changes, reason):
 def test_a_missing_policy_file_says_how_to_make_one(tmp_path):
     with pytest.raises(ConfigError, match="dynres calibrate"):
         load_policy(str(tmp_path / "none.json"))
+
+
+def test_a_plain_number_is_an_ssim_threshold_as_before_rules():
+    policy = CalibrationPolicy({56: 0.97}, ("a/1",), np.array([[3]]))
+    assert policy.rules == {56: ReadRule("ssim", 0.97)} and policy.thresholds == {56: 0.97}

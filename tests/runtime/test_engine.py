@@ -149,11 +149,12 @@ def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):
     from typer.testing import CliRunner
 
     from dynres.cli.app import app
-    from dynres.policy.calibration import CalibrationPolicy
+    from dynres.policy.calibration import CalibrationPolicy, ReadRule
 
     save_tiny_checkpoints(tmp_path)
     counts = np.array([[1 + i % 3, 3, 4] for i in range(len(store.keys))])  # scans per (image, 32/48/64 px)
-    policy = CalibrationPolicy({32: 0.95, 48: 0.96, 64: 0.97}, tuple(store.keys), counts)
+    policy = CalibrationPolicy({r: ReadRule("ssim", t) for r, t in ((32, 0.95), (48, 0.96), (64, 0.97))},
+                               tuple(store.keys), counts)
     policy.save(tmp_path / "policy.json")
     out = tmp_path / "preds.parquet"
     res = CliRunner().invoke(app, ["infer", str(store.root), "--model", str(tmp_path / "b.pt"), "--scale",
@@ -166,3 +167,32 @@ def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):
         want = max(2, policy.scans(row["key"], row["resolution"]))
         assert row["bytes_read"] == store.prefix_size(row["key"], want) < row["file_bytes"]
     assert (tmp_path / "preds.json").is_file() and "images/s" in res.output
+
+
+@pytest.mark.parametrize("ahead_resolution", [None, GRID[0]])
+def test_fetch_ahead_gives_the_same_predictions_in_fewer_requests(store, ahead_resolution):
+    backbone, scale, policy = tiny_classifier(), tiny_scale(), StepPolicy()
+    runs = {}
+    for fetch_ahead in (False, True):
+        cfg = PipelineConfig(batch_size=3, lam=0.3, fetch_ahead=fetch_ahead, fetch_ahead_resolution=ahead_resolution)
+        store.reset_stats()
+        runs[fetch_ahead] = Engine(store, EagerRunner(backbone), scale=scale, policy=policy, config=cfg).run(
+            progress=False)
+    plain, ahead = runs[False], runs[True]
+    assert [(p.key, p.resolution, p.top5, p.bytes_read) for p in ahead.predictions] == [
+        (p.key, p.resolution, p.top5, p.bytes_read) for p in plain.predictions]
+    # plain: one request for the scale prefix, one more for each image whose resolution needs more scans
+    more = [p for p in plain.predictions if policy.scans(p.key, p.resolution) > scale.scans]
+    assert plain.summary["requests"] == len(store.keys) + len(more)
+    ahead_scans = policy.scans("", ahead_resolution or max(GRID))
+    beyond = [p for p in plain.predictions if policy.scans(p.key, p.resolution) > max(scale.scans, ahead_scans)]
+    assert ahead.summary["requests"] == len(store.keys) + len(beyond)
+    if ahead_resolution is None:  # the largest grid resolution's prefix: never a second request
+        assert ahead.summary["requests_per_image"] == 1.0
+        assert ahead.summary["bytes_read"] == sum(store.prefix_size(k, max(scale.scans, ahead_scans))
+                                                  for k in store.keys)
+
+
+def test_fetch_ahead_and_read_ahead_do_not_combine():
+    with pytest.raises(ConfigError, match="read_ahead"):
+        PipelineConfig(read_ahead=True, fetch_ahead=True)

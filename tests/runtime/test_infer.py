@@ -34,3 +34,17 @@ def test_local_inference_of_the_first_keys_and_its_records(tmp_path):
     record = json.loads((tmp_path / "run" / "preds.json").read_text())
     assert record["summary"]["images"] == 3 and record["spec"] == str(spec)
     assert "- images: 3" in (tmp_path / "run" / "preds.md").read_text()
+
+
+def test_the_ray_engine_needs_an_output_to_write_its_predictions_to():
+    with pytest.raises(ConfigError, match="output"):
+        run_inference(EngineSpec("unused", "unused.pt"), "ray")
+
+
+def test_a_ray_result_gets_its_summary_record_and_no_second_parquet(tmp_path):
+    from dynres.runtime.engine import InferenceResult
+
+    result = InferenceResult([], {"images": 2, "engine": "ray", "output": "s3://bucket/preds"})
+    write_inference(result, EngineSpec("store", "b.pt"), tmp_path / "preds.parquet")
+    assert not (tmp_path / "preds.parquet").exists()  # the Ray workers wrote theirs under the output URI
+    assert json.loads((tmp_path / "preds.json").read_text())["summary"]["output"] == "s3://bucket/preds"

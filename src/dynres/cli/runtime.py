@@ -14,6 +14,7 @@ from dynres.model.nets import IMAGENET_CLASSES
 from dynres.runtime.backends import BACKENDS
 from dynres.runtime.engine import EngineSpec, PipelineConfig
 from dynres.runtime.kernels import TuneConfig, default_backends
+from dynres.runtime.ray import RayConfig
 from dynres.runtime.serve import ServeConfig
 
 DECODE_ONCE_FLAGS = ("--decode-once/--exact-views",)
@@ -38,6 +39,12 @@ def infer(
     decode_once: bool = typer.Option(PipelineConfig.decode_once, *DECODE_ONCE_FLAGS,
                                      help="Dynamic: resize every view from one decode per prefix, or decode each "
                                      "view at its own DCT scale (pixel-identical to `dynres eval`; two decodes)."),
+    fetch_ahead: bool = typer.Option(PipelineConfig.fetch_ahead,
+                                     help="Dynamic: fetch the backbone's likely bytes in the scale prefix's request "
+                                     "(one request per image on object stores; same predictions)."),
+    fetch_ahead_resolution: Optional[int] = typer.Option(
+        PipelineConfig.fetch_ahead_resolution, help="Fetch ahead the prefix this resolution needs (default: the "
+        "largest grid resolution's, so no second request)."),
     batch_size: int = typer.Option(PipelineConfig.batch_size,
                                    help="Images per scale-model batch and per backbone batch."),
     workers: int = typer.Option(PipelineConfig.workers, help="Read/decode threads."),
@@ -47,22 +54,35 @@ def infer(
     limit: int = typer.Option(0, help="Only the first N images (0: all)."),
     engine: str = typer.Option("local", help="local, or ray (Ray Data, one actor pool per stage)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="Ray: actors per stage (default: autoscale from 1 "
+                                         "to the cluster's CPUs, GPUs for the backbone with --num-gpus)."),
+    scale_actors: Optional[int] = typer.Option(None, "--scale-actors", help="Ray: scale-model actors (default: "
+                                               "--actors)."),
+    num_gpus: float = typer.Option(RayConfig.num_gpus, "--num-gpus", help="Ray: GPUs per backbone actor."),
+    ray_batch: int = typer.Option(RayConfig.batch_size, "--ray-batch", help="Ray: images per actor call."),
+    output: Optional[str] = typer.Option(None, "--output", help="Ray: the predictions' Parquet directory, a path "
+                                         "or fsspec URI (default: --out, as a directory)."),
 ) -> None:
     """Batch inference over a store: scale model → resolution → missing bytes → backbone, pipelined."""
     from dynres.runtime.infer import run_inference, write_inference
 
     cfg = PipelineConfig(batch_size=batch_size, workers=workers, torch_threads=threads, crop_side=crop_side,
                          resolution=resolution, lam=lam, baseline=baseline, read_ahead=read_ahead,
-                         decode_once=decode_once)
+                         decode_once=decode_once, fetch_ahead=fetch_ahead,
+                         fetch_ahead_resolution=fetch_ahead_resolution)
     spec = EngineSpec(store, str(model), path_text(scale), path_text(policy), kernels, cfg)
-    result = run_inference(spec, engine, limit=limit or None, address=address)
+    ray_cfg = RayConfig(scale_actors=scale_actors or actors, backbone_actors=actors, num_gpus=num_gpus,
+                        batch_size=ray_batch, address=address)
+    result = run_inference(spec, engine, limit=limit or None, ray=ray_cfg, output=output or str(out))
     write_inference(result, spec, out)
     s = result.summary
     acc = f", top-1 {s['accuracy']:.2f}%" if s.get("accuracy") is not None else ""
     console.print(f"{s['images']} images in {s['seconds']:.1f} s = {s['images_per_s']:.1f} images/s{acc}; "
                   f"read {s['read_fraction']:.1%} of the bytes; p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms; "
                   f"resolutions {s['resolution_histogram']}")
-    console.print(f"wrote {out} and {out.with_suffix('.json')}")
+    if s.get("requests_per_image") is not None:
+        console.print(f"{s['requests_per_image']:.2f} storage requests and {s['bytes_per_image']:.0f} bytes per image")
+    console.print(f"wrote {s.get('output', out)} and {out.with_suffix('.json')}")
 
 
 def serve(
@@ -73,6 +93,7 @@ def serve(
     resolution: Optional[int] = typer.Option(ServeConfig.resolution, "--resolution",
                                              help="Static mode at this resolution."),
     kernels: str = typer.Option(EngineSpec.kernels, help="eager or tuned."),
+    crop_side: float = typer.Option(ServeConfig.crop_side, "--crop", help="Center-crop side ratio."),
     host: str = typer.Option("127.0.0.1", help="Bind address."),
     port: int = typer.Option(8000, help="Port."),
     max_batch: int = typer.Option(ServeConfig.max_batch, help="Largest batch per model call."),
@@ -96,10 +117,11 @@ def serve(
     if store is None and scale is None and resolution is None:
         raise typer.BadParameter("give --scale (dynamic) or --resolution (static)")
     spec = EngineSpec(store or "", str(model), path_text(scale), path_text(policy), kernels,
-                      PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution))
+                      PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution,
+                                     crop_side=crop_side))
     cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, resolution=resolution,
                       lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive, lam_max=lam_max,
-                      decode_once=decode_once, workers=workers)
+                      decode_once=decode_once, workers=workers, crop_side=crop_side)
     run_server(spec, cfg, host, port)
 
 

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynres.errors import ChecksumError, KeyNotFoundError, StoreError
-from dynres.io.format import CLASSES_KEY, FORMAT_VERSION, LEGACY_COLUMNS, MANIFEST, SCHEMA, VERSION_KEY
+from dynres.io.format import CLASSES_KEY, FORMAT_VERSION, LAYOUT_KEY, LEGACY_COLUMNS, MANIFEST, SCHEMA, VERSION_KEY
 from dynres.io.jpeg import EOI
 
 __all__ = ["FORMAT_VERSION", "SCHEMA", "Store", "StoreLike", "open_store"]
@@ -159,7 +159,9 @@ class Store:
 
     Thread-safe; picklable (a copy, e.g. in each DataLoader worker, starts with an empty cache and
     zeroed counters). ``bytes_read`` counts bytes actually fetched from storage; the EOI marker
-    appended to a partial read is not a read.
+    appended to a partial read is not a read. ``requests`` counts the storage requests that fetched them (one
+    ranged GET, or one seek + read of a local file, per fetch): against an object store each costs a round trip
+    and a fee whatever its size, so the engines report both per image.
     """
 
     def __init__(
@@ -191,10 +193,11 @@ class Store:
         self._cached_bytes = 0
         self.bytes_read = 0
         self.reads = 0
+        self.requests = 0
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_lock", "_cache", "_cached_bytes", "bytes_read", "reads"):
+        for name in ("_lock", "_cache", "_cached_bytes", "bytes_read", "reads", "requests"):
             state.pop(name)
         return state
 
@@ -254,6 +257,13 @@ class Store:
         return f"{self.root.rstrip('/')}/{rel}"
 
     @property
+    def layout(self) -> dict | None:
+        """The scan layout the ingest wrote (:func:`dynres.io.layout.store_layout`: ``name``, ``sha256``,
+        ``script``, ``libjpeg_default``), or None for a store ingested before layouts were recorded."""
+        raw = (self.manifest.schema.metadata or {}).get(LAYOUT_KEY)
+        return json.loads(raw) if raw else None
+
+    @property
     def filesystem(self) -> Any:
         """The fsspec filesystem holding the store (a local one for a directory), with :attr:`root`: files kept
         beside the manifest (the quality index) are read and written through it."""
@@ -293,6 +303,7 @@ class Store:
         with self._lock:
             self.bytes_read += fetched
             self.reads += 1
+            self.requests += 1 if fetched else 0
             if not full and len(keep) <= self.cache_bytes:  # a full read has nothing left to fetch
                 self._cache[key] = keep
                 self._cached_bytes += len(keep)
@@ -300,13 +311,32 @@ class Store:
                     self._cached_bytes -= len(self._cache.popitem(last=False)[1])
         return data if full else data + EOI
 
+    def hold(self, key: str, data: bytes) -> None:
+        """Take ``data``, the result of an earlier :meth:`read` of ``key`` (in another process, say: a Ray stage's
+        prefix handed to the next stage), as a cached prefix: a later read fetches only what it lacks. Nothing is
+        fetched or checked here; the next read checks the prefix it returns as usual."""
+        ends = self.scan_ends(key)
+        n = len(data)
+        if n not in ends and n - len(EOI) in ends and data.endswith(EOI):  # a partial read: drop its EOI marker
+            data = data[: n - len(EOI)]
+        elif n not in ends:
+            raise ValueError(f"{key}: {n} bytes are not a prefix read of it (no scan ends there)")
+        with self._lock:
+            old = self._cache.pop(key, b"")
+            keep = data if len(data) >= len(old) else old
+            self._cached_bytes += len(keep) - len(old)
+            self._cache[key] = keep
+            while len(self._cache) > self.cache_entries or self._cached_bytes > self.cache_bytes:
+                self._cached_bytes -= len(self._cache.popitem(last=False)[1])
+
     def reset_stats(self) -> None:
-        """Zero ``bytes_read`` and ``reads`` and drop cached prefixes."""
+        """Zero ``bytes_read``, ``reads`` and ``requests`` and drop cached prefixes."""
         with self._lock:
             self._cache.clear()
             self._cached_bytes = 0
             self.bytes_read = 0
             self.reads = 0
+            self.requests = 0
 
     def _fetch(self, key: str, i: int, start: int, end: int) -> bytes:
         where = self.location(key)

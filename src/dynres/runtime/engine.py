@@ -25,6 +25,7 @@ import torch
 from dynres._ui import track
 from dynres.errors import ConfigError
 from dynres.io.decode import PrefixViews, decode, decode_baseline
+from dynres.io.jpeg import EOI
 from dynres.io.store import StoreLike
 from dynres.paper import DEFAULT_CROP_SIDE
 from dynres.policy.scans import Scans, scans_for
@@ -46,7 +47,14 @@ class PipelineConfig:
     ``decode_once=False`` decodes every view at its own DCT scale, pixel-identical to
     :func:`dynres.io.decode.decode` (what ``dynres eval`` and calibration measured); the default decodes a prefix
     once, at the largest view's scale, and resizes: the views differ by resampling only, for fewer decodes per image
-    (the accuracy and speed this trades: docs/bench-pipeline.md). ``crop_side`` is the center crop's side ratio."""
+    (the accuracy and speed this trades: docs/bench-pipeline.md). ``crop_side`` is the center crop's side ratio.
+
+    ``fetch_ahead`` trades bytes for storage requests in dynamic mode, not pixels: the scale stage's one request
+    also fetches the prefix the policy wants at ``fetch_ahead_resolution`` (None: the largest grid resolution, so
+    the longest prefix any choice needs), but only the scale prefix is decoded for the scale model; the backbone
+    cuts its prefix from those bytes and fetches the rest only when its resolution needs more. Predictions are
+    the plain dynamic pipeline's; against an object store, where a request costs a round trip and a fee whatever
+    its size, an image costs one request instead of two (docs/bench-ray.md)."""
 
     batch_size: int = 16
     workers: int = 2
@@ -59,6 +67,8 @@ class PipelineConfig:
     max_wait: int = 2
     read_ahead: bool = False  # dynamic: read the longest prefix any grid resolution needs up front
     decode_once: bool = True  # dynamic: views are resizes of one decode per prefix (False: each view decoded)
+    fetch_ahead: bool = False  # dynamic: the scale prefix's request also fetches the backbone's likely bytes
+    fetch_ahead_resolution: int | None = None  # whose prefix to fetch ahead (None: the largest grid resolution)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
@@ -67,6 +77,10 @@ class PipelineConfig:
             raise ConfigError("pipeline", f"crop_side (a side ratio) must be in (0, 1], got {self.crop_side}")
         if self.baseline and self.resolution is None:
             raise ConfigError("pipeline", "the baseline is a static mode: give a resolution")
+        if self.fetch_ahead and self.read_ahead:
+            raise ConfigError("pipeline", "read_ahead already reads each image once: fetch_ahead would add nothing")
+        if self.fetch_ahead_resolution is not None and self.fetch_ahead_resolution < 1:
+            raise ConfigError("pipeline", f"fetch_ahead_resolution must be >= 1, got {self.fetch_ahead_resolution}")
 
 
 @dataclass
@@ -133,6 +147,8 @@ class WorkItem:
     chunk: int = 0
     image: Future | None = None
     views: PrefixViews | None = None  # the scale prefix's views (its decode is the backbone's if reused)
+    ahead: bytes = b""  # fetch-ahead: a longer prefix than ``data`` (a read's result), fetched in the same request
+    ahead_scans: int = 0  # the scans ``ahead`` holds
 
 
 class Engine:
@@ -178,13 +194,26 @@ class Engine:
         scans = s.scans if s.scans is not None else self._scans(item.key, s.resolution)
         if self.config.read_ahead:
             scans = _longest(scans, (self._scans(item.key, r) for r in s.grid))
-        item.data = self._timed("scale_read", self.store.read, item.key, scans)
         item.scans = _clip(scans, self.store.num_scans(item.key))
+        if self.config.fetch_ahead:
+            self.fetch_ahead(item)
+        else:
+            item.data = self._timed("scale_read", self.store.read, item.key, scans)
         item.views = PrefixViews(item.data, self._short_side, item.key)
         t = time.thread_time()
         small = item.views.view(s.resolution, self.config.crop_side)
         self._add("scale_decode", time.thread_time() - t - item.views.decode_s)  # the shared decode: see backbone_read
         return small
+
+    def fetch_ahead(self, item: WorkItem) -> None:
+        """One request for the scale prefix (``item.scans``) and the prefix the fetch-ahead resolution wants:
+        ``item.ahead`` holds the longer one, ``item.data`` the scale prefix cut from it."""
+        cfg, key = self.config, item.key
+        r = cfg.fetch_ahead_resolution or max(self.scale.grid)
+        ahead = max(item.scans, _clip(self._scans(key, r), self.store.num_scans(key)))
+        item.ahead = self._timed("scale_read", self.store.read, key, ahead)
+        item.ahead_scans = ahead
+        item.data = cut_prefix(self.store, key, item.ahead, item.scans)
 
     def backbone_read(self, item: WorkItem) -> torch.Tensor:
         """The view at the chosen resolution: from the scale prefix when it holds the scans the policy wants,
@@ -196,12 +225,15 @@ class Engine:
             if views is None:  # the prefix came without its views (Ray's hand-off): make them the same way
                 views = PrefixViews(item.data, self._short_side, key)
             self._add("decode", views.decode_s)  # the backbone's decode, done early by the scale stage
-            item.data, item.bytes_read = b"", self.store.prefix_size(key, item.scans)
+            item.data, item.ahead, item.bytes_read = b"", b"", self.store.prefix_size(key, item.scans)
             return self._timed("decode", views.view, r, cfg.crop_side)
         if views is not None:
             self._add("scale_decode", views.decode_s)  # a decode the backbone cannot use: scale-model overhead
-        data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
-        item.data, item.bytes_read = b"", self.store.prefix_size(key, want)
+        if want <= item.ahead_scans:  # fetched ahead with the scale prefix: no request
+            data = cut_prefix(self.store, key, item.ahead, want)
+        else:
+            data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
+        item.data, item.ahead, item.bytes_read = b"", b"", self.store.prefix_size(key, want)
         fn = decode_baseline if cfg.baseline else decode
         return self._timed("decode", fn, data, r, cfg.crop_side, key)
 
@@ -214,7 +246,7 @@ class Engine:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.timings = {}
-        bytes0 = self.store.bytes_read
+        bytes0, requests0 = self.store.bytes_read, store_requests(self.store)
         out: list[Prediction | None] = [None] * len(keys)
         chunks = [keys[i : i + cfg.batch_size] for i in range(0, len(keys), cfg.batch_size)]
         start = time.perf_counter()
@@ -225,7 +257,9 @@ class Engine:
             torch.set_num_threads(old_threads)
         wall = time.perf_counter() - start
         preds = [p for p in out if p is not None]
-        summary = summarize(preds, wall, self.store.bytes_read - bytes0, self.timings)
+        requests = store_requests(self.store)
+        summary = summarize(preds, wall, self.store.bytes_read - bytes0, self.timings,
+                            None if requests is None else requests - requests0)
         summary["mode"] = "baseline" if cfg.baseline else ("static" if self.scale is None else "dynamic")
         return InferenceResult(preds, summary, self.classes)
 
@@ -304,7 +338,22 @@ def _clip(scans: int | None, total: int) -> int:
     return total if scans is None else max(1, min(int(scans), total))
 
 
-def summarize(preds: Sequence[Prediction], wall_s: float, bytes_read: int, timings: dict[str, float]) -> dict:
+def cut_prefix(store: StoreLike, key: str, data: bytes, scans: int) -> bytes:
+    """What ``store.read(key, scans)`` returns, cut from ``data``, the result of a read of at least that many
+    scans: the whole file when ``scans`` covers it, else its first ``scans`` scans and an EOI marker."""
+    if scans >= store.num_scans(key):
+        return data
+    return data[: store.prefix_size(key, scans)] + EOI
+
+
+def store_requests(store: StoreLike) -> int | None:
+    """The storage requests ``store`` has made so far (``Store.requests``); None for a store that does not count
+    them (a test's in-memory store)."""
+    return getattr(store, "requests", None)
+
+
+def summarize(preds: Sequence[Prediction], wall_s: float, bytes_read: int, timings: dict[str, float],
+              requests: int | None = None) -> dict:
     """Accuracy (percent, where labels are known), images/s, bytes, resolution histogram, latency percentiles.
 
     ``scale_overhead`` is the scale model's share of the pipeline's work: its read + decode (thread CPU time)
@@ -327,6 +376,8 @@ def summarize(preds: Sequence[Prediction], wall_s: float, bytes_read: int, timin
         "top5_accuracy": 100.0 * np.mean([p.label in p.top5 for p in labelled]) if labelled else None,
         "bytes_read": int(bytes_read),
         "bytes_per_image": bytes_read / n if n else 0.0,
+        "requests": requests,
+        "requests_per_image": requests / n if n and requests is not None else None,
         "policy_bytes": int(sum(p.bytes_read for p in preds)),
         "read_fraction": bytes_read / file_bytes if file_bytes else 0.0,
         "resolution_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),

@@ -1,0 +1,82 @@
+"""`bench ray`: synthesized stores behave as the real one, the driver's memory is sampled, and a whole run on a tiny
+store writes every table (throughput, driver memory, requests against a loopback S3 server) into its record."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from dynres.bench.ray import RayBenchConfig, driver_rss, run_bench_ray, synthesize_store
+from dynres.errors import ConfigError
+from dynres.io.store import open_store
+from pipeline_fixtures import make_store, save_tiny_checkpoints
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-ray")
+    make_store(root, per_class=4)
+    save_tiny_checkpoints(root)
+    return root
+
+
+def test_a_synthesized_store_repeats_the_images_under_new_keys(root, tmp_path):
+    store = open_store(root / "store")
+    big = open_store(synthesize_store(str(root / "store"), 19, tmp_path / "big"))
+    assert len(big) == 19 and big.keys[:8] == store.keys and big.keys[8] == f"{store.keys[0]}#1"
+    assert big.read(big.keys[8], 2) == store.read(store.keys[0], 2)
+    assert big.label(big.keys[18]) == store.label(store.keys[2])
+
+
+def test_driver_rss_sees_a_peak_that_is_gone_by_the_end():
+    with driver_rss(0.01) as memory:
+        block = np.ones(64 << 20, np.uint8)  # 64 MB, touched
+        time.sleep(0.2)
+        del block
+    assert memory["rss_peak_mb"] - memory["rss_start_mb"] >= 50
+    assert memory["rss_growth_mb"] == memory["rss_peak_mb"] - memory["rss_start_mb"]
+
+
+@pytest.mark.parametrize("bad", [dict(images=-1), dict(actors=()), dict(actors=(0,)), dict(memory_images=(0,))])
+def test_a_bad_bench_config_is_a_config_error(bad):
+    with pytest.raises(ConfigError):
+        RayBenchConfig(**bad)
+
+
+@pytest.mark.slow
+def test_bench_ray_records_throughput_driver_memory_and_requests(root, tmp_path):
+    pytest.importorskip("ray")
+    pytest.importorskip("moto.server", reason="moto[server] (the dev extra) serves S3 on loopback")
+    cfg = RayBenchConfig(images=8, actors=(1, 2), batch_size=2, ray_batch=2, memory_images=(24,), s3_images=6,
+                         num_cpus=2)
+    run_bench_ray(str(root / "store"), str(root / "b.pt"), str(root / "s.pt"), tmp_path, cfg=cfg, progress=False)
+    record = json.loads((tmp_path / "bench_ray.json").read_text())
+    modes = [r["mode"] for r in record["throughput"]]
+    assert modes == ["local", "ray, 1 actor per stage", "ray, 2 actors per stage"]
+    local, one, two = record["throughput"]
+    assert local["images"] == one["images"] == two["images"] == 8 and local["accuracy"] == two["accuracy"]
+    assert one["actors_seen"] == {"scale": 1, "backbone": 1} and two["actors_seen"] == {"scale": 2, "backbone": 2}
+    assert record["ratios"]["ray, 2 actors per stage"]["vs_local"] == pytest.approx(
+        two["steady_images_per_s"] / local["images_per_s"])
+    assert [r["images"] for r in record["driver_memory"]] == [24]
+    assert all(r["rss_peak_mb"] >= r["rss_start_mb"] > 0 for r in record["throughput"] + record["driver_memory"])
+    requests = {r["mode"]: r for r in record["requests"]}
+    assert all(r["images"] == 6 for r in requests.values())
+    assert requests["local dynamic, fetch-ahead"]["requests_per_image"] == 1.0
+    assert requests["local dynamic, read-ahead"]["requests_per_image"] == 1.0
+    assert requests["ray dynamic, fetch-ahead"]["requests_per_image"] == 1.0
+    plain, mid, ahead = (requests[m] for m in ("local dynamic", "local dynamic, fetch-ahead @48 px",
+                                                "local dynamic, fetch-ahead"))
+    assert 1 <= mid["requests_per_image"] <= plain["requests_per_image"]  # a margin up to the median resolution's
+    assert plain["bytes_per_image"] <= mid["bytes_per_image"] <= ahead["bytes_per_image"]
+    for row in requests.values():  # the store's count is the server's (the manifest reads aside)
+        assert row["server_gets_per_image"] == row["requests_per_image"]
+    # the Ray engine costs the local engine's requests and bytes: the prefix it hands over is not fetched again
+    for a, b in (("local dynamic", "ray dynamic"), ("local dynamic, fetch-ahead", "ray dynamic, fetch-ahead")):
+        assert requests[a]["requests_per_image"] == requests[b]["requests_per_image"] >= 1
+        assert requests[a]["bytes_per_image"] == requests[b]["bytes_per_image"]
+    markdown = (tmp_path / "bench_ray.md").read_text()
+    assert "Requests/image" in markdown and "ray, 24 images" in markdown
