@@ -76,7 +76,8 @@ class CalibrationPolicy:
 
     def __post_init__(self) -> None:
         # a plain number is an SSIM threshold, as in version-1 policies (the API took thresholds before rules)
-        self.rules = {int(r): v if isinstance(v, ReadRule) else ReadRule("ssim", float(v)) for r, v in self.rules.items()}
+        self.rules = {int(r): v if isinstance(v, ReadRule) else ReadRule("ssim", float(v))
+                      for r, v in self.rules.items()}
         if np.shape(self.counts) != (len(self.keys), len(self.rules)):
             raise ConfigError("counts", f"need one row per key and one column per resolution, "
                                         f"{(len(self.keys), len(self.rules))}, got {np.shape(self.counts)}")
