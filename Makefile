@@ -5,9 +5,9 @@ BIN     = $(VENV)/bin
 OUT    ?= runs/demo
 STAMP   = $(VENV)/.dynres-installed
 
-.PHONY: demo demo-quick test test-fast install jpegtran clean
+.PHONY: demo demo-quick test test-fast install jpegtran emoji-font clean
 
-install: $(STAMP) jpegtran
+install: $(STAMP) jpegtran emoji-font
 
 # ingest transcodes JPEG sources losslessly with libjpeg's jpegtran; installed here where we can (Debian, as root).
 # Without it ingest falls back to mozjpeg-lossless-optimization (a pip dependency) and says so in one line.
@@ -20,6 +20,18 @@ jpegtran:
 	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjpeg-turbo-progs >/dev/null 2>&1; } || true; \
 	fi; \
 	jpegtran -version 2>&1 | grep -q libjpeg-turbo || echo "libjpeg-turbo's jpegtran not installed: dynres ingest falls back to mozjpeg-lossless-optimization and says so"
+
+# `dynres data photos` (the real-photo development set) draws Noto Color Emoji; installed the same way. Without it
+# that command (and its tests) fail with one line naming the package; nothing else needs it.
+emoji-font:
+	@test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing fonts-noto-color-emoji"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq fonts-noto-color-emoji >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fonts-noto-color-emoji >/dev/null 2>&1; } || true; \
+	fi; \
+	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || echo "fonts-noto-color-emoji not installed: dynres data photos needs it"
 
 # torch/torchvision first and pinned: they are the big, slow part (local wheels on the dev machines).
 $(STAMP): pyproject.toml requirements-torch.txt

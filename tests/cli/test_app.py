@@ -25,8 +25,8 @@ from dynres.study.scale import ScaleConfig
 from dynres.study.static import EvalConfig
 from dynres.version import __version__
 
-COMMANDS = {"demo", "ingest", "run", "report", "infer", "serve", "calibrate", "tune", "data", "bench", "train", "eval",
-            "index"}
+COMMANDS = {"demo", "ingest", "layout", "run", "report", "infer", "serve", "calibrate", "tune", "data", "bench", "train",
+            "eval", "index"}
 
 
 def option(path: str, flag: str):

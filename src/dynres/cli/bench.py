@@ -1,5 +1,5 @@
-"""``dynres bench io|decode|pipeline|serve|kernels``: each benchmark writes its JSON + Markdown record and prints a
-digest of it."""
+"""``dynres bench io|decode|pipeline|serve|kernels|scale``: each benchmark writes its JSON + Markdown record and prints
+a digest of it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from dynres._ui import console
 from dynres.bench.decode import DecodeBenchConfig
 from dynres.bench.io import IOBenchConfig
 from dynres.bench.pipeline import PipelineBenchConfig
+from dynres.bench.ray import RayBenchConfig
+from dynres.bench.scale import ScaleBenchConfig
 from dynres.bench.serve import ServeBenchConfig
 from dynres.cli.options import join, parse_list, path_text
 from dynres.cli.runtime import TUNE_OPTIONS, print_tuned, tune_config
@@ -38,6 +40,10 @@ def bench_io_cmd(
     cfg = IOBenchConfig(resolutions=parse_list(resolutions, int, "--resolutions"), images=images, repeats=repeats,
                         crop_side=crop_side, workers=workers)
     result = run_bench_io(store, out, cfg, src=src)
+    from dynres.io.layout import describe_layout
+    from dynres.io.store import open_store
+
+    console.print(f"scan layout: {describe_layout(open_store(store).layout)}", markup=False)
     for row in result["decode"]:
         console.print(
             f"{row['resolution']:>4}px  1 core: {row['dct_scaled_one_core_images_per_s']:7.1f} vs "
@@ -148,6 +154,40 @@ def bench_serve_cmd(
     console.print(f"wrote {out / 'serve_load.json'} and {out / 'serve_load.md'}")
 
 
+@app.command("ray")
+def bench_ray_cmd(
+    store: str = typer.Argument(..., help="Store directory."),
+    model: Path = typer.Option(..., "--model", help="Backbone checkpoint."),
+    scale: Path = typer.Option(..., "--scale-model", "--scale", help="Scale-model checkpoint."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Where bench_ray.json/.md go."),
+    images: int = typer.Option(RayBenchConfig.images, help="The first N images of the store (0: all)."),
+    actors: str = typer.Option(join(RayBenchConfig.actors), help="Actors per stage, one Ray run each."),
+    batch_size: int = typer.Option(RayBenchConfig.batch_size, help="The models' batch size (both engines)."),
+    ray_batch: int = typer.Option(RayBenchConfig.ray_batch, help="Images per Ray actor call."),
+    lam: float = typer.Option(RayBenchConfig.lam, "--lambda", help="Cost weight λ."),
+    kernels: str = typer.Option(RayBenchConfig.kernels, help="eager or tuned."),
+    memory_images: str = typer.Option(join(RayBenchConfig.memory_images),
+                                      help="Store sizes for the driver-memory check (synthesized; '' for none)."),
+    s3_images: int = typer.Option(RayBenchConfig.s3_images,
+                                  help="Images on a loopback S3 server (moto) for the requests table (0: none)."),
+) -> None:
+    """The Ray engine (1 and 2 actors per stage) vs the local engine: images/s, driver memory, requests per image."""
+    from dynres.bench.ray import run_bench_ray
+
+    cfg = RayBenchConfig(images=images, actors=parse_list(actors, int, "--actors"), batch_size=batch_size,
+                         ray_batch=ray_batch, lam=lam, kernels=kernels,
+                         memory_images=parse_list(memory_images, int, "--memory-images") or (),
+                         s3_images=s3_images)
+    p = run_bench_ray(store, str(model), str(scale), out, path_text(policy), cfg)
+    for row in p["throughput"] + p.get("driver_memory", []) + p.get("requests", []):
+        rpi = "n/a" if row["requests_per_image"] is None else f"{row['requests_per_image']:.2f}"
+        console.print(f"{row['mode']:>28}: {row['images_per_s']:7.1f} img/s (steady {row['steady_images_per_s']:7.1f})"
+                      f"  {rpi} req/img  {row['bytes_per_image']:8.0f} B/img  driver RSS peak "
+                      f"{row['rss_peak_mb']:.0f} MB (+{row['rss_growth_mb']:.0f})")
+    console.print(f"wrote {out / 'bench_ray.json'} and {out / 'bench_ray.md'}")
+
+
 @app.command("kernels")
 def bench_kernels_cmd(
     models: str = typer.Option("resnet18,resnet50,mobilenet_v2", help="Architectures (random weights)."),
@@ -175,3 +215,26 @@ def bench_kernels_cmd(
     lim = rec["limits"]
     console.print(f"GEMM peak {lim['gemm_gflops_per_s']:.0f} GFLOP/s, FMA ceiling "
                   f"{lim.get('fma_gflops_per_s') or float('nan'):.0f} GFLOP/s; wrote {rec['paths']['md']}")
+
+
+@app.command("scale")
+def bench_scale_cmd(
+    run: Path = typer.Argument(..., help="A finished accuracy chain (RUN/accuracy: backbone/, scale/, eval/)."),
+    train_store: str = typer.Argument(..., help="The store the chain's scale labels were made on (RUN/store/train)."),
+    val_store: str = typer.Argument(..., help="Held-out store the candidates are judged on (RUN/store/val)."),
+    out: Path = typer.Option(Path("runs/bench/scale"), "--out", help="Where bench_scale.json/.md and models go."),
+    targets: str = typer.Option(join(ScaleBenchConfig.targets), help="ScaleConfig.target values to compare."),
+    seeds: str = typer.Option(join(ScaleBenchConfig.seeds), help="Scale-model seeds (noise of the comparison)."),
+) -> None:
+    """Scale-model candidates (training targets) on one run's labels: AUC, argmax and iso-cost accuracy per crop."""
+    from dynres.io.store import open_store
+    from dynres.study.scale_compare import compare_scale_targets
+
+    cfg = ScaleBenchConfig(targets=parse_list(targets, str, "--targets"), seeds=parse_list(seeds, int, "--seeds"))
+    payload = compare_scale_targets(open_store(train_store), open_store(val_store), run, out, cfg)
+    for row in payload["summary"]:
+        if row["crop"] == "all":
+            console.print(f"{row['target']:>8}: AUC min {row['auc_min']:.3f}, argmax vs best static "
+                          f"{row['argmax_vs_best_static']:+.1f} pts, iso-cost vs best static "
+                          f"{row['iso_cost_vs_best_static']:+.1f} pts (mean over crops)", markup=False)
+    console.print(f"wrote {out / 'bench_scale.json'} and {out / 'bench_scale.md'}")

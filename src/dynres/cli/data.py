@@ -1,4 +1,5 @@
-"""``dynres data synth`` (the built-in data set) and ``dynres ingest`` (an image tree into a store)."""
+"""``dynres data synth`` (the built-in data set), ``dynres data photos`` (the real-photo development set) and
+``dynres ingest`` (an image tree into a store)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 from dynres._ui import console
 from dynres.cli.options import path_text
 from dynres.io.ingest import IngestConfig
+from dynres.io.photos import GESTURES, PhotosConfig
 from dynres.io.synth import CLASSES, SynthConfig
 
 app = typer.Typer(no_args_is_help=True, help="Built-in datasets.")
@@ -42,6 +44,32 @@ def data_synth(
     console.print(f"wrote {report.images} images ({report.train} train, {report.val} val, {report.classes} classes) "
                   f"and {out / 'objects.parquet'} in {report.seconds:.1f} s ({report.images_per_s:.0f} images/s)",
                   soft_wrap=True, markup=False)
+
+
+PHOTOS = PhotosConfig()
+
+
+@app.command("photos")
+def data_photos(
+    out: Path = typer.Argument(..., help="Output folder: train/, val/ (ImageFolder) and objects.parquet."),
+    classes: int = typer.Option(PHOTOS.classes, help=f"Number of classes (hand gestures, at most {len(GESTURES)})."),
+    per_class: int = typer.Option(PHOTOS.train_per_class, "--per-class", help="Training images per class."),
+    val_per_class: int = typer.Option(PHOTOS.val_per_class, help="Validation images per class."),
+    seed: int = typer.Option(PHOTOS.seed, help="Seed; the same settings give byte-identical files."),
+    min_size: int = typer.Option(PHOTOS.min_size, help="Smallest long image side in px."),
+    max_size: int = typer.Option(PHOTOS.max_size, help="Largest long image side in px."),
+    backgrounds: Optional[Path] = typer.Option(None, help="A folder of more background photos (JPEG/PNG)."),
+    workers: int = typer.Option(PHOTOS.workers, help="Processes (0: every core); output does not change."),
+) -> None:
+    """Build the real-photo development set: colour emoji hand gestures (six skin tones each, so not told apart by
+    colour) at random scales, positions and turns on real photographs; needs Debian's fonts-noto-color-emoji."""
+    from dynres.io.photos import build_photos
+
+    cfg = PhotosConfig(classes=classes, train_per_class=per_class, val_per_class=val_per_class, seed=seed,
+                       min_size=min_size, max_size=max_size, backgrounds=path_text(backgrounds), workers=workers)
+    report = build_photos(out, cfg, progress=True)
+    console.print(f"wrote {report.images} images ({report.train} train, {report.val} val, {report.classes} classes) "
+                  f"and {out / 'objects.parquet'} in {report.seconds:.1f} s", soft_wrap=True, markup=False)
 
 
 def ingest(

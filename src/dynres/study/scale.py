@@ -41,6 +41,11 @@ from dynres.records import markdown_table, write_records
 from dynres.study.static import image_views, predict_grid
 
 
+# target name -> (labels column, its map to [0, 1]); every column is written by the held-out backbone of the row
+TARGETS = {"correct": ("correct", lambda v: float(v)), "prob": ("true_prob", float),
+           "margin": ("margin", lambda v: (1.0 + v) / 2.0)}
+
+
 @dataclass(frozen=True)
 class ScaleConfig:
     """The scale labels' and the scale model's settings; ``crops`` are area fractions (a run file's ``[scale]``)."""
@@ -68,6 +73,10 @@ class ScaleConfig:
     holdout: float = 0.1  # fraction of labelled images kept out of scale training for the AUC report
     seed: int = 0
     labels: str | None = None  # an existing scale_labels.parquet: retrain only the scale model (no shard backbones)
+    # what the scale model learns per resolution, from the held-out shard backbones (TARGETS; measured in
+    # docs/scale-candidates.md): "correct" their 0/1 answer, "prob" their probability of the true class,
+    # "margin" (1 + that probability's lead over the best other class) / 2, above 0.5 exactly where they are right
+    target: str = "correct"
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -78,6 +87,8 @@ class ScaleConfig:
             raise ConfigError("splits", f"need at least 1 split, got {self.splits}")
         if not 0 <= self.holdout < 0.5:
             raise ConfigError("holdout", f"must be in [0, 0.5), got {self.holdout}")
+        if self.target not in TARGETS:
+            raise ConfigError("target", f"must be one of {sorted(TARGETS)}, got {self.target!r}")
         if self.optimizer not in LR_DEFAULTS:
             raise ConfigError("optimizer", f"must be one of {sorted(LR_DEFAULTS)}, got {self.optimizer!r}")
         small_grid = self.labels is None and min(self.label_grid) < 16  # existing labels bring their own grid
@@ -155,11 +166,22 @@ def read_labels(path: str | Path, store: StoreLike) -> pa.Table:
 def multi_hot(labels: pa.Table, grid: Sequence[int]) -> dict[tuple[str, float], np.ndarray]:
     """(key, crop) -> float vector over ``grid``: 1 where the held-out backbone was right; with several splits,
     the fraction of their held-out backbones that were."""
+    return label_targets(labels, grid, "correct")
+
+
+def label_targets(labels: pa.Table, grid: Sequence[int], target: str = "correct") -> dict[tuple[str, float],
+                                                                                          np.ndarray]:
+    """(key, crop) -> the ``target`` (see :data:`TARGETS`) over ``grid``, from the row's held-out backbone; with
+    several splits, the mean over their held-out backbones."""
+    column, to_unit = TARGETS[target]
+    if column not in labels.column_names:
+        raise ConfigError("target", f"{target!r} needs the labels' {column!r} column, which these labels (made "
+                                    "before it existed) lack: make them again")
     index = {r: i for i, r in enumerate(grid)}
     sums: dict[tuple[str, float], np.ndarray] = {}
     counts: dict[tuple[str, float], np.ndarray] = {}
-    for key, crop, r, ok in zip(*(labels.column(n).to_pylist() for n in ("key", "crop", "resolution", "correct"))):
-        sums.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))[index[r]] += float(ok)
+    for key, crop, r, value in zip(*(labels.column(n).to_pylist() for n in ("key", "crop", "resolution", column))):
+        sums.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))[index[r]] += to_unit(value)
         counts.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))[index[r]] += 1.0
     return {p: sums[p] / np.maximum(counts[p], 1.0) for p in sums}
 
@@ -249,8 +271,8 @@ def train_scale(store: StoreLike, out: str | Path, cfg: ScaleConfig = ScaleConfi
     labels, source = scale_labels(store, out, cfg, cache, progress)
     grid, crops = source["grid"], source["crops"]
     res = cfg.resolution or min(grid)
-    targets = multi_hot(labels, grid)  # what the scale model learns: with several splits, the mean label
-    answers = targets  # statistics and AUC judge against one held-out backbone's 0/1 answers
+    targets = label_targets(labels, grid, cfg.target)  # what the scale model learns (several splits: the mean)
+    answers = multi_hot(labels, grid)  # statistics and AUC judge against one held-out backbone's 0/1 answers
     if source["splits"] > 1:
         answers = multi_hot(labels.filter(pc.equal(labels.column("split"), 0)), grid)
     keys = sorted({k for k, _ in targets})
@@ -266,7 +288,8 @@ def train_scale(store: StoreLike, out: str | Path, cfg: ScaleConfig = ScaleConfi
     aucs = heldout_auc(model, images, [answers[pairs[i]] for i in test], test, grid)
     stats = label_stats(answers, grid, crops)
     payload = {"grid": list(grid), "crops": list(crops), "folds": source["folds"], "splits": source["splits"],
-               "cheap": cfg.cheap, "scale_resolution": res, "scale_arch": cfg.arch, "scans": cfg.scans,
+               "cheap": cfg.cheap, "target": cfg.target, "scale_resolution": res, "scale_arch": cfg.arch,
+               "scans": cfg.scans,
                "labelled_images": len(keys), "heldout_images": len(held), "label_stats": stats, "auc": aucs,
                "scale_model": str(out / "scale_model" / "model.pt"), "labels": source["labels"],
                "backbones": source["backbones"]}

@@ -5,7 +5,8 @@ image and batch sizes, on ONNX Runtime where it agrees with PyTorch; :func:`pred
 :func:`image_views`) and the static record built on it (:func:`run_static`).
 
 Every (image, crop, resolution) prediction is kept in a Parquet table (columns ``key, label, crop, resolution,
-pred, prob, correct``) so the scale labels, the dynamic evaluation and the oracle are look-ups, never re-runs.
+pred, prob, correct, true_prob, margin``) so the scale labels, the dynamic evaluation and the oracle are look-ups,
+never re-runs.
 
 Crops are *area* fractions here (the paper's 25/56/75/100 %); :func:`dynres.paper.crop_side` turns them into the
 side ratio that ``decode`` takes.
@@ -151,7 +152,10 @@ def predict_grid(model: torch.nn.Module | GridModel, store: StoreLike, keys: Seq
     while the model runs on this one: decoding and resizing 28 views per image cost more than the inference.
     """
     run = model if isinstance(model, GridModel) else GridModel(model, backend)
-    cols: dict[str, list] = {n: [] for n in ("key", "label", "crop", "resolution", "pred", "prob", "correct")}
+    # true_prob / margin: the true class's probability and its lead over the best other class (the scale model's
+    # graded targets, docs/scale-candidates.md)
+    cols: dict[str, list] = {n: [] for n in ("key", "label", "crop", "resolution", "pred", "prob", "correct",
+                                             "true_prob", "margin")}
     keys = list(keys)
     chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
     with ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)), thread_name_prefix="dynres-views") as pool:
@@ -169,8 +173,12 @@ def predict_grid(model: torch.nn.Module | GridModel, store: StoreLike, keys: Seq
                 for r in grid:
                     probs = torch.softmax(run(torch.stack([v[(c, r)] for v in views])), dim=1)
                     prob, pred = probs.max(dim=1)
-                    for key, label, p, q in zip(chunk, labels, pred.tolist(), prob.tolist()):
-                        for name, value in zip(cols, (key, label, c, r, p, q, p == label)):
+                    index = torch.tensor(labels).unsqueeze(1)
+                    true = probs.gather(1, index).squeeze(1)
+                    margin = true - probs.scatter(1, index, -1.0).max(dim=1).values
+                    for key, label, p, q, t, m in zip(chunk, labels, pred.tolist(), prob.tolist(), true.tolist(),
+                                                      margin.tolist()):
+                        for name, value in zip(cols, (key, label, c, r, p, q, p == label, t, m)):
                             cols[name].append(value)
     return pa.table(cols)
 

@@ -1,0 +1,111 @@
+"""``dynres bench scale``: scale-model candidates compared on held-out validation data (issue 18, item 3).
+
+Each candidate is one way to train the scale model (its ``ScaleConfig.target``), trained on the same labels (one
+accuracy chain's shard-backbone labels) with the same recipe and seed, and judged the way the dynamic pipeline
+uses it: on the validation images, against the chain's backbone, per crop: the scale model's AUC per resolution,
+the accuracy of its argmax choice, and the accuracy of the cost-aware rule at no more GFLOPs than the best static
+resolution (iso-cost). Several seeds measure how much of a difference is training noise. The runner lives in
+:mod:`dynres.study.scale_compare` (it trains and evaluates); this module holds the settings and the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dynres.errors import ConfigError
+from dynres.records import markdown_table, write_records
+
+
+@dataclass(frozen=True)
+class ScaleBenchConfig:
+    """Which targets (``ScaleConfig.target`` values) and seeds to train; everything else is the run's recipe."""
+
+    targets: tuple[str, ...] = ("correct", "prob", "margin")
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError("targets", f"need distinct targets, got {list(self.targets)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds", f"need distinct seeds, got {list(self.seeds)}")
+
+
+def candidate_rows(target: str, seed: int, scale: dict, dynamic: dict) -> list[dict]:
+    """One row per crop for one trained candidate: ``scale`` is its scale record (train_scale's payload), ``dynamic``
+    its dynamic evaluation record on the validation images."""
+    label_aucs = [a["auc"] for a in scale["auc"] if a["auc"] is not None]
+    oracle = {o["crop"]: o["accuracy"] for o in dynamic["oracle"]}
+    rows = []
+    for s in dynamic["summary"]:
+        aucs = [a["auc"] for a in dynamic["auc"] if a["crop"] == s["crop"] and a["auc"] is not None]
+        rows.append({
+            "target": target, "seed": seed, "crop": s["crop"],
+            "auc_min": min(aucs) if aucs else None, "auc_mean": float(np.mean(aucs)) if aucs else None,
+            "label_auc_mean": float(np.mean(label_aucs)) if label_aucs else None,
+            "argmax_accuracy": s["dynamic_accuracy"], "argmax_gflops": s["dynamic_gflops"],
+            "iso_cost_accuracy": s["iso_cost_accuracy"], "iso_cost_gflops": s["iso_cost_gflops"],
+            "best_static_resolution": s["best_static_resolution"], "best_static_accuracy": s["best_static_accuracy"],
+            "best_static_gflops": s["best_static_gflops"], "oracle_accuracy": oracle.get(s["crop"]),
+        })
+    return rows
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Per (target, crop): the mean over seeds, with the iso-cost and argmax accuracy against the best static
+    resolution (points); then per target over crops (``crop`` "all": mean gaps, the worst AUC)."""
+    out = []
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    crops = list(dict.fromkeys(r["crop"] for r in rows))
+    for target in targets:
+        per_crop = []
+        for crop in crops:
+            cell = [r for r in rows if r["target"] == target and r["crop"] == crop]
+            best = cell[0]["best_static_accuracy"]
+            iso = _mean([r["iso_cost_accuracy"] for r in cell])
+            argmax = _mean([r["argmax_accuracy"] for r in cell])
+            per_crop.append({
+                "target": target, "crop": crop, "seeds": len(cell), "auc_min": _mean([r["auc_min"] for r in cell]),
+                "auc_mean": _mean([r["auc_mean"] for r in cell]), "argmax_accuracy": argmax,
+                "argmax_vs_best_static": None if argmax is None else argmax - best,
+                "iso_cost_accuracy": iso, "iso_cost_vs_best_static": None if iso is None else iso - best,
+                "best_static_accuracy": best, "oracle_accuracy": cell[0]["oracle_accuracy"],
+            })
+        out += per_crop
+        out.append({"target": target, "crop": "all", "seeds": per_crop[0]["seeds"],
+                    "auc_min": min((r["auc_min"] for r in per_crop if r["auc_min"] is not None), default=None),
+                    "auc_mean": _mean([r["auc_mean"] for r in per_crop]),
+                    "argmax_vs_best_static": _mean([r["argmax_vs_best_static"] for r in per_crop]),
+                    "iso_cost_vs_best_static": _mean([r["iso_cost_vs_best_static"] for r in per_crop])})
+    return out
+
+
+SUMMARY_COLUMNS = ["target", "crop", "seeds", "auc_min", "auc_mean", "argmax_accuracy", "argmax_vs_best_static",
+                   "iso_cost_accuracy", "iso_cost_vs_best_static", "best_static_accuracy", "oracle_accuracy"]
+ROW_COLUMNS = ["target", "seed", "crop", "auc_min", "auc_mean", "label_auc_mean", "argmax_accuracy",
+               "iso_cost_accuracy", "best_static_resolution", "best_static_accuracy"]
+
+
+def bench_scale_markdown(payload: dict) -> str:
+    """The record as Markdown: the summary per target and crop, then every (target, seed, crop) row."""
+    return (f"# Scale-model candidates on {payload['val_images']} validation images\n\n"
+            f"Run: `{payload['run']}`; labels: {payload['labelled_images']} labelled training images; scale model "
+            f"{payload['scale_arch']} at {payload['scale_resolution']} px; seeds {payload['seeds']}. Accuracy in "
+            "percent; AUC per resolution against the backbone's correctness on the validation images (min and "
+            "mean over the grid); label_auc_mean: on the labels' held-out tenth. Iso-cost: the cost-aware rule's "
+            "best accuracy at no more GFLOPs than the best static resolution of the crop.\n\n"
+            "## Summary (mean over seeds)\n\n" + markdown_table(payload["summary"], SUMMARY_COLUMNS)
+            + "\n\n## Every run\n\n" + markdown_table(payload["rows"], ROW_COLUMNS))
+
+
+def write_bench_scale(out: str | Path, payload: dict) -> tuple[Path, Path]:
+    """``bench_scale.json`` + ``bench_scale.md`` under ``out``."""
+    return write_records(out, "bench_scale", payload, bench_scale_markdown(payload))

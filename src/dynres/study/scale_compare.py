@@ -1,0 +1,73 @@
+"""Scale-model candidates trained on one accuracy chain's labels and judged on its validation images
+(``dynres bench scale``; the record and its settings live in :mod:`dynres.bench.scale`).
+
+A candidate differs from the run's scale model only in ``ScaleConfig.target`` (and the seed): same labels (so no
+shard backbone is trained again), same architecture, input resolution, prefix and recipe, read from the run's own
+scale checkpoint. The "correct" candidate at the run's seed is the run's scale model again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from dynres.bench.scale import ScaleBenchConfig, candidate_rows, summarize, write_bench_scale
+from dynres.errors import ConfigError
+from dynres.io.store import StoreLike
+from dynres.model.checkpoint import ModelMeta, load_checkpoint
+from dynres.study.dynamic import DynamicConfig, dynamic_record
+from dynres.study.scale import ScaleConfig, train_scale
+from dynres.study.static import EvalConfig
+
+_RECIPE_FIELDS = ("arch", "init", "scans", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "holdout",
+                  "seed")
+
+
+def run_scale_config(meta: ModelMeta, labels: Path) -> ScaleConfig:
+    """The run's scale-model recipe (from its checkpoint's metadata), to retrain on ``labels``."""
+    recipe = {k: meta.recipe[k] for k in _RECIPE_FIELDS if k in meta.recipe}
+    return ScaleConfig(**recipe, resolution=meta.train_resolution, grid=tuple(meta.grid), labels=str(labels))
+
+
+def compare_scale_targets(train_store: StoreLike, val_store: StoreLike, run: str | Path, out: str | Path,
+                          cfg: ScaleBenchConfig = ScaleBenchConfig(), progress: bool = True) -> dict:
+    """Train every (target, seed) candidate under ``out`` and evaluate it on ``val_store``; writes and returns the
+    ``bench_scale`` record. ``run`` is an accuracy chain's folder (``backbone/``, ``scale/``, ``eval/``)."""
+    run, out = Path(run), Path(out)
+    backbone, labels = run / "backbone" / "model.pt", run / "scale" / "scale_labels.parquet"
+    scale_ckpt = run / "scale" / "scale_model" / "model.pt"
+    for path in (backbone, labels, scale_ckpt):
+        if not path.is_file():
+            raise ConfigError(run, f"not a finished accuracy chain: {path.relative_to(run)} is missing")
+    _, meta = load_checkpoint(scale_ckpt)
+    base = run_scale_config(meta, labels)
+    for target in cfg.targets:
+        replace(base, target=target)  # refuse an unknown target before anything trains
+    rows, scale = [], {}
+    for seed in cfg.seeds:
+        for target in cfg.targets:
+            scale = _candidate(train_store, run, out / f"{target}-seed{seed}", replace(base, target=target, seed=seed),
+                               meta, progress)
+            eval_cfg = EvalConfig(grid=tuple(scale["grid"]), crops=tuple(scale["crops"]))
+            dynamic = dynamic_record(backbone, scale["scale_model"], val_store, run / "eval",
+                                     DynamicConfig(plot=False), eval_cfg, progress=progress)
+            rows += candidate_rows(target, seed, scale, dynamic)
+    payload = {"run": str(run), "targets": list(cfg.targets), "seeds": list(cfg.seeds),
+               "scale_arch": base.arch, "scale_resolution": meta.train_resolution, "grid": scale["grid"],
+               "crops": scale["crops"], "labelled_images": scale["labelled_images"],
+               "val_images": len(val_store.keys), "recipe": {k: getattr(base, k) for k in _RECIPE_FIELDS},
+               "rows": rows, "summary": summarize(rows)}
+    write_bench_scale(out, payload)
+    return payload
+
+
+def _candidate(train_store: StoreLike, run: Path, out: Path, cfg: ScaleConfig, meta: ModelMeta,
+               progress: bool) -> dict:
+    """The candidate's scale record: the run's own when it is the run's recipe (same target and seed: training is
+    deterministic, so retraining would give the same weights), else a new training under ``out``."""
+    own = run / "scale" / "scale.json"
+    if (cfg.target == meta.recipe.get("target", "correct") and cfg.seed == meta.recipe.get("seed")
+            and own.is_file()):
+        return json.loads(own.read_text())
+    return train_scale(train_store, out, cfg, progress=progress)
