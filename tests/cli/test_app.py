@@ -40,7 +40,7 @@ def option(path: str, flag: str):
 def test_every_command_and_group_is_wired():
     group = typer.main.get_command(app)
     assert set(group.commands) == COMMANDS
-    assert set(group.commands["bench"].commands) == {"io", "decode", "pipeline", "serve", "kernels"}
+    assert set(group.commands["bench"].commands) == {"io", "decode", "pipeline", "serve", "kernels", "ray", "scale"}
     assert set(group.commands["train"].commands) == {"backbone", "scale"}
     assert set(group.commands["eval"].commands) == {"static", "dynamic"}
     assert set(group.commands["index"].commands) == {"quality"}
