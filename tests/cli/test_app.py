@@ -44,7 +44,7 @@ def test_every_command_and_group_is_wired():
     assert set(group.commands["train"].commands) == {"backbone", "scale"}
     assert set(group.commands["eval"].commands) == {"static", "dynamic"}
     assert set(group.commands["index"].commands) == {"quality"}
-    assert set(group.commands["data"].commands) == {"synth"}
+    assert set(group.commands["data"].commands) == {"synth", "photos"}
 
 
 @pytest.mark.parametrize("path, flag, expected", [
