@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from dynres._ui import track
 from dynres.errors import ConfigError, DynresError
+from dynres.io.synth import check_image_set
 
 SPLITS = ("train", "val")
 TABLE = "objects.parquet"
@@ -83,27 +84,13 @@ class PhotosConfig:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        def bad(key: str, reason: str) -> ConfigError:
-            return ConfigError(f"photos.{key}", reason)
-
-        if not 2 <= self.classes <= len(GESTURES):
-            raise bad("classes", f"must be between 2 and {len(GESTURES)}, got {self.classes}")
-        if self.train_per_class < 0 or self.val_per_class < 0 or self.train_per_class + self.val_per_class == 0:
-            raise bad("per_class", "image counts must be >= 0 and not both 0")
-        if not 64 <= self.min_size <= self.max_size:
-            raise bad("size", f"need 64 <= min_size <= max_size, got {self.min_size}..{self.max_size}")
-        if not 1.0 <= self.aspect_range[0] <= self.aspect_range[1] <= 4.0:
-            raise bad("aspect_range", f"need 1 <= low <= high <= 4, got {self.aspect_range}")
-        if not 0.0 < self.scale_range[0] <= self.scale_range[1] <= 1.0:
-            raise bad("scale_range", f"need 0 < low <= high <= 1, got {self.scale_range}")
+        check_image_set(self, "photos", len(GESTURES), lowest_size=64)
         if not 0.0 <= self.rotation <= 180.0:
-            raise bad("rotation", f"must be in [0, 180] degrees, got {self.rotation}")
+            raise ConfigError("photos.rotation", f"must be in [0, 180] degrees, got {self.rotation}")
         if not 1 <= self.quality_range[0] <= self.quality_range[1] <= 100:
-            raise bad("quality_range", f"need 1 <= low <= high <= 100, got {self.quality_range}")
+            raise ConfigError("photos.quality_range", f"need 1 <= low <= high <= 100, got {self.quality_range}")
         if not 0.0 <= self.clutter <= 1.0:
-            raise bad("clutter", f"must be a probability, got {self.clutter}")
-        if self.workers < 0:
-            raise bad("workers", f"must be >= 0 (0: every usable core), got {self.workers}")
+            raise ConfigError("photos.clutter", f"must be a probability, got {self.clutter}")
 
     @property
     def class_names(self) -> list[str]:

@@ -71,6 +71,26 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immu
           "coins", "moon", "grass", "gravel", "brick", "clock", "cell")
 
 
+def check_image_set(cfg, prefix: str, max_classes: int, lowest_size: int) -> None:
+    """The checks every generated image set shares (``synth``, ``photos``): class and image counts, sizes, aspect
+    and object-scale ranges, workers; a ConfigError names ``prefix.setting``."""
+    def bad(key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{key}", reason)
+
+    if not 2 <= cfg.classes <= max_classes:
+        raise bad("classes", f"must be between 2 and {max_classes}, got {cfg.classes}")
+    if cfg.train_per_class < 0 or cfg.val_per_class < 0 or cfg.train_per_class + cfg.val_per_class == 0:
+        raise bad("per_class", "image counts must be >= 0 and not both 0")
+    if not lowest_size <= cfg.min_size <= cfg.max_size:
+        raise bad("size", f"need {lowest_size} <= min_size <= max_size, got {cfg.min_size}..{cfg.max_size}")
+    if not 1.0 <= cfg.aspect_range[0] <= cfg.aspect_range[1] <= 4.0:
+        raise bad("aspect_range", f"need 1 <= low <= high <= 4, got {cfg.aspect_range}")
+    if not 0.0 < cfg.scale_range[0] <= cfg.scale_range[1] <= 1.0:
+        raise bad("scale_range", f"need 0 < low <= high <= 1, got {cfg.scale_range}")
+    if cfg.workers < 0:
+        raise bad("workers", f"must be >= 0 (0: every usable core), got {cfg.workers}")
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """What to generate. Sizes are the long side in pixels; ``aspect_range`` is long/short side; ``scale_range``
@@ -89,25 +109,9 @@ class SynthConfig:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        def bad(key: str, reason: str) -> ConfigError:
-            return ConfigError(f"synth.{key}", reason)
-
-        if not 2 <= self.classes <= len(CLASSES):
-            raise bad("classes", f"must be between 2 and {len(CLASSES)}, got {self.classes}")
-        if self.train_per_class < 0 or self.val_per_class < 0 or self.train_per_class + self.val_per_class == 0:
-            raise bad("per_class", "image counts must be >= 0 and not both 0")
-        if not 32 <= self.min_size <= self.max_size:
-            raise bad("size", f"need 32 <= min_size <= max_size, got {self.min_size}..{self.max_size}")
-        lo, hi = self.aspect_range
-        if not 1.0 <= lo <= hi <= 4.0:
-            raise bad("aspect_range", f"need 1 <= low <= high <= 4, got {self.aspect_range}")
-        lo, hi = self.scale_range
-        if not 0.0 < lo <= hi <= 1.0:
-            raise bad("scale_range", f"need 0 < low <= high <= 1, got {self.scale_range}")
+        check_image_set(self, "synth", len(CLASSES), lowest_size=32)
         if not 1 <= self.jpeg_quality <= 100:
-            raise bad("jpeg_quality", f"must be in 1..100, got {self.jpeg_quality}")
-        if self.workers < 0:
-            raise bad("workers", f"must be >= 0 (0: every usable core), got {self.workers}")
+            raise ConfigError("synth.jpeg_quality", f"must be in 1..100, got {self.jpeg_quality}")
 
     @property
     def class_names(self) -> list[str]:
