@@ -3,7 +3,6 @@ tests/policy)."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 

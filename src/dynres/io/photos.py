@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from dynres._ui import track
 from dynres.errors import ConfigError, DynresError
-from dynres.io.synth import check_image_set
+from dynres.io.synth import check_image_set, prepare_output
 
 SPLITS = ("train", "val")
 TABLE = "objects.parquet"
@@ -265,20 +264,6 @@ def _write_chunk(out_dir: str, config: PhotosConfig, tasks: list[tuple[str, int,
     return rows
 
 
-def _prepare(out: Path) -> None:
-    """Refuse to write into an unrelated non-empty folder; clear an earlier build, finished or not."""
-    if out.exists() and not out.is_dir():
-        raise DynresError(out, "exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise DynresError(out, f"is not empty and holds no earlier photos build ({MARKER}); choose a new folder")
-        for split in SPLITS:
-            shutil.rmtree(out / split, ignore_errors=True)
-        (out / TABLE).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(f"written by dynres.io.photos; a new build may replace train/, val/ and {TABLE}\n")
-
-
 def build_photos(out_dir: str | os.PathLike, config: PhotosConfig = PhotosConfig(),
                  progress: bool = True) -> PhotosReport:
     """Write ``OUT/{train,val}/<class>/<index>.jpg`` and ``OUT/objects.parquet`` (settings in its metadata)."""
@@ -291,7 +276,7 @@ def build_photos(out_dir: str | os.PathLike, config: PhotosConfig = PhotosConfig
         for variant in range(len(SKIN_TONES)):
             emoji(gesture_text(GESTURES.index((name, _)), variant))
     out = Path(out_dir)
-    _prepare(out)
+    prepare_output(out, MARKER, TABLE, "photos")
     counts = {"train": config.train_per_class, "val": config.val_per_class}
     tasks = [(s, label, i) for s in SPLITS for label in range(config.classes) for i in range(counts[s])]
     for split in SPLITS:

@@ -441,19 +441,20 @@ def _write_chunk(out_dir: str, config: SynthConfig, tasks: list[tuple[str, int, 
     return [_write_one(out_dir, config, t) for t in tasks]
 
 
-def _prepare(out: Path) -> None:
-    """Refuse to write into an unrelated non-empty folder; clear an earlier synth output, finished or not."""
+def prepare_output(out: Path, marker: str, table: str, what: str) -> None:
+    """Refuse to write into an unrelated non-empty folder; clear an earlier build (its ``marker`` file says so),
+    finished or not: its train/, val/ and ``table``. ``what`` names the builder in the messages."""
     if out.exists() and not out.is_dir():
         raise DynresError(out, "exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise DynresError(out, f"is not empty and holds no earlier synth output ({MARKER}); choose a new folder")
+        if not (out / marker).is_file():
+            raise DynresError(out, f"is not empty and holds no earlier {what} output ({marker}); choose a new folder")
         for split in SPLITS:
             shutil.rmtree(out / split, ignore_errors=True)
-        (out / TABLE).unlink(missing_ok=True)
+        (out / table).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by dynres.synth; a new run may replace this folder's train/, val/ and "
-                              f"{TABLE}\n")
+    (out / marker).write_text(f"written by dynres {what}; a new run may replace this folder's train/, val/ and "
+                              f"{table}\n")
 
 
 def synth(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), progress: bool = True) -> SynthReport:
@@ -463,7 +464,7 @@ def synth(out_dir: str | os.PathLike, config: SynthConfig = SynthConfig(), progr
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    _prepare(out)
+    prepare_output(out, MARKER, TABLE, "synth")
     counts = {"train": config.train_per_class, "val": config.val_per_class}
     tasks = [(split, label, i) for split in SPLITS for label in range(config.classes) for i in range(counts[split])]
     for split in SPLITS:
