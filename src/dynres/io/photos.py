@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from dynres._ui import track
 from dynres.errors import ConfigError, DynresError
-from dynres.io.synth import check_image_set, prepare_output
+from dynres.io.synth import SynthReport, check_image_set, prepare_output
 
 SPLITS = ("train", "val")
 TABLE = "objects.parquet"
@@ -94,19 +94,6 @@ class PhotosConfig:
     @property
     def class_names(self) -> list[str]:
         return [name for name, _ in GESTURES[: self.classes]]
-
-
-@dataclass(frozen=True)
-class PhotosReport:
-    out_dir: str
-    classes: int
-    train: int
-    val: int
-    seconds: float
-
-    @property
-    def images(self) -> int:
-        return self.train + self.val
 
 
 # ---------------------------------------------------------------- sources
@@ -265,7 +252,7 @@ def _write_chunk(out_dir: str, config: PhotosConfig, tasks: list[tuple[str, int,
 
 
 def build_photos(out_dir: str | os.PathLike, config: PhotosConfig = PhotosConfig(),
-                 progress: bool = True) -> PhotosReport:
+                 progress: bool = True) -> SynthReport:
     """Write ``OUT/{train,val}/<class>/<index>.jpg`` and ``OUT/objects.parquet`` (settings in its metadata)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -299,5 +286,5 @@ def build_photos(out_dir: str | os.PathLike, config: PhotosConfig = PhotosConfig
     tmp = out / f".{TABLE}.tmp"
     pq.write_table(pa.Table.from_pylist(records).replace_schema_metadata(meta), tmp)
     os.replace(tmp, out / TABLE)
-    return PhotosReport(str(out), config.classes, counts["train"] * config.classes, counts["val"] * config.classes,
+    return SynthReport(str(out), config.classes, counts["train"] * config.classes, counts["val"] * config.classes,
                         time.perf_counter() - t0)

@@ -131,6 +131,8 @@ class SynthObject:
 
 @dataclass(frozen=True)
 class SynthReport:
+    """What a generated image set (``synth``, and ``dynres.io.photos``) wrote: where, how many, how fast."""
+
     out_dir: str
     classes: int
     train: int
