@@ -48,3 +48,18 @@ def test_settings_are_checked():
         ScaleBenchConfig(targets=())
     with pytest.raises(ConfigError, match="seeds"):
         ScaleBenchConfig(seeds=(0, 0))
+    with pytest.raises(ConfigError, match="probes"):  # the same candidate spelled twice
+        ScaleBenchConfig(probes=("softmax-linear", "probe-softmax-linear"))
+    with pytest.raises(ConfigError, match="head"):
+        ScaleBenchConfig(probes=("softmax-forest",))
+    assert ScaleBenchConfig(probes=("softmax-linear", "softmax-linear@84")).probes[1] == "softmax-linear@84"
+
+
+def test_the_markdown_states_what_a_probe_costs():
+    rows = candidate_rows("probe-softmax-linear", 0, *records(79.0, 78.0, (0.6, 0.8)))
+    payload = {"val_images": 10, "run": "r", "labelled_images": 40, "scale_arch": "resnet_micro",
+               "scale_resolution": 16, "seeds": [0], "rows": rows, "summary": summarize(rows),
+               "probe_gflops": {"probe-softmax-linear": 0.0106}}
+    text = bench_scale_markdown(payload)
+    assert "probe-softmax-linear 0.0106" in text and "| probe-softmax-linear | all |" in text
+    assert "Probe candidates" not in bench_scale_markdown(payload | {"probe_gflops": {}})

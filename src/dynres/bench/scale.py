@@ -17,21 +17,27 @@ from pathlib import Path
 import numpy as np
 
 from dynres.errors import ConfigError
+from dynres.model.probe import parse_probe
 from dynres.records import markdown_table, write_records
 
 
 @dataclass(frozen=True)
 class ScaleBenchConfig:
-    """Which targets (``ScaleConfig.target`` values) and seeds to train; everything else is the run's recipe."""
+    """Which targets (``ScaleConfig.target`` values) and seeds to train; everything else is the run's recipe.
+    ``probes``: backbone-probe candidates (:func:`dynres.model.probe.parse_probe` specs, e.g. ``softmax-linear``)
+    judged beside them."""
 
     targets: tuple[str, ...] = ("correct", "prob", "margin")
     seeds: tuple[int, ...] = (0,)
+    probes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.targets or len(set(self.targets)) != len(self.targets):
             raise ConfigError("targets", f"need distinct targets, got {list(self.targets)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"need distinct seeds, got {list(self.seeds)}")
+        if len({parse_probe(p).name for p in self.probes}) != len(self.probes):  # parsing refuses a bad spec
+            raise ConfigError("probes", f"need distinct probes, got {list(self.probes)}")
 
 
 def candidate_rows(target: str, seed: int, scale: dict, dynamic: dict) -> list[dict]:
@@ -91,7 +97,8 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
 SUMMARY_COLUMNS = ["target", "crop", "seeds", "auc_min", "auc_mean", "argmax_accuracy", "argmax_vs_best_static",
                    "iso_cost_accuracy", "iso_cost_vs_best_static", "best_static_accuracy", "oracle_accuracy"]
 ROW_COLUMNS = ["target", "seed", "crop", "auc_min", "auc_mean", "label_auc_mean", "argmax_accuracy",
-               "iso_cost_accuracy", "best_static_resolution", "best_static_accuracy"]
+               "argmax_gflops", "iso_cost_accuracy", "iso_cost_gflops", "best_static_resolution",
+               "best_static_accuracy", "best_static_gflops", "probe_reused_pct"]
 
 
 def bench_scale_markdown(payload: dict) -> str:
@@ -102,8 +109,21 @@ def bench_scale_markdown(payload: dict) -> str:
             "percent; AUC per resolution against the backbone's correctness on the validation images (min and "
             "mean over the grid); label_auc_mean: on the labels' held-out tenth. Iso-cost: the cost-aware rule's "
             "best accuracy at no more GFLOPs than the best static resolution of the crop.\n\n"
+            + _probe_text(payload) +
             "## Summary (mean over seeds)\n\n" + markdown_table(payload["summary"], SUMMARY_COLUMNS)
             + "\n\n## Every run\n\n" + markdown_table(payload["rows"], ROW_COLUMNS))
+
+
+def _probe_text(payload: dict) -> str:
+    """What the probe candidates are and what they cost, when there are any."""
+    costs = payload.get("probe_gflops") or {}
+    if not costs:
+        return ""
+    listed = ", ".join(f"{name} {g:.4f}" for name, g in costs.items())
+    return ("Probe candidates (`probe-FEATURES-HEAD[@RES]`): the backbone's own pass at the probe resolution "
+            "(default: the scale model's input) read by a small head; charged the backbone's GFLOPs there per image "
+            f"({listed}), and nothing more when the rule picks the probe resolution (its answer is reused; "
+            "probe_reused_pct: how often the argmax rule did).\n\n")
 
 
 def write_bench_scale(out: str | Path, payload: dict) -> tuple[Path, Path]:

@@ -225,12 +225,15 @@ def bench_scale_cmd(
     out: Path = typer.Option(Path("runs/bench/scale"), "--out", help="Where bench_scale.json/.md and models go."),
     targets: str = typer.Option(join(ScaleBenchConfig.targets), help="ScaleConfig.target values to compare."),
     seeds: str = typer.Option(join(ScaleBenchConfig.seeds), help="Scale-model seeds (noise of the comparison)."),
+    probes: str = typer.Option("", help="Backbone-probe candidates FEATURES-HEAD[@RES], e.g. softmax-linear,"
+                                         "pooled-linear (docs/scale-candidates.md); none by default."),
 ) -> None:
     """Scale-model candidates (training targets) on one run's labels: AUC, argmax and iso-cost accuracy per crop."""
     from dynres.io.store import open_store
     from dynres.study.scale_compare import compare_scale_targets
 
-    cfg = ScaleBenchConfig(targets=parse_list(targets, str, "--targets"), seeds=parse_list(seeds, int, "--seeds"))
+    cfg = ScaleBenchConfig(targets=parse_list(targets, str, "--targets"), seeds=parse_list(seeds, int, "--seeds"),
+                           probes=parse_list(probes, str, "--probes") or ())
     payload = compare_scale_targets(open_store(train_store), open_store(val_store), run, out, cfg)
     for row in payload["summary"]:
         if row["crop"] == "all":

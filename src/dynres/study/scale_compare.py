@@ -4,6 +4,10 @@
 A candidate differs from the run's scale model only in ``ScaleConfig.target`` (and the seed): same labels (so no
 shard backbone is trained again), same architecture, input resolution, prefix and recipe, read from the run's own
 scale checkpoint. The "correct" candidate at the run's seed is the run's scale model again.
+
+Probe candidates (``ScaleBenchConfig.probes``) replace the second network by the backbone's own cheap pass
+(:mod:`dynres.study.probe`): their head learns the same labels from the shard backbones that made them, and they
+are judged on the same validation images, charged the backbone's GFLOPs at the probe resolution.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from dynres.bench.scale import ScaleBenchConfig, candidate_rows, summarize, writ
 from dynres.errors import ConfigError
 from dynres.io.store import StoreLike
 from dynres.model.checkpoint import ModelMeta, load_checkpoint
+from dynres.model.probe import parse_probe
 from dynres.study.dynamic import DynamicConfig, dynamic_record
-from dynres.study.scale import ScaleConfig, train_scale
+from dynres.study.probe import fit_probe, probe_record, train_probe_data, write_probe_head
+from dynres.study.scale import ScaleConfig, read_labels, train_scale
 from dynres.study.static import EvalConfig
 
 _RECIPE_FIELDS = ("arch", "init", "scans", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "holdout",
@@ -53,11 +59,13 @@ def compare_scale_targets(train_store: StoreLike, val_store: StoreLike, run: str
             dynamic = dynamic_record(backbone, scale["scale_model"], val_store, run / "eval",
                                      DynamicConfig(plot=False), eval_cfg, progress=progress)
             rows += candidate_rows(target, seed, scale, dynamic)
+    probe_rows, probe_gflops = _probe_rows(train_store, val_store, run, out, cfg, base, meta, progress)
+    rows += probe_rows
     payload = {"run": str(run), "targets": list(cfg.targets), "seeds": list(cfg.seeds),
                "scale_arch": base.arch, "scale_resolution": meta.train_resolution, "grid": scale["grid"],
                "crops": scale["crops"], "labelled_images": scale["labelled_images"],
                "val_images": len(val_store.keys), "recipe": {k: getattr(base, k) for k in _RECIPE_FIELDS},
-               "rows": rows, "summary": summarize(rows)}
+               "probes": list(cfg.probes), "probe_gflops": probe_gflops, "rows": rows, "summary": summarize(rows)}
     write_bench_scale(out, payload)
     return payload
 
@@ -71,3 +79,33 @@ def _candidate(train_store: StoreLike, run: Path, out: Path, cfg: ScaleConfig, m
             and own.is_file()):
         return json.loads(own.read_text())
     return train_scale(train_store, out, cfg, progress=progress)
+
+
+def _probe_rows(train_store: StoreLike, val_store: StoreLike, run: Path, out: Path, cfg: ScaleBenchConfig,
+                base: ScaleConfig, meta: ModelMeta, progress: bool) -> tuple[list[dict], dict]:
+    """Rows of every (probe, seed) candidate and each probe's GFLOPs per image; the training features are
+    computed once per probe resolution (they do not depend on the head)."""
+    rows: list[dict] = []
+    costs: dict[str, float] = {}
+    if not cfg.probes:
+        return rows, costs
+    labels = read_labels(base.labels, train_store)
+    grid = sorted(set(labels.column("resolution").to_pylist()))
+    crops = tuple(sorted(set(labels.column("crop").to_pylist())))
+    data: dict[int, dict] = {}
+    eval_cfg = EvalConfig(grid=tuple(grid), crops=crops)
+    for seed in cfg.seeds:
+        for spec in cfg.probes:
+            probe = replace(parse_probe(spec), seed=seed)
+            res = probe.resolution or meta.train_resolution  # default: the scale model's own cheap view
+            if res not in data:
+                data[res] = train_probe_data(train_store, labels, run / "scale", grid, crops, res, meta.scans,
+                                             progress=progress)
+            head, label_auc = fit_probe(data[res], probe, grid, base.holdout, base.seed)
+            write_probe_head(out / f"{probe.name}-seed{seed}", head, probe, grid, res, meta.scans)
+            record = probe_record(run / "backbone" / "model.pt", head, probe, val_store, run / "eval", grid, res,
+                                  meta.scans, eval_cfg, DynamicConfig(plot=False), progress)
+            costs[probe.name] = record["probe_gflops"]
+            rows += [r | {"probe_reused_pct": s["probe_reused_pct"]}
+                     for r, s in zip(candidate_rows(probe.name, seed, {"auc": label_auc}, record), record["summary"])]
+    return rows, costs
