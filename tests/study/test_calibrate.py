@@ -3,6 +3,7 @@ tests/policy)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,8 +11,9 @@ from dynres.errors import ConfigError
 from dynres.io.store import open_store
 from dynres.model.checkpoint import ModelMeta, save_checkpoint
 from dynres.model.nets import create_model
-from dynres.policy.calibration import load_policy
-from dynres.study.calibrate import CalibrationConfig, calibrate, judges_from_record, split_keys
+from dynres.policy.calibration import CalibrationPolicy, ReadRule, load_policy
+from dynres.runtime.engine import EngineSpec, PipelineConfig, build_engine
+from dynres.study.calibrate import CalibrationConfig, calibrate, dynamic_rows, judges_from_record, split_keys
 from photo_store import make_photo_store
 
 RES = (56, 112)
@@ -54,7 +56,7 @@ def test_calibrate_end_to_end_writes_policy_records_and_figure(store_dir, checkp
     assert record["calibration_images"] + record["heldout_images"] == len(store.keys)
     prov = policy.provenance
     assert prov["target"] == 0.0 and prov["delta"] is None and prov["model_sha256"] and prov["store_manifest_hash"]
-    calib, held_keys = split_keys(store.keys, 0.5)
+    _calib, held_keys = split_keys(store.keys, 0.5)
     assert prov["heldout_images"] == len(held_keys)
     for name in ("calibration.json", "calibration.md", "calibration_sweep.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -115,6 +117,31 @@ def test_dynamic_row_counts_the_scale_models_calibrated_read(store_dir, checkpoi
     assert "dynamic" in (tmp_path / "out" / "calibration.md").read_text()
     # whatever the scale model picks, the pipeline reads no more than the largest calibrated prefix
     assert min(r["read_savings"] for r in rows) >= record["summary"]["dynamic_read_savings_worst_case"] - 1e-12
+
+
+def test_dynamic_rows_are_what_engines_built_from_the_paths_give(store_dir, checkpoint, tmp_path):
+    """dynamic_rows loads the models once and runs a policy that reads every scan only once (it is the full read);
+    either way each row is what a separately built engine reports, and a shorter policy is really run."""
+    torch.manual_seed(1)
+    store = open_store(store_dir)
+    keys = list(store.keys)
+    scale = save_checkpoint(create_model("resnet_tiny", len(RES)).eval(),
+                            ModelMeta("resnet_tiny", tuple(store.classes), 56, task="scale", grid=RES),
+                            tmp_path / "scale" / "model.pt")
+    num_scans = np.array([store.num_scans(k) for k in keys])
+    policies = {name: CalibrationPolicy.from_rules({r: rule for r in RES}, tuple(keys), num_scans)
+                .save(tmp_path / f"{name}.json") for name, rule in (("full", ReadRule("full")),
+                                                                    ("short", ReadRule("count", 2)))}
+    for name, policy in policies.items():
+        [row] = dynamic_rows(str(store_dir), checkpoint, scale, policy, keys, (1.0,), 0.05)
+        runs = {run: build_engine(EngineSpec(str(store_dir), str(checkpoint), str(scale), pol, "eager",
+                                             PipelineConfig(crop_side=1.0))).run(keys, progress=False).summary
+                for run, pol in (("full", None), ("calibrated", str(policy)))}
+        assert row["acc_full"] == runs["full"]["accuracy"]
+        assert row["acc_calibrated"] == runs["calibrated"]["accuracy"]
+        assert row["read_savings"] == 1.0 - runs["calibrated"]["read_fraction"]
+        assert row["resolution_histogram"] == runs["calibrated"]["resolution_histogram"]
+        assert (row["read_savings"] > 0.1) == (name == "short")
 
 
 @pytest.mark.parametrize("bad, setting", [
