@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from dynres.io.store import open_store
 from dynres.policy.calibration import CalibrationPolicy, ReadRule, load_policy
 from dynres.policy.quality import QualityConfig, build_quality_index, load_quality
 from dynres.runtime.engine import Engine, PipelineConfig
@@ -46,18 +47,32 @@ def test_infer_serve_and_the_evaluation_read_the_same_bytes(policy_path, resolut
     policy = load_policy(str(path))  # what `dynres infer --policy` and `dynres serve --policy` load
     want = {k: store.prefix_size(k, policy.scans(k, resolution)) for k in store.keys}
 
-    engine = Engine(store, EagerRunner(tiny_classifier()), policy=policy,
+    fresh = open_store(store.root)  # each path on its own store: its counter is what storage really served
+    engine = Engine(fresh, EagerRunner(tiny_classifier()), policy=policy,
                     config=PipelineConfig(batch_size=4, resolution=resolution)).run(progress=False)
     assert {p.key: p.bytes_read for p in engine.predictions} == want
+    assert fresh.bytes_read == engine.summary["bytes_read"] == sum(want.values())
 
-    service = Service(EagerRunner(tiny_classifier()), ("cat", "dog"), store=store, policy=policy,
+    fresh = open_store(store.root)
+    service = Service(EagerRunner(tiny_classifier()), ("cat", "dog"), store=fresh, policy=policy,
                       config=ServeConfig(resolution=resolution))
     with TestClient(create_app(service)) as client:
         served = {k: client.post("/predict/key", json={"key": k}).json()["bytes_read"] for k in store.keys}
-    assert served == want
+    assert served == want and fresh.bytes_read == sum(want.values())
 
-    rows = heldout_table(tiny_classifier(), store, policy, store.keys, crops=(1.0,), target=0.05, batch_size=4,
+    fresh, reads = open_store(store.root), set()
+    read = fresh.read
+
+    def recording(key, scans=None):
+        reads.add((key, scans))
+        return read(key, scans)
+
+    fresh.read = recording
+    rows = heldout_table(tiny_classifier(), fresh, policy, store.keys, crops=(1.0,), target=0.05, batch_size=4,
                          progress=False)
+    for k in store.keys:  # the evaluation decoded the policy's prefix (every scan: the whole file)
+        scans = policy.scans(k, resolution)
+        assert (k, scans) in reads or (scans == store.num_scans(k) and (k, None) in reads)
     (row,) = [r for r in rows if r["resolution"] == resolution]
     sizes = sum(store.size(k) for k in store.keys)
     assert row["read_savings"] == pytest.approx(1.0 - sum(want.values()) / sizes, abs=1e-12)

@@ -3,8 +3,10 @@ backbone that did not see the image, the probe's GFLOPs charged once and its ans
 the candidate beside the scale model in ``dynres bench scale``."""
 
 import json
+import shutil
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -86,14 +88,26 @@ def test_the_answer_at_the_probe_resolution_is_the_probes_own(chain):
     with torch.no_grad():
         head.net.weight.zero_()
         head.net.bias.copy_(torch.tensor([10.0] + [-10.0] * (len(grid) - 1)))  # always the probe resolution
-    rec = probe_record(backbone, head, cfg, val, run / "eval", grid, grid[0], None,
+    # a static table that is wrong where the probe is right (and right where it is wrong) at the probe's
+    # resolution: the served answer must follow the probe, AUC and the oracle the table
+    eval_dir = root / "flipped-eval"
+    shutil.copytree(run / "eval", eval_dir, dirs_exist_ok=True)
+    table = pq.read_table(eval_dir / "static_images.parquet")
+    at_probe = pc.equal(table.column("resolution"), grid[0])
+    flipped = pc.if_else(at_probe, pc.invert(table.column("correct")), table.column("correct"))
+    pq.write_table(table.set_column(table.schema.get_field_index("correct"), "correct", flipped),
+                   eval_dir / "static_images.parquet")
+    rec = probe_record(backbone, head, cfg, val, eval_dir, grid, grid[0], None,
                        EvalConfig(grid=tuple(grid), crops=CROPS), progress=False)
+    flipped_acc = {c: 100 * float(np.mean([not ok for ok, r, cc in zip(*(table.column(n).to_pylist() for n in (
+        "correct", "resolution", "crop"))) if r == grid[0] and cc == c])) for c in CROPS}
     model, _ = load_checkpoint(backbone)
     for c, row in zip(CROPS, rec["dynamic"]):
         pairs = [(k, c) for k in val.keys]
         logits, _ = probe_pass(model, probe_views(val, pairs, grid[0], CROPS, None, False))
         right = logits.argmax(1).numpy() == np.array([val.label(k) for k in val.keys])
         assert row["accuracy"] == pytest.approx(100 * right.mean())
+        assert abs(row["accuracy"] - flipped_acc[c]) > 1  # ... not the table's
         assert row["gflops"] == pytest.approx(gflops(model, grid[0]))  # one pass, nothing more
     assert rec["probe_reuse"] and {a["crop"] for a in rec["auc"]} == set(CROPS)
 

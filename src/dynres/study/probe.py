@@ -16,8 +16,8 @@ prediction on its view (what would be served), elsewhere the static table's, as 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +104,15 @@ def fit_probe(data: dict, cfg: ProbeConfig, grid: Sequence[int], holdout: float 
 
 
 def probe_crop_rows(c: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost_g: np.ndarray,
-                    probe_index: int | None, probe_g: float, crop_static: list[dict], cfg: DynamicConfig) -> dict:
+                    probe_index: int | None, probe_g: float, crop_static: list[dict], cfg: DynamicConfig,
+                    judged: np.ndarray | None = None) -> dict:
     """One crop's rows as :mod:`dynres.study.dynamic` writes them, with the probe's cost: ``probe_g`` per image,
-    plus the chosen resolution's GFLOPs unless it is the probe resolution (``probe_index``: reused)."""
+    plus the chosen resolution's GFLOPs unless it is the probe resolution (``probe_index``: reused).
+
+    ``ok``: what the served answer gets right (at the probe resolution, the probe's own answer); ``judged``: the
+    static table's correctness, which AUC and the oracle are scored against, as the scale model's are (scoring the
+    probe's AUC against its own answers would favour it at that one cell). ``None``: ``ok``."""
+    judged = ok if judged is None else judged
     marginal = cost_g.copy()
     if probe_index is not None:
         marginal[probe_index] = 0.0
@@ -121,9 +127,11 @@ def probe_crop_rows(c: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int]
 
     plain = point(None)
     curve = [point(lam) for lam in cfg.lambdas]
-    cheapest_right = np.where(ok.any(1), ok.argmax(1), 0)
-    oracle = {"crop": c, "accuracy": 100 * float(ok.any(1).mean()), "gflops": float(cost_g[cheapest_right].mean())}
-    aucs = [{"crop": c, "resolution": r, "auc": auc(p[:, i], ok[:, i].astype(float))} for i, r in enumerate(grid)]
+    cheapest_right = np.where(judged.any(1), judged.argmax(1), 0)
+    oracle = {"crop": c, "accuracy": 100 * float(judged.any(1).mean()),
+              "gflops": float(cost_g[cheapest_right].mean())}
+    aucs = [{"crop": c, "resolution": r, "auc": auc(p[:, i], judged[:, i].astype(float))}
+            for i, r in enumerate(grid)]
     summary = versus_best_static(c, plain, curve, crop_static, cfg.tolerance) | {
         "probe_reused_pct": plain["probe_reused"]}
     return {"dynamic": [plain], "oracle": [oracle], "cost_aware": curve, "auc": aucs, "summary": [summary]}
@@ -153,12 +161,13 @@ def probe_record(backbone: str | Path, head: ProbeHead, cfg: ProbeConfig, store:
     rows: dict[str, list[dict]] = {"dynamic": [], "oracle": [], "cost_aware": [], "summary": [], "auc": []}
     for ci, c in enumerate(crops):
         span = slice(ci * len(keys), (ci + 1) * len(keys))
-        ok = np.array([[correct[(k, c, r)] for r in grid] for k in keys], dtype=bool)
+        judged = np.array([[correct[(k, c, r)] for r in grid] for k in keys], dtype=bool)
+        ok = judged.copy()
         if probe_index is not None:  # the served answer at the probe resolution is the probe's own
             ok[:, probe_index] = probe_right[span]
         crop_static = [r for r in static_rows if r["crop"] == c]
         for name, value in probe_crop_rows(c, probs[span], ok, grid, cost_g, probe_index, probe_g, crop_static,
-                                           dyn_cfg).items():
+                                           dyn_cfg, judged).items():
             rows[name] += value
     return {"backbone": str(backbone), "images": len(keys), "grid": grid, "crops": crops,
             "probe_resolution": resolution, "probe_gflops": probe_g, "probe_reuse": probe_index is not None,
