@@ -126,6 +126,26 @@ def test_index_is_resumable_and_rebuilt_when_the_config_changes(photo_store):
     assert load_quality(open_store(photo_store)).resolutions == (64,)
 
 
+def test_an_index_of_some_images_reads_back_for_them_and_extends_to_the_rest(photo_store):
+    cfg = QualityConfig(resolutions=(56,), workers=1)
+    (photo_store / QUALITY).unlink(missing_ok=True)
+    store = open_store(photo_store)
+    some = store.keys[:2]
+    part = build_quality_index(photo_store, cfg, progress=False, keys=some)
+    assert part["computed"] == 2 and part["images"] == 3
+    assert part["index_time_over_store_ingest_time"] < part["index_time_over_ingest_time"]  # 2 of 3 images
+    with pytest.raises(StoreError, match="lack quality data"):
+        load_quality(store)
+    partial = load_quality(store, some)
+    assert partial.keys == tuple(some) and partial.ssim.shape[0] == 2
+    rest = build_quality_index(photo_store, cfg, progress=False)  # only the image it lacks
+    assert rest["computed"] == 1 and rest["reused"] == 2
+    full = load_quality(open_store(photo_store))
+    assert np.array_equal(full.ssim[:2], partial.ssim, equal_nan=True)
+    with pytest.raises(StoreError, match="not in the store"):
+        build_quality_index(photo_store, cfg, progress=False, keys=["nope.jpg"])
+
+
 def test_fewest_scans_never_picks_a_prefix_below_the_threshold(photo_store):
     build_quality_index(photo_store, QualityConfig(resolutions=RES, workers=1), progress=False)
     index = load_quality(open_store(photo_store))
@@ -159,6 +179,19 @@ def test_cli_index_quality_writes_the_index_and_its_cost_record(photo_store, tmp
     record = (tmp_path / "quality_index.json").read_text()
     assert '"ms_per_image_per_resolution"' in record and "ingest_images_per_s" in record
     assert load_quality(open_store(photo_store)).resolutions == (56,)
+    # --calibration-only: the images `dynres calibrate` searches on at that holdout and seed, no others
+    from dynres.study.calibrate import CalibrationConfig, calibration_keys
+
+    (photo_store / QUALITY).unlink()
+    result = CliRunner().invoke(app, ["index", "quality", str(photo_store), "--resolutions", "56", "--workers", "1",
+                                      "--out", str(tmp_path), "--calibration-only", "--holdout", "0.6"])
+    assert result.exit_code == 0, result.output
+    store = open_store(photo_store)
+    calib = calibration_keys(store.keys, CalibrationConfig(holdout_fraction=0.6))[0]
+    assert 0 < len(calib) < len(store.keys)
+    assert load_quality(store, calib).keys == tuple(calib)
+    with pytest.raises(StoreError, match="lack quality data"):
+        load_quality(store)
 
 
 def test_index_of_a_remote_store_is_read_like_its_manifest(photo_store):

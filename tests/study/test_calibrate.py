@@ -154,3 +154,30 @@ def test_a_calibration_config_refuses_bad_settings_when_built(bad, setting):
     assert CalibrationConfig(delta=0).delta is None  # a run file's way to ask for point estimates
     with pytest.raises(ConfigError, match=setting):
         CalibrationConfig(**bad)
+
+
+def test_the_index_is_needed_for_the_calibration_images_only_until_an_ssim_rule_is_chosen(store_dir, checkpoint,
+                                                                                           tmp_path):
+    import shutil
+
+    from dynres.policy.quality import QUALITY, QualityConfig, build_quality_index
+    from dynres.study.calibrate import calibration_keys
+
+    root = tmp_path / "store"
+    shutil.copytree(store_dir, root)
+    (root / QUALITY).unlink()
+    store = open_store(root)
+    calib, held = calibration_keys(store.keys, CalibrationConfig())
+    build_quality_index(root, QualityConfig(resolutions=RES, workers=1), progress=False, keys=calib)
+    # a count rule needs no index beyond the calibration images': nothing is added
+    counts = calibrate(open_store(root), checkpoint, tmp_path / "count", CalibrationConfig(
+        target=100.0, delta=None, families=("count",), crops=(1.0,), sweep=(1.0,), batch_size=8), progress=False)
+    assert counts["quality_index_extension"] is None
+    assert {s["family"] for s in counts["search"]} == {"count"}
+    # an SSIM rule at every resolution: the index is extended to the held-out images, and only to them
+    ssim = calibrate(open_store(root), checkpoint, tmp_path / "ssim", CalibrationConfig(
+        target=100.0, delta=None, families=("ssim",), crops=(1.0,), sweep=(1.0,), batch_size=8), progress=False)
+    assert {s["family"] for s in ssim["search"]} == {"ssim"}
+    assert ssim["quality_index_extension"]["computed"] == len(held)
+    policy = load_policy(ssim["policy"])
+    assert set(policy.keys) == set(store.keys) and (policy.counts >= 1).all()

@@ -25,12 +25,24 @@ def index_quality_cmd(
                                     help="Center-crop side ratio of the compared views."),
     workers: int = typer.Option(QualityConfig.workers, help="Processes (0: every core)."),
     out: Path = typer.Option(Path("runs/index"), "--out", help="Where quality_index.json/.md go."),
+    calibration_only: bool = typer.Option(False, "--calibration-only", help="Only the images `dynres calibrate` "
+                                          "searches on (its hashed split at --holdout and --seed); calibrate adds "
+                                          "the rest if it chooses an SSIM rule."),
+    holdout: float = typer.Option(CalibrationConfig.holdout_fraction, help="With --calibration-only: the "
+                                  "held-out share calibrate will use."),
+    seed: int = typer.Option(CalibrationConfig.seed, help="With --calibration-only: calibrate's split seed."),
 ) -> None:
     """SSIM of every scan prefix vs the full file, per image and resolution → STORE/quality.parquet (resumable)."""
+    from dynres.io.store import open_store
     from dynres.policy.quality import build_quality_index, write_quality_record
+    from dynres.study.calibrate import calibration_keys
 
     cfg = QualityConfig(parse_list(resolutions, int, "--resolutions"), crop_side, workers)
-    rep = build_quality_index(store, cfg)
+    keys = None
+    if calibration_only:
+        split = CalibrationConfig(holdout_fraction=holdout, seed=seed)
+        keys = calibration_keys(open_store(store).keys, split)[0]
+    rep = build_quality_index(store, cfg, keys=keys)
     write_quality_record(rep, out)
     cost = rep["ms_per_image_per_resolution"]
     console.print(f"indexed {rep['computed']} images ({rep['reused']} reused) in {rep['seconds']:.1f} s; per image "

@@ -35,7 +35,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -279,9 +280,14 @@ def _done(table: pa.Table | None, current: dict[str, str]) -> pa.Table | None:
 
 
 def build_quality_index(store_or_url: Store | str | os.PathLike, config: QualityConfig = QualityConfig(),
-                        progress: bool = True) -> dict:
+                        progress: bool = True, keys: Sequence[str] | None = None) -> dict:
     """Compute (or resume, or extend to new images) ``STORE/quality.parquet``; returns a cost record
     (:func:`quality_markdown` renders it).
+
+    ``keys``: index only these images (None: every image). Calibration needs the index of its calibration images
+    alone, and of the rest of the store only once it has chosen an SSIM rule (:mod:`dynres.study.calibrate`
+    extends it then), so a store need not pay for an index no policy uses. A later call with other keys, or
+    with None, adds the missing images to the same index.
 
     Resumable: finished chunks are kept in ``STORE/.quality/`` until the final table is written, and rows whose
     file (sha256) is unchanged are reused; a different config rebuilds everything.
@@ -293,7 +299,12 @@ def build_quality_index(store_or_url: Store | str | os.PathLike, config: Quality
     resolutions = tuple(fingerprint["resolutions"])
     have, start = _resume(fs, final, parts, fingerprint, _current(store))
     done = set().union(*(set(t.column("key").to_pylist()) for t in have)) if have else set()
-    todo = [k for k in store.keys if k not in done]
+    wanted = list(store.keys) if keys is None else list(dict.fromkeys(keys))
+    held = set(store.keys)
+    unknown = [k for k in wanted if k not in held]
+    if unknown:
+        raise StoreError(store.root, f"{len(unknown)} keys are not in the store (e.g. {unknown[0]!r})")
+    todo = [k for k in wanted if k not in done]
 
     workers = config.workers or len(os.sched_getaffinity(0))
     chunks = [todo[i:i + config.chunk] for i in range(0, len(todo), config.chunk)]
@@ -312,7 +323,8 @@ def build_quality_index(store_or_url: Store | str | os.PathLike, config: Quality
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_atomic(fs, table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), final)
     fs.rm(parts, recursive=True)
-    return _cost_record(store, final, config, workers, len(todo), len(done), seconds, cost, _ingest_report(fs, root))
+    return _cost_record(store, final, config, workers, len(todo), len(done & set(wanted)), seconds, cost,
+                        _ingest_report(fs, root))
 
 
 def _resume(fs, final: str, parts: str, fingerprint: dict, current: dict[str, str]) -> tuple[list[pa.Table], int]:
@@ -359,6 +371,10 @@ def _cost_record(store: Store, index: str, config: QualityConfig, workers: int, 
         "ingest_images_per_s": ingest.get("images_per_s"),
         # time this index took per image relative to ingest's (same machine; compare at equal workers)
         "index_time_over_ingest_time": (ingest["images_per_s"] / ips) if ips and ingest.get("images_per_s") else None,
+        # this run's time against the time ingest took for the whole store: what indexing only the images
+        # calibration needs saves
+        "index_time_over_store_ingest_time": (seconds * ingest["images_per_s"] / len(store.keys))
+        if ingest.get("images_per_s") and store.keys else None,
         "store": str(store.root), "index": index, "images": len(store.keys), "computed": computed, "reused": reused,
         "workers": workers, "seconds": seconds, "images_per_s": ips,
         "ms_per_image_per_resolution": {  # one core's time; divide by workers for wall time
@@ -379,16 +395,18 @@ def _ingest_report(fs, root: str) -> dict:
 def quality_markdown(report: dict) -> str:
     cost = report["ms_per_image_per_resolution"]
     rows = [{"part": k, "ms": v} for k, v in cost.items()]
-    ratio = report.get("index_time_over_ingest_time")
+    ratio, whole = report.get("index_time_over_ingest_time"), report.get("index_time_over_store_ingest_time")
     return "\n".join([
         f"# Quality index of `{report['store']}`", "",
-        f"{report['computed']} images indexed ({report['reused']} reused) in {report['seconds']:.1f} s with "
+        (f"{report['computed']} images indexed ({report['reused']} reused) in {report['seconds']:.1f} s with "
         f"{report['workers']} workers; resolutions {report['config']['resolutions']}, crop side "
-        f"{report['config']['crop_side']}.", "",
+        f"{report['config']['crop_side']}."), "",
         "Cost per image per resolution (one core's time, ms):", "",
         markdown_table(rows, ["part", "ms"]), "",
-        f"Ingest of this store: {report.get('ingest_images_per_s') or 'unknown'} images/s; index time / ingest time: "
-        f"{f'{ratio:.2f}' if ratio else 'unknown'}.",
+        (f"Ingest of this store: {report.get('ingest_images_per_s') or 'unknown'} images/s; index time / ingest time: "
+        f"{f'{ratio:.2f}' if ratio else 'unknown'} per image, "
+        f"{f'{whole:.2f}' if whole else 'unknown'} for this run against ingesting the whole store "
+        f"({report['computed']} of {report['images']} images indexed)."),
     ])
 
 
@@ -427,8 +445,9 @@ class QualityIndex:
         return ok.argmax(axis=1) + 1
 
 
-def load_quality(store: Store) -> QualityIndex:
-    """Read ``STORE/quality.parquet`` (local or fsspec) for the images the store holds now."""
+def load_quality(store: Store, keys: Sequence[str] | None = None) -> QualityIndex:
+    """Read ``STORE/quality.parquet`` (local or fsspec) for the images the store holds now (``keys``: only these,
+    in this order; the index may lack the others)."""
     fs, root = _fs(store)
     path = f"{root}/{QUALITY}"
     table = _read_table(fs, path)
@@ -439,12 +458,13 @@ def load_quality(store: Store) -> QualityIndex:
     if table is None:
         raise StoreError(path, "quality index covers none of the store's current files: rebuild it")
     keys_done = set(table.column("key").to_pylist())
-    missing = [k for k in store.keys if k not in keys_done]
+    keys = list(store.keys) if keys is None else list(keys)
+    missing = [k for k in keys if k not in keys_done]
     if missing:
         raise StoreError(path, f"{len(missing)} images lack quality data (e.g. {missing[0]!r}): "
                                "run `dynres index quality STORE` to extend it")
-    keys = list(store.keys)
     rows = {k: i for i, k in enumerate(keys)}
+    table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(keys, pa.string())))
     resolutions = tuple(meta.get("config", {}).get("resolutions")
                         or sorted(set(table.column("resolution").to_pylist())))
     cols = {r: j for j, r in enumerate(resolutions)}

@@ -31,10 +31,11 @@ from dynres.errors import ConfigError, StoreError
 from dynres.io.store import Store, StoreLike
 from dynres.paper import DEFAULT_CROP_SIDE, PAPER_CROPS
 from dynres.policy.calibration import CalibrationPolicy, ReadRule
-from dynres.policy.quality import QualityIndex, load_quality, manifest_hash
+from dynres.policy.quality import QualityIndex, manifest_hash
 from dynres.records import write_records
 from dynres.report.calibration import calibration_markdown
 from dynres.report.figures import calibration_sweep
+from dynres.study.calibration_index import calibration_index, materialize
 from dynres.study.certify import (
     Certification,
     ChoiceModel,
@@ -337,17 +338,18 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     t0 = time.perf_counter()
     out = Path(out)
     model, meta = load_checkpoint(checkpoint)
-    index = _quality_index(store, cfg)
+    split = calibration_split(store, checkpoint, meta.classes, cfg, calib_store)
+    # the index of the calibration images alone: the rest of the store's only if an SSIM rule is certified
+    index = calibration_index(split.calib_src, split.calib_keys, cfg.families, bool(cfg.resolutions))
     crop_side = float(index.meta.get("config", {}).get("crop_side", DEFAULT_CROP_SIDE)) if index else DEFAULT_CROP_SIDE
     resolutions = tuple(cfg.resolutions or index.resolutions)
     if index is not None:
         for r in resolutions:
             index.column(r)  # fails early, naming a resolution the index lacks
-    split = calibration_split(store, index, checkpoint, meta.classes, cfg, calib_store)
     run = GridModel(model, cfg.backend)  # one model (ORT session) for every search step and the held-out table
     areas = search_areas(cfg, crop_side)
     main = Pool("calibration split", ViewPredictions(run, split.calib_src, resolutions, areas, cfg.exact,
-                                                     cfg.batch_size), split.calib_keys, split.calib_index)
+                                                     cfg.batch_size), split.calib_keys, index)
     pools = build_pools(main, judges, cfg, resolutions, areas, meta.classes)
     scale_res, scale_pools = scale_read_pools(scale_model, model, main, cfg, areas, len(meta.classes))
     certified = []
@@ -361,7 +363,7 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
             f"{c['read_savings']:.1%}")
     rules = {c["resolution"]: ReadRule(**c["rule"]) for c in certified}
     provenance = _provenance(store, checkpoint, index, split, crop_side, cfg, run.backend, pools)
-    policy = _materialize(store, index, rules, provenance)
+    policy, extension = materialize(store, index, rules, provenance, progress)
     policy_file = policy.save(policy_path or out / "policy.json")
 
     crops = tuple(sorted(set(cfg.crops) | {round(crop_side**2, 6)}))
@@ -376,6 +378,7 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
         "thresholds": {str(r): t for r, t in policy.thresholds.items()},
         "calibration": rows, "calibration_sweep": sweep_points(main, resolutions, cfg),
         "search": certified, "search_crops": [round(c, 6) for c in areas], "seconds": time.perf_counter() - t0,
+        "quality_index_extension": extension,
     }
     if scale_model is not None:
         record["dynamic"] = dynamic_rows(store.root, checkpoint, scale_model, policy_file, split.held, crops,
@@ -387,56 +390,45 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     return record
 
 
-def _quality_index(store: Store, cfg: CalibrationConfig) -> QualityIndex | None:
-    """The store's quality index: needed for the ssim family; otherwise used when present (its crop side)."""
-    try:
-        return load_quality(store)
-    except (StoreError, ConfigError, FileNotFoundError):
-        if "ssim" in cfg.families or not cfg.resolutions:
-            raise
-        return None
-
-
-def _materialize(store: Store, index: QualityIndex | None, rules: dict[int, ReadRule], provenance: dict
-                 ) -> CalibrationPolicy:
-    if index is not None:
-        return CalibrationPolicy.from_rules(rules, index.keys, index.num_scans, index, provenance)
-    keys = tuple(store.keys)
-    return CalibrationPolicy.from_rules(rules, keys, np.array([store.num_scans(k) for k in keys]), None, provenance)
-
-
 @dataclass(frozen=True)
 class CalibrationSplit:
-    """The images calibration searches on (``calib_keys`` of ``calib_src``, with its quality index) and the
-    images the result is reported on (``held``, of the calibrated store); ``name`` says how they were split."""
+    """The images calibration searches on (``calib_keys`` of ``calib_src``) and the images the result is reported
+    on (``held``, of the calibrated store); ``name`` says how they were split."""
 
     calib_keys: list[str]
     held: list[str]
     calib_src: StoreLike
-    calib_index: QualityIndex | None
     name: str
 
 
-def calibration_split(store: Store, index: QualityIndex | None, checkpoint: str | Path, classes: Sequence[str],
-                      cfg: CalibrationConfig, calib_store: StoreLike | None = None) -> CalibrationSplit:
-    """Calibration and held-out images (see :func:`calibrate`); ``index`` is ``store``'s quality index, and the
-    checkpoint's ``classes`` must be the stores'."""
+def calibration_keys(keys: Sequence[str], cfg: CalibrationConfig, separate: bool = False
+                     ) -> tuple[list[str], list[str]]:
+    """(calibration, held-out) keys of a store: its hashed split, or (``separate``: a calibration store's keys)
+    all of them and none; at most ``cfg.max_images`` calibration keys, a seeded sample. What the quality index
+    needs before calibration runs (:mod:`dynres.study.calibration_index`)."""
+    calib_keys, held = (list(keys), []) if separate else split_keys(keys, cfg.holdout_fraction, cfg.seed)
+    if len(calib_keys) > cfg.max_images:
+        rng = np.random.default_rng(cfg.seed)
+        calib_keys = sorted(rng.choice(calib_keys, cfg.max_images, replace=False).tolist())
+    return calib_keys, held
+
+
+def calibration_split(store: Store, checkpoint: str | Path, classes: Sequence[str], cfg: CalibrationConfig,
+                      calib_store: StoreLike | None = None) -> CalibrationSplit:
+    """Calibration and held-out images (see :func:`calibrate`); the checkpoint's ``classes`` must be the
+    stores'."""
     if calib_store is None:
-        calib_keys, held = split_keys(store.keys, cfg.holdout_fraction, cfg.seed)
-        calib_src, calib_index, name = store, index, "hashed split of STORE"
+        calib_keys, held = calibration_keys(store.keys, cfg)
+        calib_src, name = store, "hashed split of STORE"
     else:
-        calib_keys, held = list(calib_store.keys), list(store.keys)
-        calib_index = load_quality(calib_store) if index is not None else None
+        calib_keys, held = calibration_keys(calib_store.keys, cfg, separate=True)[0], list(store.keys)
         calib_src, name = calib_store, "separate calibration store"
     for s in {id(store): store, id(calib_src): calib_src}.values():
         if list(classes) != list(s.classes):
             raise ConfigError(checkpoint, f"checkpoint classes differ from the classes of store {s.root}")
-    if len(calib_keys) > cfg.max_images:
-        rng = np.random.default_rng(cfg.seed)
-        calib_keys = sorted(rng.choice(calib_keys, cfg.max_images, replace=False).tolist())
     if not calib_keys or not held:
         raise StoreError(store.root, f"need calibration and held-out images, got {len(calib_keys)} and {len(held)}")
-    return CalibrationSplit(calib_keys, held, calib_src, calib_index, name)
+    return CalibrationSplit(calib_keys, held, calib_src, name)
 
 
 def _provenance(store: Store, checkpoint: str | Path, index: QualityIndex | None, split: CalibrationSplit,

@@ -68,7 +68,7 @@ def demo_study_config(out: Path, *, quick: bool = False, seed: int = 0, workers:
 def run_study(config: StudyConfig) -> dict:
     """Run (or resume) every stage under ``config.out``; writes ``summary.json`` and the report, returns the
     summary."""
-    from dynres.study.calibrate import CalibrationConfig, split_keys
+    from dynres.study.calibrate import CalibrationConfig, calibration_keys, split_keys
     from dynres.study.chain import demo_config
 
     out = Path(config.out)
@@ -82,8 +82,8 @@ def run_study(config: StudyConfig) -> dict:
     dyn = read_json(out / "accuracy" / "eval" / "dynamic.json")
     dyn.setdefault("tolerance", chain_cfg.dynamic.tolerance)  # records from before the key: the stage's setting
     grid, scale_res = tuple(dyn["grid"]), int(dyn["scale_resolution"])
-    quality_stage(study, config, val_store, grid, scale_res)
     cal_cfg = config.calibration or CalibrationConfig()
+    quality_stage(study, config, val_store, grid, scale_res, calibration_keys(val_store.keys, cal_cfg)[0])
     held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never sees
     cal = calibration_stage(study, val_store, train_store, acc, cal_cfg)
     guard = guard_step(study, chain_cfg, val_store, acc, dyn, held)  # before the pipeline: it runs r* and λ*
@@ -162,13 +162,17 @@ def accuracy_stage(study: Study, train_store: StoreLike, val_store: StoreLike, c
 
 
 def quality_stage(study: Study, config: StudyConfig, val_store: StoreLike, grid: tuple[int, ...],
-                  scale_res: int) -> dict:
-    """The quality index of the validation store at the grid and the scale model's resolution."""
+                  scale_res: int, keys: list[str]) -> dict:
+    """The quality index of the validation store's calibration images (``keys``) at the grid and the scale
+    model's resolution: the SSIM search looks at nothing else, and calibration extends the index to the other
+    images only if it certifies an SSIM rule."""
     from dynres.policy.quality import QualityConfig, build_quality_index
 
     q_cfg = QualityConfig(resolutions=tuple(sorted({*grid, scale_res})), workers=config.n_workers)
-    return study.stage("quality", {"quality": asdict(q_cfg), "index": q_cfg.fingerprint()},  # index format included
-                       lambda: build_quality_index(val_store, q_cfg, progress=True), after=("ingest",))
+    inputs = {"quality": asdict(q_cfg), "index": q_cfg.fingerprint(),  # index format included
+              "keys": digest(keys)}
+    return study.stage("quality", inputs, lambda: build_quality_index(val_store, q_cfg, progress=True, keys=keys),
+                       after=("ingest",))
 
 
 def calibration_stage(study: Study, val_store: StoreLike, train_store: StoreLike, acc: dict, cal_cfg: Any) -> dict:
