@@ -181,3 +181,13 @@ def test_the_index_is_needed_for_the_calibration_images_only_until_an_ssim_rule_
     assert ssim["quality_index_extension"]["computed"] == len(held)
     policy = load_policy(ssim["policy"])
     assert set(policy.keys) == set(store.keys) and (policy.counts >= 1).all()
+
+
+def test_an_ssim_rule_on_a_fully_indexed_store_writes_nothing_to_it(store_dir, checkpoint, tmp_path):
+    from dynres.policy.quality import QUALITY
+
+    before = (store_dir / QUALITY).stat().st_mtime_ns
+    record = calibrate(open_store(store_dir), checkpoint, tmp_path, CalibrationConfig(
+        target=100.0, delta=None, families=("ssim",), crops=(1.0,), sweep=(1.0,), batch_size=8), progress=False)
+    assert {s["family"] for s in record["search"]} == {"ssim"} and record["quality_index_extension"] is None
+    assert (store_dir / QUALITY).stat().st_mtime_ns == before

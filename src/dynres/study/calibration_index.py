@@ -41,13 +41,16 @@ def index_config(index: QualityIndex) -> QualityConfig:
 def materialize(store: Store, index: QualityIndex | None, rules: dict[int, ReadRule], provenance: dict,
                 progress: bool = True) -> tuple[CalibrationPolicy, dict | None]:
     """The policy for every image of ``store`` under ``rules``, and the record of the index extension an SSIM
-    rule needed (None: none needed). ``index``: the calibration images' index, whose config the extension uses."""
+    rule needed (None: none needed, the store untouched). ``index``: the calibration images' index, whose config the extension uses."""
     keys = tuple(store.keys)
     num_scans = np.array([store.num_scans(k) for k in keys])
     if not any(rule.family == "ssim" for rule in rules.values()):
         return CalibrationPolicy.from_rules(rules, keys, num_scans, None, provenance), None
     if index is None:
         raise ConfigError("ssim", "an SSIM rule needs the store's quality index (`dynres index quality STORE`)")
-    extension = build_quality_index(store, index_config(index), progress=progress)  # only the images it lacks
-    full = load_quality(store, keys)
+    try:  # an index of the whole store already there: nothing to compute, and nothing written to the store
+        full, extension = load_quality(store, keys), None
+    except StoreError:
+        extension = build_quality_index(store, index_config(index), progress=progress)  # the images it lacks only
+        full = load_quality(store, keys)
     return CalibrationPolicy.from_rules(rules, keys, full.num_scans, full, provenance), extension
