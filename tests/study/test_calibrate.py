@@ -89,10 +89,13 @@ def test_judges_are_the_shard_backbones_each_with_the_shard_it_labelled(store_di
     keys = list(store.keys)
     folds = [i % 2 for i in range(len(keys))]
     pq.write_table(pa.table({"key": keys, "split": [0] * len(keys), "fold": folds}), tmp_path / "labels.parquet")
+    for fold in ("f0", "f1"):  # the checkpoints themselves load only when a judge runs
+        (tmp_path / fold).mkdir()
+        (tmp_path / fold / "model.pt").write_bytes(b"")
     (tmp_path / "scale.json").write_text(json.dumps({"backbones": ["f0/model.pt", "f1/model.pt"],
                                                      "labels": str(tmp_path / "labels.parquet")}))
     judges = judges_from_record(store, tmp_path / "scale.json")
-    assert [j.checkpoint for j in judges] == ["f0/model.pt", "f1/model.pt"]
+    assert [j.checkpoint for j in judges] == [str(tmp_path / "f0/model.pt"), str(tmp_path / "f1/model.pt")]
     assert set(judges[0].keys) == set(keys[0::2]) and set(judges[1].keys) == set(keys[1::2])
     (tmp_path / "bad.json").write_text(json.dumps({"backbones": ["f0/model.pt"],
                                                    "labels": str(tmp_path / "labels.parquet")}))
@@ -191,3 +194,17 @@ def test_an_ssim_rule_on_a_fully_indexed_store_writes_nothing_to_it(store_dir, c
         target=100.0, delta=None, families=("ssim",), crops=(1.0,), sweep=(1.0,), batch_size=8), progress=False)
     assert {s["family"] for s in record["search"]} == {"ssim"} and record["quality_index_extension"] is None
     assert (store_dir / QUALITY).stat().st_mtime_ns == before
+
+
+def test_a_recorded_path_resolves_beside_its_record_when_the_run_moved(tmp_path):
+    from dynres.errors import StoreError
+    from dynres.study.calibrate import recorded_path
+
+    run = tmp_path / "moved" / "accuracy" / "scale"
+    (run / "fold0").mkdir(parents=True)
+    (run / "fold0" / "model.pt").write_bytes(b"x")
+    record = run / "scale.json"
+    assert recorded_path(record, "runs/demo/accuracy/scale/fold0/model.pt") == run / "fold0" / "model.pt"
+    assert recorded_path(record, str(run / "fold0" / "model.pt")) == run / "fold0" / "model.pt"
+    with pytest.raises(StoreError, match="neither there nor beside"):
+        recorded_path(record, "runs/demo/accuracy/scale/fold1/model.pt")

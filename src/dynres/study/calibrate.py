@@ -125,6 +125,20 @@ class Judge:
     keys: tuple[str, ...]
 
 
+def recorded_path(record: str | Path, path: str) -> Path:
+    """A path a record (e.g. ``scale.json``) holds, as written if it exists (absolute, or relative to where the
+    run was started), else the longest tail of it found beside the record: a run directory moved, or read from
+    another working directory, still resolves. Neither: a clear error naming both."""
+    given = Path(path)
+    if given.exists():
+        return given
+    for i in range(len(given.parts)):
+        beside = Path(record).parent / Path(*given.parts[i:])
+        if beside.exists():
+            return beside
+    raise StoreError(path, f"recorded in {record}, found neither there nor beside the record")
+
+
 def judges_from_record(train_store: StoreLike, scale_json: str | Path) -> list[Judge]:
     """The accuracy chain's shard backbones, each with the training images it did not see, from a scale stage's
     ``scale.json`` (``dynres train scale`` or the study's): the shard each backbone labelled is exactly the one it
@@ -136,10 +150,10 @@ def judges_from_record(train_store: StoreLike, scale_json: str | Path) -> list[J
     import pyarrow.parquet as pq
 
     rec = json.loads(Path(scale_json).read_text())
-    backbones = rec.get("backbones") or []
-    if not backbones or not rec.get("labels"):
+    if not rec.get("backbones") or not rec.get("labels"):
         raise ConfigError(scale_json, "records no shard backbones and labels (labels given from a file?)")
-    table = pq.read_table(rec["labels"], columns=["key", "split", "fold"])
+    backbones = [recorded_path(scale_json, p) for p in rec["backbones"]]
+    table = pq.read_table(recorded_path(scale_json, rec["labels"]), columns=["key", "split", "fold"])
     pairs = sorted({(s, f) for s, f in zip(table.column("split").to_pylist(), table.column("fold").to_pylist())})
     if len(pairs) != len(backbones):
         raise ConfigError(scale_json, f"{len(backbones)} backbones but {len(pairs)} labelled shards")
