@@ -103,7 +103,8 @@ def calibrate(
     rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,
                           policy, scale_model, judges=shard)
     for s in rec["search"]:
-        bound = "" if s["bound"] is None else f", loss bound {s['bound']:.3f} points"
+        what = "measured loss (no bound: --delta 0)" if rec["delta"] is None else f"{1 - rec['delta']:.0%} loss bound"
+        bound = "" if s["bound"] is None else f", {what} {s['bound']:.3f} points"
         console.print(f"{s['resolution']:>4}px  {ReadRule(**s['rule']).label()}{bound}")
     sm = rec["summary"]
     console.print(f"held-out: best resolution {sm['best_resolution']} saves {sm['best_read_savings']:.1%} of bytes; "
