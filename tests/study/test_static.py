@@ -36,6 +36,25 @@ def test_fast_views_match_decode_up_to_resampling():
         assert (fast[view].float() - exact[view].float()).abs().mean() < 12  # same geometry, other resampler
 
 
+def test_a_view_changes_only_with_the_bytes_behind_it():
+    """A policy that reads every scan at some resolutions and fewer at others gives, where it reads every scan,
+    exactly the full read's views (the prefix is decoded at the grid's size, not its own group's)."""
+    store = MemoryStore(per_class=1)
+    key = store.keys[0]
+    total = store.num_scans(key)
+
+    grid = (8, 16, 24)  # views smaller than the 56 px image, so the decoded size follows the views
+
+    class Policy:
+        def scans(self, k, r):
+            return 1 if r == max(grid) else total  # a short read at the largest resolution only
+
+    full = image_views(store, key, grid, (1.0,))
+    mixed = image_views(store, key, grid, (1.0,), Policy())
+    for (c, r), view in mixed.items():
+        assert torch.equal(view, full[(c, r)]) == (r != max(grid)), (c, r)
+
+
 def test_ort_and_eager_evaluation_give_the_same_predictions(models):
     """ONNX Runtime (one session, any batch and size) runs the grid like PyTorch does."""
     store, backbone, _ = models

@@ -117,7 +117,12 @@ class GridModel:
 
 def image_views(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence[float], scans: Scans = None,
                 exact: bool = False) -> dict[tuple[float, int], torch.Tensor]:
-    """Every (crop area, resolution) view of one image, each from the prefix the scans policy allows."""
+    """Every (crop area, resolution) view of one image, each from the prefix the scans policy allows.
+
+    Every prefix is decoded at the size the grid's largest view needs (as the engine's ``PrefixViews`` does), not
+    the largest of the resolutions that share it: a view then changes only with the bytes behind it, so a policy
+    that reads every scan at some resolution gives exactly the full read's view there (decoding at a smaller DCT
+    scale for a group of small resolutions would move their pixels, and predictions, with no byte changed)."""
     from torchvision.transforms.v2 import functional as F
 
     views: dict[tuple[float, int], torch.Tensor] = {}
@@ -131,7 +136,7 @@ def image_views(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence
                 for r in resolutions:
                     views[(c, r)] = decode(data, r, crop_side(c), name=key)
             continue
-        base = decode_short_side(data, math.ceil(max(resolutions) / crop_side(min(crops))), True, key)
+        base = decode_short_side(data, math.ceil(max(grid) / crop_side(min(crops))), True, key)
         for c in crops:
             side = max(1, round(base.shape[-1] * crop_side(c)))
             square = F.center_crop(base, [side, side])
