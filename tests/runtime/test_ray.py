@@ -25,30 +25,57 @@ from pipeline_fixtures import make_store, save_tiny_checkpoints
 
 
 def test_pools_autoscale_to_the_cluster_and_fit_it_at_their_largest():
-    plan = plan_pools(RayConfig(), {"CPU": 16.0})
+    plan = plan_pools(RayConfig(layout="split"), {"CPU": 16.0})
+    assert plan["layout"] == "split"
     assert plan["scale_actors"] == [1, 16] and plan["backbone_actors"] == [1, 16]
     assert 32 * plan["cpus_per_actor"] <= 16 - 0.5  # both pools at their largest, the I/O reserve left free
     assert plan["torch_threads"] == 1
 
 
 def test_fixed_pools_share_the_cpus_and_run_torch_on_the_cpus_they_hold():
-    plan = plan_pools(RayConfig(scale_actors=1, backbone_actors=2), {"CPU": 64.0})
+    plan = plan_pools(RayConfig(layout="split", scale_actors=1, backbone_actors=2), {"CPU": 64.0})
     assert plan["scale_actors"] == [1, 1] and plan["backbone_actors"] == [2, 2]
     assert plan["cpus_per_actor"] == 1.0 and plan["torch_threads"] == 1
     assert plan_pools(RayConfig(cpus_per_actor=4), {"CPU": 8})["torch_threads"] == 4
     assert plan_pools(RayConfig(), {"CPU": 8}, torch_threads=3)["torch_threads"] == 3
 
 
+def test_a_fused_pool_runs_both_models_in_one_actor_holding_more_than_a_core_where_it_can():
+    plan = plan_pools(RayConfig(), {"CPU": 2.0})  # CPUs only: fused by default
+    assert plan["layout"] == "fused" and plan["scale_actors"] is None and plan["backbone_actors"] == [1, 2]
+    one = plan_pools(RayConfig(backbone_actors=1), {"CPU": 2.0})
+    assert one["cpus_per_actor"] == 1.5 and one["torch_threads"] == 2  # the local engine's 2 torch threads
+    two = plan_pools(RayConfig(backbone_actors=2), {"CPU": 2.0})
+    assert two["cpus_per_actor"] == 0.75 and two["torch_threads"] == 1  # two actors share the cores
+
+
 def test_the_backbone_pool_follows_the_gpus_where_it_asks_for_them():
     plan = plan_pools(RayConfig(num_gpus=0.5), {"CPU": 8.0, "GPU": 2.0})
+    assert plan["layout"] == "split"  # auto: a GPU backbone pool fed by CPU scale actors
     assert plan["backbone_actors"] == [1, 4] and plan["gpus_per_backbone_actor"] == 0.5
     assert plan["scale_actors"] == [1, 8]
-    no_gpus = plan_pools(RayConfig(num_gpus=1), {"CPU": 8.0})
+    no_gpus = plan_pools(RayConfig(num_gpus=1, layout="split"), {"CPU": 8.0})
     assert no_gpus["backbone_actors"] == [1, 8] and no_gpus["gpus_per_backbone_actor"] == 0.0
+    fused = plan_pools(RayConfig(num_gpus=1, layout="fused"), {"CPU": 8.0, "GPU": 2.0})
+    assert fused["backbone_actors"] == [1, 2] and fused["gpus_per_backbone_actor"] == 1
+    assert 2 * fused["cpus_per_actor"] <= 8 - 0.5  # both GPU actors' CPUs fit
+
+
+def test_actors_run_at_the_drivers_priority_unless_told_otherwise():
+    assert plan_pools(RayConfig(), {"CPU": 2.0})["worker_niceness"] == 0
+    assert plan_pools(RayConfig(worker_niceness=None), {"CPU": 2.0})["worker_niceness"] is None
+
+
+def test_spread_splits_a_calls_total_over_its_rows_exactly():
+    from dynres.runtime.ray_actors import spread
+
+    assert spread(10, 4).tolist() == [3, 3, 2, 2] and spread(0, 3).tolist() == [0, 0, 0]
+    assert int(spread(12345, 64).sum()) == 12345
 
 
 @pytest.mark.parametrize("bad", [dict(scale_actors=0), dict(backbone_actors=-1), dict(num_gpus=-1),
-                                 dict(cpus_per_actor=0), dict(batch_size=0), dict(num_cpus=0)])
+                                 dict(cpus_per_actor=0), dict(batch_size=0), dict(num_cpus=0),
+                                 dict(layout="pipelined"), dict(worker_niceness=20), dict(worker_niceness=-1)])
 def test_a_bad_ray_config_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         RayConfig(**bad)
@@ -87,7 +114,8 @@ def _assert_same_predictions(rows: list[dict], local) -> None:
 
 
 @pytest.mark.slow
-def test_ray_engine_writes_the_local_engines_predictions_and_counts_requests(root, tmp_path):
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_ray_engine_writes_the_local_engines_predictions_and_counts_requests(root, tmp_path, layout):
     from dynres.runtime.ray import run_ray
 
     ray.shutdown()
@@ -96,7 +124,7 @@ def test_ray_engine_writes_the_local_engines_predictions_and_counts_requests(roo
             spec = _spec(root, **cfg)
             local = build_engine(spec).run(progress=False)
             out = tmp_path / ("ahead" if cfg else "plain")
-            remote = run_ray(spec, str(out), RayConfig(batch_size=4, num_cpus=2), progress=False)
+            remote = run_ray(spec, str(out), RayConfig(layout=layout, batch_size=4, num_cpus=2), progress=False)
             _assert_same_predictions(_rows(out), local)
             s, ls = remote.summary, local.summary
             assert remote.predictions == [] and s["output"] == str(out)
@@ -104,10 +132,28 @@ def test_ray_engine_writes_the_local_engines_predictions_and_counts_requests(roo
                                                                                 ls["resolution_histogram"])
             # the backbone actor fetches only the range the handed-over prefix lacks: the local engine's bytes
             assert (s["bytes_read"], s["requests"]) == (ls["bytes_read"], ls["requests"])
-            assert s["ray"]["scale_actors"] == [1, 2] and s["ray"]["cluster_cpus"] == 2
+            assert s["ray"]["layout"] == layout and s["ray"]["cluster_cpus"] == 2
+            assert s["ray"]["scale_actors"] == ([1, 2] if layout == "split" else None)
+            assert s["work_s"]["scale_actors"] > 0 and s["work_s"]["backbone_actors"] > 0
         assert s["requests_per_image"] == 1.0  # fetch-ahead: one request per image
-        again = run_ray(_spec(root), str(out), RayConfig(batch_size=4), limit=4, progress=False)
+        again = run_ray(_spec(root), str(out), RayConfig(layout=layout, batch_size=4), limit=4, progress=False)
         assert again.summary["images"] == 4  # an earlier run's files are replaced, not mixed in
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_split_actors_reading_on_one_thread_count_each_images_own_requests(root, tmp_path):
+    from dynres.runtime.ray import run_ray
+
+    ray.shutdown()
+    try:
+        spec = _spec(root, fetch_ahead=True, workers=1)
+        run_ray(spec, str(tmp_path / "out"), RayConfig(layout="split", batch_size=4, num_cpus=2), progress=False)
+        rows = _rows(tmp_path / "out")
+        # fetch-ahead: one request per image, each row its own (threads would share a call's total out evenly)
+        assert [r["requests"] for r in rows] == [1] * 10
+        assert all(r["bytes_fetched"] > 0 for r in rows)
     finally:
         ray.shutdown()
 
@@ -211,8 +257,10 @@ while ray.cluster_resources().get("CPU", 0) < 2:  # the worker joining
     time.sleep(0.5)
 spec = EngineSpec(f"{root}/store", f"{root}/b.pt", f"{root}/s.pt",
                   config=PipelineConfig(batch_size=3, lam=0.2, torch_threads=1))
-res = run_ray(spec, out, RayConfig(scale_actors=2, backbone_actors=2, batch_size=1, address=address), progress=False)
-json.dump(res.summary, open(result, "w"), default=str)
+for layout in ("split", "fused"):
+    res = run_ray(spec, f"{out}/{layout}", RayConfig(layout=layout, scale_actors=2, backbone_actors=2, batch_size=1,
+                                                       address=address), progress=False)
+    json.dump(res.summary, open(f"{result}-{layout}", "w"), default=str)
 """
 
 
@@ -226,11 +274,15 @@ def test_two_actors_per_stage_on_a_two_node_cluster_give_the_local_engines_predi
     done = subprocess.run([sys.executable, "-c", _DRIVER, str(root), str(out), two_nodes, str(result)], env=env,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(result.read_text())
-    rows = _rows(out)
+    summary = json.loads(Path(f"{result}-split").read_text())
+    rows = _rows(out / "split")
     _assert_same_predictions(rows, local)
     assert summary["ray"]["cpus_per_actor"] == pytest.approx(0.375)  # 4 actors in 2 CPUs less the reserve
     assert len({r["scale_actor"] for r in rows}) > 1 and len({r["backbone_actor"] for r in rows}) > 1
     assert summary["actors_seen"] == {"scale": 2, "backbone": 2}
     nodes = {a.split(":")[0] for r in rows for a in (r["scale_actor"], r["backbone_actor"])}
     assert len(nodes) == 2  # 4 actors of 0.375 CPU do not fit one 1-CPU node
+    fused, rows = json.loads(Path(f"{result}-fused").read_text()), _rows(out / "fused")
+    _assert_same_predictions(rows, local)
+    assert fused["ray"]["cpus_per_actor"] == pytest.approx(0.75) and fused["actors_seen"]["backbone"] == 2
+    assert len({r["backbone_actor"].split(":")[0] for r in rows}) == 2  # one fused actor per 1-CPU node

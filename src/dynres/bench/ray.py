@@ -1,14 +1,15 @@
 """`dynres bench ray`: the Ray engine against the local engine on the same images, and what each costs in storage
 requests.
 
-(1) Throughput: the local engine (threads in this process) and the Ray engine with 1 and 2 actors per stage (more
-with ``actors``), the same first images of the store, each run's driver RSS sampled (peak and start). Ray's
-images/s are reported both over the whole run (the pools' start-up, actors loading their models, included) and
-in steady state (between the first and the last backbone batch to end). (2) Driver memory against the number of
-images: stores of 1,000 .. 20,000 images synthesized by repeating the manifest's rows (new keys, the same files),
-so the driver's peak RSS can be compared across sizes. (3) Requests: every mode against an S3-compatible server on
-loopback (moto's server mode), storage requests and bytes per image: the local engine's dynamic pipeline with and
-without fetch-ahead, read-ahead, and the Ray engine's.
+(1) Throughput: the local engine (threads in this process) and the Ray engine in every layout of ``layouts``
+(fused: one pool running both models; split: a pool per stage) with 1 and 2 actors per pool (more with
+``actors``), the same first images of the store, each run's driver RSS sampled (peak and start). Ray's images/s
+are reported both over the whole run (the pools' start-up, actors loading their models, included) and in steady
+state (from the first actor call's start to the last batch's end: the pools' start-up excluded). (2) Driver
+memory against the number of images: stores of 1,000 .. 20,000 images synthesized by repeating the manifest's
+rows (new keys, the same files), so the driver's peak RSS can be compared across sizes. (3) Requests: every mode
+against an S3-compatible server on loopback (moto's server mode), storage requests and bytes per image: the local
+engine's dynamic pipeline with and without fetch-ahead, read-ahead, and the Ray engine's in each layout.
 """
 
 from __future__ import annotations
@@ -32,17 +33,19 @@ REQUEST_MODES = {  # the pipeline settings each requests row runs with
     "local dynamic, fetch-ahead": {"fetch_ahead": True},
     "local dynamic, fetch-ahead @median": {"fetch_ahead": True, "fetch_ahead_resolution": "median"},
     "local dynamic, read-ahead": {"read_ahead": True},
-    "ray dynamic": {},
+    "ray dynamic": {},  # once per layout ("ray fused dynamic", ...)
     "ray dynamic, fetch-ahead": {"fetch_ahead": True},
 }
 
 
 @dataclass(frozen=True)
 class RayBenchConfig:
-    images: int = 1000  # the first N images of the store (0: all)
-    actors: tuple[int, ...] = (1, 2)  # actors per stage, one Ray row each
+    images: int = 1000  # the first N images of the store (0: all; more than it holds: its images repeated)
+    actors: tuple[int, ...] = (1, 2)  # actors per pool, one Ray row each (and layout)
+    layouts: tuple[str, ...] = ("fused", "split")  # RayConfig.layout, one set of Ray rows each
+    worker_niceness: int | None = 0  # RayConfig.worker_niceness (None: Ray's default, 15)
     batch_size: int = 16  # the models' batch (both engines)
-    ray_batch: int = 64  # images per Ray actor call
+    ray_batch: int = RayConfig.batch_size  # images per Ray actor call
     workers: int = 2  # the local engine's read/decode threads
     lam: float = 0.0
     kernels: str = "eager"
@@ -54,8 +57,10 @@ class RayBenchConfig:
     def __post_init__(self) -> None:
         if self.images < 0 or self.s3_images < 0 or any(n < 1 for n in (*self.actors, *self.memory_images)):
             raise ConfigError("bench ray", "images and s3_images must be >= 0, actors and memory_images >= 1")
-        if not self.actors:
-            raise ConfigError("bench ray", "give at least one actor count")
+        if not self.actors or not self.layouts:
+            raise ConfigError("bench ray", "give at least one actor count and one layout")
+        for layout in self.layouts:
+            RayConfig(layout=layout, worker_niceness=self.worker_niceness)  # the engine's own checks
 
 
 # --- driver memory -------------------------------------------------------------------------------------------------
@@ -135,22 +140,38 @@ def time_local(spec: EngineSpec, images: int, cfg: RayBenchConfig, timed=lambda:
     return _row("local", summary, memory)
 
 
-def time_ray(spec: EngineSpec, images: int, actors: int, out: str, cfg: RayBenchConfig, mode: str = "") -> dict:
-    """The Ray engine with ``actors`` per stage on the first ``images`` keys, predictions written under ``out``."""
-    ray_cfg = RayConfig(scale_actors=actors, backbone_actors=actors, batch_size=cfg.ray_batch, num_cpus=cfg.num_cpus)
+def ray_mode(layout: str, actors: int) -> str:
+    return f"ray {layout}, {actors} actor{'s' if actors > 1 else ''}{' per stage' if layout == 'split' else ''}"
+
+
+def time_ray(spec: EngineSpec, images: int, actors: int, out: str, cfg: RayBenchConfig, mode: str = "",
+             layout: str | None = None) -> dict:
+    """The Ray engine with ``actors`` per pool (``layout``: the first of ``cfg.layouts``) on the first ``images``
+    keys, predictions written under ``out``."""
+    layout = layout or cfg.layouts[0]
+    ray_cfg = RayConfig(layout=layout, scale_actors=actors, backbone_actors=actors, batch_size=cfg.ray_batch,
+                        num_cpus=cfg.num_cpus, worker_niceness=cfg.worker_niceness)
     with driver_rss(cfg.sample_s) as memory:
         summary = run_ray(spec, out, ray_cfg, limit=images or None, progress=False).summary
     busy = sum(summary["work_s"].values())
-    held = summary["seconds"] * (actors if summary["mode"] == "static" else 2 * actors)
-    return {**_row(mode or f"ray, {actors} actor{'s' if actors > 1 else ''} per stage", summary, memory),
+    pools = 2 if summary["ray"]["layout"] == "split" and summary["mode"] == "dynamic" else 1
+    held = summary["seconds"] * actors * pools
+    return {**_row(mode or ray_mode(layout, actors), summary, memory), "layout": summary["ray"]["layout"],
             "ray": summary["ray"], "work_s": summary["work_s"], "seconds": summary["seconds"],
             "actor_busy_fraction": busy / held if held else None}
 
 
 def measure_throughput(spec: EngineSpec, cfg: RayBenchConfig, scratch: Path) -> list[dict]:
+    """Every engine on the first ``cfg.images`` images; more images than the store holds: a store synthesized
+    by repeating its images (:func:`synthesize_store`), so a job can have many actor calls on a small store."""
+    from dynres.io.store import open_store
+
+    if cfg.images > len(open_store(spec.store)):
+        spec = replace(spec, store=synthesize_store(spec.store, cfg.images, scratch / "throughput-store"))
     rows = [time_local(spec, cfg.images, cfg)]
-    for n in cfg.actors:
-        rows.append(time_ray(spec, cfg.images, n, str(scratch / f"preds-{n}"), cfg))
+    for layout in cfg.layouts:
+        for n in cfg.actors:
+            rows.append(time_ray(spec, cfg.images, n, str(scratch / f"preds-{layout}-{n}"), cfg, layout=layout))
     return rows
 
 
@@ -160,7 +181,7 @@ def measure_driver_memory(spec: EngineSpec, cfg: RayBenchConfig, scratch: Path) 
     for n in cfg.memory_images:
         store = synthesize_store(spec.store, n, scratch / f"store-{n}")
         rows.append(time_ray(replace(spec, store=store), 0, max(cfg.actors), str(scratch / f"mem-{n}"), cfg,
-                             mode=f"ray, {n} images"))
+                             mode=f"ray {cfg.layouts[0]}, {n} images"))
     return rows
 
 
@@ -237,6 +258,18 @@ def upload_store(store: str, images: int, bucket_url: str) -> str:
     return bucket_url
 
 
+def request_runs(layouts: tuple[str, ...]) -> list[tuple[str, dict, str | None]]:
+    """(mode, pipeline settings, Ray layout or None for the local engine) of every requests row: each Ray mode
+    once per layout."""
+    runs = []
+    for mode, settings in REQUEST_MODES.items():
+        if mode.startswith("ray "):
+            runs += [(mode.replace("ray ", f"ray {layout} ", 1), settings, layout) for layout in layouts]
+        else:
+            runs.append((mode, settings, None))
+    return runs
+
+
 def measure_requests(spec: EngineSpec, cfg: RayBenchConfig, scratch: Path) -> list[dict]:
     """Every :data:`REQUEST_MODES` row on ``s3_images`` images served by moto; Ray writes its predictions to the
     same server (the output URI is any fsspec URI)."""
@@ -251,17 +284,17 @@ def measure_requests(spec: EngineSpec, cfg: RayBenchConfig, scratch: Path) -> li
     try:
         with s3_server("/dynres-bench/store/") as (endpoint, gets):
             url = upload_store(spec.store, cfg.s3_images, "s3://dynres-bench/store")
-            for mode, settings in REQUEST_MODES.items():
+            for mode, settings, layout in request_runs(cfg.layouts):
                 if settings.get("fetch_ahead_resolution") == "median":  # the grid's middle resolution's prefix
                     settings = {**settings, "fetch_ahead_resolution": median}
                     mode = mode.replace("median", f"{median} px")
                 s3_spec = replace(spec, store=url, config=replace(spec.config, **settings))
                 gets.count = 0
-                if mode.startswith("local"):
+                if layout is None:
                     row = time_local(s3_spec, 0, cfg, timed=lambda: setattr(gets, "count", 0))
                 else:
                     out = f"s3://dynres-bench/preds-{len(rows)}"
-                    row = time_ray(s3_spec, 0, max(cfg.actors), out, cfg)
+                    row = time_ray(s3_spec, 0, max(cfg.actors), out, cfg, layout=layout)
                 rows.append({**row, "mode": mode, "server_gets_per_image": gets.count / max(row["images"], 1),
                              "endpoint": endpoint})
             ray.shutdown()
@@ -295,11 +328,14 @@ def measure_ray(store: str, backbone: str, scale: str, policy: str | None = None
 
 
 def ray_ratios(rows: list[dict]) -> dict:
-    """Ray's steady images/s against the 1-actor run and against the local engine (same images)."""
+    """Each Ray row's steady images/s against its layout's first row (its fewest actors) and against the local
+    engine (same images)."""
     local = next(r for r in rows if r["mode"] == "local")
     ray_rows = [r for r in rows if r["mode"] != "local"]
-    one = ray_rows[0]
-    return {r["mode"]: {"vs_first_ray_row": r["steady_images_per_s"] / one["steady_images_per_s"],
+    first = {}
+    for r in ray_rows:
+        first.setdefault(r.get("layout"), r)
+    return {r["mode"]: {"vs_first_ray_row": r["steady_images_per_s"] / first[r.get("layout")]["steady_images_per_s"],
                         "vs_local": r["steady_images_per_s"] / local["images_per_s"],
                         "whole_run_vs_local": r["images_per_s"] / local["images_per_s"]} for r in ray_rows}
 
@@ -324,7 +360,7 @@ def render_markdown(p: dict) -> str:
              f"actor call, λ={c['lam']})", "",
              "## Throughput and driver memory (the same first images; Ray's steady rate excludes the pools' "
              "start-up)", "", markdown_table(p["throughput"], COLUMNS, HEADERS), ""]
-    lines += [f"- {mode}: steady {r['vs_first_ray_row']:.2f}x the first Ray row, {r['vs_local']:.2f}x the local "
+    lines += [f"- {mode}: steady {r['vs_first_ray_row']:.2f}x its layout's first row, {r['vs_local']:.2f}x the local "
               f"engine ({r['whole_run_vs_local']:.2f}x over the whole run)" for mode, r in p["ratios"].items()]
     lines += [f"- {r['mode']}: the actors were busy {100 * r['actor_busy_fraction']:.0f}% of the run's wall time "
               f"x actors (scale {r['work_s']['scale_actors']:.1f} s, backbone {r['work_s']['backbone_actors']:.1f} s "

@@ -161,8 +161,10 @@ def bench_ray_cmd(
     scale: Path = typer.Option(..., "--scale-model", "--scale", help="Scale-model checkpoint."),
     policy: Optional[Path] = typer.Option(None, "--policy", help="Calibrated scans policy."),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Where bench_ray.json/.md go."),
-    images: int = typer.Option(RayBenchConfig.images, help="The first N images of the store (0: all)."),
-    actors: str = typer.Option(join(RayBenchConfig.actors), help="Actors per stage, one Ray run each."),
+    images: int = typer.Option(RayBenchConfig.images, help="The first N images of the store (0: all; more than "
+                               "it holds: its images repeated under new keys)."),
+    actors: str = typer.Option(join(RayBenchConfig.actors), help="Actors per pool, one Ray run each (and layout)."),
+    layouts: str = typer.Option(join(RayBenchConfig.layouts), help="Ray layouts (fused, split), one set of runs each."),
     batch_size: int = typer.Option(RayBenchConfig.batch_size, help="The models' batch size (both engines)."),
     ray_batch: int = typer.Option(RayBenchConfig.ray_batch, help="Images per Ray actor call."),
     lam: float = typer.Option(RayBenchConfig.lam, "--lambda", help="Cost weight λ."),
@@ -172,11 +174,12 @@ def bench_ray_cmd(
     s3_images: int = typer.Option(RayBenchConfig.s3_images,
                                   help="Images on a loopback S3 server (moto) for the requests table (0: none)."),
 ) -> None:
-    """The Ray engine (1 and 2 actors per stage) vs the local engine: images/s, driver memory, requests per image."""
+    """The Ray engine (fused and split layouts, 1 and 2 actors per pool) vs the local engine: images/s, driver
+    memory, requests per image."""
     from dynres.bench.ray import run_bench_ray
 
     cfg = RayBenchConfig(images=images, actors=parse_list(actors, int, "--actors"), batch_size=batch_size,
-                         ray_batch=ray_batch, lam=lam, kernels=kernels,
+                         ray_batch=ray_batch, lam=lam, kernels=kernels, layouts=parse_list(layouts, str, "--layouts"),
                          memory_images=parse_list(memory_images, int, "--memory-images") or (),
                          s3_images=s3_images)
     p = run_bench_ray(store, str(model), str(scale), out, path_text(policy), cfg)

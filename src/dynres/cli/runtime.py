@@ -52,14 +52,19 @@ def infer(
                                 help="torch threads for the models (0: torch's default)."),
     crop_side: float = typer.Option(PipelineConfig.crop_side, "--crop", help="Center-crop side ratio."),
     limit: int = typer.Option(0, help="Only the first N images (0: all)."),
-    engine: str = typer.Option("local", help="local, or ray (Ray Data, one actor pool per stage)."),
+    engine: str = typer.Option("local", help="local, or ray (Ray Data actor pools: see --ray-layout)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
-    actors: Optional[int] = typer.Option(None, "--actors", help="Ray: actors per stage (default: autoscale from 1 "
-                                         "to the cluster's CPUs, GPUs for the backbone with --num-gpus)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="Ray: actors per pool, fused or each stage's "
+                                         "(default: autoscale from 1 to the cluster's CPUs, GPUs with --num-gpus)."),
     scale_actors: Optional[int] = typer.Option(None, "--scale-actors", help="Ray: scale-model actors (default: "
                                                "--actors)."),
     num_gpus: float = typer.Option(RayConfig.num_gpus, "--num-gpus", help="Ray: GPUs per backbone actor."),
     ray_batch: int = typer.Option(RayConfig.batch_size, "--ray-batch", help="Ray: images per actor call."),
+    ray_layout: str = typer.Option(RayConfig.layout, "--ray-layout", help="Ray: fused (one pool running both models, "
+                                   "decode threads overlapping them), split (a pool per stage) or auto (split where "
+                                   "the backbone gets GPUs, else fused)."),
+    ray_niceness: Optional[int] = typer.Option(RayConfig.worker_niceness, "--ray-niceness", help="Ray: how far "
+                                               "below the driver's the actors' CPU priority is (Ray's own is 15)."),
     output: Optional[str] = typer.Option(None, "--output", help="Ray: the predictions' Parquet directory, a path "
                                          "or fsspec URI (default: --out, as a directory)."),
 ) -> None:
@@ -72,7 +77,7 @@ def infer(
                          fetch_ahead_resolution=fetch_ahead_resolution)
     spec = EngineSpec(store, str(model), path_text(scale), path_text(policy), kernels, cfg)
     ray_cfg = RayConfig(scale_actors=scale_actors or actors, backbone_actors=actors, num_gpus=num_gpus,
-                        batch_size=ray_batch, address=address)
+                        batch_size=ray_batch, address=address, layout=ray_layout, worker_niceness=ray_niceness)
     result = run_inference(spec, engine, limit=limit or None, ray=ray_cfg, output=output or str(out))
     write_inference(result, spec, out)
     s = result.summary

@@ -1,10 +1,12 @@
-"""`dynres infer --engine ray`: the same pipeline on Ray Data, one autoscaling actor pool per stage.
+"""`dynres infer --engine ray`: the same pipeline on Ray Data, in autoscaling actor pools.
 
-Stage 1 (scale actors): read the scale prefix, decode at the scale resolution, run the scale model, choose the
-resolution. Stage 2 (backbone actors): fetch only the missing bytes (the prefix travels with the row and seeds the
-actor's store, so only the range it lacks is requested), decode at the chosen resolution, run the backbone batched
-per resolution in batches of the pipeline's batch size, as the local engine does. Every actor rebuilds its engine
-from the :class:`~dynres.runtime.engine.EngineSpec` (paths or fsspec URLs, S3 included) and calls the very
+Two layouts (:class:`RayConfig` ``layout``, the actors in :mod:`dynres.runtime.ray_actors`). **Fused** (the
+default on CPUs): one pool whose actors run the local engine's whole pipelined loop on each call's keys, decode
+threads overlapping the scale model and the backbone, nothing handed between actors. **Split** (the default where
+the backbone gets GPUs): a scale pool (read the scale prefix, decode, scale model, choose the resolution) feeding a
+backbone pool (fetch only the missing bytes: the prefix travels with the row and seeds the actor's store; decode at
+the chosen resolution; backbone per resolution in batches of the pipeline's batch size). Every actor rebuilds its
+engine from the :class:`~dynres.runtime.engine.EngineSpec` (paths or fsspec URLs, S3 included) and calls the very
 functions the local engine calls, so predictions are identical.
 
 Nothing scales with the number of images on the driver: the keys are read from the store's manifest by Ray Data's
@@ -15,18 +17,14 @@ it cost and the actor (node id : pid) of each stage.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import torch
-
 from dynres.errors import ConfigError, StoreError
-from dynres.runtime.engine import EngineSpec, InferenceResult, WorkItem, build_engine, cut_prefix, top5
-from dynres.runtime.ray_output import SCHEMA, prepare_output, summarize_output
+from dynres.runtime.engine import EngineSpec, InferenceResult
+from dynres.runtime.ray_actors import BackboneActor, FusedActor, ScaleActor
+from dynres.runtime.ray_output import prepare_output, summarize_output
 
 # The manifest read and the Parquet writes are light I/O tasks: they ask for a small CPU share, and the actor
 # pools leave IO_RESERVE_CPUS of the cluster unreserved for them (pools holding every CPU stall the job: the
@@ -34,6 +32,7 @@ from dynres.runtime.ray_output import SCHEMA, prepare_output, summarize_output
 IO_TASK_CPUS = 0.1
 IO_RESERVE_CPUS = 0.5
 ACTOR_START_TIMEOUT_S = 600  # how long a pool may take to start its min_size actors before the job fails
+LAYOUTS = ("auto", "fused", "split")
 
 
 @dataclass(frozen=True)
@@ -41,20 +40,36 @@ class RayConfig:
     """How the Ray engine sizes its pools. ``scale_actors`` / ``backbone_actors``: a fixed pool size, or None to
     autoscale between 1 and the cluster's CPUs (the backbone: its GPUs / ``num_gpus`` where ``num_gpus`` > 0).
     ``cpus_per_actor`` None: the cluster's CPUs, less a reserve for the I/O tasks, shared by the largest pools (at
-    most 1 each), so both stages at their largest fit the cluster at once. Each actor runs torch on as many threads
-    as the CPUs it holds (at least one). ``batch_size`` rows go to an actor per call: the backbone runs them per
-    resolution in batches of the pipeline's ``batch_size``; larger calls amortize Ray's per-call cost.
-    ``address``: a cluster (None: a local Ray on ``num_cpus`` CPUs, None: every core)."""
+    most 1 each), so both stages at their largest fit the cluster at once (fused: shared by its one pool's largest
+    size, uncapped). Each actor runs torch on as many threads as the CPUs it holds, rounded (at least one). ``batch_size`` rows go to an actor per call: the backbone runs them per
+    resolution in batches of the pipeline's ``batch_size``; larger calls amortize Ray's per-call cost, the fused
+    pipeline's fill and drain and the partial per-resolution batches each call ends with (docs/bench-ray.md).
+    ``address``: a cluster (None: a local Ray on ``num_cpus`` CPUs, None: every core).
 
+    ``layout``: ``fused``, one pool whose actors run the local engine's whole pipelined loop on each call (its
+    decode threads overlapping both models, nothing handed between actors; its size is ``backbone_actors``, its
+    ceiling the cluster's CPUs, or GPUs / ``num_gpus``), or ``split``, a pool per stage (a GPU backbone pool fed by
+    CPU scale actors); ``auto``: split where the backbone gets GPUs, else fused (faster on CPUs:
+    docs/bench-ray.md).
+
+    ``worker_niceness``: how much Ray lowers its worker processes' CPU priority below the driver's (None: Ray's
+    default, 15, which keeps its daemons responsive but lets every other process on the machine, and Ray's own
+    driver loop, preempt the actors that do the work; 0: the actors run at the priority the local engine runs at).
+    Set for every worker of a local Ray started here, and for the pools' actors on any cluster."""
+
+    layout: str = "auto"
     scale_actors: int | None = None
     backbone_actors: int | None = None
     num_gpus: float = 0.0  # per backbone actor
     cpus_per_actor: float | None = None
-    batch_size: int = 64
+    batch_size: int = 256
     address: str | None = None
     num_cpus: int | None = None
+    worker_niceness: int | None = 0
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ConfigError("ray", f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         for name in ("scale_actors", "backbone_actors"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -67,6 +82,8 @@ class RayConfig:
             raise ConfigError("ray", f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError("ray", f"num_cpus must be >= 1, got {self.num_cpus}")
+        if self.worker_niceness is not None and not 0 <= self.worker_niceness <= 19:
+            raise ConfigError("ray", f"worker_niceness must be in 0..19 (None: Ray's), got {self.worker_niceness}")
 
 
 def plan_pools(cfg: RayConfig, resources: dict[str, float], torch_threads: int = 0) -> dict:
@@ -78,124 +95,18 @@ def plan_pools(cfg: RayConfig, resources: dict[str, float], torch_threads: int =
     def pool(fixed: int | None, ceiling: float) -> tuple[int, int]:
         return (fixed, fixed) if fixed else (1, max(1, int(ceiling)))
 
-    scale = pool(cfg.scale_actors, cpus)
     on_gpu = cfg.num_gpus > 0 and gpus > 0
+    layout = cfg.layout if cfg.layout != "auto" else ("split" if on_gpu else "fused")
     backbone = pool(cfg.backbone_actors, gpus / cfg.num_gpus if on_gpu else cpus)
-    share = cfg.cpus_per_actor or min(1.0, (cpus - IO_RESERVE_CPUS) / (scale[1] + (0 if on_gpu else backbone[1])))
-    return {"scale_actors": list(scale), "backbone_actors": list(backbone), "cpus_per_actor": share,
-            "gpus_per_backbone_actor": cfg.num_gpus if on_gpu else 0.0,
-            "torch_threads": torch_threads or max(1, int(share)), "cluster_cpus": cpus, "cluster_gpus": gpus}
-
-
-def _actor_id() -> str:
-    import ray
-
-    return f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
-
-
-class _EngineActor:
-    """An actor that rebuilds the engine from its spec, running torch on ``threads`` threads."""
-
-    def __init__(self, spec: EngineSpec, threads: int):
-        torch.set_num_threads(threads)
-        self.engine = build_engine(spec)
-        self.store = self.engine.store
-        self.actor = _actor_id()
-
-    def counted(self, fn, item: WorkItem) -> tuple[torch.Tensor, int, int]:
-        """``fn(item)`` and the storage requests and bytes it cost (an actor reads one image at a time)."""
-        r0, b0 = self.store.requests, self.store.bytes_read
-        out = fn(item)
-        return out, self.store.requests - r0, self.store.bytes_read - b0
-
-
-class ScaleActor(_EngineActor):
-    """Stage 1: prefix read + decode at the scale resolution + scale model, for one batch of keys."""
-
-    def __call__(self, batch: dict) -> pa.Table:
-        e, t0, start = self.engine, time.time(), time.perf_counter()
-        items = [WorkItem(0, str(k), t0) for k in batch["key"]]
-        counted = [self.counted(e.scale_read, it) for it in items]
-        chosen, _ = e.scale.choose(torch.stack([c[0] for c in counted]), e.config.lam)
-        return pa.table({
-            "key": batch["key"], "label": batch["label"],
-            "resolution": pa.array(chosen, pa.int32()),
-            "scans": pa.array([it.scans for it in items], pa.int32()),
-            "prefix": pa.array([it.ahead or it.data for it in items], pa.binary()),  # the longest bytes in hand
-            "ahead_scans": pa.array([it.ahead_scans for it in items], pa.int32()),
-            "t0": pa.array([t0] * len(items), pa.float64()),
-            "requests": pa.array([c[1] for c in counted], pa.int32()),
-            "bytes_fetched": pa.array([c[2] for c in counted], pa.int64()),
-            "scale_actor": pa.array([self.actor] * len(items), pa.string()),
-            "scale_ms": pa.array([(time.perf_counter() - start) * 1e3 / len(items)] * len(items), pa.float64()),
-        })
-
-
-class BackboneActor(_EngineActor):
-    """Stage 2: the missing byte range + decode at the chosen resolution + backbone, batched per resolution."""
-
-    def __call__(self, batch: dict) -> pa.Table:
-        e, n, start = self.engine, len(batch["key"]), time.perf_counter()
-        items = [self._item(batch, j) for j in range(n)]
-        requests = np.asarray(batch.get("requests", np.zeros(n)), np.int64).copy()
-        fetched = np.asarray(batch.get("bytes_fetched", np.zeros(n)), np.int64).copy()
-        groups: dict[int, list[int]] = {}
-        for j, it in enumerate(items):
-            groups.setdefault(it.resolution, []).append(j)
-        names = e.classes
-        top_names, top_probs = [None] * n, [None] * n
-        done = np.zeros(n)
-        for r, rows in sorted(groups.items()):
-            for first in range(0, len(rows), e.config.batch_size):  # the local engine's per-resolution batches
-                part = rows[first : first + e.config.batch_size]
-                images = []
-                for j in part:
-                    image, requests_j, bytes_j = self.counted(e.backbone_read, items[j])
-                    images.append(image)
-                    requests[j] += requests_j
-                    fetched[j] += bytes_j
-                idx, probs = top5(e.backbone(torch.stack(images), r))
-                done[part] = time.time()
-                for j, i, p in zip(part, idx, probs):
-                    top_names[j] = [names[c] if names else str(c) for c in i]
-                    top_probs[j] = p
-        t0 = batch["t0"] if "t0" in batch else np.full(n, items[0].t0 if items else 0.0)
-        dynamic = e.scale is not None
-        return pa.table({
-            "key": batch["key"], "label": [self._label(int(y)) for y in batch["label"]],
-            "top5_classes": top_names, "top5_probs": top_probs,
-            "resolution": [it.resolution for it in items],
-            "lam": [e.config.lam if dynamic else None] * n,
-            "bytes_read": [it.bytes_read for it in items],
-            "file_bytes": [self.store.size(it.key) for it in items],
-            "latency_ms": (done - t0) * 1e3, "finished_at": done, "requests": requests, "bytes_fetched": fetched,
-            "scale_actor": batch["scale_actor"] if dynamic else [""] * n,
-            "backbone_actor": [self.actor] * n,
-            "scale_ms": batch["scale_ms"] if dynamic else np.zeros(n),
-            "backbone_ms": np.full(n, (time.perf_counter() - start) * 1e3 / max(n, 1)),
-        }, schema=SCHEMA)
-
-    def _item(self, batch: dict, j: int) -> WorkItem:
-        e, key = self.engine, str(batch["key"][j])
-        it = WorkItem(j, key, float(batch["t0"][j]) if "t0" in batch else time.time())
-        if e.scale is None:
-            it.resolution = e.config.resolution
-            return it
-        it.resolution, it.scans = int(batch["resolution"][j]), int(batch["scans"][j])
-        prefix, ahead = bytes(batch["prefix"][j]), int(batch["ahead_scans"][j])
-        self.store.hold(key, prefix)  # so a longer read fetches only the range this prefix lacks
-        it.data = cut_prefix(self.store, key, prefix, it.scans)
-        if ahead > it.scans:
-            it.ahead, it.ahead_scans = prefix, ahead
-        return it
-
-    def _label(self, label: int) -> str | None:
-        """The store's label as the backbone's class name (as the local engine's Parquet writes it)."""
-        if label < 0:
-            return None
-        e = self.engine
-        mapped = e.label_map.get(label, label)
-        return e.classes[mapped] if e.classes and mapped < len(e.classes) else str(mapped)
+    if layout == "fused":  # a fused actor's decode threads and models want more than one core: no cap at 1
+        scale, share = None, cfg.cpus_per_actor or (cpus - IO_RESERVE_CPUS) / backbone[1]
+    else:
+        scale = pool(cfg.scale_actors, cpus)
+        share = cfg.cpus_per_actor or min(1.0, (cpus - IO_RESERVE_CPUS) / (scale[1] + (0 if on_gpu else backbone[1])))
+    return {"layout": layout, "scale_actors": scale and list(scale), "backbone_actors": list(backbone),
+            "cpus_per_actor": share, "gpus_per_backbone_actor": cfg.num_gpus if on_gpu else 0.0,
+            "torch_threads": torch_threads or max(1, int(share + 0.5)), "worker_niceness": cfg.worker_niceness,
+            "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
 def manifest_source(store: str) -> tuple[str, object | None]:
@@ -219,9 +130,30 @@ def _start_ray(cfg: RayConfig):
         raise ConfigError("ray", "Ray is not installed (pip install 'dynres[ray]')") from None
     if not ray.is_initialized():
         kwargs = {} if cfg.address else {"num_cpus": cfg.num_cpus, "object_store_memory": 256 << 20}
+        if not cfg.address and cfg.worker_niceness is not None:  # every worker process of a local Ray
+            kwargs["_system_config"] = {"worker_niceness": cfg.worker_niceness}
         ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  **kwargs)
     return ray
+
+
+def _map_stages(ds, spec: EngineSpec, plan: dict, batch_size: int, dynamic: bool):
+    """The actor pools of ``plan``'s layout over ``ds``: one fused pool, or a scale pool then a backbone pool."""
+    from ray.data import ActorPoolStrategy
+
+    def pool(sizes: list[int]) -> ActorPoolStrategy:
+        return ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
+
+    stage = {"fn_constructor_args": (spec, plan["torch_threads"]), "batch_size": batch_size,
+             "batch_format": "numpy", "num_cpus": plan["cpus_per_actor"]}
+    if plan["worker_niceness"] is not None:  # the actors' process priority, on a cluster Ray did not start here too
+        stage["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(plan["worker_niceness"])}}
+    backbone = {**stage, "num_gpus": plan["gpus_per_backbone_actor"]} if plan["gpus_per_backbone_actor"] else stage
+    if plan["layout"] == "fused":
+        return ds.map_batches(FusedActor, compute=pool(plan["backbone_actors"]), **backbone)
+    if dynamic:
+        ds = ds.map_batches(ScaleActor, compute=pool(plan["scale_actors"]), **stage)
+    return ds.map_batches(BackboneActor, compute=pool(plan["backbone_actors"]), **backbone)
 
 
 def run_ray(spec: EngineSpec, output: str | Path, cfg: RayConfig = RayConfig(), *, limit: int | None = None,
@@ -239,8 +171,6 @@ def run_ray(spec: EngineSpec, output: str | Path, cfg: RayConfig = RayConfig(), 
     manifest, manifest_fs = manifest_source(spec.store)
     out_fs, out_path = prepare_output(str(output))
     ray = _start_ray(cfg)
-    from ray.data import ActorPoolStrategy
-
     plan = plan_pools(cfg, ray.cluster_resources(), spec.config.torch_threads)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
@@ -255,15 +185,7 @@ def run_ray(spec: EngineSpec, output: str | Path, cfg: RayConfig = RayConfig(), 
     # object store before the pools start: Ray Data's file listing asks for a whole CPU, which pools sized to the
     # cluster would hold (the blocks live in the cluster; the driver keeps their references)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
-    stage = dict(fn_constructor_args=(spec, plan["torch_threads"]), batch_size=cfg.batch_size,
-                 batch_format="numpy", num_cpus=plan["cpus_per_actor"])
-    if dynamic:
-        ds = ds.map_batches(ScaleActor, compute=ActorPoolStrategy(min_size=plan["scale_actors"][0],
-                                                                  max_size=plan["scale_actors"][1]), **stage)
-    ds = ds.map_batches(BackboneActor, compute=ActorPoolStrategy(min_size=plan["backbone_actors"][0],
-                                                                 max_size=plan["backbone_actors"][1]),
-                        **({**stage, "num_gpus": plan["gpus_per_backbone_actor"]} if plan["gpus_per_backbone_actor"]
-                           else stage))
+    ds = _map_stages(ds, spec, plan, cfg.batch_size, dynamic)
     ds.write_parquet(out_path, filesystem=out_fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     wall = time.perf_counter() - start
     summary = summarize_output(str(output), wall, spec.config.lam if dynamic else None)

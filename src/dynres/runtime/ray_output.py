@@ -5,6 +5,11 @@ Its own module so that :mod:`dynres.runtime.ray` holds the pipeline alone. The s
 on the driver: it scans the written Parquet files a few columns and one record batch at a time and keeps running
 sums, a resolution histogram, the sets of actors seen and one float32 latency per image (the percentiles need
 them: 4 bytes an image, 4 MB for a million).
+
+The steady rate is the images over the span from the first actor call's start to the last backbone batch's end:
+the pools' start-up (Ray's read of the manifest, actors importing torch and loading their models) is excluded,
+every image's work included. (It replaced a rate between the first and the last batch to *end*, which a job of a
+few large calls over several actors inflates: two calls ending together leave almost no span.)
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ SCHEMA = pa.schema([
     ("bytes_read", pa.int64()),  # the prefix the chosen resolution needs (the local engine's column)
     ("file_bytes", pa.int64()),
     ("latency_ms", pa.float64()),  # from the scale stage's start on the image's batch to its backbone batch's end
-    ("finished_at", pa.float64()),  # when its backbone batch ended (Unix time): the steady rate, start-up excluded
+    ("started_at", pa.float64()),  # when its first actor call started (Unix time) ...
+    ("finished_at", pa.float64()),  # ... and its backbone batch ended: the steady rate, the pools' start-up excluded
     ("requests", pa.int32()),  # storage requests for this image, both stages
     ("bytes_fetched", pa.int64()),  # bytes those requests fetched
     ("scale_actor", pa.string()),  # node id : pid of the actor that ran each stage (empty: no scale stage)
@@ -80,9 +86,11 @@ def summarize_output(uri: str, wall_s: float, lam: float | None, batch_rows: int
     sums = {"bytes_read": 0, "file_bytes": 0, "requests": 0, "bytes_fetched": 0, "scale_ms": 0.0, "backbone_ms": 0.0}
     hist: dict[str, int] = {}
     actors: dict[str, set[str]] = {"scale_actor": set(), "backbone_actor": set()}
-    latencies, finished = [], []
-    columns = ["label", "top5_classes", "resolution", "latency_ms", "finished_at", *sums, *actors]
+    latencies, started, finished = [], [], []
+    columns = ["label", "top5_classes", "resolution", "latency_ms", "started_at", "finished_at", *sums, *actors]
     for batch in data.to_batches(columns=columns, batch_size=batch_rows):
+        if not batch.num_rows:
+            continue
         n += batch.num_rows
         label = batch.column("label").to_pylist()
         top5 = batch.column("top5_classes").to_pylist()
@@ -98,14 +106,14 @@ def summarize_output(uri: str, wall_s: float, lam: float | None, batch_rows: int
         for name, seen in actors.items():
             seen.update(a for a in pa.compute.unique(batch.column(name)).to_pylist() if a)
         latencies.append(batch.column("latency_ms").to_numpy().astype(np.float32))
-        finished.append(batch.column("finished_at").to_numpy())
+        started.append(pa.compute.min(batch.column("started_at")).as_py())
+        finished.append(pa.compute.max(batch.column("finished_at")).as_py())
     lat = np.concatenate(latencies) if n else np.zeros(1, np.float32)
-    done = np.concatenate(finished) if n else np.zeros(1)
     return {
         "images": n,
         "seconds": wall_s,
         "images_per_s": n / wall_s if wall_s > 0 else 0.0,
-        "steady_images_per_s": _steady_rate(done),
+        "steady_images_per_s": n / span if n and (span := max(finished) - min(started)) > 0 else None,
         "accuracy": 100.0 * correct / labelled if labelled else None,
         "top5_accuracy": 100.0 * correct5 / labelled if labelled else None,
         "bytes_read": sums["bytes_fetched"],
@@ -124,11 +132,3 @@ def summarize_output(uri: str, wall_s: float, lam: float | None, batch_rows: int
         "lam": lam,
         "actors_seen": {name.removesuffix("_actor"): len(seen) for name, seen in actors.items()},
     }
-
-
-def _steady_rate(finished_at: np.ndarray) -> float | None:
-    """Images/s between the first and the last backbone batch to end: the pools' start-up (actors loading their
-    models) and the first batch's latency excluded. None with a single batch."""
-    first, last = float(finished_at.min()), float(finished_at.max())
-    after_first = int((finished_at > first).sum())
-    return after_first / (last - first) if last > first else None
