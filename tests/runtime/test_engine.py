@@ -193,6 +193,23 @@ def test_fetch_ahead_gives_the_same_predictions_in_fewer_requests(store, ahead_r
                                                   for k in store.keys)
 
 
+class PeakPolicy:
+    """A policy that does not grow with the resolution: the smallest reads the most (calibrated policies can)."""
+
+    def scans(self, key: str, resolution: int) -> int:
+        return 4 if resolution == GRID[0] else 2
+
+
+def test_fetch_ahead_fetches_the_longest_prefix_any_resolution_needs_not_the_largest_resolutions(store):
+    backbone, scale = tiny_classifier(), tiny_scale()
+    cfg = PipelineConfig(batch_size=3, lam=0.3, fetch_ahead=True)
+    store.reset_stats()
+    result = Engine(store, EagerRunner(backbone), scale=scale, policy=PeakPolicy(), config=cfg).run(progress=False)
+    assert any(p.resolution == GRID[0] for p in result.predictions)  # some image needs the longest prefix
+    assert result.summary["requests_per_image"] == 1.0
+    assert result.summary["bytes_read"] == sum(store.prefix_size(k, 4) for k in store.keys)
+
+
 def test_fetch_ahead_and_read_ahead_do_not_combine():
     with pytest.raises(ConfigError, match="read_ahead"):
         PipelineConfig(read_ahead=True, fetch_ahead=True)

@@ -44,7 +44,7 @@ def infer(
                                      "(one request per image on object stores; same predictions)."),
     fetch_ahead_resolution: Optional[int] = typer.Option(
         PipelineConfig.fetch_ahead_resolution, help="Fetch ahead the prefix this resolution needs (default: the "
-        "largest grid resolution's, so no second request)."),
+        "longest the policy gives any grid resolution, so no second request)."),
     batch_size: int = typer.Option(PipelineConfig.batch_size,
                                    help="Images per scale-model batch and per backbone batch."),
     workers: int = typer.Option(PipelineConfig.workers, help="Read/decode threads."),

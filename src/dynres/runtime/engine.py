@@ -50,8 +50,8 @@ class PipelineConfig:
     (the accuracy and speed this trades: docs/bench-pipeline.md). ``crop_side`` is the center crop's side ratio.
 
     ``fetch_ahead`` trades bytes for storage requests in dynamic mode, not pixels: the scale stage's one request
-    also fetches the prefix the policy wants at ``fetch_ahead_resolution`` (None: the largest grid resolution, so
-    the longest prefix any choice needs), but only the scale prefix is decoded for the scale model; the backbone
+    also fetches the prefix the policy wants at ``fetch_ahead_resolution`` (None: the longest prefix it gives any
+    grid resolution, so no choice needs a second request), but only the scale prefix is decoded for the scale model; the backbone
     cuts its prefix from those bytes and fetches the rest only when its resolution needs more. Predictions are
     the plain dynamic pipeline's; against an object store, where a request costs a round trip and a fee whatever
     its size, an image costs one request instead of two (docs/bench-ray.md)."""
@@ -68,7 +68,7 @@ class PipelineConfig:
     read_ahead: bool = False  # dynamic: read the longest prefix any grid resolution needs up front
     decode_once: bool = True  # dynamic: views are resizes of one decode per prefix (False: each view decoded)
     fetch_ahead: bool = False  # dynamic: the scale prefix's request also fetches the backbone's likely bytes
-    fetch_ahead_resolution: int | None = None  # whose prefix to fetch ahead (None: the largest grid resolution)
+    fetch_ahead_resolution: int | None = None  # whose prefix to fetch ahead (None: the grid's longest)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
@@ -209,8 +209,11 @@ class Engine:
         """One request for the scale prefix (``item.scans``) and the prefix the fetch-ahead resolution wants:
         ``item.ahead`` holds the longer one, ``item.data`` the scale prefix cut from it."""
         cfg, key = self.config, item.key
-        r = cfg.fetch_ahead_resolution or max(self.scale.grid)
-        ahead = max(item.scans, _clip(self._scans(key, r), self.store.num_scans(key)))
+        if cfg.fetch_ahead_resolution is None:  # the longest prefix any choice needs: a policy need not grow with r
+            want = _longest(item.scans, (self._scans(key, r) for r in self.scale.grid))
+        else:
+            want = self._scans(key, cfg.fetch_ahead_resolution)
+        ahead = max(item.scans, _clip(want, self.store.num_scans(key)))
         item.ahead = self._timed("scale_read", self.store.read, key, ahead)
         item.ahead_scans = ahead
         item.data = cut_prefix(self.store, key, item.ahead, item.scans)
