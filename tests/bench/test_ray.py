@@ -30,6 +30,22 @@ def test_a_synthesized_store_repeats_the_images_under_new_keys(root, tmp_path):
     assert big.label(big.keys[18]) == store.label(store.keys[2])
 
 
+def test_a_synthesized_policy_reads_each_repeated_image_as_its_original(root, tmp_path):
+    import numpy as np
+
+    from dynres.bench.ray import synthesize_policy
+    from dynres.policy.calibration import CalibrationPolicy, ReadRule, load_policy
+
+    store = open_store(root / "store")
+    counts = np.array([[1 + i % 3, 2] for i in range(len(store.keys))])
+    CalibrationPolicy({32: ReadRule("ssim", 0.9), 64: ReadRule("count", 2)}, tuple(store.keys), counts).save(
+        tmp_path / "p.json")
+    big = load_policy(synthesize_policy(str(tmp_path / "p.json"), str(root / "store"), 19, tmp_path / "big.json"))
+    for i in range(19):
+        key = store.keys[i % 8] + ("" if i < 8 else f"#{i // 8}")
+        assert big.scans(key, 32) == counts[i % 8, 0] and big.scans(key, 64) == 2
+
+
 def test_driver_rss_sees_a_peak_that_is_gone_by_the_end():
     import mmap
 

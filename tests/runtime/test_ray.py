@@ -50,15 +50,24 @@ def test_a_fused_pool_runs_both_models_in_one_actor_holding_more_than_a_core_whe
 
 
 def test_the_backbone_pool_follows_the_gpus_where_it_asks_for_them():
-    plan = plan_pools(RayConfig(num_gpus=0.5), {"CPU": 8.0, "GPU": 2.0})
-    assert plan["layout"] == "split"  # auto: a GPU backbone pool fed by CPU scale actors
+    plan = plan_pools(RayConfig(num_gpus=0.5, layout="split"), {"CPU": 8.0, "GPU": 2.0})
     assert plan["backbone_actors"] == [1, 4] and plan["gpus_per_backbone_actor"] == 0.5
     assert plan["scale_actors"] == [1, 8]
+    assert (8 + 4) * plan["cpus_per_actor"] <= 8 - 0.5  # GPU backbone actors hold CPUs too: both pools fit
+    assert plan_pools(RayConfig(num_gpus=0.5), {"CPU": 8.0, "GPU": 2.0})["layout"] == "fused"  # auto
     no_gpus = plan_pools(RayConfig(num_gpus=1, layout="split"), {"CPU": 8.0})
     assert no_gpus["backbone_actors"] == [1, 8] and no_gpus["gpus_per_backbone_actor"] == 0.0
     fused = plan_pools(RayConfig(num_gpus=1, layout="fused"), {"CPU": 8.0, "GPU": 2.0})
     assert fused["backbone_actors"] == [1, 2] and fused["gpus_per_backbone_actor"] == 1
     assert 2 * fused["cpus_per_actor"] <= 8 - 0.5  # both GPU actors' CPUs fit
+
+
+@pytest.mark.parametrize("layout, actors", [("fused", 1), ("fused", None), ("split", 1)])
+def test_no_actor_asks_for_more_cpus_than_the_largest_node_has(layout, actors):
+    """Two 1-CPU nodes: an actor of 1.5 CPUs (the cluster's 2 less the reserve) could never be placed."""
+    plan = plan_pools(RayConfig(layout=layout, backbone_actors=actors, scale_actors=actors), {"CPU": 2.0},
+                      node_cpus=1.0)
+    assert plan["cpus_per_actor"] <= 1.0
 
 
 def test_actors_run_at_the_drivers_priority_unless_told_otherwise():

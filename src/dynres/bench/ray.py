@@ -116,6 +116,24 @@ def synthesize_store(store: str, images: int, where: Path) -> str:
     return str(where)
 
 
+def synthesize_policy(policy: str, store: str, images: int, where: Path) -> str:
+    """``policy`` for the store :func:`synthesize_store` makes from ``store``: every repeated key reads what its
+    original reads (a per-image policy lists keys; an unlisted one would read whole files and skew the rates)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from dynres.policy.calibration import CalibrationPolicy, load_policy
+
+    pol = load_policy(policy)
+    keys = pq.read_table(Path(store) / MANIFEST, columns=["key"]).column("key").to_pylist()
+    rows = {k: i for i, k in enumerate(pol.keys)}
+    n = len(keys)
+    listed = [i for i in range(images) if keys[i % n] in rows]
+    new_keys = tuple(keys[i % n] + ("" if i < n else f"#{i // n}") for i in listed)
+    counts = np.asarray(pol.counts)[[rows[keys[i % n]] for i in listed]].reshape(len(listed), -1)
+    return str(CalibrationPolicy(pol.rules, new_keys, counts, pol.provenance).save(where))
+
+
 # --- runs ----------------------------------------------------------------------------------------------------------
 
 
@@ -167,7 +185,9 @@ def measure_throughput(spec: EngineSpec, cfg: RayBenchConfig, scratch: Path) -> 
     from dynres.io.store import open_store
 
     if cfg.images > len(open_store(spec.store)):
-        spec = replace(spec, store=synthesize_store(spec.store, cfg.images, scratch / "throughput-store"))
+        store = synthesize_store(spec.store, cfg.images, scratch / "throughput-store")
+        policy = spec.policy and synthesize_policy(spec.policy, spec.store, cfg.images, scratch / "policy.json")
+        spec = replace(spec, store=store, policy=policy)
     rows = [time_local(spec, cfg.images, cfg)]
     for layout in cfg.layouts:
         for n in cfg.actors:

@@ -17,6 +17,7 @@ it cost and the actor (node id : pid) of each stage.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,16 +42,17 @@ class RayConfig:
     autoscale between 1 and the cluster's CPUs (the backbone: its GPUs / ``num_gpus`` where ``num_gpus`` > 0).
     ``cpus_per_actor`` None: the cluster's CPUs, less a reserve for the I/O tasks, shared by the largest pools (at
     most 1 each), so both stages at their largest fit the cluster at once (fused: shared by its one pool's largest
-    size, uncapped). Each actor runs torch on as many threads as the CPUs it holds, rounded (at least one). ``batch_size`` rows go to an actor per call: the backbone runs them per
-    resolution in batches of the pipeline's ``batch_size``; larger calls amortize Ray's per-call cost, the fused
+    size, not capped at 1); never more than the largest node has. Each actor runs torch on
+    as many threads as the CPUs it holds, rounded (at least one). ``batch_size`` rows go to an actor per call: the
+    backbone runs them per resolution in batches of the pipeline's ``batch_size``; larger calls amortize Ray's per-call cost, the fused
     pipeline's fill and drain and the partial per-resolution batches each call ends with (docs/bench-ray.md).
     ``address``: a cluster (None: a local Ray on ``num_cpus`` CPUs, None: every core).
 
     ``layout``: ``fused``, one pool whose actors run the local engine's whole pipelined loop on each call (its
     decode threads overlapping both models, nothing handed between actors; its size is ``backbone_actors``, its
-    ceiling the cluster's CPUs, or GPUs / ``num_gpus``), or ``split``, a pool per stage (a GPU backbone pool fed by
-    CPU scale actors); ``auto``: split where the backbone gets GPUs, else fused (faster on CPUs:
-    docs/bench-ray.md).
+    ceiling the cluster's CPUs, or GPUs / ``num_gpus``), or ``split``, a pool per stage (for backbone actors that
+    need other resources than the scale model's); ``auto``: fused (faster: docs/bench-ray.md). ``num_gpus``
+    reserves GPUs for the backbone actors; the runners themselves run on the CPU today.
 
     ``worker_niceness``: how much Ray lowers its worker processes' CPU priority below the driver's (None: Ray's
     default, 15, which keeps its daemons responsive but lets every other process on the machine, and Ray's own
@@ -86,23 +88,28 @@ class RayConfig:
             raise ConfigError("ray", f"worker_niceness must be in 0..19 (None: Ray's), got {self.worker_niceness}")
 
 
-def plan_pools(cfg: RayConfig, resources: dict[str, float], torch_threads: int = 0) -> dict:
+def plan_pools(cfg: RayConfig, resources: dict[str, float], torch_threads: int = 0,
+               node_cpus: float | None = None) -> dict:
     """The effective pool sizes (min, max), CPUs and GPUs per actor and torch threads per actor on a cluster with
-    ``resources`` (``ray.cluster_resources()``); ``torch_threads`` > 0 (the pipeline's setting) wins."""
+    ``resources`` (``ray.cluster_resources()``) whose largest node has ``node_cpus`` (None: one node); an actor
+    never asks for more than that node has, or it could never be placed.
+    ``torch_threads`` > 0 (the pipeline's setting) wins."""
     cpus = max(1.0, float(resources.get("CPU", 1)))
     gpus = float(resources.get("GPU", 0))
+    per_node = node_cpus or cpus  # the cluster-wide I/O reserve is left by the shares below
 
     def pool(fixed: int | None, ceiling: float) -> tuple[int, int]:
         return (fixed, fixed) if fixed else (1, max(1, int(ceiling)))
 
     on_gpu = cfg.num_gpus > 0 and gpus > 0
-    layout = cfg.layout if cfg.layout != "auto" else ("split" if on_gpu else "fused")
+    # auto: fused. The runners run on CPU (a GPU is reserved, not yet used), where one fused pool is faster
+    layout = "fused" if cfg.layout == "auto" else cfg.layout
     backbone = pool(cfg.backbone_actors, gpus / cfg.num_gpus if on_gpu else cpus)
     if layout == "fused":  # a fused actor's decode threads and models want more than one core: no cap at 1
-        scale, share = None, cfg.cpus_per_actor or (cpus - IO_RESERVE_CPUS) / backbone[1]
-    else:
+        scale, share = None, cfg.cpus_per_actor or min(per_node, (cpus - IO_RESERVE_CPUS) / backbone[1])
+    else:  # both pools at their largest fit the cluster at once (GPU backbone actors hold CPUs too)
         scale = pool(cfg.scale_actors, cpus)
-        share = cfg.cpus_per_actor or min(1.0, (cpus - IO_RESERVE_CPUS) / (scale[1] + (0 if on_gpu else backbone[1])))
+        share = cfg.cpus_per_actor or min(1.0, per_node, (cpus - IO_RESERVE_CPUS) / (scale[1] + backbone[1]))
     return {"layout": layout, "scale_actors": scale and list(scale), "backbone_actors": list(backbone),
             "cpus_per_actor": share, "gpus_per_backbone_actor": cfg.num_gpus if on_gpu else 0.0,
             "torch_threads": torch_threads or max(1, int(share + 0.5)), "worker_niceness": cfg.worker_niceness,
@@ -129,10 +136,12 @@ def _start_ray(cfg: RayConfig):
     except ImportError:
         raise ConfigError("ray", "Ray is not installed (pip install 'dynres[ray]')") from None
     if not ray.is_initialized():
-        kwargs = {} if cfg.address else {"num_cpus": cfg.num_cpus, "object_store_memory": 256 << 20}
-        if not cfg.address and cfg.worker_niceness is not None:  # every worker process of a local Ray
+        # RAY_ADDRESS (e.g. under `ray job submit`) names a cluster as --address does: no local Ray's settings
+        address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+        kwargs = {} if address else {"num_cpus": cfg.num_cpus, "object_store_memory": 256 << 20}
+        if not address and cfg.worker_niceness is not None:  # every worker process of a local Ray
             kwargs["_system_config"] = {"worker_niceness": cfg.worker_niceness}
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  **kwargs)
     return ray
 
@@ -171,7 +180,8 @@ def run_ray(spec: EngineSpec, output: str | Path, cfg: RayConfig = RayConfig(), 
     manifest, manifest_fs = manifest_source(spec.store)
     out_fs, out_path = prepare_output(str(output))
     ray = _start_ray(cfg)
-    plan = plan_pools(cfg, ray.cluster_resources(), spec.config.torch_threads)
+    nodes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    plan = plan_pools(cfg, ray.cluster_resources(), spec.config.torch_threads, max(nodes, default=None))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     # a pool's first batch waits for its min_size actors: on a short job the first actor to load its models would

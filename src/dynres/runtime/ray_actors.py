@@ -110,7 +110,10 @@ class ScaleActor(_EngineActor):
         e, t0, start = self.engine, time.time(), time.perf_counter()
         items = [WorkItem(0, str(k), t0) for k in batch["key"]]
         images, costs = self.read_all(e.scale_read, items)
-        chosen, _ = e.scale.choose(torch.stack([f.result() for f in images]), e.config.lam)
+        chosen: list[int] = []
+        for first in range(0, len(items), e.config.batch_size):  # the local engine's batches: same logits
+            part = images[first : first + e.config.batch_size]
+            chosen += e.scale.choose(torch.stack([f.result() for f in part]), e.config.lam)[0]
         requests, fetched = costs()
         return pa.table({
             "key": batch["key"], "label": batch["label"],
@@ -137,7 +140,14 @@ class BackboneActor(_EngineActor):
         for j, it in enumerate(items):
             groups.setdefault(it.resolution, []).append(j)
         order = [j for r in sorted(groups) for j in groups[r]]  # decoded in the order the batches run
-        futures, costs = self.read_all(e.backbone_read, [items[j] for j in order])
+        prefixes = {it.key: bytes(batch["prefix"][j]) for j, it in enumerate(items)} if e.scale is not None else {}
+
+        def read(it: WorkItem):
+            if it.key in prefixes:  # held just before the read, so the store's cache cannot evict it first
+                self.store.hold(it.key, prefixes[it.key])  # a longer read fetches only the range it lacks
+            return e.backbone_read(it)
+
+        futures, costs = self.read_all(read, [items[j] for j in order])
         images = dict(zip(order, futures))
         top_names, top_probs = [None] * n, [None] * n
         done = np.zeros(n)
@@ -178,7 +188,6 @@ class BackboneActor(_EngineActor):
             return it
         it.resolution, it.scans = int(batch["resolution"][j]), int(batch["scans"][j])
         prefix, ahead = bytes(batch["prefix"][j]), int(batch["ahead_scans"][j])
-        self.store.hold(key, prefix)  # so a longer read fetches only the range this prefix lacks
         it.data = cut_prefix(self.store, key, prefix, it.scans)
         if ahead > it.scans:
             it.ahead, it.ahead_scans = prefix, ahead
