@@ -65,7 +65,8 @@ def test_the_backbone_pool_follows_the_gpus_where_it_asks_for_them():
 @pytest.mark.parametrize("layout, actors", [("fused", 1), ("fused", None), ("split", 1)])
 def test_no_actor_asks_for_more_cpus_than_the_largest_node_has(layout, actors):
     """Two 1-CPU nodes: an actor of 1.5 CPUs (the cluster's 2 less the reserve) could never be placed."""
-    plan = plan_pools(RayConfig(layout=layout, backbone_actors=actors, scale_actors=actors), {"CPU": 2.0},
+    plan = plan_pools(RayConfig(layout=layout, backbone_actors=actors,
+                                scale_actors=actors if layout == "split" else None), {"CPU": 2.0},
                       node_cpus=1.0)
     assert plan["cpus_per_actor"] <= 1.0
 
@@ -84,7 +85,8 @@ def test_spread_splits_a_calls_total_over_its_rows_exactly():
 
 @pytest.mark.parametrize("bad", [dict(scale_actors=0), dict(backbone_actors=-1), dict(num_gpus=-1),
                                  dict(cpus_per_actor=0), dict(batch_size=0), dict(num_cpus=0),
-                                 dict(layout="pipelined"), dict(worker_niceness=20), dict(worker_niceness=-1)])
+                                 dict(layout="pipelined"), dict(worker_niceness=20), dict(worker_niceness=-1),
+                                 dict(layout="fused", scale_actors=2), dict(scale_actors=1)])
 def test_a_bad_ray_config_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         RayConfig(**bad)
@@ -267,8 +269,9 @@ while ray.cluster_resources().get("CPU", 0) < 2:  # the worker joining
 spec = EngineSpec(f"{root}/store", f"{root}/b.pt", f"{root}/s.pt",
                   config=PipelineConfig(batch_size=3, lam=0.2, torch_threads=1))
 for layout in ("split", "fused"):
-    res = run_ray(spec, f"{out}/{layout}", RayConfig(layout=layout, scale_actors=2, backbone_actors=2, batch_size=1,
-                                                       address=address), progress=False)
+    ray_cfg = RayConfig(layout=layout, scale_actors=2 if layout == "split" else None, backbone_actors=2,
+                        batch_size=1, address=address)
+    res = run_ray(spec, f"{out}/{layout}", ray_cfg, progress=False)
     json.dump(res.summary, open(f"{result}-{layout}", "w"), default=str)
 """
 

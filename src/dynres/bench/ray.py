@@ -167,7 +167,8 @@ def time_ray(spec: EngineSpec, images: int, actors: int, out: str, cfg: RayBench
     """The Ray engine with ``actors`` per pool (``layout``: the first of ``cfg.layouts``) on the first ``images``
     keys, predictions written under ``out``."""
     layout = layout or cfg.layouts[0]
-    ray_cfg = RayConfig(layout=layout, scale_actors=actors, backbone_actors=actors, batch_size=cfg.ray_batch,
+    ray_cfg = RayConfig(layout=layout, scale_actors=actors if layout == "split" else None, backbone_actors=actors,
+                        batch_size=cfg.ray_batch,
                         num_cpus=cfg.num_cpus, worker_niceness=cfg.worker_niceness)
     with driver_rss(cfg.sample_s) as memory:
         summary = run_ray(spec, out, ray_cfg, limit=images or None, progress=False).summary

@@ -56,13 +56,12 @@ def infer(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
     actors: Optional[int] = typer.Option(None, "--actors", help="Ray: actors per pool, fused or each stage's "
                                          "(default: autoscale from 1 to the cluster's CPUs, GPUs with --num-gpus)."),
-    scale_actors: Optional[int] = typer.Option(None, "--scale-actors", help="Ray: scale-model actors (default: "
-                                               "--actors)."),
+    scale_actors: Optional[int] = typer.Option(None, "--scale-actors", help="Ray, split layout: scale-model "
+                                               "actors (default: --actors)."),
     num_gpus: float = typer.Option(RayConfig.num_gpus, "--num-gpus", help="Ray: GPUs per backbone actor."),
     ray_batch: int = typer.Option(RayConfig.batch_size, "--ray-batch", help="Ray: images per actor call."),
     ray_layout: str = typer.Option(RayConfig.layout, "--ray-layout", help="Ray: fused (one pool running both models, "
-                                   "decode threads overlapping them), split (a pool per stage) or auto (split where "
-                                   "the backbone gets GPUs, else fused)."),
+                                   "decode threads overlapping them), split (a pool per stage) or auto (fused)."),
     ray_niceness: Optional[int] = typer.Option(RayConfig.worker_niceness, "--ray-niceness", help="Ray: how far "
                                                "below the driver's the actors' CPU priority is (Ray's own is 15)."),
     output: Optional[str] = typer.Option(None, "--output", help="Ray: the predictions' Parquet directory, a path "
@@ -76,7 +75,9 @@ def infer(
                          decode_once=decode_once, fetch_ahead=fetch_ahead,
                          fetch_ahead_resolution=fetch_ahead_resolution)
     spec = EngineSpec(store, str(model), path_text(scale), path_text(policy), kernels, cfg)
-    ray_cfg = RayConfig(scale_actors=scale_actors or actors, backbone_actors=actors, num_gpus=num_gpus,
+    split = ray_layout == "split"  # --scale-actors on another layout: RayConfig refuses it by name
+    ray_cfg = RayConfig(scale_actors=(scale_actors or actors) if split else scale_actors, backbone_actors=actors,
+                        num_gpus=num_gpus,
                         batch_size=ray_batch, address=address, layout=ray_layout, worker_niceness=ray_niceness)
     result = run_inference(spec, engine, limit=limit or None, ray=ray_cfg, output=output or str(out))
     write_inference(result, spec, out)

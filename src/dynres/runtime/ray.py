@@ -72,6 +72,9 @@ class RayConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ConfigError("ray", f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.scale_actors is not None and self.layout != "split":  # a setting that would silently do nothing
+            raise ConfigError("ray", f"scale_actors sizes the split layout's scale pool; the {self.layout} layout "
+                                     "has one pool, sized by backbone_actors (--actors): use layout split or drop it")
         for name in ("scale_actors", "backbone_actors"):
             value = getattr(self, name)
             if value is not None and value < 1:
