@@ -16,7 +16,6 @@ from dynres.io.store import open_store
 from dynres.model.checkpoint import load_checkpoint
 from dynres.policy.bounds import net_upper
 from dynres.policy.calibration import ReadRule
-from dynres.policy.quality import load_quality
 from dynres.study.calibrate import CalibrationConfig, build_pools, judges_from_record
 from dynres.study.certify import Pool, ViewPredictions
 from dynres.study.static import GridModel
@@ -24,7 +23,8 @@ from dynres.study.static import GridModel
 
 def measure(run: Path, out: Path) -> None:
     val, train = open_store(run / "store" / "val"), open_store(run / "store" / "train")
-    grid = tuple(load_quality(val).resolutions)
+    # the evaluation grid (the quality index may cover only the calibration images: this table needs every image)
+    grid = tuple(json.loads((run / "accuracy" / "eval" / "static.json").read_text())["grid"])
     model, meta = load_checkpoint(run / "accuracy" / "backbone" / "model.pt")
     areas = (0.875**2,)
     deployed = Pool("deployed", ViewPredictions(GridModel(model), val, grid, areas, False, 64), list(val.keys))

@@ -196,7 +196,7 @@ def test_an_ssim_rule_on_a_fully_indexed_store_writes_nothing_to_it(store_dir, c
     assert (store_dir / QUALITY).stat().st_mtime_ns == before
 
 
-def test_a_recorded_path_resolves_beside_its_record_when_the_run_moved(tmp_path):
+def test_a_recorded_path_resolves_beside_its_record_when_the_run_moved(tmp_path, monkeypatch):
     from dynres.errors import StoreError
     from dynres.study.calibrate import recorded_path
 
@@ -208,3 +208,11 @@ def test_a_recorded_path_resolves_beside_its_record_when_the_run_moved(tmp_path)
     assert recorded_path(record, str(run / "fold0" / "model.pt")) == run / "fold0" / "model.pt"
     with pytest.raises(StoreError, match="neither there nor beside"):
         recorded_path(record, "runs/demo/accuracy/scale/fold1/model.pt")
+    # another run at the same relative path from here: the record's own files win
+    other = tmp_path / "runs" / "demo" / "accuracy" / "scale" / "fold0"
+    other.mkdir(parents=True)
+    (other / "model.pt").write_bytes(b"y")
+    monkeypatch.chdir(tmp_path)
+    assert recorded_path(record, "runs/demo/accuracy/scale/fold0/model.pt") == run / "fold0" / "model.pt"
+    with pytest.raises(StoreError):  # a bare file name alone is not enough to match
+        recorded_path(record, "elsewhere/scale.json")

@@ -31,6 +31,10 @@ def index_quality_cmd(
     holdout: float = typer.Option(CalibrationConfig.holdout_fraction, help="With --calibration-only: the "
                                   "held-out share calibrate will use."),
     seed: int = typer.Option(CalibrationConfig.seed, help="With --calibration-only: calibrate's split seed."),
+    max_images: int = typer.Option(CalibrationConfig.max_images, help="With --calibration-only: calibrate's "
+                                   "--max-images."),
+    separate: bool = typer.Option(False, "--separate", help="With --calibration-only: STORE is a separate "
+                                  "calibration store (calibrate --calib-store): all of it, up to --max-images."),
 ) -> None:
     """SSIM of every scan prefix vs the full file, per image and resolution → STORE/quality.parquet (resumable)."""
     from dynres.io.store import open_store
@@ -40,8 +44,8 @@ def index_quality_cmd(
     cfg = QualityConfig(parse_list(resolutions, int, "--resolutions"), crop_side, workers)
     keys = None
     if calibration_only:
-        split = CalibrationConfig(holdout_fraction=holdout, seed=seed)
-        keys = calibration_keys(open_store(store).keys, split)[0]
+        split = CalibrationConfig(holdout_fraction=holdout, seed=seed, max_images=max_images)
+        keys = calibration_keys(open_store(store).keys, split, separate=separate)[0]
     rep = build_quality_index(store, cfg, keys=keys)
     write_quality_record(rep, out)
     cost = rep["ms_per_image_per_resolution"]

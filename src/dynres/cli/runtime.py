@@ -76,9 +76,9 @@ def infer(
                          fetch_ahead_resolution=fetch_ahead_resolution)
     spec = EngineSpec(store, str(model), path_text(scale), path_text(policy), kernels, cfg)
     split = ray_layout == "split"  # --scale-actors on another layout: RayConfig refuses it by name
-    ray_cfg = RayConfig(scale_actors=(scale_actors or actors) if split else scale_actors, backbone_actors=actors,
-                        num_gpus=num_gpus,
-                        batch_size=ray_batch, address=address, layout=ray_layout, worker_niceness=ray_niceness)
+    ray_cfg = None if engine != "ray" else RayConfig(
+        scale_actors=(scale_actors or actors) if split else scale_actors, backbone_actors=actors, num_gpus=num_gpus,
+        batch_size=ray_batch, address=address, layout=ray_layout, worker_niceness=ray_niceness)
     result = run_inference(spec, engine, limit=limit or None, ray=ray_cfg, output=output or str(out))
     write_inference(result, spec, out)
     s = result.summary

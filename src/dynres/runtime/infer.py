@@ -25,7 +25,7 @@ def run_inference(spec: EngineSpec, engine: str = "local", *, limit: int | None 
                   ray: RayConfig | None = None, output: str | Path | None = None,
                   progress: bool = True) -> InferenceResult:
     """Predictions for the first ``limit`` keys of ``spec.store`` (None: all) on ``engine``: ``local`` (threads in
-    this process) or ``ray`` (one actor pool per stage, sized by ``ray``; it writes its predictions as Parquet
+    this process) or ``ray`` (Ray Data actor pools, laid out and sized by ``ray``; it writes its predictions as Parquet
     files under ``output``, a directory path or fsspec URI, and returns their summary without the rows)."""
     if engine not in ENGINES:
         raise ConfigError("engine", f"unknown engine {engine!r} ({', '.join(ENGINES)})")

@@ -126,16 +126,21 @@ class Judge:
 
 
 def recorded_path(record: str | Path, path: str) -> Path:
-    """A path a record (e.g. ``scale.json``) holds, as written if it exists (absolute, or relative to where the
-    run was started), else the longest tail of it found beside the record: a run directory moved, or read from
-    another working directory, still resolves. Neither: a clear error naming both."""
+    """A path a record (e.g. ``scale.json``) holds. An absolute one as written; a relative one (relative to where
+    the run was started) is looked for beside the record first, as its longest tail of at least folder and file
+    name (``fold0/model.pt``), so a moved run, or one read from another directory, resolves to its own files and
+    never to another run's at the same relative path; then as written. Neither: a clear error naming both."""
     given = Path(path)
-    if given.exists():
-        return given
-    for i in range(len(given.parts)):
-        beside = Path(record).parent / Path(*given.parts[i:])
-        if beside.exists():
-            return beside
+    if given.is_absolute():
+        if given.exists():
+            return given
+    else:
+        for i in range(max(1, len(given.parts) - 1)):
+            beside = Path(record).parent / Path(*given.parts[i:])
+            if beside.exists():
+                return beside
+        if given.exists():
+            return given
     raise StoreError(path, f"recorded in {record}, found neither there nor beside the record")
 
 

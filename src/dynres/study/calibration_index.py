@@ -53,4 +53,8 @@ def materialize(store: Store, index: QualityIndex | None, rules: dict[int, ReadR
     except StoreError:
         extension = build_quality_index(store, index_config(index), progress=progress)  # the images it lacks only
         full = load_quality(store, keys)
+    if full.meta.get("config") != index.meta.get("config"):  # thresholds of one SSIM applied to another's numbers
+        raise ConfigError("ssim", f"the quality index of {store.root} was built with other settings than the "
+                                  f"calibration images' ({full.meta.get('config')} vs {index.meta.get('config')}): "
+                                  "rebuild one with the other's `dynres index quality` settings")
     return CalibrationPolicy.from_rules(rules, keys, full.num_scans, full, provenance), extension
