@@ -216,3 +216,18 @@ def test_a_recorded_path_resolves_beside_its_record_when_the_run_moved(tmp_path,
     assert recorded_path(record, "runs/demo/accuracy/scale/fold0/model.pt") == run / "fold0" / "model.pt"
     with pytest.raises(StoreError):  # a bare file name alone is not enough to match
         recorded_path(record, "elsewhere/scale.json")
+
+
+def test_an_ssim_rule_is_not_applied_to_an_index_built_with_other_settings(store_dir, checkpoint, tmp_path):
+    import shutil
+
+    from dynres.policy.quality import QUALITY, QualityConfig, build_quality_index
+
+    calib = tmp_path / "calib"
+    shutil.copytree(store_dir, calib)
+    (calib / QUALITY).unlink()
+    build_quality_index(calib, QualityConfig(resolutions=RES, crop_side=0.8, workers=1), progress=False)
+    with pytest.raises(ConfigError, match="other settings"):
+        calibrate(open_store(store_dir), checkpoint, tmp_path / "out", CalibrationConfig(
+            target=100.0, delta=None, families=("ssim",), crops=(1.0,), sweep=(1.0,), batch_size=8),
+            calib_store=open_store(calib), progress=False)
