@@ -42,9 +42,9 @@ class RayConfig:
     autoscale between 1 and the cluster's CPUs (the backbone: its GPUs / ``num_gpus`` where ``num_gpus`` > 0).
     ``cpus_per_actor`` None: the cluster's CPUs, less a reserve for the I/O tasks, shared by the largest pools (at
     most 1 each), so both stages at their largest fit the cluster at once (fused: shared by its one pool's largest
-    size, not capped at 1); never more than the largest node has. Each actor runs torch on
-    as many threads as the CPUs it holds, rounded (at least one). ``batch_size`` rows go to an actor per call: the
-    backbone runs them per resolution in batches of the pipeline's ``batch_size``; larger calls amortize Ray's per-call cost, the fused
+    size, not capped at 1); never more than the largest node has. Each actor runs torch on as many threads as the
+    CPUs it holds, rounded (at least one). ``batch_size`` rows go to an actor per call: the backbone runs them per
+    resolution in batches of the pipeline's ``batch_size``; larger calls amortize Ray's per-call cost, the fused
     pipeline's fill and drain and the partial per-resolution batches each call ends with (docs/bench-ray.md).
     ``address``: a cluster (None: a local Ray on ``num_cpus`` CPUs, None: every core).
 

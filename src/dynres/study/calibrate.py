@@ -330,7 +330,8 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
                                 classes=meta.classes)
                    for name, pol in (("full", None), ("calibrated", policy))}
         runs = {"full": engines["full"].run(list(keys), progress=False).summary}
-        runs["calibrated"] = runs["full"] if reads_all else engines["calibrated"].run(list(keys), progress=False).summary
+        runs["calibrated"] = (runs["full"] if reads_all
+                              else engines["calibrated"].run(list(keys), progress=False).summary)
         loss = runs["full"]["accuracy"] - runs["calibrated"]["accuracy"]
         rows.append({"resolution": "dynamic", "crop": c, "acc_full": runs["full"]["accuracy"],
                      "acc_calibrated": runs["calibrated"]["accuracy"],

@@ -41,7 +41,8 @@ def index_config(index: QualityIndex) -> QualityConfig:
 def materialize(store: Store, index: QualityIndex | None, rules: dict[int, ReadRule], provenance: dict,
                 progress: bool = True) -> tuple[CalibrationPolicy, dict | None]:
     """The policy for every image of ``store`` under ``rules``, and the record of the index extension an SSIM
-    rule needed (None: none needed, the store untouched). ``index``: the calibration images' index, whose config the extension uses."""
+    rule needed (None: none needed, the store untouched). ``index``: the calibration images' index, whose config
+    the extension uses and the store's index must share."""
     keys = tuple(store.keys)
     num_scans = np.array([store.num_scans(k) for k in keys])
     if not any(rule.family == "ssim" for rule in rules.values()):
