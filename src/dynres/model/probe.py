@@ -5,8 +5,9 @@ The backbone runs once at a low probe resolution on the view a scale model would
 confidence signals (:func:`softmax_features`: top-1 probability, top-1 minus top-2, entropy, the sorted top-k
 probabilities), optionally followed by its whole softmax vector or its pooled penultimate features (the input of
 its last linear layer), and a small head (:class:`ProbeHead`: a per-resolution logistic regression, or a
-one-hidden-layer MLP) maps them to p(backbone right at r) over the grid, as the scale model's sigmoid outputs do. When the rule then picks the probe
-resolution itself, the probe's prediction is the answer: no second pass (the study charges it that way).
+one-hidden-layer MLP) maps them to p(backbone right at r) over the grid, as the scale model's sigmoid outputs do.
+When the rule then picks the probe resolution itself, the probe's prediction is the answer: no second pass (the
+study charges it that way).
 
 This module holds what runs per image (features, head, fitting); where the training features come from (the
 shard backbones that did not see the image) is :mod:`dynres.study.probe`'s business.

@@ -53,8 +53,8 @@ class PipelineConfig:
     also fetches the prefix the policy wants at ``fetch_ahead_resolution`` (None: the longest prefix it gives any
     grid resolution, so no choice needs a second request), but only the scale prefix is decoded for the scale
     model; the backbone cuts its prefix from those bytes and fetches the rest only when its resolution needs
-    more. Predictions are the plain dynamic pipeline's; against an object store, where a request costs a round trip and a fee whatever
-    its size, an image costs one request instead of two (docs/bench-ray.md)."""
+    more. Predictions are the plain dynamic pipeline's; against an object store, where a request costs a round
+    trip and a fee whatever its size, an image costs one request instead of two (docs/bench-ray.md)."""
 
     batch_size: int = 16
     workers: int = 2
