@@ -214,7 +214,9 @@ def test_a_recorded_path_resolves_beside_its_record_when_the_run_moved(tmp_path,
     (other / "model.pt").write_bytes(b"y")
     monkeypatch.chdir(tmp_path)
     assert recorded_path(record, "runs/demo/accuracy/scale/fold0/model.pt") == run / "fold0" / "model.pt"
-    with pytest.raises(StoreError):  # a bare file name alone is not enough to match
+    (run / "scale_labels.parquet").write_bytes(b"z")  # a file right beside the record
+    assert recorded_path(record, "runs/demo/accuracy/scale/scale_labels.parquet") == run / "scale_labels.parquet"
+    with pytest.raises(StoreError):  # a file of the same name under another folder is not this record's
         recorded_path(record, "elsewhere/scale.json")
 
 

@@ -127,20 +127,21 @@ class Judge:
 
 def recorded_path(record: str | Path, path: str) -> Path:
     """A path a record (e.g. ``scale.json``) holds. An absolute one as written; a relative one (relative to where
-    the run was started) is looked for beside the record first, as its longest tail of at least folder and file
-    name (``fold0/model.pt``), so a moved run, or one read from another directory, resolves to its own files and
-    never to another run's at the same relative path; then as written. Neither: a clear error naming both."""
-    given = Path(path)
-    if given.is_absolute():
-        if given.exists():
-            return given
-    else:
-        for i in range(max(1, len(given.parts) - 1)):
-            beside = Path(record).parent / Path(*given.parts[i:])
+    the run was started) is looked for beside the record first: as written relative to the record's folder, or as
+    the part of it below a folder named like the record's (``runs/demo/accuracy/scale/fold0/model.pt`` beside
+    ``…/scale/scale.json`` is ``…/scale/fold0/model.pt``), so a moved run, or one read from another directory,
+    resolves to its own files and never to another run's at the same relative path; then as written. Neither: a
+    clear error naming both."""
+    given, folder = Path(path), Path(record).resolve().parent
+    if not given.is_absolute():
+        for i in range(len(given.parts)):
+            if i and given.parts[i - 1] != folder.name:
+                continue
+            beside = folder / Path(*given.parts[i:])
             if beside.exists():
                 return beside
-        if given.exists():
-            return given
+    if given.exists():
+        return given
     raise StoreError(path, f"recorded in {record}, found neither there nor beside the record")
 
 
