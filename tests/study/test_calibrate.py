@@ -200,6 +200,7 @@ def test_a_recorded_path_resolves_beside_its_record_when_the_run_moved(tmp_path,
     from dynres.errors import StoreError
     from dynres.study.calibrate import recorded_path
 
+    monkeypatch.chdir(tmp_path)  # not a directory where a real run sits at these relative paths (a demo's clone)
     run = tmp_path / "moved" / "accuracy" / "scale"
     (run / "fold0").mkdir(parents=True)
     (run / "fold0" / "model.pt").write_bytes(b"x")
@@ -212,7 +213,6 @@ def test_a_recorded_path_resolves_beside_its_record_when_the_run_moved(tmp_path,
     other = tmp_path / "runs" / "demo" / "accuracy" / "scale" / "fold0"
     other.mkdir(parents=True)
     (other / "model.pt").write_bytes(b"y")
-    monkeypatch.chdir(tmp_path)
     assert recorded_path(record, "runs/demo/accuracy/scale/fold0/model.pt") == run / "fold0" / "model.pt"
     (run / "scale_labels.parquet").write_bytes(b"z")  # a file right beside the record
     assert recorded_path(record, "runs/demo/accuracy/scale/scale_labels.parquet") == run / "scale_labels.parquet"
