@@ -303,36 +303,28 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
     policy, per crop area. The scale model reads the policy's prefix at its own resolution and the backbone then
     fetches only the missing bytes, so the savings include the scale model's read.
 
-    The models are loaded once for every engine (what :func:`dynres.runtime.engine.build_engine` does per engine:
-    the scale stage's costs alone take a second per load), each engine on a freshly opened store. A policy that
-    reads every scan of every image here gives the engine exactly the full read's bytes, so its run is the full
-    run and is not repeated (the demo's default certifies nothing)."""
-    import torch
-
+    The models are loaded once, by the first engine (:func:`dynres.runtime.engine.build_engine`), and shared by
+    every other (the scale stage's costs alone take a second per load), each engine on a freshly opened store. A
+    policy that reads every scan of every image here gives the engine exactly the full read's bytes, so its run is
+    the full run and is not repeated (the demo's default certifies nothing)."""
     from dynres.io.store import open_store
-    from dynres.model.checkpoint import load_checkpoint
     from dynres.paper import crop_side
-    from dynres.policy.calibration import load_policy
-    from dynres.runtime.engine import Engine, PipelineConfig
-    from dynres.runtime.runners import load_scale, make_runner
+    from dynres.runtime.engine import Engine, EngineSpec, PipelineConfig, build_engine
 
-    base = PipelineConfig()  # batch size and threads: what build_engine gives each engine
-    threads = base.torch_threads or torch.get_num_threads()
-    model, meta = load_checkpoint(backbone)
-    runner = make_runner(model, "eager", base.batch_size, threads)
-    scale_stage = load_scale(scale, model, "eager", base.batch_size, threads)
-    policy = load_policy(str(policy_path))
-    store = open_store(str(store_url))
+    base = build_engine(EngineSpec(str(store_url), str(backbone), str(scale), str(policy_path), "eager",
+                                   PipelineConfig()))
+    policy, store = base.policy, base.store
     reads_all = all(_scans(policy, store, k, r) >= store.num_scans(k) for k in keys for r in policy.resolutions)
+
+    def run(pol, cfg: PipelineConfig) -> dict:
+        return Engine(open_store(str(store_url)), base.backbone, scale=base.scale, policy=pol, config=cfg,
+                      classes=base.classes).run(list(keys), progress=False).summary
+
     rows = []
     for c in crop_areas:
         cfg = PipelineConfig(crop_side=crop_side(c))
-        engines = {name: Engine(open_store(str(store_url)), runner, scale=scale_stage, policy=pol, config=cfg,
-                                classes=meta.classes)
-                   for name, pol in (("full", None), ("calibrated", policy))}
-        runs = {"full": engines["full"].run(list(keys), progress=False).summary}
-        runs["calibrated"] = (runs["full"] if reads_all
-                              else engines["calibrated"].run(list(keys), progress=False).summary)
+        runs = {"full": run(None, cfg)}
+        runs["calibrated"] = runs["full"] if reads_all else run(policy, cfg)
         loss = runs["full"]["accuracy"] - runs["calibrated"]["accuracy"]
         rows.append({"resolution": "dynamic", "crop": c, "acc_full": runs["full"]["accuracy"],
                      "acc_calibrated": runs["calibrated"]["accuracy"],
