@@ -93,19 +93,24 @@ def driver_rss(period_s: float):
         found["rss_growth_mb"] = found["rss_peak_mb"] - found["rss_start_mb"]
 
 
+def repeated_key(keys: list[str], i: int) -> str:
+    """The ``i``-th key of ``keys`` repeated: its own key on the first pass, suffixed ``#pass`` after."""
+    n = len(keys)
+    return keys[i % n] + ("" if i < n else f"#{i // n}")
+
+
 def synthesize_store(store: str, images: int, where: Path) -> str:
     """A store of ``images`` images under ``where`` made by repeating ``store``'s manifest rows (keys suffixed
     ``#i`` from the second pass on) over the same files, linked in: the Ray engine's cost per image, at any
     count, without encoding new images."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pq.read_table(Path(store) / MANIFEST)
     n = table.num_rows
     rows = table.take(pa.array([i % n for i in range(images)]))
-    suffix = pa.array(["" if i < n else f"#{i // n}" for i in range(images)])
-    keys = pc.binary_join_element_wise(rows.column("key"), suffix, "")
+    originals = table.column("key").to_pylist()
+    keys = pa.array([repeated_key(originals, i) for i in range(images)], table.schema.field("key").type)
     rows = rows.set_column(rows.schema.get_field_index("key"), "key", keys).replace_schema_metadata(
         table.schema.metadata)
     where.mkdir(parents=True, exist_ok=True)
@@ -129,7 +134,7 @@ def synthesize_policy(policy: str, store: str, images: int, where: Path) -> str:
     rows = {k: i for i, k in enumerate(pol.keys)}
     n = len(keys)
     listed = [i for i in range(images) if keys[i % n] in rows]
-    new_keys = tuple(keys[i % n] + ("" if i < n else f"#{i // n}") for i in listed)
+    new_keys = tuple(repeated_key(keys, i) for i in listed)
     counts = np.asarray(pol.counts)[[rows[keys[i % n]] for i in listed]].reshape(len(listed), -1)
     return str(CalibrationPolicy(pol.rules, new_keys, counts, pol.provenance).save(where))
 
