@@ -30,8 +30,7 @@ from dynres.errors import ConfigError
 from dynres.io.store import StoreLike
 from dynres.model.checkpoint import load_checkpoint
 from dynres.model.nets import gflops
-from dynres.model.probe import (ProbeConfig, ProbeHead, fit_probe_head, predict_probe, probe_features,
-                                probe_pass)
+from dynres.model.probe import ProbeConfig, ProbeHead, fit_probe_head, predict_probe, probe_features, probe_pass
 from dynres.policy.scans import Scans
 from dynres.runtime.runners import choose
 from dynres.study.dynamic import DynamicConfig, static_results, versus_best_static
@@ -90,7 +89,7 @@ def fit_probe(data: dict, cfg: ProbeConfig, grid: Sequence[int], holdout: float 
     pairs = data["pairs"]
     keys = sorted({k for k, _ in pairs})
     random.Random(seed + 1).shuffle(keys)
-    held = set(keys[: int(round(holdout * len(keys)))])
+    held = set(keys[: round(holdout * len(keys))])
     feats = probe_features(data["logits"], data["pooled"], cfg)
     tr = torch.tensor([i for i, (k, _) in enumerate(pairs) if k not in held], dtype=torch.long)
     head = fit_probe_head(feats[tr], data["targets"][tr], cfg)
@@ -139,9 +138,12 @@ def probe_crop_rows(c: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int]
 
 def probe_record(backbone: str | Path, head: ProbeHead, cfg: ProbeConfig, store: StoreLike, static_dir: Path,
                  grid: Sequence[int], resolution: int, scans: Scans, eval_cfg: EvalConfig,
-                 dyn_cfg: DynamicConfig = DynamicConfig(plot=False), progress: bool = True) -> dict:
+                 dyn_cfg: DynamicConfig = DynamicConfig(plot=False), progress: bool = True,
+                 passes: dict | None = None) -> dict:
     """The probe candidate judged on ``store`` (validation) with the final ``backbone``: the dynamic record's
-    ``summary``, ``auc``, ``oracle``, ``cost_aware`` and ``dynamic`` rows (see :func:`probe_crop_rows`)."""
+    ``summary``, ``auc``, ``oracle``, ``cost_aware`` and ``dynamic`` rows (see :func:`probe_crop_rows`).
+    ``passes``: the backbone's validation pass per probe resolution, kept there for the next candidate (it does
+    not depend on the head)."""
     grid = list(grid)
     static = static_results(backbone, store, static_dir, grid, eval_cfg, progress)
     table = pq.read_table(static_dir / "static_images.parquet")
@@ -151,7 +153,10 @@ def probe_record(backbone: str | Path, head: ProbeHead, cfg: ProbeConfig, store:
     crops = list(eval_cfg.crops)
     pairs = [(k, c) for c in crops for k in keys]
     model, _ = load_checkpoint(backbone)
-    logits, pooled = probe_pass(model, probe_views(store, pairs, resolution, crops, scans, progress))
+    passes = {} if passes is None else passes
+    if resolution not in passes:
+        passes[resolution] = probe_pass(model, probe_views(store, pairs, resolution, crops, scans, progress))
+    logits, pooled = passes[resolution]
     probs = predict_probe(head, probe_features(logits, pooled, cfg))
     probe_right = (logits.argmax(1).numpy() == np.array([store.label(k) for k, _ in pairs]))
     cost_g = np.array([gflops(model, r) for r in grid])

@@ -93,6 +93,7 @@ def _probe_rows(train_store: StoreLike, val_store: StoreLike, run: Path, out: Pa
     grid = sorted(set(labels.column("resolution").to_pylist()))
     crops = tuple(sorted(set(labels.column("crop").to_pylist())))
     data: dict[int, dict] = {}
+    passes: dict[int, tuple] = {}  # the validation pass per probe resolution, shared by every head
     eval_cfg = EvalConfig(grid=tuple(grid), crops=crops)
     for seed in cfg.seeds:
         for spec in cfg.probes:
@@ -104,7 +105,7 @@ def _probe_rows(train_store: StoreLike, val_store: StoreLike, run: Path, out: Pa
             head, label_auc = fit_probe(data[res], probe, grid, base.holdout, base.seed)
             write_probe_head(out / f"{probe.name}-seed{seed}", head, probe, grid, res, meta.scans)
             record = probe_record(run / "backbone" / "model.pt", head, probe, val_store, run / "eval", grid, res,
-                                  meta.scans, eval_cfg, DynamicConfig(plot=False), progress)
+                                  meta.scans, eval_cfg, DynamicConfig(plot=False), progress, passes)
             costs[probe.name] = record["probe_gflops"]
             rows += [r | {"probe_reused_pct": s["probe_reused_pct"]}
                      for r, s in zip(candidate_rows(probe.name, seed, {"auc": label_auc}, record), record["summary"])]
