@@ -125,6 +125,17 @@ def test_index_is_resumable_and_rebuilt_when_the_config_changes(photo_store):
     assert other["computed"] == 3
     assert load_quality(open_store(photo_store)).resolutions == (64,)
 
+def test_threads_give_the_index_one_thread_gives_and_leave_torch_threads_as_they_were(photo_store):
+    def index(workers: int) -> np.ndarray:
+        (photo_store / QUALITY).unlink(missing_ok=True)
+        build_quality_index(photo_store, QualityConfig(resolutions=RES, workers=workers, chunk=1), progress=False)
+        return load_quality(open_store(photo_store)).ssim
+
+    threads = torch.get_num_threads()
+    assert np.array_equal(index(3), index(1), equal_nan=True)  # 3 chunks of 1 image run at once
+    assert torch.get_num_threads() == threads
+
+
 
 def test_an_index_of_some_images_reads_back_for_them_and_extends_to_the_rest(photo_store):
     cfg = QualityConfig(resolutions=(56,), workers=1)

@@ -23,7 +23,7 @@ def index_quality_cmd(
                                     help="Comma-separated resolutions (the backbone grid and the scale model's)."),
     crop_side: float = typer.Option(QualityConfig.crop_side, "--crop",
                                     help="Center-crop side ratio of the compared views."),
-    workers: int = typer.Option(QualityConfig.workers, help="Processes (0: every core)."),
+    workers: int = typer.Option(QualityConfig.workers, help="Threads (0: every core)."),
     out: Path = typer.Option(Path("runs/index"), "--out", help="Where quality_index.json/.md go."),
     calibration_only: bool = typer.Option(False, "--calibration-only", help="Only the images `dynres calibrate` "
                                           "searches on (its hashed split at --holdout and --seed); calibrate adds "

@@ -32,11 +32,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,7 @@ class QualityConfig:
 
     resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS
     crop_side: float = DEFAULT_CROP_SIDE
-    workers: int = 0  # processes; 0: every usable core
+    workers: int = 0  # threads; 0: every usable core
     chunk: int = 32  # images per resumable part file
 
     def __post_init__(self) -> None:
@@ -220,19 +219,6 @@ def manifest_hash(store: StoreLike) -> str:
     return h.hexdigest()[:16]
 
 
-_worker_store: StoreLike | None = None
-
-
-def _init_worker(store: StoreLike) -> None:
-    global _worker_store
-    torch.set_num_threads(1)
-    _worker_store = store
-
-
-def _worker_chunk(args: tuple[list[str], tuple[int, ...], float]) -> tuple[pa.Table, dict[str, float]]:
-    return _index_chunk(_worker_store, *args)
-
-
 def _index_chunk(store: StoreLike, keys: list[str], resolutions: tuple[int, ...], crop_side: float
                  ) -> tuple[pa.Table, dict[str, float]]:
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
@@ -347,18 +333,22 @@ def _resume(fs, final: str, parts: str, fingerprint: dict, current: dict[str, st
 
 def _index_chunks(store: StoreLike, chunks: list[list[str]], resolutions: tuple[int, ...], crop_side: float,
                   workers: int) -> Iterator[tuple[pa.Table, dict[str, float]]]:
-    """(rows, cost) of each chunk of keys, in order; in this process when ``workers == 1``."""
+    """(rows, cost) of each chunk of keys, in order, on ``workers`` threads of this process.
+
+    Threads, not processes: the decoder (libjpeg-turbo) and torch's kernels release the GIL, so threads scale
+    like processes on this work, without starting a process that imports torch per worker (seconds, more than
+    the index of a few hundred calibration images costs; docs/io-measurements.md). Each torch op runs on its
+    caller's thread (torch's own pool is set to one thread meanwhile: two pools of every core oversubscribe)."""
     args = [(c, resolutions, crop_side) for c in chunks]
     with contextlib.ExitStack() as stack:
-        if workers == 1:  # in this process, on one thread like a worker (torch's pool oversubscribes)
-            stack.callback(torch.set_num_threads, torch.get_num_threads())
-            torch.set_num_threads(1)
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(1)
+        if workers == 1:
             yield from (_index_chunk(store, *a) for a in args)
-        else:  # forkserver, like ingest: forking a process whose torch runs OpenMP threads can hang
-            pool = stack.enter_context(ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker,
-                initargs=(store,)))
-            yield from pool.map(_worker_chunk, args)
+        else:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="dynres-quality")
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # a failed chunk stops the rest
+            yield from pool.map(lambda a: _index_chunk(store, *a), args)
 
 
 def _cost_record(store: Store, index: str, config: QualityConfig, workers: int, computed: int, reused: int,
