@@ -19,9 +19,11 @@ reports, are exact either way).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +44,18 @@ def spread(total: int, n: int) -> np.ndarray:
     share = np.full(n, total // max(n, 1), np.int64)
     share[: total - int(share.sum())] += 1
     return share
+
+
+@contextlib.contextmanager
+def cancelled_on_error(futures: Sequence[Future]) -> Iterator[None]:
+    """A call that fails (a corrupt image, a lost object) cancels its reads that have not started: they would
+    hold the actor's read threads and the store, and delay its next call, for answers no one takes."""
+    try:
+        yield
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
 
 
 class _EngineActor:
@@ -111,10 +125,11 @@ class ScaleActor(_EngineActor):
         items = [WorkItem(0, str(k), t0) for k in batch["key"]]
         images, costs = self.read_all(e.scale_read, items)
         chosen: list[int] = []
-        for first in range(0, len(items), e.config.batch_size):  # the local engine's batches: same logits
-            part = images[first : first + e.config.batch_size]
-            chosen += e.scale.choose(torch.stack([f.result() for f in part]), e.config.lam)[0]
-        requests, fetched = costs()
+        with cancelled_on_error(images):
+            for first in range(0, len(items), e.config.batch_size):  # the local engine's batches: same logits
+                part = images[first : first + e.config.batch_size]
+                chosen += e.scale.choose(torch.stack([f.result() for f in part]), e.config.lam)[0]
+            requests, fetched = costs()
         return pa.table({
             "key": batch["key"], "label": batch["label"],
             "resolution": pa.array(chosen, pa.int32()),
@@ -151,15 +166,16 @@ class BackboneActor(_EngineActor):
         images = dict(zip(order, futures))
         top_names, top_probs = [None] * n, [None] * n
         done = np.zeros(n)
-        for r, rows in sorted(groups.items()):
-            for first in range(0, len(rows), e.config.batch_size):  # the local engine's per-resolution batches
-                part = rows[first : first + e.config.batch_size]
-                idx, probs = top5(e.backbone(torch.stack([images[j].result() for j in part]), r))
-                done[part] = time.time()
-                for j, i, p in zip(part, idx, probs):
-                    top_names[j], top_probs[j] = self.names(i), p
         requests, fetched = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        requests[order], fetched[order] = costs()
+        with cancelled_on_error(futures):
+            for r, rows in sorted(groups.items()):
+                for first in range(0, len(rows), e.config.batch_size):  # the local engine's per-resolution batches
+                    part = rows[first : first + e.config.batch_size]
+                    idx, probs = top5(e.backbone(torch.stack([images[j].result() for j in part]), r))
+                    done[part] = time.time()
+                    for j, i, p in zip(part, idx, probs):
+                        top_names[j], top_probs[j] = self.names(i), p
+            requests[order], fetched[order] = costs()
         requests += np.asarray(batch.get("requests", np.zeros(n)), np.int64)
         fetched += np.asarray(batch.get("bytes_fetched", np.zeros(n)), np.int64)
         t0 = batch["t0"] if "t0" in batch else np.full(n, items[0].t0 if items else 0.0)
