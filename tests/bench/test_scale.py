@@ -53,6 +53,11 @@ def test_settings_are_checked():
     with pytest.raises(ConfigError, match="head"):
         ScaleBenchConfig(probes=("softmax-forest",))
     assert ScaleBenchConfig(probes=("softmax-linear", "softmax-linear@84")).probes[1] == "softmax-linear@84"
+    with pytest.raises(ConfigError, match="rules"):
+        ScaleBenchConfig(rules=("anchor", "oracle"))
+    with pytest.raises(ConfigError, match="taus"):
+        ScaleBenchConfig(rules=("anchor",), taus=(-0.1,))
+    assert ScaleBenchConfig(rules=("recentred",), taus=()).rules == ("recentred",)  # τ only matters to the anchor
 
 
 def test_the_markdown_states_what_a_probe_costs():

@@ -9,7 +9,7 @@ import torch
 
 from dynres.errors import ConfigError
 from dynres.runtime import kernels
-from dynres.runtime.runners import EagerRunner, KernelRunner, choose, make_runner
+from dynres.runtime.runners import EagerRunner, KernelRunner, ScaleStage, choose, make_runner
 from pipeline_fixtures import tiny_classifier
 
 
@@ -82,6 +82,25 @@ def test_the_choice_rule_trades_p_right_against_cost():
     assert choose(probs, cost, None).tolist() == [2, 2]  # argmax p
     assert choose(probs, cost, 0.0).tolist() == [2, 2]
     assert choose(probs, cost, 0.5).tolist() == [0, 2]  # p - 0.5 x cost / max cost
+
+
+def test_a_bias_moves_the_choice_and_a_large_one_is_a_static_resolution():
+    probs = np.array([[0.80, 0.85, 0.90], [0.1, 0.2, 0.9], [0.5, 0.1, 0.1]])
+    cost = np.array([1.0, 2.0, 4.0])
+    assert choose(probs, cost, 0.5, np.zeros(3)).tolist() == choose(probs, cost, 0.5).tolist()  # b = 0: today's
+    assert choose(probs, cost, None, [0.0, 0.1, 0.0]).tolist() == [1, 2, 0]  # +0.1 at the middle resolution
+    assert choose(probs, cost, 0.5, [0.0, 5.0, 0.0]).tolist() == [1, 1, 1]  # larger than any p difference: static
+
+
+def test_the_scale_stage_applies_its_bias():
+    logits = torch.tensor([[0.0, 0.2, 0.1], [2.0, 0.0, 0.0]])
+    runner = lambda images, resolution: logits  # noqa: E731 - a scale model with fixed answers
+    plain = ScaleStage(runner, 16, (16, 32, 64), (1.0, 4.0, 16.0))
+    assert plain.choose(torch.zeros(2, 3, 16, 16), 0.0)[0] == [32, 16]
+    biased = ScaleStage(runner, 16, (16, 32, 64), (1.0, 4.0, 16.0), bias=(0.0, 0.0, 1.0))
+    assert biased.choose(torch.zeros(2, 3, 16, 16), 0.0)[0] == [64, 64]
+    with pytest.raises(ConfigError, match="one value per grid resolution"):
+        ScaleStage(runner, 16, (16, 32, 64), (1.0, 4.0, 16.0), bias=(0.0, 1.0))
 
 
 def test_an_unknown_kernel_choice_is_a_clear_error():

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dynres.bench.pipeline import PipelineBenchConfig
+from dynres.errors import ConfigError
 from dynres.runtime.engine import build_engine
 from dynres.study.dynamic import PROBS_FILE, write_probs
 from dynres.study.verdict import engine_spec, guard_crop, pipeline_point, run_guard, served_pipeline, serving_config
@@ -87,6 +88,15 @@ def test_the_guard_reads_the_evaluations_records(tmp_path):
     json.dumps(guard)  # a record: plain JSON
 
 
+def test_the_guard_reads_rules_fitted_elsewhere_per_crop(tmp_path):
+    dyn, held = write_records(tmp_path)
+    fitted = {"anchor@0.5": {0.25: [0.0, 0.5], 1.0: [0.0, 0.5]}}
+    guard = run_guard(tmp_path, dyn, held, LAMBDAS, biases=fitted)
+    assert guard["rules"] == ["anchor@0.5"] and all(r["rule"] in ("b=0", "anchor@0.5") for r in guard["crops"])
+    with pytest.raises(ConfigError, match="no bias at crop 1"):
+        run_guard(tmp_path, dyn, held, LAMBDAS, biases={"anchor@0.5": {0.25: [0.0, 0.5]}})
+
+
 def test_the_serving_config_follows_the_guard(tmp_path, models):
     store, backbone, scale = models
     guard = {"rule": "r", "crops": [
@@ -145,8 +155,10 @@ GUARD = {"crops": [{"crop": 0.25, "mode": "dynamic", "lambda": 0.5, "static_reso
 
 def test_the_pipeline_runs_the_guards_operating_point_at_its_crop():
     point = pipeline_point(GUARD, LAMBDAS)  # the default crop side 0.875: nearest the 75% crop
-    assert point == {"crop_side": pytest.approx(0.75 ** 0.5), "static_resolution": 112, "lam": 0.1}
+    assert point == {"crop_side": pytest.approx(0.75 ** 0.5), "static_resolution": 112, "lam": 0.1, "bias": None}
     PipelineBenchConfig(**point)  # the fields the benchmark takes
+    biased = {"crops": [GUARD["crops"][1] | {"rule": "anchor-r*@0.05", "bias": [0.0, 0.05, 0.0]}]}
+    assert pipeline_point(biased, LAMBDAS)["bias"] == (0.0, 0.05, 0.0)  # the pipeline times the guard's rule
     no_lam = {"crops": [{"crop": 1.0, "mode": "static", "lambda": None, "static_resolution": 112, "reason": "z"}]}
     assert pipeline_point(no_lam, LAMBDAS)["lam"] == 1.0  # the cheapest rule of the sweep, for reference
 
@@ -179,3 +191,48 @@ def test_the_pipeline_serves_dynamic_only_where_the_guard_and_its_own_run_agree(
     assert result["guard_crop"] == 0.75 and result["served"] == served and why in result["reason"]
     assert result["lambda"] == pipe["lams"]["dynamic_read_ahead"]  # the λ actually run, for the report
     assert set(result["rows"]) == {served, "dynamic_read_ahead", "static_tuned", "baseline"}
+
+
+def noisy_scale(n: int) -> np.ndarray:
+    """p(r) of a scale model that knows only the images right at 56 px alone (p = 0.9 there) and is noise elsewhere:
+    on the images right at 112 px alone it leans one way or the other by turns, on the rest it is undecided."""
+    kinds = [[0.9, 0.1]] * 3 + [[0.6, 0.4], [0.4, 0.6]] * 2 + [[0.6, 0.4]] + [[0.5, 0.5]] * 2
+    return np.array([kinds[i % 10] for i in range(n)])
+
+
+def test_the_guard_chooses_an_anchor_bias_on_the_selection_images_when_it_wins():
+    """Plain argmax follows the noise half the time; anchoring at r* (112) keeps the noisy images there and still
+    sends the images the scale model knows to 56 px: all right, for less than static 112."""
+    ok, select = images(40), np.arange(40) < 20
+    plain = guard_crop(0.5, noisy_scale(40), ok, GRID, COST, 0.1, LAMBDAS, select)
+    anchored = guard_crop(0.5, noisy_scale(40), ok, GRID, COST, 0.1, LAMBDAS, select, anchor_taus=(0.05, 0.5))
+    assert "rule" not in plain and plain["held_dynamic_accuracy"] < 100.0
+    assert anchored["rule"] == "anchor-r*@0.5" and anchored["bias"] == [0.0, 0.5]
+    assert anchored["mode"] == "dynamic" and anchored["held_dynamic_accuracy"] == 100.0
+    assert anchored["held_dynamic_gflops"] < anchored["held_static_gflops"]
+    assert "anchor-r*@0.5, λ=" in anchored["reason"]
+    trained = guard_crop(0.5, noisy_scale(40), ok, GRID, COST, 0.1, LAMBDAS, select,
+                         biases={"b=0": None, "anchor@0.5": np.array([0.0, 0.5])})  # a rule fitted elsewhere
+    assert trained["rule"] == "anchor@0.5" and trained["held_dynamic_accuracy"] == 100.0
+
+
+def test_the_serving_config_carries_the_chosen_bias_to_the_engine(tmp_path, models):
+    store, backbone, scale = models
+    guard = {"rule": "r", "crops": [{"crop": 0.25, "mode": "dynamic", "lambda": 0.1, "static_resolution": 32,
+                                     "reason": "wins", "rule": "anchor-r*@0.2", "bias": [0.0, 0.0, 0.2, 0.0]}]}
+    (entry,) = serving_config(guard, "STORE", str(backbone), str(scale), None, kernels="eager")["crops"]
+    assert entry["bias"] == [0.0, 0.0, 0.2, 0.0] and entry["rule"] == "anchor-r*@0.2"
+    assert "--lambda 0.1 --bias 0.0,0.0,0.2,0.0" in entry["infer"] and "--bias 0.0,0.0,0.2,0.0" in entry["serve"]
+    assert build_engine(engine_spec(json.loads(json.dumps(entry))), store=store).scale.bias == (0.0, 0.0, 0.2, 0.0)
+
+
+def test_the_pipeline_does_not_serve_a_biased_rule_it_timed_without_its_bias():
+    row = {"crop": 0.75, "mode": "dynamic", "lambda": 0.1, "static_resolution": 112, "reason": "wins",
+           "rule": "anchor-r*@0.2", "bias": [0.0, 0.2]}
+    rows = {"static_tuned": {"images_per_s": 10.0, "accuracy": 50.0, "gflops": 4.0},
+            "dynamic": {"images_per_s": 12.0, "accuracy": 60.0, "gflops": 3.0}}
+    pipe = {"pipeline": rows, "lams": {"dynamic": 0.1}, "static_resolution": 112,
+            "config": {"crop_side": 0.75 ** 0.5}, "ratios": {"dynamic_mode": "dynamic"}}
+    served = served_pipeline({"crops": [row]}, pipe)
+    assert served["served"] == "static_tuned" and "another bias than the guard's rule" in served["reason"]
+    assert served_pipeline({"crops": [row]}, pipe | {"bias": [0.0, 0.2]})["served"] == "dynamic"

@@ -20,6 +20,9 @@ from dynres.errors import ConfigError
 from dynres.model.probe import parse_probe
 from dynres.records import markdown_table, write_records
 
+RULES = ("anchor", "recentred")  # :mod:`dynres.study.bias`
+DEFAULT_TAUS = (0.02, 0.05, 0.1, 0.2, 1.0)  # τ = 1 exceeds any difference of probabilities: static r*
+
 
 @dataclass(frozen=True)
 class ScaleBenchConfig:
@@ -30,8 +33,15 @@ class ScaleBenchConfig:
     targets: tuple[str, ...] = ("correct", "prob", "margin")
     seeds: tuple[int, ...] = (0,)
     probes: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()  # biased choice rules (RULES) on the run's own scale model; none by default
+    taus: tuple[float, ...] = DEFAULT_TAUS  # the anchor rule's bias sizes
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.rules) - set(RULES))
+        if unknown or len(set(self.rules)) != len(self.rules):
+            raise ConfigError("rules", f"need distinct rules among {', '.join(RULES)}, got {list(self.rules)}")
+        if "anchor" in self.rules and (not self.taus or min(self.taus) < 0):
+            raise ConfigError("taus", f"the anchor rule needs bias sizes >= 0, got {list(self.taus)}")
         if not self.targets or len(set(self.targets)) != len(self.targets):
             raise ConfigError("targets", f"need distinct targets, got {list(self.targets)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -111,7 +121,31 @@ def bench_scale_markdown(payload: dict) -> str:
             "best accuracy at no more GFLOPs than the best static resolution of the crop.\n\n"
             + _probe_text(payload) +
             "## Summary (mean over seeds)\n\n" + markdown_table(payload["summary"], SUMMARY_COLUMNS)
+            + _rules_text(payload.get("rules") or {})
             + "\n\n## Every run\n\n" + markdown_table(payload["rows"], ROW_COLUMNS))
+
+
+GUARDED_COLUMNS = ["family", "crop", "decisions", "dynamic_vs_r_star", "served_vs_r_star",
+                   "served_vs_held_best_static", "dynamic_served_pct", "no_affordable_pct", "rules_chosen"]
+
+
+def _rules_text(rules: dict) -> str:
+    """The biased rules' fits and the guard's two-half selection, when the bench ran any."""
+    if not rules:
+        return ""
+    fit = [{"crop": f["crop"], "anchor_resolution": f["anchor_resolution"],
+            "base_rate": " ".join(f"{100 * v:.1f}" for v in f["base_rate"]),
+            "p_mean_train": " ".join(f"{100 * v:.1f}" for v in f["p_mean_train"]),
+            "p_mean_heldout": " ".join(f"{100 * v:.1f}" for v in f["p_mean_heldout"] or [])} for f in rules["fit"]]
+    return ("\n\n## Biased rules (argmax p + b - λ·cost)\n\nRows `b=0` (today's rule), `anchor@τ` and `recentred`"
+            " above are the run's own scale model under each rule, fitted on the training labels "
+            f"({rules['train_images']} images; p on them is in-sample for the scale model except on its "
+            f"{rules['p_out_of_sample_images']} held-out images). Fits per crop (percent, over the grid):\n\n"
+            + markdown_table(fit, ["crop", "anchor_resolution", "base_rate", "p_mean_train", "p_mean_heldout"])
+            + "\n\nThe guard's choice judged honestly: the validation images split in halves (each split twice, "
+            "every half selecting once); r*, the rule and λ chosen on one half, scored on the other (points; "
+            "served_vs_held_best_static compares with the scored half's own best static resolution, chosen on "
+            "the images it is scored on):\n\n" + markdown_table(rules["guarded_summary"], GUARDED_COLUMNS))
 
 
 def _probe_text(payload: dict) -> str:

@@ -230,17 +230,24 @@ def bench_scale_cmd(
     seeds: str = typer.Option(join(ScaleBenchConfig.seeds), help="Scale-model seeds (noise of the comparison)."),
     probes: str = typer.Option("", help="Backbone-probe candidates FEATURES-HEAD[@RES], e.g. softmax-linear,"
                                          "pooled-linear (docs/scale-candidates.md); none by default."),
+    rules: str = typer.Option("", help="Biased choice rules on the run's scale model, fitted on its training "
+                                       "labels: anchor,recentred (docs/scale-candidates.md); none by default."),
+    taus: str = typer.Option(join(ScaleBenchConfig.taus), help="The anchor rule's bias sizes τ."),
 ) -> None:
     """Scale-model candidates (training targets) on one run's labels: AUC, argmax and iso-cost accuracy per crop."""
     from dynres.io.store import open_store
     from dynres.study.scale_compare import compare_scale_targets
 
     cfg = ScaleBenchConfig(targets=parse_list(targets, str, "--targets"), seeds=parse_list(seeds, int, "--seeds"),
-                           probes=parse_list(probes, str, "--probes") or ())
+                           probes=parse_list(probes, str, "--probes") or (),
+                           rules=parse_list(rules, str, "--rules") or (), taus=parse_list(taus, float, "--taus"))
     payload = compare_scale_targets(open_store(train_store), open_store(val_store), run, out, cfg)
+    def pts(value: float | None) -> str:
+        return "none within budget" if value is None else f"{value:+.1f} pts"
+
     for row in payload["summary"]:
         if row["crop"] == "all":
             console.print(f"{row['target']:>8}: AUC min {row['auc_min']:.3f}, argmax vs best static "
-                          f"{row['argmax_vs_best_static']:+.1f} pts, iso-cost vs best static "
-                          f"{row['iso_cost_vs_best_static']:+.1f} pts (mean over crops)", markup=False)
+                          f"{pts(row['argmax_vs_best_static'])}, iso-cost vs best static "
+                          f"{pts(row['iso_cost_vs_best_static'])} (mean over crops)", markup=False)
     console.print(f"wrote {out / 'bench_scale.json'} and {out / 'bench_scale.md'}")

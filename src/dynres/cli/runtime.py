@@ -18,6 +18,8 @@ from dynres.runtime.ray import RayConfig
 from dynres.runtime.serve import ServeConfig
 
 DECODE_ONCE_FLAGS = ("--decode-once/--exact-views",)
+BIAS_HELP = ("Dynamic: the choice rule's bias, one value per scale-model grid resolution, added to p(r) "
+             "(argmax p + b - λ·cost; the study's serving.json gives it). Default: none.")
 
 
 def infer(
@@ -31,6 +33,7 @@ def infer(
     kernels: str = typer.Option(EngineSpec.kernels, help="eager, or tuned (the cached winners of `dynres tune`)."),
     lam: float = typer.Option(PipelineConfig.lam, "--lambda",
                               help="Cost weight λ of the cost-aware choice (0: argmax p)."),
+    bias: str = typer.Option("", "--bias", help=BIAS_HELP),
     baseline: bool = typer.Option(PipelineConfig.baseline,
                                   help="The common baseline: full read + full decode (needs --resolution)."),
     read_ahead: bool = typer.Option(PipelineConfig.read_ahead,
@@ -73,7 +76,7 @@ def infer(
     cfg = PipelineConfig(batch_size=batch_size, workers=workers, torch_threads=threads, crop_side=crop_side,
                          resolution=resolution, lam=lam, baseline=baseline, read_ahead=read_ahead,
                          decode_once=decode_once, fetch_ahead=fetch_ahead,
-                         fetch_ahead_resolution=fetch_ahead_resolution)
+                         fetch_ahead_resolution=fetch_ahead_resolution, bias=parse_list(bias, float, "--bias"))
     spec = EngineSpec(store, str(model), path_text(scale), path_text(policy), kernels, cfg)
     split = ray_layout == "split"  # --scale-actors on another layout: RayConfig refuses it by name
     ray_cfg = None if engine != "ray" else RayConfig(
@@ -106,6 +109,7 @@ def serve(
     max_wait_ms: float = typer.Option(ServeConfig.max_wait_ms, help="Longest wait to fill a batch."),
     max_queue: int = typer.Option(ServeConfig.max_queue, help="Requests in flight before answering 503."),
     lam: float = typer.Option(ServeConfig.lam, "--lambda", help="Cost weight λ (the floor, when load-adaptive)."),
+    bias: str = typer.Option("", "--bias", help=BIAS_HELP),
     latency_target_ms: Optional[float] = typer.Option(ServeConfig.latency_target_ms,
                                                       help="Shed (503) requests predicted to miss this."),
     adaptive: bool = typer.Option(ServeConfig.adaptive, help="Load-adaptive λ: raise it while queueing delay grows."),
@@ -124,7 +128,7 @@ def serve(
         raise typer.BadParameter("give --scale (dynamic) or --resolution (static)")
     spec = EngineSpec(store or "", str(model), path_text(scale), path_text(policy), kernels,
                       PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution,
-                                     crop_side=crop_side))
+                                     crop_side=crop_side, bias=parse_list(bias, float, "--bias")))
     cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, resolution=resolution,
                       lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive, lam_max=lam_max,
                       decode_once=decode_once, workers=workers, crop_side=crop_side)

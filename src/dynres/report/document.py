@@ -147,7 +147,11 @@ def _by(rows: list[dict], key: str) -> dict:
 # --- the sections -----------------------------------------------------------------------------------------------
 
 def _choice(row: dict) -> str:
-    return f"dynamic (λ={row['lambda']:g})" if row["mode"] == "dynamic" else f"static {row['static_resolution']} px"
+    """The recommendation in words; a biased rule (the guard's choice with λ) by name."""
+    if row["mode"] != "dynamic":
+        return f"static {row['static_resolution']} px"
+    rule = row.get("rule")
+    return f"dynamic ({rule + ', ' if rule and rule != 'b=0' else ''}λ={row['lambda']:g})"
 
 
 def _read_savings(s: dict, row: dict) -> str | None:

@@ -69,6 +69,7 @@ class PipelineConfig:
     decode_once: bool = True  # dynamic: views are resizes of one decode per prefix (False: each view decoded)
     fetch_ahead: bool = False  # dynamic: the scale prefix's request also fetches the backbone's likely bytes
     fetch_ahead_resolution: int | None = None  # whose prefix to fetch ahead (None: the grid's longest)
+    bias: tuple[float, ...] | None = None  # dynamic: the choice rule's per-grid-resolution term (runners.choose)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
@@ -423,7 +424,7 @@ def build_engine(spec: EngineSpec, store: StoreLike | None = None) -> Engine:
     if cfg.resolution is None:
         if spec.scale is None:
             raise ConfigError("pipeline", "give a scale model (dynamic mode) or a static resolution")
-        scale = load_scale(spec.scale, model, spec.kernels, cfg.batch_size, threads)
+        scale = load_scale(spec.scale, model, spec.kernels, cfg.batch_size, threads, bias=cfg.bias)
     policy = None
     if spec.policy is not None:
         from dynres.policy.calibration import load_policy

@@ -16,11 +16,17 @@ from dynres.model.checkpoint import load_checkpoint
 from dynres.model.nets import gflops, to_input
 
 
-def choose(probs: np.ndarray, cost: np.ndarray, lam: float | None) -> np.ndarray:
-    """Index of the chosen resolution per row: argmax p (``lam`` None) or argmax p - lam * cost/max(cost)."""
+def choose(probs: np.ndarray, cost: np.ndarray, lam: float | None,
+           bias: np.ndarray | Sequence[float] | None = None) -> np.ndarray:
+    """Index of the chosen resolution per row: argmax p + b (``lam`` None) or argmax p + b - lam * cost/max(cost).
+
+    ``bias`` b is a per-resolution additive term (None: zero, the paper's rule and the cost-aware one exactly). A
+    large b at one resolution makes the rule that static resolution, so the family reaches the best static one as a
+    limit (:mod:`dynres.study.bias` fits it from the training labels)."""
+    score = probs if bias is None else probs + np.asarray(bias, dtype=np.float64)[None, :]
     if lam is None:
-        return probs.argmax(1)
-    return (probs - lam * (cost / cost.max())[None, :]).argmax(1)
+        return score.argmax(1)
+    return (score - lam * (cost / cost.max())[None, :]).argmax(1)
 
 
 # --- runners: uint8 images -> logits ----------------------------------------------------------------------------
@@ -136,23 +142,29 @@ class ScaleStage:
     grid: tuple[int, ...]
     costs: tuple[float, ...]  # backbone cost per grid resolution, in the unit the choice rule expects
     scans: int | None = None  # the prefix it reads (None: the policy's scans at its resolution)
+    bias: tuple[float, ...] | None = None  # per grid resolution, added to p(r) by the rule (None: zero)
+
+    def __post_init__(self) -> None:
+        if self.bias is not None and len(self.bias) != len(self.grid):
+            raise ConfigError("bias", f"need one value per grid resolution {list(self.grid)}, got {list(self.bias)}")
 
     def choose(self, images: torch.Tensor, lam: float | None) -> tuple[list[int], np.ndarray]:
         """Chosen resolution per image and the scale model's p(backbone right at r) matrix.
 
-        The rule is :func:`choose`: argmax p(r) - lam * cost(r)/max cost; ``lam=None`` or 0 is the paper's
-        argmax p(r)."""
+        The rule is :func:`choose`: argmax p(r) + b(r) - lam * cost(r)/max cost; ``lam=None`` or 0 with no bias is
+        the paper's argmax p(r)."""
         probs = torch.sigmoid(self.runner(images, self.resolution).float()).numpy()
-        picks = choose(probs, np.asarray(self.costs, dtype=np.float64), lam)
+        picks = choose(probs, np.asarray(self.costs, dtype=np.float64), lam, self.bias)
         return [self.grid[int(i)] for i in picks], probs
 
 
 def load_scale(checkpoint: str | Path, backbone: torch.nn.Module, kernels: str = "eager", batch: int = 8,
-               threads: int = 2, scans: int | None = None) -> ScaleStage:
-    """A scale-model checkpoint (task ``scale``) with the backbone's GFLOPs per grid resolution as costs."""
+               threads: int = 2, scans: int | None = None, bias: Sequence[float] | None = None) -> ScaleStage:
+    """A scale-model checkpoint (task ``scale``) with the backbone's GFLOPs per grid resolution as costs; ``bias``:
+    the choice rule's per-resolution term (:func:`choose`)."""
     model, meta = load_checkpoint(checkpoint)
     if meta.task != "scale":
         raise ConfigError(checkpoint, f"not a scale model (task {meta.task!r})")
     costs = tuple(gflops(backbone, r) for r in meta.grid)
     return ScaleStage(make_runner(model, kernels, batch, threads), meta.train_resolution, tuple(meta.grid), costs,
-                      scans if scans is not None else meta.scans)
+                      scans if scans is not None else meta.scans, None if bias is None else tuple(map(float, bias)))

@@ -86,7 +86,7 @@ def run_study(config: StudyConfig) -> dict:
     quality_stage(study, config, val_store, grid, scale_res, calibration_keys(val_store.keys, cal_cfg)[0])
     held = split_keys(val_store.keys, cal_cfg.holdout_fraction, cal_cfg.seed)[1]  # images calibration never sees
     cal = calibration_stage(study, val_store, train_store, acc, cal_cfg)
-    guard = guard_step(study, chain_cfg, val_store, acc, dyn, held)  # before the pipeline: it runs r* and λ*
+    guard = guard_step(study, chain_cfg, val_store, acc, dyn, held, train_store)  # before the pipeline: r*, λ*
     pipe_cfg = _pipeline_config(config, chain_cfg.dynamic.tolerance, guard, chain_cfg.dynamic.lambdas)
     kern = kernels_stage(study, config, acc, grid, scale_res, pipe_cfg.batch_size)
     pipe = pipeline_stage(study, stores["val"]["store"], acc, cal, pipe_cfg, held)
@@ -155,8 +155,11 @@ def ingest_stage(study: Study, config: StudyConfig, data_dir: Path) -> dict:
 def accuracy_stage(study: Study, train_store: StoreLike, val_store: StoreLike, chain_cfg: Any) -> dict:
     """Backbone, static grid, scale labels and model, dynamic evaluation (:mod:`dynres.study.chain`)."""
     from dynres.study.chain import run_accuracy_chain
+    from dynres.study.dynamic import GUARD_ONLY
 
-    return study.stage("accuracy", {"chain": asdict(chain_cfg)},
+    chain = asdict(chain_cfg)  # the guard's own settings do not change what this stage computes
+    chain["dynamic"] = {k: v for k, v in chain["dynamic"].items() if k not in GUARD_ONLY}
+    return study.stage("accuracy", {"chain": chain},
                        lambda: run_accuracy_chain(train_store, val_store, study.dir / "accuracy", chain_cfg),
                        after=("ingest",))
 
@@ -260,14 +263,16 @@ def io_stage(study: Study, config: StudyConfig, store_path: str, data_dir: Path,
     return study.stage("bench_io", {"io": asdict(io_cfg)}, io, after=("ingest",))
 
 
-def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dyn: dict, held: list[str]) -> dict:
+def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dyn: dict, held: list[str],
+               train_store: StoreLike | None = None) -> dict:
     """The guard (:mod:`dynres.study.verdict`): per crop, dynamic or the best static resolution, chosen on the
     selection split and decided on ``held``. Not a stage: it reads the accuracy stage's records (a dynamic record
     from before the guard gets its per-image p(r) computed once); it runs before the pipeline stage, which times
-    its r* and λ*."""
+    its r* and λ*; the biased rules of ``chain_cfg.dynamic.rules`` are fitted on ``train_store``'s labels."""
     from dataclasses import replace
 
     from dynres.model.checkpoint import read_meta
+    from dynres.study.bias import guard_rules
     from dynres.study.dynamic import PROBS_FILE, dynamic_record
     from dynres.study.verdict import run_guard
 
@@ -276,7 +281,8 @@ def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dy
         dynamic_record(acc["backbone"], acc["scale_model"], val_store, eval_dir, replace(chain_cfg.dynamic, plot=False),
                        replace(chain_cfg.eval, grid=tuple(dyn["grid"])), probs_path=eval_dir / PROBS_FILE)
     baseline = read_meta(acc["backbone"]).train_resolution  # the pipeline's common baseline
-    return run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline)
+    return run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline,
+                     **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store))
 
 
 def verdict_step(study: Study, guard: dict, store_path: str, acc: dict, cal: dict, pipe: dict) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dynres.bench.scale import DEFAULT_TAUS, RULES
 from dynres.errors import ConfigError
 from dynres.io.decode import decode
 from dynres.io.store import StoreLike
@@ -35,6 +36,8 @@ from dynres.study.scale import auc, predict_scale, scale_inputs
 from dynres.study.stages import recorded
 from dynres.study.static import EvalConfig, run_static
 
+GUARD_RULES = (*RULES, "anchor-r*")  # "anchor-r*": the anchor at the guard's own r* (chosen on its selection images)
+GUARD_ONLY = ("rules", "taus")  # DynamicConfig settings only the guard reads: not part of the evaluation's key
 PROBS_FILE = "dynamic_images.parquet"  # the scale model's p(r) per image and crop, beside dynamic.json
 DEFAULT_LAMBDAS = tuple(round(float(x), 3)
                         for x in np.concatenate([np.linspace(0, 0.2, 21), np.linspace(0.25, 1.0, 16)]))
@@ -43,19 +46,29 @@ DEFAULT_LAMBDAS = tuple(round(float(x), 3)
 @dataclass(frozen=True)
 class DynamicConfig:
     """How the dynamic evaluation chooses and reports: the λ sweep, the tolerance of the reported cost-aware
-    choice, the scale model's prefix and the cost the cost-aware rule weighs."""
+    choice, the scale model's prefix, the cost the cost-aware rule weighs, and the anchor biases the guard
+    (:mod:`dynres.study.verdict`) may choose with λ."""
 
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     tolerance: float = 0.5  # accuracy points the cost-aware choice may give up against the best static
     scans: int | None = None  # scale model prefix; None: the scale checkpoint's own setting
     cost_table: dict | None = None  # resolution -> latency (ms) for the cost-aware rule; None: GFLOPs
     plot: bool = True
+    # biased rules the guard may choose with λ besides b = 0 (GUARD_RULES; (): b = 0 only, the paper's rule); the
+    # anchor at the guard's own r* costs nothing to fit and helped on real photos and the demo (docs/scale-candidates.md)
+    rules: tuple[str, ...] = ("anchor-r*",)
+    taus: tuple[float, ...] = DEFAULT_TAUS  # the anchor rules' bias sizes
 
     def __post_init__(self) -> None:
         if not self.lambdas or min(self.lambdas) < 0:
             raise ConfigError("lambdas", f"need at least one cost weight, each >= 0, got {self.lambdas}")
         if self.tolerance < 0:
             raise ConfigError("tolerance", f"must be >= 0 accuracy points, got {self.tolerance}")
+        unknown = sorted(set(self.rules) - set(GUARD_RULES))
+        if unknown:
+            raise ConfigError("rules", f"unknown rules {unknown} (known: {', '.join(GUARD_RULES)})")
+        if min(self.taus, default=0.0) < 0:
+            raise ConfigError("taus", f"bias sizes must be >= 0, got {self.taus}")
         if self.scans is not None and self.scans < 1:
             raise ConfigError("scans", f"the scale model reads at least 1 scan, got {self.scans}")
 
@@ -71,15 +84,15 @@ def load_cost_table(path: str | Path) -> dict[int, float]:
 
 
 def decide(scale, prefix: bytes, crop_area: float, lam: float | None = None,
-           cost: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+           cost: np.ndarray | None = None, bias: Sequence[float] | None = None) -> tuple[int, np.ndarray]:
     """One image's decision from the prefix bytes it is given (nothing else is read): the chosen resolution and
     p(r) over the grid. ``scale`` is a scale checkpoint path or ``(model, meta)``; ``crop_area`` the center crop's
-    area fraction."""
+    area fraction; ``bias`` the rule's per-resolution term (:func:`dynres.runtime.runners.choose`)."""
     model, meta = load_checkpoint(scale) if isinstance(scale, (str, Path)) else scale
     x = decode(prefix, meta.train_resolution, crop_side(crop_area))[None]
     probs = predict_scale(model, x)
     cost = np.array(meta.grid, dtype=float) ** 2 if cost is None else np.asarray(cost, dtype=float)
-    return meta.grid[int(choose(probs, cost, lam)[0])], probs[0]
+    return meta.grid[int(choose(probs, cost, lam, bias)[0])], probs[0]
 
 
 def run_dynamic(backbone: str | Path, scale_model: str | Path, store: StoreLike, out: str | Path,
@@ -148,7 +161,7 @@ def dynamic_record(backbone: str | Path, scale_model: str | Path, store: StoreLi
         p = probs_all[ci * len(keys):(ci + 1) * len(keys)]
         ok = np.array([[correct[(k, c, r)] for r in grid] for k in keys], dtype=bool)
         crop_static = [r for r in static_rows if r["crop"] == c]
-        for name, value in _crop_rows(c, p, ok, grid, cost_g, cost_rule, scale_g, crop_static, cfg).items():
+        for name, value in crop_rows(c, p, ok, grid, cost_g, cost_rule, scale_g, crop_static, cfg).items():
             rows[name] += value
     return {
         "backbone": str(backbone), "scale_model": str(scale_model), "images": len(keys), "grid": grid,
@@ -182,13 +195,16 @@ def _rule_cost(cfg: DynamicConfig, grid: Sequence[int], cost_g: np.ndarray) -> n
     return np.array([cfg.cost_table[r] for r in grid])
 
 
-def _crop_rows(c: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost_g: np.ndarray,
-               cost_rule: np.ndarray, scale_g: float, crop_static: list[dict], cfg: DynamicConfig) -> dict:
-    """One crop area's rows: ``p`` the scale model's p(r) and ``ok`` the backbone's correctness (images x grid)."""
+def crop_rows(c: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost_g: np.ndarray,
+              cost_rule: np.ndarray, scale_g: float, crop_static: list[dict], cfg: DynamicConfig,
+              bias: np.ndarray | None = None) -> dict:
+    """One crop area's rows: ``p`` the scale model's p(r) and ``ok`` the backbone's correctness (images x grid);
+    ``bias``: the rule's per-resolution term (:func:`dynres.runtime.runners.choose`; None: zero). The AUC is the
+    scale model's own, whatever the bias."""
     rows = np.arange(len(ok))
 
     def point(lam: float | None) -> dict:
-        pick = choose(p, cost_rule, lam)
+        pick = choose(p, cost_rule, lam, bias)
         return {"crop": c, "accuracy": 100 * float(ok[rows, pick].mean()),
                 "gflops": float(cost_g[pick].mean() + scale_g), "lambda": lam,
                 "mean_resolution": float(np.array(grid)[pick].mean())}

@@ -21,7 +21,8 @@ from dynres.errors import ConfigError
 from dynres.io.store import StoreLike
 from dynres.model.checkpoint import ModelMeta, load_checkpoint
 from dynres.model.probe import parse_probe
-from dynres.study.dynamic import DynamicConfig, dynamic_record
+from dynres.study.bias import biased_record, fit_chain_rules, guarded_rows, guarded_summary
+from dynres.study.dynamic import PROBS_FILE, DynamicConfig, dynamic_record
 from dynres.study.probe import fit_probe, probe_record, train_probe_data, write_probe_head
 from dynres.study.scale import ScaleConfig, read_labels, train_scale
 from dynres.study.static import EvalConfig
@@ -61,11 +62,14 @@ def compare_scale_targets(train_store: StoreLike, val_store: StoreLike, run: str
             rows += candidate_rows(target, seed, scale, dynamic)
     probe_rows, probe_gflops = _probe_rows(train_store, val_store, run, out, cfg, base, meta, progress)
     rows += probe_rows
+    rule_rows, rules = _rule_rows(train_store, val_store, run, cfg, base, progress)
+    rows += rule_rows
     payload = {"run": str(run), "targets": list(cfg.targets), "seeds": list(cfg.seeds),
                "scale_arch": base.arch, "scale_resolution": meta.train_resolution, "grid": scale["grid"],
                "crops": scale["crops"], "labelled_images": scale["labelled_images"],
                "val_images": len(val_store.keys), "recipe": {k: getattr(base, k) for k in _RECIPE_FIELDS},
-               "probes": list(cfg.probes), "probe_gflops": probe_gflops, "rows": rows, "summary": summarize(rows)}
+               "probes": list(cfg.probes), "probe_gflops": probe_gflops, "rows": rows, "summary": summarize(rows),
+               "rules": rules}
     write_bench_scale(out, payload)
     return payload
 
@@ -110,3 +114,26 @@ def _probe_rows(train_store: StoreLike, val_store: StoreLike, run: Path, out: Pa
             rows += [r | {"probe_reused_pct": s["probe_reused_pct"]}
                      for r, s in zip(candidate_rows(probe.name, seed, {"auc": label_auc}, record), record["summary"])]
     return rows, costs
+
+
+def _rule_rows(train_store: StoreLike, val_store: StoreLike, run: Path, cfg: ScaleBenchConfig, base: ScaleConfig,
+               progress: bool) -> tuple[list[dict], dict]:
+    """Rows of today's rule (``b=0``) and of every biased rule (:mod:`dynres.study.bias`) on the run's own scale
+    model, fitted on the training labels and judged on the validation evidence; and the fits and the guard's
+    two-half selection (``rules`` in the record)."""
+    if not cfg.rules:
+        return [], {}
+    eval_dir = run / "eval"
+    dyn = json.loads((eval_dir / "dynamic.json").read_text())
+    if not (eval_dir / PROBS_FILE).is_file():  # a chain from before the guard: its p(r) on val, computed once
+        dynamic_record(run / "backbone" / "model.pt", run / "scale" / "scale_model" / "model.pt", val_store, eval_dir,
+                       DynamicConfig(plot=False), EvalConfig(grid=tuple(dyn["grid"]), crops=tuple(dyn["crops"])),
+                       progress, probs_path=eval_dir / PROBS_FILE)
+    candidates, fitted = fit_chain_rules(run, train_store, cfg.rules, cfg.taus, progress)
+    rows = candidate_rows("b=0", base.seed, {"auc": []}, biased_record(eval_dir, dyn))
+    for cand in candidates:
+        rows += candidate_rows(cand["name"], base.seed, {"auc": []}, biased_record(eval_dir, dyn, cand["bias"]))
+    guarded = guarded_rows(eval_dir, dyn, candidates, DynamicConfig().lambdas, cfg.taus)
+    biases = {c["name"]: {str(k): v.tolist() for k, v in c["bias"].items()} for c in candidates}
+    return rows, fitted | {"rules": list(cfg.rules), "taus": list(cfg.taus), "bias": biases, "guarded": guarded,
+                           "guarded_summary": guarded_summary(guarded)}

@@ -7,7 +7,9 @@ the best static resolution at no more GFLOPs, and that static resolution everywh
    exactly the images the pipeline benchmark times): the best static resolution r* (most images right; the cheaper
    on a tie) and the iso-cost λ* (the λ of the sweep with the most images right among those whose mean GFLOPs,
    scale model included, do not exceed r*'s), under the rule `dynres infer` / `serve` run: argmax p(r) −
-   λ·GFLOPs(r)/max GFLOPs. Dynamic at λ* must already get at least as many selection images right as r*.
+   λ·GFLOPs(r)/max GFLOPs. Where configured, the rule's bias is chosen with λ (:mod:`dynres.study.bias`: b = 0,
+   the anchor τ·onehot(r*) for each τ, rules fitted on the training labels); the serving configuration records
+   the chosen bias with λ. Dynamic at λ* must already get at least as many selection images right as r*.
 2. Decision, on the held-out part: dynamic at λ* when it also gets at least as many held-out images right as r*
    and its mean GFLOPs there do not exceed r*'s; else static at r*. Correctness is the evaluation's: every scan
    read (serving reads what the calibrated policy allows).
@@ -31,12 +33,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from dynres.errors import ConfigError
 from dynres.paper import crop_area, crop_side
 from dynres.runtime.engine import EngineSpec, PipelineConfig
 from dynres.runtime.runners import choose
 from dynres.study.dynamic import PROBS_FILE
 
-RULE = ("per crop: the dynamic pipeline at the iso-cost λ (chosen on the calibration split) where it gets at least "
+RULE = ("per crop: the dynamic pipeline at the iso-cost λ (and, where configured, the rule's bias b: argmax p + b - "
+        "λ·cost; both chosen on the calibration split) where it gets at least "
         "as many images right as the best static resolution (chosen on the calibration split) on the calibration "
         "split and again on the held-out split, at no more mean GFLOPs (scale model included); that static "
         "resolution elsewhere")
@@ -48,17 +52,23 @@ EPS = 1e-12  # GFLOPs compared as floats: equal costs must count as "no more"
 
 
 def _point(p: np.ndarray, ok: np.ndarray, cost: np.ndarray, scale_g: float, lam: float,
-           mask: np.ndarray) -> tuple[int, float]:
-    """Images right and mean GFLOPs (scale model included) of the cost-aware rule at ``lam`` on ``mask``'s images."""
-    pick = choose(p[mask], cost, lam)
+           mask: np.ndarray, bias: np.ndarray | None = None) -> tuple[int, float]:
+    """Images right and mean GFLOPs (scale model included) of the cost-aware rule at ``lam`` (and ``bias``) on
+    ``mask``'s images."""
+    pick = choose(p[mask], cost, lam, bias)
     return int(ok[mask][np.arange(len(pick)), pick].sum()), float(cost[pick].mean() + scale_g)
 
 
 def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost: np.ndarray, scale_g: float,
-               lambdas: Sequence[float], select: np.ndarray, baseline_resolution: int | None = None) -> dict:
+               lambdas: Sequence[float], select: np.ndarray, baseline_resolution: int | None = None,
+               biases: dict[str, np.ndarray | None] | None = None, anchor_taus: Sequence[float] = ()) -> dict:
     """One crop's decision. ``p``: the scale model's p(r) and ``ok``: the backbone right or not (images x grid);
     ``cost``: the backbone's GFLOPs per grid resolution; ``select``: True for the selection images (the rest are
-    the held-out evidence); ``baseline_resolution``: the common baseline's, reported alongside when on the grid."""
+    the held-out evidence); ``baseline_resolution``: the common baseline's, reported alongside when on the grid;
+    ``biases``: candidate rules by name (a per-resolution bias each, None: zero), chosen together with λ on the
+    selection images (default: b = 0 alone, the plain cost-aware rule; on a tie the earlier candidate wins);
+    ``anchor_taus``: also the anchor rule at the guard's own r*, b = τ·onehot(r*), for each τ (chosen with λ on the
+    selection images too, so the held-out evidence stays unseen)."""
     select = np.asarray(select, dtype=bool)
     held = ~select
     n_sel, n_held = int(select.sum()), int(held.sum())
@@ -77,21 +87,28 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
         i = list(grid).index(baseline_resolution)
         row |= {"baseline_resolution": int(baseline_resolution),
                 "held_baseline_accuracy": 100 * int(ok[held, i].sum()) / n_held, "held_baseline_gflops": float(cost[i])}
+    candidates = list((biases or {"b=0": None}).items())
+    candidates += [(f"anchor-r*@{t:g}", t * np.eye(len(grid))[best]) for t in anchor_taus]
     affordable = []
-    for lam in lambdas:
-        right, gf = _point(p, ok, cost, scale_g, lam, select)
-        if gf <= budget + EPS:
-            affordable.append((right, -gf, lam))
+    for order, (_, b) in enumerate(candidates):
+        for lam in lambdas:
+            right, gf = _point(p, ok, cost, scale_g, lam, select, b)
+            if gf <= budget + EPS:
+                affordable.append((right, -gf, -order, lam))
     if not affordable:
         return row | {"mode": "static", "reason": "no λ of the sweep is as cheap as the best static resolution "
                                                   "(the scale model's own GFLOPs included)"}
-    sel_right, neg_gf, lam = max(affordable)
-    right, gf = _point(p, ok, cost, scale_g, lam, held)
+    sel_right, neg_gf, neg_order, lam = max(affordable)
+    rule, bias = candidates[-neg_order]
+    right, gf = _point(p, ok, cost, scale_g, lam, held, bias)
     sel_static = int(right_sel[best])
+    if len(candidates) > 1:
+        row |= {"rule": rule, "bias": None if bias is None else [float(v) for v in bias]}
     row |= {"lambda": lam, "selection_dynamic_accuracy": 100 * sel_right / n_sel,
             "selection_dynamic_gflops": -neg_gf, "held_dynamic_accuracy": 100 * right / n_held,
             "held_dynamic_gflops": gf}
-    vs = (f"dynamic (λ={lam:g}) {row['held_dynamic_accuracy']:.1f}% at {gf:.4g} GFLOPs vs static "
+    named = f"{rule}, " if len(candidates) > 1 else ""
+    vs = (f"dynamic ({named}λ={lam:g}) {row['held_dynamic_accuracy']:.1f}% at {gf:.4g} GFLOPs vs static "
           f"{grid[best]} px {row['held_static_accuracy']:.1f}% at {budget:.4g} GFLOPs on {n_held} held-out images")
     if sel_right < sel_static:
         return row | {"mode": "static", "reason": f"less accurate on the {n_sel} selection images "
@@ -123,18 +140,36 @@ def load_evidence(eval_dir: str | Path) -> tuple[list[str], list[int], dict[floa
 
 
 def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas: Sequence[float],
-              baseline_resolution: int | None = None) -> dict:
+              baseline_resolution: int | None = None, anchor_taus: Sequence[float] = (),
+              biases: dict[str, dict[float, np.ndarray]] | None = None) -> dict:
     """The guard over every crop of the dynamic evaluation in ``eval_dir`` (its record ``dyn`` gives the GFLOPs):
-    held-out images are ``held_keys``, the rest select."""
+    held-out images are ``held_keys``, the rest select. ``anchor_taus``: also the anchor rule at the guard's r*;
+    ``biases``: also these rules (name -> crop -> bias over the grid, e.g. fitted on the training labels by
+    :func:`dynres.study.bias.fit_rules`); both chosen with λ on the selection images (:func:`guard_crop`)."""
     keys, grid, p, ok = load_evidence(eval_dir)
     gflops = {r["resolution"]: r["gflops"] for r in dyn["static"]}
     cost = np.array([gflops[r] for r in grid], dtype=np.float64)
     held = set(held_keys)
     select = np.array([k not in held for k in keys])
-    rows = [guard_crop(c, p[c], ok[c], grid, cost, float(dyn["scale_gflops"]), lambdas, select, baseline_resolution)
+    rows = [guard_crop(c, p[c], ok[c], grid, cost, float(dyn["scale_gflops"]), lambdas, select, baseline_resolution,
+                       _crop_biases(biases, c), anchor_taus)
             for c in sorted(p)]
     return {"rule": RULE, "cost": "gflops", "selection_images": int(select.sum()),
-            "held_out_images": int((~select).sum()), "crops": rows}
+            "held_out_images": int((~select).sum()), "anchor_taus": list(anchor_taus),
+            "rules": sorted(biases or {}), "crops": rows}
+
+
+def _crop_biases(biases: dict[str, dict[float, np.ndarray]] | None, crop: float) -> dict | None:
+    """The candidate rules at ``crop`` (b = 0 first), or None (b = 0 alone) when there are none."""
+    if not biases:
+        return None
+    out: dict[str, np.ndarray | None] = {"b=0": None}
+    for name, per_crop in biases.items():
+        matches = [b for c, b in per_crop.items() if abs(float(c) - crop) < 1e-6]
+        if not matches:
+            raise ConfigError("bias", f"rule {name!r} has no bias at crop {crop:g}")
+        out[name] = np.asarray(matches[0], dtype=np.float64)
+    return out
 
 
 def nearest(rows: Sequence[dict], area: float) -> dict:
@@ -144,13 +179,14 @@ def nearest(rows: Sequence[dict], area: float) -> dict:
 
 def pipeline_point(guard: dict, lambdas: Sequence[float], side: float = PipelineConfig.crop_side) -> dict:
     """The operating point the pipeline stage times, fixed before it runs: the guard's crop nearest ``side``'s
-    area (as a side ratio), its r*, and its λ*; where the guard found no affordable λ, the sweep's largest (the
+    area (as a side ratio), its r*, its λ* and its rule's bias; where the guard found no affordable λ, the sweep's largest (the
     cheapest rule), so that the dynamic rows still run, for reference. Keys are
     :class:`~dynres.bench.pipeline.PipelineBenchConfig` fields."""
     row = nearest(guard["crops"], crop_area(side))
     lam = row["lambda"] if row.get("lambda") is not None else max(lambdas)
+    bias = row.get("bias") if row.get("lambda") is not None else None  # the rule chosen with λ*
     return {"crop_side": crop_side(row["crop"]), "static_resolution": int(row["static_resolution"]),
-            "lam": float(lam)}
+            "lam": float(lam), "bias": None if bias is None else tuple(float(b) for b in bias)}
 
 
 def _pipeline_objection(row: dict, pipe: dict, dynamic: str) -> str | None:
@@ -162,6 +198,8 @@ def _pipeline_objection(row: dict, pipe: dict, dynamic: str) -> str | None:
             or run_lam is None or abs(run_lam - row["lambda"]) > EPS:
         return (f"the pipeline ran at crop {area:.3g}, static {pipe.get('static_resolution')} px, λ={run_lam}, not "
                 f"at the guard's crop {row['crop']:g}, {row['static_resolution']} px, λ={row['lambda']:g}")
+    if (row.get("bias") or None) != (pipe.get("bias") or None):
+        return f"the pipeline timed another bias than the guard's rule ({row.get('rule', 'b=0')})"
     if (dyn.get("accuracy") or 0.0) < (static.get("accuracy") or 0.0):
         return f"its {dynamic} run was less accurate than the static row on the pipeline's images"
     if dyn.get("gflops") is None or static.get("gflops") is None or dyn["gflops"] > static["gflops"] + EPS:
@@ -203,14 +241,17 @@ def serving_entry(row: dict, store: str, backbone: str, scale: str, policy: str 
     `dynres infer` / `dynres serve` command lines that run it."""
     side = crop_side(row["crop"])
     static = row["mode"] != "dynamic"
+    bias = None if static or row.get("bias") is None else tuple(float(b) for b in row["bias"])
     cfg = PipelineConfig(crop_side=side, resolution=row["static_resolution"] if static else None,
-                         lam=0.0 if static else float(row["lambda"]))
+                         lam=0.0 if static else float(row["lambda"]), bias=bias)
     spec = EngineSpec(store, backbone, None if static else scale, policy, kernels, cfg)
     mode = (["--resolution", str(row["static_resolution"])] if static
-            else ["--scale", scale, "--lambda", f"{row['lambda']:g}"])
+            else ["--scale", scale, "--lambda", f"{row['lambda']:g}",
+                  *(["--bias", ",".join(repr(b) for b in bias)] if bias else [])])
     common = ["--model", backbone, *mode, *(["--policy", policy] if policy else []), "--kernels", kernels]
     return {"crop": row["crop"], "mode": "static" if static else "dynamic", "resolution": cfg.resolution,
-            "lambda": None if static else cfg.lam, "reason": row["reason"],
+            "lambda": None if static else cfg.lam, "rule": None if static else row.get("rule", "b=0"),
+            "bias": None if bias is None else list(bias), "reason": row["reason"],
             "engine": asdict(spec),
             "infer": shlex.join(["dynres", "infer", store, *common, "--crop", f"{side:.4g}"]),
             "serve": shlex.join(["dynres", "serve", *common, "--crop", f"{side:.4g}", "--store", store])}
