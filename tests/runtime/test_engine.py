@@ -143,6 +143,11 @@ def test_bad_configuration_is_a_clear_error(store):
         PipelineConfig(baseline=True)
     with pytest.raises(ConfigError, match="crop_side"):
         PipelineConfig(crop_side=1.2)
+    with pytest.raises(ConfigError, match="no scale model"):  # a bias with nothing to choose is not dropped silently
+        PipelineConfig(resolution=112, bias=(0.0, 0.1))
+    with pytest.raises(ConfigError, match="finite"):
+        PipelineConfig(bias=(float("nan"), 0.0))
+    assert PipelineConfig(bias=[0, 0.5]).bias == (0.0, 0.5)  # serving.json's list is the declared tuple
 
 
 def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):

@@ -135,3 +135,5 @@ def test_the_guard_gets_the_configured_rules(tmp_path):
         guard_rules(tmp_path, DynamicConfig(rules=("recentred",)), None)
     with pytest.raises(ConfigError, match="unknown rules"):
         DynamicConfig(rules=("oracle",))
+    with pytest.raises(ConfigError, match="at least one bias size"):  # not silently b = 0 alone
+        DynamicConfig(rules=("anchor-r*",), taus=())

@@ -9,6 +9,7 @@ from dynres.errors import ConfigError
 from dynres.model.checkpoint import load_checkpoint
 from dynres.model.train import TrainConfig
 from dynres.study.chain import ChainConfig, run_accuracy_chain
+from dynres.study.dynamic import DynamicConfig
 from dynres.study.scale import ScaleConfig
 from dynres.study.static import EvalConfig
 from tiny_store import MemoryStore
@@ -27,6 +28,9 @@ def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path):
     assert [s["crop"] for s in result["summary"]] == list(CROPS)
     (tmp_path / "backbone" / "model.pt").unlink()  # a cached chain does not touch its outputs again
     assert run_accuracy_chain(train, val, tmp_path, cfg, progress=False) == result
+    other_rules = dataclasses.replace(cfg, dynamic=dataclasses.replace(cfg.dynamic, rules=()))
+    (tmp_path / "eval" / "dynamic.json").unlink()  # the guard's rules are not the chain's: still cached
+    assert run_accuracy_chain(train, val, tmp_path, other_rules, progress=False) == result
 
 
 def test_an_eval_grid_is_the_whole_chains_grid(tmp_path):
@@ -41,3 +45,10 @@ def test_an_eval_grid_is_the_whole_chains_grid(tmp_path):
     assert json.loads((tmp_path / "eval" / "static.json").read_text())["grid"] == [24, 40]
     with pytest.raises(ConfigError, match="differ"):  # refused when the configuration is built
         ChainConfig(backbone=backbone, scale=dataclasses.replace(scale, grid=(24, 48)), eval=cfg.eval)
+
+
+def test_rules_fitted_on_the_scale_labels_need_labels_at_every_evaluated_crop():
+    scale = ScaleConfig(crops=(1.0,))
+    with pytest.raises(ConfigError, match=r"not the evaluated crops \[0.25\]"):  # before anything trains
+        ChainConfig(scale=scale, eval=EvalConfig(crops=(0.25, 1.0)), dynamic=DynamicConfig(rules=("recentred",)))
+    ChainConfig(scale=scale, eval=EvalConfig(crops=(0.25, 1.0)), dynamic=DynamicConfig(rules=("anchor-r*",)))

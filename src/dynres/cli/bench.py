@@ -17,7 +17,7 @@ from dynres.bench.ray import RayBenchConfig
 from dynres.bench.scale import ScaleBenchConfig
 from dynres.bench.serve import ServeBenchConfig
 from dynres.cli.options import join, parse_list, path_text
-from dynres.cli.runtime import TUNE_OPTIONS, print_tuned, tune_config
+from dynres.cli.runtime import BIAS_HELP, TUNE_OPTIONS, print_tuned, tune_config
 from dynres.runtime.kernels import TuneConfig
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON + Markdown records).")
@@ -105,13 +105,17 @@ def bench_pipeline_cmd(
                                        help="Threads of the tuned kernels (as tuned by `dynres tune`)."),
     repeats: int = typer.Option(PipelineBenchConfig.repeats,
                                 help="Timed runs per mode (interleaved); each row is the median run."),
+    crop_side: float = typer.Option(PipelineBenchConfig.crop_side, "--crop",
+                                    help="Center crop side ratio of every mode (the study's: its guard's crop)."),
+    bias: str = typer.Option("", "--bias", help=BIAS_HELP),
 ) -> None:
     """(a) common baseline vs (b) best static + tuned kernels + calibrated reads vs (c) the dynamic pipeline."""
     from dynres.bench.pipeline import run_bench_pipeline
 
     cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
                               kernel_threads=kernel_threads, baseline_resolution=baseline_resolution,
-                              static_resolution=static_resolution, lam=lam, kernels=kernels, repeats=repeats)
+                              static_resolution=static_resolution, lam=lam, kernels=kernels, repeats=repeats,
+                              crop_side=crop_side, bias=parse_list(bias, float, "--bias"))
     only = [k.strip() for k in keys.read_text().splitlines() if k.strip()] if keys else None
     p = run_bench_pipeline(store, str(model), str(scale), out, path_text(policy), cfg, keys=only)
     for name, row in p["pipeline"].items():
@@ -240,7 +244,7 @@ def bench_scale_cmd(
 
     cfg = ScaleBenchConfig(targets=parse_list(targets, str, "--targets"), seeds=parse_list(seeds, int, "--seeds"),
                            probes=parse_list(probes, str, "--probes") or (),
-                           rules=parse_list(rules, str, "--rules") or (), taus=parse_list(taus, float, "--taus"))
+                           rules=parse_list(rules, str, "--rules") or (), taus=parse_list(taus, float, "--taus") or ())
     payload = compare_scale_targets(open_store(train_store), open_store(val_store), run, out, cfg)
     def pts(value: float | None) -> str:
         return "none within budget" if value is None else f"{value:+.1f} pts"

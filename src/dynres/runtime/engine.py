@@ -12,6 +12,7 @@ turns uint8 images into logits (eager PyTorch or the tuned kernels of :mod:`dynr
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -82,6 +83,13 @@ class PipelineConfig:
             raise ConfigError("pipeline", "read_ahead already reads each image once: fetch_ahead would add nothing")
         if self.fetch_ahead_resolution is not None and self.fetch_ahead_resolution < 1:
             raise ConfigError("pipeline", f"fetch_ahead_resolution must be >= 1, got {self.fetch_ahead_resolution}")
+        if self.bias is not None:
+            if self.resolution is not None:
+                raise ConfigError("bias", "a static resolution runs no scale model: the bias would choose nothing")
+            bias = tuple(float(b) for b in self.bias)  # a JSON list (serving.json) becomes the declared tuple
+            if not all(math.isfinite(b) for b in bias):
+                raise ConfigError("bias", f"every value must be finite, got {list(bias)}")
+            object.__setattr__(self, "bias", bias)
 
 
 @dataclass

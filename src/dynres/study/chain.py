@@ -15,7 +15,8 @@ from pathlib import Path
 from dynres.errors import ConfigError
 from dynres.io.store import StoreLike
 from dynres.model.train import ImageCache, TrainConfig, train_backbone
-from dynres.study.dynamic import DynamicConfig, run_dynamic
+from dynres.bench.scale import RULES as FITTED_RULES
+from dynres.study.dynamic import GUARD_ONLY, DynamicConfig, run_dynamic
 from dynres.study.scale import ScaleConfig, train_scale
 from dynres.study.stages import recorded, write_json
 from dynres.study.static import EvalConfig, run_static
@@ -32,6 +33,12 @@ class ChainConfig:
 
     def __post_init__(self) -> None:
         chain_grid(self)  # a [scale] grid and an [eval] grid that differ are refused here, before anything trains
+        fitted = sorted(set(self.dynamic.rules) & set(FITTED_RULES))
+        missing = [c for c in self.eval.crops if not any(abs(c - s) < 1e-6 for s in self.scale.crops)]
+        if fitted and missing:  # refused before anything trains, not when the guard looks for them
+            raise ConfigError("rules", f"{fitted} are fitted on the scale labels, which cover crops "
+                                       f"{list(self.scale.crops)}, not the evaluated crops {missing}: add them to "
+                                       "[scale] crops or use the rule \"anchor-r*\"")
 
 
 def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) -> ChainConfig:
@@ -72,6 +79,14 @@ def chain_grid(cfg: ChainConfig) -> tuple[int, ...] | None:
     return tuple(grid) if grid else None
 
 
+def chain_settings(cfg: ChainConfig) -> dict:
+    """The settings that decide what the chain computes, as JSON: the guard's own (``GUARD_ONLY``: which rules it
+    may choose) left out, so that changing them recomputes nothing here."""
+    settings = json.loads(json.dumps(asdict(cfg), default=str))
+    settings["dynamic"] = {k: v for k, v in settings["dynamic"].items() if k not in GUARD_ONLY}
+    return settings
+
+
 def run_accuracy_chain(train_store: StoreLike, val_store: StoreLike, out: str | Path,
                        cfg: ChainConfig = ChainConfig(), progress: bool = True) -> dict:
     """Run (or resume) the whole chain under ``out``; returns ``{backbone, static, scale, dynamic, seconds}``.
@@ -81,7 +96,7 @@ def run_accuracy_chain(train_store: StoreLike, val_store: StoreLike, out: str | 
     grid = chain_grid(cfg)  # a bad grid fails before anything trains
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = json.loads(json.dumps(asdict(cfg), default=str))
+    settings = chain_settings(cfg)
     record = out / "accuracy_chain.json"
     if (rec := recorded(record, lambda r: r.get("settings") == settings)) is not None:
         return rec["result"]

@@ -154,12 +154,9 @@ def ingest_stage(study: Study, config: StudyConfig, data_dir: Path) -> dict:
 
 def accuracy_stage(study: Study, train_store: StoreLike, val_store: StoreLike, chain_cfg: Any) -> dict:
     """Backbone, static grid, scale labels and model, dynamic evaluation (:mod:`dynres.study.chain`)."""
-    from dynres.study.chain import run_accuracy_chain
-    from dynres.study.dynamic import GUARD_ONLY
+    from dynres.study.chain import chain_settings, run_accuracy_chain
 
-    chain = asdict(chain_cfg)  # the guard's own settings do not change what this stage computes
-    chain["dynamic"] = {k: v for k, v in chain["dynamic"].items() if k not in GUARD_ONLY}
-    return study.stage("accuracy", {"chain": chain},
+    return study.stage("accuracy", {"chain": chain_settings(chain_cfg)},
                        lambda: run_accuracy_chain(train_store, val_store, study.dir / "accuracy", chain_cfg),
                        after=("ingest",))
 

@@ -69,6 +69,9 @@ class DynamicConfig:
             raise ConfigError("rules", f"unknown rules {unknown} (known: {', '.join(GUARD_RULES)})")
         if min(self.taus, default=0.0) < 0:
             raise ConfigError("taus", f"bias sizes must be >= 0, got {self.taus}")
+        anchored = [r for r in self.rules if r != "recentred"]
+        if anchored and not self.taus:
+            raise ConfigError("taus", f"rules {anchored} need at least one bias size τ")
         if self.scans is not None and self.scans < 1:
             raise ConfigError("scans", f"the scale model reads at least 1 scan, got {self.scans}")
 

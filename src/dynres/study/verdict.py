@@ -156,7 +156,7 @@ def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas
             for c in sorted(p)]
     return {"rule": RULE, "cost": "gflops", "selection_images": int(select.sum()),
             "held_out_images": int((~select).sum()), "anchor_taus": list(anchor_taus),
-            "rules": sorted(biases or {}), "crops": rows}
+            "rules": sorted(biases or {}) + (["anchor-r*"] if anchor_taus else []), "crops": rows}
 
 
 def _crop_biases(biases: dict[str, dict[float, np.ndarray]] | None, crop: float) -> dict | None:
