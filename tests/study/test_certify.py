@@ -150,3 +150,25 @@ def test_the_chosen_rule_keeps_the_true_loss_within_the_target_at_least_one_minu
         chosen_counts.append(chosen["value"])
     assert bad / trials <= cert.delta
     assert chosen_counts.count(3) > trials // 10  # the test is not vacuous: the walk often goes as far as allowed
+
+
+def test_lanes_give_each_key_the_rows_one_call_gives_it(models):
+    """Predictions in side-by-side lanes (a part of the keys each, one model thread) are those of one predict_grid
+    call, row for row under each key: a lane that mixed up its keys' rows, or a view whose prediction depended on
+    the batch around it, fails (the probabilities differ per image)."""
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.study.certify import predict_lanes
+    from dynres.study.static import GridModel, predict_grid
+
+    store, backbone, _ = models
+    run = GridModel(load_checkpoint(backbone)[0], "auto", threads=1)
+    keys = list(store.keys)
+    scans = {k: 1 + i % store.num_scans(k) for i, k in enumerate(keys)}  # a different prefix per image
+    one = predict_grid(run, store, keys, (16, 32), (0.5, 1.0), scans=scans, batch_size=4, progress=False)
+    lanes = predict_lanes(run, store, keys, (16, 32), (0.5, 1.0), scans=scans, batch_size=2, count=3)
+
+    def rows(table):
+        return sorted(zip(*(table.column(n).to_pylist() for n in ("key", "crop", "resolution", "pred", "prob"))))
+
+    assert len({r[4] for r in rows(one)}) > len(keys)  # the rows tell the images apart
+    assert rows(lanes) == rows(one)

@@ -21,6 +21,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from dynres.study.certify import (
     Pool,
     ViewPredictions,
     certify_resolution,
+    predict_lanes,
 )
 from dynres.version import __version__
 
@@ -65,7 +67,7 @@ class CalibrationConfig:
     # for a service that sees objects at several scales; longer reads, fewer bytes saved
     search_crops: tuple[float, ...] = ()
     sweep: tuple[float, ...] = (0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995, 0.998, 0.999, 1.0)
-    batch_size: int = 64
+    batch_size: int = 16  # images per model call: small batches run faster on one thread (docs/calibration.md)
     # how the model runs (dynres.study.static.GridModel): predictions, not rules, depend on it
     backend: str = "auto"
     # views: False, one decode per image and prefix with every view resized from it (the static evaluation's
@@ -193,7 +195,8 @@ def build_pools(main: Pool, judges: Sequence[Judge], cfg: CalibrationConfig, gri
             continue
         keys = sorted(rng.choice(judge.keys, min(take, len(judge.keys)), replace=False).tolist())
         budget -= len(keys)
-        preds = ViewPredictions(GridModel(model, cfg.backend), judge.store, grid, areas, cfg.exact, cfg.batch_size)
+        run = GridModel(model, cfg.backend, threads=1)  # one thread per call: lanes (certify.predict_lanes)
+        preds = ViewPredictions(run, judge.store, grid, areas, cfg.exact, cfg.batch_size)
         pools.append(Pool(f"shard backbone {Path(judge.checkpoint).parent.name}", preds, keys))
     return pools
 
@@ -261,19 +264,19 @@ def _prefix_bytes(store: StoreLike, keys: Sequence[str], scans: Sequence[int | N
 def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str], crops: Sequence[float],
                   target: float, batch_size: int = 64, progress: bool = True, exact: bool = False) -> list[dict]:
     """Table III/IV rows on ``keys``: accuracy with full vs calibrated reads per (resolution, crop), read savings."""
-    from dynres.study.static import accuracy_table, predict_grid
+    from dynres.study.static import accuracy_table
 
     grid = policy.resolutions
-    full = predict_grid(model, store, keys, grid, crops, scans=None, exact=exact, batch_size=batch_size,
-                        progress=progress, description="held-out, full reads")
+    full = predict_lanes(model, store, keys, grid, crops, scans=None, exact=exact, batch_size=batch_size,
+                         progress=progress, description="held-out, full reads")
     partial = [k for k in keys if any(_scans(policy, store, k, r) < store.num_scans(k) for r in grid)]
     acc_full = accuracy_table(full)
     if partial:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        cal = predict_grid(model, store, partial, grid, crops, scans=policy, exact=exact, batch_size=batch_size,
-                           progress=progress, description="held-out, calibrated reads")
+        cal = predict_lanes(model, store, partial, grid, crops, scans=policy, exact=exact, batch_size=batch_size,
+                            progress=progress, description="held-out, calibrated reads")
         same = full.filter(pc.invert(pc.is_in(full.column("key"), value_set=pa.array(partial))))
         acc_cal = accuracy_table(pa.concat_tables([same, cal]))
     else:
@@ -359,7 +362,9 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     if index is not None:
         for r in resolutions:
             index.column(r)  # fails early, naming a resolution the index lacks
-    run = GridModel(model, cfg.backend)  # one model (ORT session) for every search step and the held-out table
+    # one model (ORT session) for every search step and the held-out table, on one thread per call: the
+    # predictions run in lanes, one per core (dynres.study.certify.predict_lanes)
+    run = GridModel(model, cfg.backend, threads=1)
     areas = search_areas(cfg, crop_side)
     main = Pool("calibration split", ViewPredictions(run, split.calib_src, resolutions, areas, cfg.exact,
                                                      cfg.batch_size), split.calib_keys, index)
@@ -380,7 +385,14 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     policy_file = policy.save(policy_path or out / "policy.json")
 
     crops = tuple(sorted(set(cfg.crops) | {round(crop_side**2, 6)}))
-    rows = heldout_table(run, store, policy, split.held, crops, cfg.target, cfg.batch_size, progress, cfg.exact)
+    # the dynamic rows run beside the held-out table and Figure 6: the pipeline keeps about one core busy, their
+    # lanes take what is left (all of them only read the saved policy and the stores)
+    with ThreadPoolExecutor(1, thread_name_prefix="dynres-dynamic") as background:
+        dynamic = None if scale_model is None else background.submit(
+            dynamic_rows, store.root, checkpoint, scale_model, policy_file, split.held, crops, cfg.target)
+        rows = heldout_table(run, store, policy, split.held, crops, cfg.target, cfg.batch_size, progress, cfg.exact)
+        sweep = sweep_points(main, resolutions, cfg)
+        dynamic = None if dynamic is None else dynamic.result()
     record = {
         "policy": str(policy_file), "model": str(checkpoint), "store": str(store.root), "split": split.name,
         "calibration_images": len(split.calib_keys), "judged_images": n - len(main.keys),
@@ -389,13 +401,12 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
         "delta": cfg.delta, "criterion": cfg.criterion, "families": list(cfg.families),
         "rules": {str(r): rule.to_dict() for r, rule in rules.items()},
         "thresholds": {str(r): t for r, t in policy.thresholds.items()},
-        "calibration": rows, "calibration_sweep": sweep_points(main, resolutions, cfg),
+        "calibration": rows, "calibration_sweep": sweep,
         "search": certified, "search_crops": [round(c, 6) for c in areas], "seconds": time.perf_counter() - t0,
         "quality_index_extension": extension,
     }
-    if scale_model is not None:
-        record["dynamic"] = dynamic_rows(store.root, checkpoint, scale_model, policy_file, split.held, crops,
-                                         cfg.target)
+    if dynamic is not None:
+        record["dynamic"] = dynamic
     record["summary"] = calibration_summary(record, store, policy, split.held)
     out.mkdir(parents=True, exist_ok=True)
     calibration_sweep(record["calibration_sweep"], out / "calibration_sweep.png")

@@ -15,7 +15,9 @@ many images a certificate would have needed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +33,42 @@ SSIM_LADDER = (1.0, 0.99995, 0.9999, 0.9998, 0.9996, 0.9993, 0.999, 0.998, 0.997
                0.97, 0.96, 0.95, 0.94)
 
 
+def lanes() -> int:
+    """Side-by-side prediction lanes: one per core (:func:`predict_lanes`)."""
+    return len(os.sched_getaffinity(0))
+
+
+def predict_lanes(model, store: StoreLike, keys: Sequence[str], grid: Sequence[int], crops: Sequence[float],
+                  scans=None, exact: bool = False, batch_size: int = 64, description: str = "evaluate",
+                  progress: bool = False, count: int = 0):
+    """:func:`dynres.study.static.predict_grid` over ``keys`` cut into ``count`` contiguous parts (0: one per
+    core) that run side by side, each decoding on one thread while its model call runs on another; the rows of
+    all parts in one table, part after part.
+
+    Why: a model run on one thread (``GridModel(..., threads=1)``) costs less CPU than the same run split over
+    two, and decoding costs about as much as the model, so one model thread and one decode thread per lane keep
+    every core busy with the cheaper work (docs/calibration.md, "What it costs"). A view's prediction depends on
+    the view alone, not on the batch around it or the threads that ran it (ONNX Runtime's CPU kernels, checked
+    bitwise in the tests), so the rows are those of one call; eager PyTorch may pick other kernels for other
+    batch sizes, as a call's shorter last batch already does."""
+    from dynres.study.static import predict_grid
+
+    keys = list(keys)
+    count = max(1, min(count or lanes(), len(keys)))
+    parts = [keys[i * len(keys) // count:(i + 1) * len(keys) // count] for i in range(count)]
+
+    def part(i: int):
+        return predict_grid(model, store, parts[i], grid, crops, scans=scans, exact=exact, batch_size=batch_size,
+                            progress=progress and i == 0, description=description, workers=1)
+
+    if count == 1:
+        return part(0)
+    import pyarrow as pa
+
+    with ThreadPoolExecutor(count, thread_name_prefix="dynres-lane") as pool:
+        return pa.concat_tables(list(pool.map(part, range(count))))
+
+
 class ViewPredictions:
     """Top-1 predictions of one model per (key, scans), at every (resolution, crop) of a grid from one read of the
     prefix, computed in batches on demand and cached. A prefix of ``num_scans`` or more is the full read."""
@@ -44,8 +82,6 @@ class ViewPredictions:
 
     def predict(self, keys: Sequence[str], scans: Sequence[int]) -> np.ndarray:
         """Predicted classes, shape (resolutions, crops, keys)."""
-        from dynres.study.static import predict_grid
-
         want = [(k, min(int(s), self.store.num_scans(k))) for k, s in zip(keys, scans)]
         pending = sorted({p for p in want if p not in self.cache})
         self.evaluated += len(pending)
@@ -56,8 +92,8 @@ class ViewPredictions:
             rest = []
             for key, k in pending:
                 (rest.append((key, k)) if key in group else group.__setitem__(key, k))
-            table = predict_grid(self.model, self.store, list(group), self.grid, self.crops, scans=group,
-                                 exact=self.exact, batch_size=self.batch_size, progress=False)
+            table = predict_lanes(self.model, self.store, list(group), self.grid, self.crops, scans=group,
+                                  exact=self.exact, batch_size=self.batch_size)
             found = {key: np.zeros((len(self.grid), len(self.crops)), dtype=np.int64) for key in group}
             for key, crop, res, pred in zip(*(table.column(n).to_pylist()
                                               for n in ("key", "crop", "resolution", "pred"))):

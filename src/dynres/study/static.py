@@ -139,7 +139,9 @@ def image_views(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence
         base = decode_short_side(data, math.ceil(max(grid) / crop_side(min(crops))), True, key)
         for c in crops:
             side = max(1, round(base.shape[-1] * crop_side(c)))
-            square = F.center_crop(base, [side, side])
+            # laid out channels-last once: torch's uint8 antialiased resize works in that layout and would
+            # otherwise convert the crop on every call (same pixels)
+            square = F.center_crop(base, [side, side]).permute(1, 2, 0).contiguous().permute(2, 0, 1)
             for r in resolutions:
                 views[(c, r)] = F.resize(square, [r, r], antialias=True)
     return views
