@@ -2,6 +2,7 @@
 tests/policy)."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from dynres.model.checkpoint import ModelMeta, save_checkpoint
 from dynres.model.nets import create_model
 from dynres.policy.calibration import CalibrationPolicy, ReadRule, load_policy
 from dynres.runtime.engine import EngineSpec, PipelineConfig, build_engine
-from dynres.study.calibrate import CalibrationConfig, calibrate, dynamic_rows, judges_from_record, split_keys
+from dynres.study.calibrate import CalibrationConfig, calibrate, judges_from_record, split_keys
+from dynres.study.calibration_heldout import dynamic_rows
 from photo_store import make_photo_store
 
 RES = (56, 112)
@@ -145,6 +147,9 @@ def test_dynamic_rows_are_what_engines_built_from_the_paths_give(store_dir, chec
         assert row["read_savings"] == 1.0 - runs["calibrated"]["read_fraction"]
         assert row["resolution_histogram"] == runs["calibrated"]["resolution_histogram"]
         assert (row["read_savings"] > 0.1) == (name == "short")
+    stopped = threading.Event()
+    stopped.set()  # the caller failed: no pipeline run starts
+    assert dynamic_rows(str(store_dir), checkpoint, scale, policies["short"], keys, (1.0,), 0.05, stopped) == []
 
 
 @pytest.mark.parametrize("bad, setting", [

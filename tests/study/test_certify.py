@@ -162,6 +162,7 @@ def test_lanes_give_each_key_the_rows_one_call_gives_it(models):
 
     store, backbone, _ = models
     run = GridModel(load_checkpoint(backbone)[0], "auto", threads=1)
+    assert run.backend == "ort"  # lanes run ONNX Runtime only (eager PyTorch runs as one call)
     keys = list(store.keys)
     scans = {k: 1 + i % store.num_scans(k) for i, k in enumerate(keys)}  # a different prefix per image
     one = predict_grid(run, store, keys, (16, 32), (0.5, 1.0), scans=scans, batch_size=4, progress=False)
@@ -172,3 +173,48 @@ def test_lanes_give_each_key_the_rows_one_call_gives_it(models):
 
     assert len({r[4] for r in rows(one)}) > len(keys)  # the rows tell the images apart
     assert rows(lanes) == rows(one)
+
+
+def test_lanes_export_a_module_once_and_stop_at_the_first_failure(models, monkeypatch):
+    """A plain module runs as one ONNX Runtime model shared by every lane (no lane falls back to eager), and a
+    corrupt image stops the pieces of work that have not started instead of waiting for all of them."""
+    import threading
+
+    from dynres.errors import BadImageError
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.study.certify import predict_lanes
+
+    store, backbone, _ = models
+    keys = list(store.keys) * 4  # 36 keys: pieces of 2 over 2 lanes
+    module = load_checkpoint(backbone)[0]
+    from dynres.study import static
+
+    built = []
+
+    class Counted(static.GridModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.backend)
+
+    monkeypatch.setattr(static, "GridModel", Counted)
+    table = predict_lanes(module, store, keys[:6], (16,), (1.0,), batch_size=2, count=2)
+    assert table.num_rows == 6 and built == ["ort"]  # one export, shared by both lanes
+
+    reads, lock = [], threading.Lock()
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def read(self, key, scans=None):
+            with lock:
+                reads.append(key)
+                first = len(reads) == 1
+            if first:
+                raise BadImageError(key, "corrupt")
+            threading.Event().wait(0.02)  # the others are slow: the failure is seen while most are queued
+            return store.read(key, scans=scans)
+
+    with pytest.raises(BadImageError, match="corrupt"):
+        predict_lanes(module, Failing(), keys, (16,), (1.0,), batch_size=2, count=2)
+    assert len(reads) < len(keys) // 2  # the pieces not started were cancelled

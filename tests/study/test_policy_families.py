@@ -13,7 +13,7 @@ from dynres.policy.quality import QualityConfig, build_quality_index, load_quali
 from dynres.runtime.engine import Engine, PipelineConfig
 from dynres.runtime.runners import EagerRunner
 from dynres.runtime.serve import ServeConfig, Service, create_app
-from dynres.study.calibrate import heldout_table
+from dynres.study.calibration_heldout import heldout_table
 from pipeline_fixtures import GRID, make_store, tiny_classifier
 
 # one family per resolution: a scan count, an SSIM threshold (per image, from the quality index), every scan

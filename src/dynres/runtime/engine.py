@@ -266,7 +266,8 @@ class Engine:
             with ThreadPoolExecutor(cfg.workers, thread_name_prefix="dynres-read") as pool:
                 self._loop(pool, chunks, out, progress)
         finally:
-            torch.set_num_threads(old_threads)
+            if cfg.torch_threads:  # only what this run changed: another thread may have set it meanwhile
+                torch.set_num_threads(old_threads)
         wall = time.perf_counter() - start
         preds = [p for p in out if p is not None]
         requests = store_requests(self.store)

@@ -21,7 +21,6 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,11 +30,12 @@ from dynres._ui import log, track
 from dynres.errors import ConfigError, StoreError
 from dynres.io.store import Store, StoreLike
 from dynres.paper import DEFAULT_CROP_SIDE, PAPER_CROPS
-from dynres.policy.calibration import CalibrationPolicy, ReadRule
+from dynres.policy.calibration import ReadRule
 from dynres.policy.quality import QualityIndex, manifest_hash
 from dynres.records import write_records
 from dynres.report.calibration import calibration_markdown
 from dynres.report.figures import calibration_sweep
+from dynres.study.calibration_heldout import calibration_summary, heldout_reports
 from dynres.study.calibration_index import calibration_index, materialize
 from dynres.study.certify import (
     Certification,
@@ -44,7 +44,6 @@ from dynres.study.certify import (
     Pool,
     ViewPredictions,
     certify_resolution,
-    predict_lanes,
 )
 from dynres.version import __version__
 
@@ -248,96 +247,6 @@ def sweep_points(pool: Pool, resolutions: Sequence[int], cfg: CalibrationConfig)
 # --- held-out report -------------------------------------------------------------------------------------------
 
 
-def _scans(policy: CalibrationPolicy, store: StoreLike, key: str, resolution: int) -> int:
-    """The policy's scans for ``key``; every scan for an image it does not list."""
-    scans = policy.scans(key, resolution)
-    return store.num_scans(key) if scans is None else scans
-
-
-def _prefix_bytes(store: StoreLike, keys: Sequence[str], scans: Sequence[int | None]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    read = np.array([store.prefix_size(k, s) for k, s in zip(keys, scans)], dtype=np.float64)
-    size = np.array([store.size(k) for k in keys], dtype=np.float64)
-    return read, size
-
-
-def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str], crops: Sequence[float],
-                  target: float, batch_size: int = 64, progress: bool = True, exact: bool = False) -> list[dict]:
-    """Table III/IV rows on ``keys``: accuracy with full vs calibrated reads per (resolution, crop), read savings."""
-    from dynres.study.static import accuracy_table
-
-    grid = policy.resolutions
-    full = predict_lanes(model, store, keys, grid, crops, scans=None, exact=exact, batch_size=batch_size,
-                         progress=progress, description="held-out, full reads")
-    partial = [k for k in keys if any(_scans(policy, store, k, r) < store.num_scans(k) for r in grid)]
-    acc_full = accuracy_table(full)
-    if partial:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        cal = predict_lanes(model, store, partial, grid, crops, scans=policy, exact=exact, batch_size=batch_size,
-                            progress=progress, description="held-out, calibrated reads")
-        same = full.filter(pc.invert(pc.is_in(full.column("key"), value_set=pa.array(partial))))
-        acc_cal = accuracy_table(pa.concat_tables([same, cal]))
-    else:
-        acc_cal = acc_full
-    rows = []
-    for r in grid:
-        read, size = _prefix_bytes(store, keys, [policy.scans(k, r) for k in keys])
-        savings, mean_savings = 1.0 - float(read.sum() / size.sum()), 1.0 - float(np.mean(read / size))
-        for c in crops:
-            loss = acc_full[(c, r)] - acc_cal[(c, r)]
-            rows.append({"resolution": r, "crop": c, "acc_full": acc_full[(c, r)], "acc_calibrated": acc_cal[(c, r)],
-                         "read_savings": savings, "read_savings_mean_image": mean_savings,
-                         "flag": bool(loss > target + 1e-9)})
-    return rows
-
-
-def worst_case_dynamic_savings(store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str]) -> float:
-    """Read savings of the dynamic pipeline whatever resolutions the scale model picks: per image, the largest
-    prefix the policy gives any resolution (the scale model's own included, as it is one of them)."""
-    read = sum(store.prefix_size(k, max(_scans(policy, store, k, r) for r in policy.resolutions)) for k in keys)
-    return 1.0 - read / sum(store.size(k) for k in keys)
-
-
-def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy_path: str | Path,
-                 keys: Sequence[str], crop_areas: Sequence[float], target: float) -> list[dict]:
-    """The dynamic row of Tables III/IV: the pipeline (scale model → resolution → backbone) with every scan vs the
-    policy, per crop area. The scale model reads the policy's prefix at its own resolution and the backbone then
-    fetches only the missing bytes, so the savings include the scale model's read.
-
-    The models are loaded once, by the first engine (:func:`dynres.runtime.engine.build_engine`), and shared by
-    every other (the scale stage's costs alone take a second per load), each engine on a freshly opened store. A
-    policy that reads every scan of every image here gives the engine exactly the full read's bytes, so its run is
-    the full run and is not repeated (the demo's default certifies nothing)."""
-    from dynres.io.store import open_store
-    from dynres.paper import crop_side
-    from dynres.runtime.engine import Engine, EngineSpec, PipelineConfig, build_engine
-
-    base = build_engine(EngineSpec(str(store_url), str(backbone), str(scale), str(policy_path), "eager",
-                                   PipelineConfig()))
-    policy, store = base.policy, base.store
-    reads_all = all(_scans(policy, store, k, r) >= store.num_scans(k) for k in keys for r in policy.resolutions)
-
-    def run(pol, cfg: PipelineConfig) -> dict:
-        return Engine(open_store(str(store_url)), base.backbone, scale=base.scale, policy=pol, config=cfg,
-                      classes=base.classes).run(list(keys), progress=False).summary
-
-    rows = []
-    for c in crop_areas:
-        cfg = PipelineConfig(crop_side=crop_side(c))
-        runs = {"full": run(None, cfg)}
-        runs["calibrated"] = runs["full"] if reads_all else run(policy, cfg)
-        loss = runs["full"]["accuracy"] - runs["calibrated"]["accuracy"]
-        rows.append({"resolution": "dynamic", "crop": c, "acc_full": runs["full"]["accuracy"],
-                     "acc_calibrated": runs["calibrated"]["accuracy"],
-                     "read_savings": 1.0 - runs["calibrated"]["read_fraction"],
-                     "read_savings_full": 1.0 - runs["full"]["read_fraction"],
-                     "resolution_histogram": runs["calibrated"]["resolution_histogram"],
-                     "flag": bool(loss > target + 1e-9)})
-    return rows
-
-
 def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: CalibrationConfig = CalibrationConfig(),
               calib_store: StoreLike | None = None, policy_path: str | Path | None = None,
               scale_model: str | Path | None = None, progress: bool = True, judges: Sequence[Judge] = ()) -> dict:
@@ -385,14 +294,8 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     policy_file = policy.save(policy_path or out / "policy.json")
 
     crops = tuple(sorted(set(cfg.crops) | {round(crop_side**2, 6)}))
-    # the dynamic rows run beside the held-out table and Figure 6: the pipeline keeps about one core busy, their
-    # lanes take what is left (all of them only read the saved policy and the stores)
-    with ThreadPoolExecutor(1, thread_name_prefix="dynres-dynamic") as background:
-        dynamic = None if scale_model is None else background.submit(
-            dynamic_rows, store.root, checkpoint, scale_model, policy_file, split.held, crops, cfg.target)
-        rows = heldout_table(run, store, policy, split.held, crops, cfg.target, cfg.batch_size, progress, cfg.exact)
-        sweep = sweep_points(main, resolutions, cfg)
-        dynamic = None if dynamic is None else dynamic.result()
+    rows, sweep, dynamic = heldout_reports(run, store, checkpoint, scale_model, policy, policy_file, split.held, crops,
+                                           cfg, lambda: sweep_points(main, resolutions, cfg), progress)
     record = {
         "policy": str(policy_file), "model": str(checkpoint), "store": str(store.root), "split": split.name,
         "calibration_images": len(split.calib_keys), "judged_images": n - len(main.keys),
@@ -470,23 +373,3 @@ def _provenance(store: Store, checkpoint: str | Path, index: QualityIndex | None
         "calibration_images": len(split.calib_keys), "heldout_images": len(split.held), "config": asdict(cfg),
         "pools": [{"name": p.name, "images": len(p.keys)} for p in pools], "backend": backend,
     }
-
-
-def calibration_summary(record: dict, store: StoreLike, policy: CalibrationPolicy, held: Sequence[str]) -> dict:
-    """The record's headline numbers: the best resolution at the index's crop and its savings, the worst losses,
-    the cells over the target, and the dynamic pipeline's savings and loss at the index's crop."""
-    crop_area = record["crop_side"] ** 2
-    rows = record["calibration"]
-    main = [r for r in rows if math.isclose(r["crop"], crop_area, abs_tol=1e-6)]
-    best = max(main, key=lambda r: (r["acc_full"], -r["resolution"]))
-    summary = {
-        "best_resolution": best["resolution"], "best_read_savings": best["read_savings"],
-        "max_loss": max(r["acc_full"] - r["acc_calibrated"] for r in rows),
-        "max_loss_at_calibration_crop": max(r["acc_full"] - r["acc_calibrated"] for r in main),
-        "cells_over_target": sum(bool(r["flag"]) for r in rows), "cells": len(rows),
-        "dynamic_read_savings_worst_case": worst_case_dynamic_savings(store, policy, held),
-    }
-    for r in record.get("dynamic", []):
-        if math.isclose(r["crop"], crop_area, abs_tol=1e-6):
-            summary |= {"dynamic_read_savings": r["read_savings"], "dynamic_loss": r["acc_full"] - r["acc_calibrated"]}
-    return summary

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from dynres._ui import track
 from dynres.io.store import StoreLike
 from dynres.policy.bounds import images_needed, loss_bound
 from dynres.policy.calibration import ReadRule, rule_counts
@@ -41,32 +42,43 @@ def lanes() -> int:
 def predict_lanes(model, store: StoreLike, keys: Sequence[str], grid: Sequence[int], crops: Sequence[float],
                   scans=None, exact: bool = False, batch_size: int = 64, description: str = "evaluate",
                   progress: bool = False, count: int = 0):
-    """:func:`dynres.study.static.predict_grid` over ``keys`` cut into ``count`` contiguous parts (0: one per
-    core) that run side by side, each decoding on one thread while its model call runs on another; the rows of
-    all parts in one table, part after part.
+    """:func:`dynres.study.static.predict_grid` over ``keys`` in ``count`` lanes side by side (0: one per core),
+    each lane decoding on one thread while its model call runs on another; the rows of all keys in one table, in
+    the order of ``keys``.
 
     Why: a model run on one thread (``GridModel(..., threads=1)``) costs less CPU than the same run split over
     two, and decoding costs about as much as the model, so one model thread and one decode thread per lane keep
-    every core busy with the cheaper work (docs/calibration.md, "What it costs"). A view's prediction depends on
-    the view alone, not on the batch around it or the threads that ran it (ONNX Runtime's CPU kernels, checked
-    bitwise in the tests), so the rows are those of one call; eager PyTorch may pick other kernels for other
-    batch sizes, as a call's shorter last batch already does."""
-    from dynres.study.static import predict_grid
+    every core busy with the cheaper work (docs/calibration.md, "What it costs"). With ONNX Runtime a view's
+    prediction depends on the view alone, not on the batch around it or the threads that ran it (checked bitwise
+    in the tests), so the rows are those of one call. Eager PyTorch runs on every core already and may pick other
+    kernels for other batch sizes, so it runs in one lane, as one call. The keys go to the lanes in pieces of a few
+    batches, so that a failure (or Ctrl-C) stops the pieces not started and waits only for the running ones."""
+    from dynres.study.static import GridModel, predict_grid
 
     keys = list(keys)
-    count = max(1, min(count or lanes(), len(keys)))
-    parts = [keys[i * len(keys) // count:(i + 1) * len(keys) // count] for i in range(count)]
-
-    def part(i: int):
-        return predict_grid(model, store, parts[i], grid, crops, scans=scans, exact=exact, batch_size=batch_size,
-                            progress=progress and i == 0, description=description, workers=1)
-
+    run = model if isinstance(model, GridModel) else GridModel(model, "auto", threads=1)  # one export for all lanes
+    count = max(1, min(count or lanes(), len(keys))) if run.backend == "ort" else 1
     if count == 1:
-        return part(0)
+        return predict_grid(run, store, keys, grid, crops, scans=scans, exact=exact, batch_size=batch_size,
+                            progress=progress, description=description)
     import pyarrow as pa
 
-    with ThreadPoolExecutor(count, thread_name_prefix="dynres-lane") as pool:
-        return pa.concat_tables(list(pool.map(part, range(count))))
+    size = batch_size * max(1, -(-len(keys) // (batch_size * count * 4)))  # about 4 pieces per lane
+    pieces = [keys[i:i + size] for i in range(0, len(keys), size)]
+
+    def piece(part: list[str]):
+        return predict_grid(run, store, part, grid, crops, scans=scans, exact=exact, batch_size=batch_size,
+                            progress=False, workers=1)
+
+    pool = ThreadPoolExecutor(count, thread_name_prefix="dynres-lane")
+    try:
+        futures = [pool.submit(piece, part) for part in pieces]
+        label = f"{description} ({len(keys)} images x {len(grid)}x{len(crops)} views, {count} lanes)"
+        for done in track(as_completed(futures), len(futures), label, progress):
+            done.result()  # the first failure stops the rest (finally)
+        return pa.concat_tables([f.result() for f in futures])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ViewPredictions:
