@@ -13,6 +13,8 @@ from skimage.metrics import structural_similarity
 from dynres.errors import BadImageError, ConfigError
 from dynres.io.decode import (
     DECODER_ENV,
+    PrefixViews,
+    ScaledDecodes,
     active_decoder,
     dct_scale,
     decode,
@@ -252,3 +254,21 @@ def test_bad_bytes_raise_a_clear_error_naming_the_image(decoder, photo_jpeg, pay
         decode(data[payload], 112, name="cat/001")
     with pytest.raises(BadImageError, match="cat/001"):
         decode_array(data[payload], 40, name="cat/001", mode="L")
+
+
+def test_scaled_decodes_give_each_engines_pixels_for_one_decode_per_dct_scale(photo_jpeg, monkeypatch):
+    """``ScaledDecodes.view`` is ``decode`` (the static engine's view) and, given the short side a decode-once
+    covers, ``PrefixViews``' view (the dynamic engine's), while decoding each DCT scale once."""
+    import dynres.io.decode as dec
+
+    decodes = ScaledDecodes(photo_jpeg)
+    calls = []
+    real = dec.decode_scaled
+    monkeypatch.setattr(dec, "decode_scaled", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    views = {(r, side, once): decodes.view(r, side, 224 / side if once else None)
+             for side in (0.5, 0.75, 1.0) for r in (56, 112, 224) for once in (False, True)}
+    monkeypatch.undo()
+    assert len(calls) == len({dct_scale(700, 500, s) for s in calls}) <= 4  # one decode per scale used
+    for (r, side, once), view in views.items():
+        engine = PrefixViews(photo_jpeg, 224 / side).view(r, side) if once else decode(photo_jpeg, r, side)
+        assert torch.equal(view, engine), (r, side, once)

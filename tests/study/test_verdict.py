@@ -12,7 +12,15 @@ from dynres.bench.pipeline import PipelineBenchConfig
 from dynres.errors import ConfigError
 from dynres.runtime.engine import build_engine
 from dynres.study.dynamic import PROBS_FILE, write_probs
-from dynres.study.verdict import engine_spec, guard_crop, pipeline_point, run_guard, served_pipeline, serving_config
+from dynres.study.verdict import (
+    EngineViews,
+    engine_spec,
+    guard_crop,
+    pipeline_point,
+    run_guard,
+    served_pipeline,
+    serving_config,
+)
 
 GRID = (56, 112)
 COST = np.array([1.0, 4.0])  # GFLOPs per grid resolution
@@ -95,6 +103,42 @@ def test_the_guard_reads_rules_fitted_elsewhere_per_crop(tmp_path):
     assert guard["rules"] == ["anchor@0.5"] and all(r["rule"] in ("b=0", "anchor@0.5") for r in guard["crops"])
     with pytest.raises(ConfigError, match="no bias at crop 1"):
         run_guard(tmp_path, dyn, held, LAMBDAS, biases={"anchor@0.5": {0.25: [0.0, 0.5]}})
+
+
+def test_each_mode_is_judged_on_its_own_engines_views():
+    """The static engine sees other pixels than the dynamic one: on the dynamic views 112 px is right on 70% and
+    the scale model wins; on the static engine's views 56 px is right on every image, and the guard serves it."""
+    ok = images(40)
+    select = np.arange(40) < 20
+    row = guard_crop(0.5, ok.astype(float), ok, GRID, COST, 0.1, LAMBDAS, select, ok_static=np.ones_like(ok))
+    assert row["mode"] == "static" and row["static_resolution"] == 56 and row["held_static_accuracy"] == 100.0
+    assert "as cheap" in row["reason"]  # nothing the scale model picks costs no more than 56 px
+    same = guard_crop(0.5, ok.astype(float), ok, GRID, COST, 0.1, LAMBDAS, select)
+    assert same["mode"] == "dynamic"  # judged on one table, as before
+
+
+def test_the_guard_reads_each_engines_table_and_the_images_the_dynamic_engine_decodes_exactly(tmp_path):
+    """The static engine's views: 112 px right and 56 px wrong on every image. The dynamic engine's own views let
+    the scale model get every image right at crop 0.25; where the dynamic engine decodes as the static one (its
+    scale prefix is short), its choices of 56 px are wrong too."""
+    dyn, held = write_records(tmp_path)
+    keys = [f"k{i:03d}" for i in range(40)]
+    rows = [{"key": k, "crop": c, "resolution": r, "correct": r == 112} for c in (0.25, 1.0) for k in keys
+            for r in GRID]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "exact.parquet")
+    views = EngineViews(tmp_path / "exact.parquet", tmp_path / "static_images.parquet")
+    guard = run_guard(tmp_path, dyn, held, LAMBDAS, views=views)
+    first = guard["crops"][0]
+    assert first["static_resolution"] == 112 and first["held_static_accuracy"] == 100.0
+    assert first["mode"] == "dynamic" and first["held_dynamic_accuracy"] == 100.0
+    assert guard["views"] == {"static": "exact.parquet", "dynamic": "static_images.parquet",
+                              "dynamic_exact_images": 0}
+    every = run_guard(tmp_path, dyn, held, LAMBDAS, views=EngineViews(views.static, views.dynamic, frozenset(keys)))
+    assert every["crops"][0]["mode"] == "static" and every["crops"][0]["held_dynamic_accuracy"] < 100.0
+    assert every["views"]["dynamic_exact_images"] == 40
+    pq.write_table(pa.Table.from_pylist(rows[:10]), tmp_path / "short.parquet")
+    with pytest.raises(ConfigError, match="short.parquet"):
+        run_guard(tmp_path, dyn, held, LAMBDAS, views=EngineViews(tmp_path / "short.parquet", views.dynamic))
 
 
 def test_the_serving_config_follows_the_guard(tmp_path, models):

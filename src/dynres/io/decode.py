@@ -259,6 +259,34 @@ class PrefixViews:
         return crop_resize(self._image, resolution, crop_side, self.name)
 
 
+class ScaledDecodes:
+    """:func:`decode_scaled` of one prefix, decoded once per DCT scale (there are four): every view an engine
+    would make of these bytes, pixel for pixel, for at most four decodes.
+
+    ``view(r, side)`` is :func:`decode` (the static engine's and exact evaluation's view); ``view(r, side,
+    short_side)`` is :class:`PrefixViews`' view of a prefix decoded once for ``short_side`` (the dynamic engine's
+    decode-once view). Two short sides at the same DCT scale give the same decode, so they share it."""
+
+    def __init__(self, data: bytes, name: str = "<bytes>"):
+        self.data, self.name = data, name
+        self._size: tuple[int, int] | None = None
+        self._decoded: dict[int, torch.Tensor] = {}
+
+    def scaled(self, short_side: float) -> torch.Tensor:
+        if self._size is None:
+            self._size = _open(self.data, self.name).size  # the header only
+        s = dct_scale(*self._size, short_side)
+        if s not in self._decoded:
+            self._decoded[s] = decode_scaled(self.data, short_side, self.name)
+        return self._decoded[s]
+
+    def view(self, resolution: int, crop_side: float = DEFAULT_CROP_SIDE, short_side: float | None = None
+             ) -> torch.Tensor:
+        _check_crop_side(crop_side)
+        return crop_resize(self.scaled(resolution / crop_side if short_side is None else short_side), resolution,
+                           crop_side, self.name)
+
+
 def _check_crop_side(crop_side: float) -> None:
     if not 0 < crop_side <= 1:
         raise ValueError(f"crop_side (a side ratio) must be in (0, 1], got {crop_side}")

@@ -168,6 +168,18 @@ def _read_savings(s: dict, row: dict) -> str | None:
     return f"{_fmt(value)} (dynamic at λ=0)" if row["mode"] == "dynamic" else _fmt(value)
 
 
+def _views(v: dict) -> str:
+    """Which pixels each mode was judged on (records from before each engine's own views: nothing said)."""
+    views = v.get("views")
+    if not views or views["static"] == views["dynamic"] == "static_images.parquet":
+        return ""
+    exact = views.get("dynamic_exact_images", 0)
+    dyn = ("the static engine's views too (its scale prefix is shorter than the full read)"
+           if exact == v["selection_images"] + v["held_out_images"] else "the dynamic engine's decode-once views"
+           + (f" ({exact} images: the static engine's, their scale prefix being short)" if exact else ""))
+    return f" Each mode is judged on its own engine's pixels: static on the static engine's views, dynamic on {dyn}."
+
+
 def fill_verdict(sec: Section, run: Run) -> None:
     """One screen: what the run recommends per crop and why, on held-out images, against the best static
     resolution and the common baseline; what the pipeline serves, end to end; how to serve it."""
@@ -178,7 +190,7 @@ def fill_verdict(sec: Section, run: Run) -> None:
              f"{v['selection_images']} validation images; dynamic vs static decided on these "
              f"{v['held_out_images']} held-out images (dynamic must also match r* on the {v['selection_images']}). "
              "Top-1 here counts an image right as the evaluation did, with every scan read; serving.json runs with "
-             "the calibrated policy's reads (the pipeline's top-1 below, at its crop).")
+             f"the calibrated policy's reads (the pipeline's top-1 below, at its crop).{_views(v)}")
     table = [{"crop": r["crop"], "choice": _choice(r), "savings": _read_savings(s, r),
               "acc": r.get(f"held_{r['mode']}_accuracy"), "gflops": r.get(f"held_{r['mode']}_gflops")} | r
              for r in rows]

@@ -263,9 +263,10 @@ def io_stage(study: Study, config: StudyConfig, store_path: str, data_dir: Path,
 def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dyn: dict, held: list[str],
                train_store: StoreLike | None = None) -> dict:
     """The guard (:mod:`dynres.study.verdict`): per crop, dynamic or the best static resolution, chosen on the
-    selection split and decided on ``held``. Not a stage: it reads the accuracy stage's records (a dynamic record
-    from before the guard gets its per-image p(r) computed once); it runs before the pipeline stage, which times
-    its r* and λ*; the biased rules of ``chain_cfg.dynamic.rules`` are fitted on ``train_store``'s labels."""
+    selection split and decided on ``held``, each mode on its own engine's views (:func:`engine_views`). Not a
+    stage: it reads the accuracy stage's records (a dynamic record from before the guard gets its per-image p(r)
+    computed once); it runs before the pipeline stage, which times its r* and λ*; the biased rules of
+    ``chain_cfg.dynamic.rules`` are fitted on ``train_store``'s labels."""
     from dataclasses import replace
 
     from dynres.model.checkpoint import read_meta
@@ -278,8 +279,25 @@ def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dy
         dynamic_record(acc["backbone"], acc["scale_model"], val_store, eval_dir, replace(chain_cfg.dynamic, plot=False),
                        replace(chain_cfg.eval, grid=tuple(dyn["grid"])), probs_path=eval_dir / PROBS_FILE)
     baseline = read_meta(acc["backbone"]).train_resolution  # the pipeline's common baseline
+    views = engine_views(eval_dir, acc["backbone"], val_store, dyn.get("scale_scans"), chain_cfg.eval.batch_size)
     return run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline,
-                     **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store))
+                     **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store), views=views)
+
+
+def engine_views(eval_dir: Path, backbone: str, val_store: StoreLike, scale_scans: int | None, batch_size: int) -> Any:
+    """Which tables hold each engine's views (:class:`~dynres.study.verdict.EngineViews`): the static engine
+    decodes each view at its own DCT scale; the dynamic engine resizes its backbone view from the scale prefix's one
+    decode when that prefix is the whole file (the guard judges full reads), else it reads the rest and decodes it
+    as the static engine does. A table the evaluation did not make is made once beside it."""
+    from dynres.study.static import views_table
+    from dynres.study.verdict import EngineViews
+
+    keys = val_store.keys
+    short = () if scale_scans is None else (k for k in keys if scale_scans < val_store.num_scans(k))
+    exact_keys = frozenset(short)
+    static = views_table(eval_dir, backbone, val_store, True, batch_size)
+    dynamic = static if len(exact_keys) == len(keys) else views_table(eval_dir, backbone, val_store, False, batch_size)
+    return EngineViews(static, dynamic, exact_keys)
 
 
 def verdict_step(study: Study, guard: dict, store_path: str, acc: dict, cal: dict, pipe: dict) -> dict:

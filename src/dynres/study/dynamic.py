@@ -152,7 +152,7 @@ def dynamic_record(backbone: str | Path, scale_model: str | Path, store: StoreLi
     scans = cfg.scans if cfg.scans is not None else smeta.scans
     pairs = [(k, c) for c in crops for k in keys]
     before = store.bytes_read
-    images = scale_inputs(store, pairs, smeta.train_resolution, crops, scans, progress)
+    images = scale_inputs(store, pairs, smeta.train_resolution, crops, scans, progress, decode_for=max(grid))
     scale_bytes = store.bytes_read - before
     probs_all = predict_scale(smodel, images)
     if probs_path is not None:

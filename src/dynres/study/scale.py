@@ -235,10 +235,14 @@ class ScaleInputs(Dataset):
 
 
 def scale_inputs(store: StoreLike, pairs: Sequence[tuple[str, float]], resolution: int, crops: Sequence[float],
-                 scans: Scans, progress: bool = True) -> torch.Tensor:
-    """Decoded scale-model inputs for (key, crop) pairs, each image decoded once for all its crops."""
+                 scans: Scans, progress: bool = True, decode_for: int | None = None) -> torch.Tensor:
+    """Decoded scale-model inputs for (key, crop) pairs, each image decoded once for all its crops (per DCT scale
+    with ``decode_for``).
+    ``decode_for``: the dynamic engine's views, pixel for pixel, of a prefix decoded once for this resolution (the
+    engine's grid's largest); None: the cheap shared views (:func:`~dynres.study.static.image_views`)."""
     keys = list(dict.fromkeys(k for k, _ in pairs))
-    decoded = track_threads(lambda key: image_views(store, key, [resolution], crops, scans), keys,
+    decoded = track_threads(lambda key: image_views(store, key, [resolution], crops, scans,
+                                                        engine=decode_for is not None, decode_for=decode_for), keys,
                             f"scale inputs @{resolution}", progress)
     views = {(key, c): v for key, image in zip(keys, decoded) for (c, _), v in image.items()}
     return torch.stack([views[p] for p in pairs])

@@ -11,14 +11,17 @@ never re-runs.
 Crops are *area* fractions here (the paper's 25/56/75/100 %); :func:`dynres.paper.crop_side` turns them into the
 side ratio that ``decode`` takes.
 
-Views: ``exact=True`` decodes every (crop, resolution) view with ``decode`` (what inference does). The default
-decodes each image once (center square at the largest size any view needs) and derives every view by center crop
-+ antialiased resize: 28 views for the price of one progressive-JPEG decode, which is what makes the grid
-affordable on 2 cores; the views differ from ``decode``'s only by resampling rounding.
+Views (:func:`image_views`): ``exact=True`` gives the static engine's pixels (``decode``, one decode per DCT
+scale) and ``engine=True`` the dynamic engine's decode-once pixels: the verdict judges each mode on its own
+(:func:`views_table`). The default decodes each image once (center square at the largest size any view needs)
+and derives every view by center crop + antialiased resize: 28 views for the price of one progressive-JPEG
+decode, which is what makes the grid affordable on 2 cores; the views differ from the engines' only by resampling
+rounding, and a backbone unsure of an image can answer differently (docs/run-config.md).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -33,13 +36,14 @@ import torch
 
 from dynres._ui import log, track
 from dynres.errors import ConfigError
-from dynres.io.decode import decode, decode_short_side
+from dynres.io.decode import ScaledDecodes, decode_short_side
 from dynres.io.store import StoreLike
 from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
 from dynres.model.nets import channels_last, gflops, to_input
 from dynres.paper import PAPER_CROPS, crop_side, scaled_grid
 from dynres.policy.scans import Scans, scans_for
 from dynres.records import markdown_table, write_records
+from dynres.study.stages import digest, read_json
 
 
 @dataclass(frozen=True)
@@ -116,27 +120,42 @@ class GridModel:
 
 
 def image_views(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence[float], scans: Scans = None,
-                exact: bool = False) -> dict[tuple[float, int], torch.Tensor]:
+                exact: bool = False, engine: bool = False, decode_for: int | None = None
+                ) -> dict[tuple[float, int], torch.Tensor]:
     """Every (crop area, resolution) view of one image, each from the prefix the scans policy allows.
 
-    Every prefix is decoded at the size the grid's largest view needs (as the engine's ``PrefixViews`` does), not
-    the largest of the resolutions that share it: a view then changes only with the bytes behind it, so a policy
-    that reads every scan at some resolution gives exactly the full read's view there (decoding at a smaller DCT
-    scale for a group of small resolutions would move their pixels, and predictions, with no byte changed)."""
+    Three kinds of view, of the same bytes:
+
+    - ``exact``: the static engine's, pixel for pixel (:func:`~dynres.io.decode.decode`: each view at its own DCT
+      scale; :class:`~dynres.io.decode.ScaledDecodes` decodes once per scale, at most four times).
+    - ``engine``: the dynamic engine's decode-once views, pixel for pixel (``PrefixViews``: the prefix decoded at
+      the DCT scale the largest view of that crop needs, of ``decode_for``, default the grid's largest, then
+      resized): one decode per crop's scale.
+    - neither (the default, the cheapest: characterization, labels, calibration): one decode for every crop, at
+      the size the grid's largest view of the smallest crop needs, resized; the engines' views differ from these
+      by resampling only.
+
+    Decodes are for the grid's largest view, not the largest of the resolutions that share a prefix: a view then
+    changes only with the bytes behind it, so a policy that reads every scan at some resolution gives exactly the
+    full read's view there (decoding at a smaller DCT scale for a group of small resolutions would move their
+    pixels, and predictions, with no byte changed)."""
     from torchvision.transforms.v2 import functional as F
 
     views: dict[tuple[float, int], torch.Tensor] = {}
     by_scans: dict[int | None, list[int]] = {}
     for r in grid:
         by_scans.setdefault(scans_for(scans, key, r), []).append(r)
+    top = decode_for or max(grid)
     for k, resolutions in by_scans.items():
         data = store.read(key, scans=k)
-        if exact:
+        if exact or engine:
+            decodes = ScaledDecodes(data, key)
             for c in crops:
+                side = crop_side(c)
                 for r in resolutions:
-                    views[(c, r)] = decode(data, r, crop_side(c), name=key)
+                    views[(c, r)] = decodes.view(r, side, None if exact else top / side)
             continue
-        base = decode_short_side(data, math.ceil(max(grid) / crop_side(min(crops))), True, key)
+        base = decode_short_side(data, math.ceil(top / crop_side(min(crops))), True, key)
         for c in crops:
             side = max(1, round(base.shape[-1] * crop_side(c)))
             # laid out channels-last once: torch's uint8 antialiased resize works in that layout and would
@@ -151,7 +170,7 @@ def image_views(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence
 def predict_grid(model: torch.nn.Module | GridModel, store: StoreLike, keys: Sequence[str], grid: Sequence[int],
                  crops: Sequence[float], scans: Scans = None, exact: bool = False, batch_size: int = 64,
                  progress: bool = True, description: str = "evaluate", backend: str = "auto",
-                 workers: int = 0) -> pa.Table:
+                 workers: int = 0, engine: bool = False) -> pa.Table:
     """Run ``model`` on every (key, crop, resolution) view; one row per view (a module runs as
     ``GridModel(model, backend)``).
 
@@ -167,7 +186,7 @@ def predict_grid(model: torch.nn.Module | GridModel, store: StoreLike, keys: Seq
     chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
     with ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)), thread_name_prefix="dynres-views") as pool:
         def submit(j: int) -> list:
-            return [pool.submit(image_views, store, k, grid, crops, scans, exact) for k in chunks[j]] \
+            return [pool.submit(image_views, store, k, grid, crops, scans, exact, engine) for k in chunks[j]] \
                 if j < len(chunks) else []
 
         ahead = submit(0)
@@ -194,6 +213,38 @@ def accuracy_table(table: pa.Table) -> dict[tuple[float, int], float]:
     """Top-1 accuracy (percent) per (crop, resolution) of a :func:`predict_grid` table."""
     grouped = table.group_by(["crop", "resolution"]).aggregate([("correct", "mean")]).to_pylist()
     return {(row["crop"], row["resolution"]): 100.0 * row["correct_mean"] for row in grouped}
+
+
+VIEW_TABLES = {True: "static_images_exact.parquet", False: "static_images_engine.parquet"}
+
+
+def views_table(eval_dir: str | Path, checkpoint: str | Path, store: StoreLike, exact: bool, batch_size: int = 64,
+                progress: bool = True) -> Path:
+    """The static evaluation in ``eval_dir`` on the static engine's views (``exact``) or on the dynamic engine's
+    decode-once views (:func:`image_views`): its own per-image table when it was made with exact views and those are
+    asked for, else one made beside it
+    (:data:`VIEW_TABLES`) with its images, grid, crops and backend and ``checkpoint`` (which must be the one it
+    evaluated), and reused while they match."""
+    eval_dir = Path(eval_dir)
+    rec, own = read_json(eval_dir / "static.json"), eval_dir / "static_images.parquet"
+    if exact and rec.get("exact_views"):
+        return own
+    path = eval_dir / VIEW_TABLES[exact]
+    if checkpoint_digest(checkpoint) != rec["checkpoint_sha256"]:
+        raise ConfigError(str(checkpoint), f"not the checkpoint {eval_dir / 'static.json'} evaluated")
+    keys = list(dict.fromkeys(pq.read_table(own, columns=["key"]).column("key").to_pylist()))
+    stamp = {"checkpoint_sha256": rec["checkpoint_sha256"], "keys": digest(keys), "grid": rec["grid"],
+             "crops": rec["crops"], "exact_views": exact}
+    if path.is_file() and json.loads((pq.read_schema(path).metadata or {}).get(b"dynres", b"{}")) == stamp:
+        return path
+    model, _ = load_checkpoint(checkpoint)
+    table = predict_grid(GridModel(model, rec.get("backend", "auto")), store, keys, rec["grid"], rec["crops"],
+                         None, exact, batch_size, progress, f"eval ({'static' if exact else 'dynamic'} engine's views)",
+                         engine=not exact)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table.replace_schema_metadata({"dynres": json.dumps(stamp)}), tmp)
+    tmp.replace(path)  # a half-written table never reads as complete
+    return path
 
 
 # --- the static characterization ----------------------------------------------------------------------------

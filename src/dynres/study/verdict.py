@@ -11,14 +11,16 @@ the best static resolution at no more GFLOPs, and that static resolution everywh
    the anchor τ·onehot(r*) for each τ, rules fitted on the training labels); the serving configuration records
    the chosen bias with λ. Dynamic at λ* must already get at least as many selection images right as r*.
 2. Decision, on the held-out part: dynamic at λ* when it also gets at least as many held-out images right as r*
-   and its mean GFLOPs there do not exceed r*'s; else static at r*. Correctness is the evaluation's: every scan
-   read (serving reads what the calibrated policy allows).
+   and its mean GFLOPs there do not exceed r*'s; else static at r*. Correctness is the evaluation's with every scan
+   read (serving reads what the calibrated policy allows), each mode on its own engine's pixels
+   (:class:`EngineViews`): r* on the static engine's views, the scale model's p(r) and the dynamic picks on the
+   dynamic engine's. One table for both moved 21 of 325 answers on the demo (docs/run-config.md).
 3. The pipeline stage runs after the guard, at the guard's crop nearest the pipeline's default and at its r* and
    λ* (:func:`pipeline_point`): nothing is chosen on the images it times. The mode it serves is the dynamic one
    only where the guard says dynamic and the timed dynamic row is at that λ*, no less accurate, no costlier in
    GFLOPs and no slower in images/s than the static row (:func:`served_pipeline`).
 
-Everything here reads records (the static per-image table and the scale model's p(r) per image, both beside
+Everything here reads records (the per-image tables and the scale model's p(r) per image, beside
 ``dynamic.json``); no model runs.
 """
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +63,10 @@ def _point(p: np.ndarray, ok: np.ndarray, cost: np.ndarray, scale_g: float, lam:
 
 def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost: np.ndarray, scale_g: float,
                lambdas: Sequence[float], select: np.ndarray, baseline_resolution: int | None = None,
-               biases: dict[str, np.ndarray | None] | None = None, anchor_taus: Sequence[float] = ()) -> dict:
-    """One crop's decision. ``p``: the scale model's p(r) and ``ok``: the backbone right or not (images x grid);
+               biases: dict[str, np.ndarray | None] | None = None, anchor_taus: Sequence[float] = (),
+               ok_static: np.ndarray | None = None) -> dict:
+    """One crop's decision. ``p``: the scale model's p(r) and ``ok``: the backbone right or not (images x grid) on
+    the dynamic engine's views, ``ok_static`` on the static engine's (None: the same views);
     ``cost``: the backbone's GFLOPs per grid resolution; ``select``: True for the selection images (the rest are
     the held-out evidence); ``baseline_resolution``: the common baseline's, reported alongside when on the grid;
     ``biases``: candidate rules by name (a per-resolution bias each, None: zero), chosen together with λ on the
@@ -71,22 +75,24 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
     selection images too, so the held-out evidence stays unseen)."""
     select = np.asarray(select, dtype=bool)
     held = ~select
+    ok_static = ok if ok_static is None else np.asarray(ok_static, dtype=bool)
     n_sel, n_held = int(select.sum()), int(held.sum())
     row: dict = {"crop": crop, "selection_images": n_sel, "held_out_images": n_held, "lambda": None}
     if not n_sel or not n_held:
-        best = int(np.argmax(ok.sum(0)))
+        best = int(np.argmax(ok_static.sum(0)))
         return row | {"mode": "static", "static_resolution": int(grid[best]),
                       "reason": "too few validation images to hold any out: the most accurate static resolution"}
-    right_sel = ok[select].sum(0)
+    right_sel = ok_static[select].sum(0)
     best = int(np.argmax(right_sel))  # the first maximum: the cheapest resolution on a tie (the grid ascends)
     budget = float(cost[best])
-    static_right = int(ok[held, best].sum())
+    static_right = int(ok_static[held, best].sum())
     row |= {"static_resolution": int(grid[best]), "selection_static_accuracy": 100 * right_sel[best] / n_sel,
             "held_static_accuracy": 100 * static_right / n_held, "held_static_gflops": budget}
     if baseline_resolution in grid:
         i = list(grid).index(baseline_resolution)
         row |= {"baseline_resolution": int(baseline_resolution),
-                "held_baseline_accuracy": 100 * int(ok[held, i].sum()) / n_held, "held_baseline_gflops": float(cost[i])}
+                "held_baseline_accuracy": 100 * int(ok_static[held, i].sum()) / n_held,
+                "held_baseline_gflops": float(cost[i])}
     candidates = list((biases or {"b=0": None}).items())
     candidates += [(f"anchor-r*@{t:g}", t * np.eye(len(grid))[best]) for t in anchor_taus]
     affordable = []
@@ -121,42 +127,74 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
     return row | {"mode": "dynamic", "reason": f"at least as accurate for no more GFLOPs: {vs}"}
 
 
-def load_evidence(eval_dir: str | Path) -> tuple[list[str], list[int], dict[float, np.ndarray],
-                                                 dict[float, np.ndarray]]:
+@dataclass(frozen=True)
+class EngineViews:
+    """Which per-image tables (the static evaluation's layout, beside it) hold each engine's pixels, so that each
+    mode is judged on what it will serve. ``static``: the static engine's views (each decoded at its own DCT scale,
+    :func:`~dynres.io.decode.decode`); ``dynamic``: the dynamic engine's decode-once views (its scale prefix
+    decoded once for the grid's largest view, then resized); ``exact_keys``: images whose dynamic backbone view is
+    the static engine's anyway (their scale prefix is shorter than the full read the guard judges, so the engine
+    reads the rest and decodes it on its own)."""
+
+    static: Path
+    dynamic: Path
+    exact_keys: frozenset[str] = frozenset()
+
+
+def correctness(path: str | Path, keys: Sequence[str], crops: Sequence[float], grid: Sequence[int]
+                ) -> dict[float, np.ndarray]:
+    """Per crop, the backbone right or not (``keys`` x ``grid``) from a per-image table."""
+    table = pq.read_table(path)
+    correct = {(k, c, r): bool(v) for k, c, r, v in zip(*(table.column(n).to_pylist()
+                                                         for n in ("key", "crop", "resolution", "correct")))}
+    try:
+        return {c: np.array([[correct[(k, c, r)] for r in grid] for k in keys], dtype=bool) for c in crops}
+    except KeyError as err:
+        raise ConfigError(str(path), f"no prediction for (image, crop, resolution) {err.args[0]}: the table does "
+                                     "not cover the dynamic evaluation") from None
+
+
+def load_evidence(eval_dir: str | Path, table: str | Path | None = None
+                  ) -> tuple[list[str], list[int], dict[float, np.ndarray], dict[float, np.ndarray]]:
     """Keys, grid, and per crop the scale model's p(r) and the backbone's correctness (images x grid), from the
-    dynamic evaluation's per-image table and the static one beside it."""
+    dynamic evaluation's per-image table and the static one beside it (or ``table``)."""
     eval_dir = Path(eval_dir)
     probs = pq.read_table(eval_dir / PROBS_FILE)
     grid = [int(r) for r in json.loads(probs.schema.metadata[b"grid"])]
-    static = pq.read_table(eval_dir / "static_images.parquet")
-    correct = {(k, c, r): bool(v) for k, c, r, v in zip(*(static.column(n).to_pylist()
-                                                         for n in ("key", "crop", "resolution", "correct")))}
     keys = list(dict.fromkeys(probs.column("key").to_pylist()))
     by_pair = {(k, c): v for k, c, v in zip(*(probs.column(n).to_pylist() for n in ("key", "crop", "probs")))}
     crops = sorted({c for _, c in by_pair})
     p = {c: np.array([by_pair[(k, c)] for k in keys], dtype=np.float64) for c in crops}
-    ok = {c: np.array([[correct[(k, c, r)] for r in grid] for k in keys], dtype=bool) for c in crops}
+    ok = correctness(table or eval_dir / "static_images.parquet", keys, crops, grid)
     return keys, grid, p, ok
 
 
 def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas: Sequence[float],
               baseline_resolution: int | None = None, anchor_taus: Sequence[float] = (),
-              biases: dict[str, dict[float, np.ndarray]] | None = None) -> dict:
+              biases: dict[str, dict[float, np.ndarray]] | None = None, views: EngineViews | None = None) -> dict:
     """The guard over every crop of the dynamic evaluation in ``eval_dir`` (its record ``dyn`` gives the GFLOPs):
     held-out images are ``held_keys``, the rest select. ``anchor_taus``: also the anchor rule at the guard's r*;
     ``biases``: also these rules (name -> crop -> bias over the grid, e.g. fitted on the training labels by
-    :func:`dynres.study.bias.fit_rules`); both chosen with λ on the selection images (:func:`guard_crop`)."""
-    keys, grid, p, ok = load_evidence(eval_dir)
+    :func:`dynres.study.bias.fit_rules`); both chosen with λ on the selection images (:func:`guard_crop`).
+    ``views``: each engine's own views (None: both modes judged on the evaluation's table)."""
+    keys, grid, p, ok = load_evidence(eval_dir, None if views is None else views.dynamic)
+    ok_static = ok if views is None else correctness(views.static, keys, sorted(p), grid)
+    if views is not None and views.exact_keys:
+        exact = np.array([k in views.exact_keys for k in keys])[:, None]
+        ok = {c: np.where(exact, ok_static[c], ok[c]) for c in ok}
     gflops = {r["resolution"]: r["gflops"] for r in dyn["static"]}
     cost = np.array([gflops[r] for r in grid], dtype=np.float64)
     held = set(held_keys)
     select = np.array([k not in held for k in keys])
     rows = [guard_crop(c, p[c], ok[c], grid, cost, float(dyn["scale_gflops"]), lambdas, select, baseline_resolution,
-                       _crop_biases(biases, c), anchor_taus)
+                       _crop_biases(biases, c), anchor_taus, ok_static[c])
             for c in sorted(p)]
+    seen = ({"static": Path(views.static).name, "dynamic": Path(views.dynamic).name,
+             "dynamic_exact_images": sum(k in views.exact_keys for k in keys)} if views is not None else
+            {"static": "static_images.parquet", "dynamic": "static_images.parquet", "dynamic_exact_images": 0})
     return {"rule": RULE, "cost": "gflops", "selection_images": int(select.sum()),
             "held_out_images": int((~select).sum()), "anchor_taus": list(anchor_taus),
-            "rules": sorted(biases or {}) + (["anchor-r*"] if anchor_taus else []), "crops": rows}
+            "rules": sorted(biases or {}) + (["anchor-r*"] if anchor_taus else []), "views": seen, "crops": rows}
 
 
 def _crop_biases(biases: dict[str, dict[float, np.ndarray]] | None, crop: float) -> dict | None:
