@@ -21,19 +21,25 @@ from dynres.study.static import EvalConfig
 from dynres.study.verdict import run_guard
 from tiny_store import MemoryStore
 
+CROPS = (0.5, 1.0)
+
+
+def tiny_run(tmp_path) -> tuple[MemoryStore, MemoryStore, dict]:
+    """A tiny chain (two shard backbones, resnet_micro scale model) on in-memory data: train, val and its record."""
+    backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
+    cfg = ChainConfig(backbone=backbone, scale=ScaleConfig(folds=2, crops=CROPS, epochs=1, batch_size=8,
+                                                           arch="resnet_micro"), eval=EvalConfig(crops=CROPS))
+    train, val = MemoryStore(per_class=4), MemoryStore(per_class=2, offset=50)
+    return train, val, run_accuracy_chain(train, val, tmp_path / "run", cfg, progress=False)
+
 
 def test_candidates_are_trained_on_the_runs_labels_and_judged_on_val(tmp_path):
-    backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
-    crops = (0.5, 1.0)
-    cfg = ChainConfig(backbone=backbone, scale=ScaleConfig(folds=2, crops=crops, epochs=1, batch_size=8,
-                                                           arch="resnet_micro"), eval=EvalConfig(crops=crops))
-    train, val = MemoryStore(per_class=4), MemoryStore(per_class=2, offset=50)
-    chain = run_accuracy_chain(train, val, tmp_path / "run", cfg, progress=False)
+    train, val, chain = tiny_run(tmp_path)
     payload = compare_scale_targets(train, val, tmp_path / "run", tmp_path / "bench",
                                     ScaleBenchConfig(targets=("correct", "margin")), progress=False)
     assert not (tmp_path / "bench" / "margin-seed0" / "fold0").exists()  # labels reused, no backbone retrained
     assert {(r["target"], r["crop"]) for r in payload["rows"]} == {(t, c) for t in ("correct", "margin")
-                                                                   for c in crops}
+                                                                   for c in CROPS}
     assert payload["recipe"]["arch"] == "resnet_micro" and payload["val_images"] == len(val.keys)
     # the baseline candidate is the run's own scale model, reused: retrained from the run's recipe it is the same
     assert not (tmp_path / "bench" / "correct-seed0").exists()
@@ -49,19 +55,14 @@ def test_candidates_are_trained_on_the_runs_labels_and_judged_on_val(tmp_path):
 
 
 def test_biased_rules_are_fitted_on_the_training_labels_and_judged_on_val(tmp_path):
-    backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
-    crops = (0.5, 1.0)
-    cfg = ChainConfig(backbone=backbone, scale=ScaleConfig(folds=2, crops=crops, epochs=1, batch_size=8,
-                                                           arch="resnet_micro"), eval=EvalConfig(crops=crops))
-    train, val = MemoryStore(per_class=4), MemoryStore(per_class=2, offset=50)
-    run_accuracy_chain(train, val, tmp_path / "run", cfg, progress=False)
+    train, val, _ = tiny_run(tmp_path)
     payload = compare_scale_targets(train, val, tmp_path / "run", tmp_path / "bench",
                                     ScaleBenchConfig(targets=("correct",), rules=("anchor", "recentred"),
                                                      taus=(0.1, 1.0)), progress=False)
     names = ["correct", "b=0", "anchor@0.1", "anchor@1", "recentred"]
     assert list(dict.fromkeys(r["target"] for r in payload["rows"])) == names
     by = {(r["target"], r["crop"]): r for r in payload["rows"]}
-    for c in crops:  # b = 0 is the run's own scale model under today's rule: the same numbers
+    for c in CROPS:  # b = 0 is the run's own scale model under today's rule: the same numbers
         assert by["b=0", c]["argmax_accuracy"] == by["correct", c]["argmax_accuracy"]
         assert by["b=0", c]["iso_cost_accuracy"] == by["correct", c]["iso_cost_accuracy"]
     labels = pq.read_table(tmp_path / "run/scale/scale_labels.parquet")
