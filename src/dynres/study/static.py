@@ -221,10 +221,9 @@ VIEW_TABLES = {True: "static_images_exact.parquet", False: "static_images_engine
 def views_table(eval_dir: str | Path, checkpoint: str | Path, store: StoreLike, exact: bool, batch_size: int = 64,
                 progress: bool = True) -> Path:
     """The static evaluation in ``eval_dir`` on the static engine's views (``exact``) or on the dynamic engine's
-    decode-once views (:func:`image_views`): its own per-image table when it was made with exact views and those are
-    asked for, else one made beside it
-    (:data:`VIEW_TABLES`) with its images, grid, crops and backend and ``checkpoint`` (which must be the one it
-    evaluated), and reused while they match."""
+    decode-once views (:func:`image_views`): its own per-image table when it was made with exact views and those
+    are asked for, else one made beside it (:data:`VIEW_TABLES`) with its images, grid, crops and backend and
+    ``checkpoint`` (which must be the one it evaluated), and reused while they match."""
     eval_dir = Path(eval_dir)
     rec, own = read_json(eval_dir / "static.json"), eval_dir / "static_images.parquet"
     if exact and rec.get("exact_views"):
