@@ -9,7 +9,7 @@ import torch
 
 from dynres.errors import ConfigError
 from dynres.model.checkpoint import load_checkpoint
-from dynres.model.train import LR_DEFAULTS, TrainConfig, data_hash, train_backbone
+from dynres.model.train import LR_DEFAULTS, WD_DEFAULTS, TrainConfig, data_hash, train_backbone
 from dynres.study.scale import ScaleConfig, auc, fold_dir, label_stats, multi_hot, shard_split, train_scale
 from tiny_store import MemoryStore
 
@@ -94,6 +94,15 @@ def test_the_learning_rate_defaults_per_optimizer_and_is_recorded_as_a_number():
     assert TrainConfig().lr == LR_DEFAULTS["adamw"] and TrainConfig(optimizer="sgd").lr == LR_DEFAULTS["sgd"]
     assert TrainConfig(optimizer="sgd", lr=0.05).lr == 0.05
     assert replace(TrainConfig(), epochs=3).lr == LR_DEFAULTS["adamw"]  # a resolved recipe keeps its number
+
+
+def test_weight_decay_defaults_per_optimizer():
+    """AdamW's decoupled 0.05 would be a huge L2 term under SGD (it trained a fine-tuned backbone to chance)."""
+    assert TrainConfig().weight_decay == WD_DEFAULTS["adamw"] == 0.05
+    assert TrainConfig(optimizer="sgd").weight_decay == WD_DEFAULTS["sgd"] < 1e-3
+    assert TrainConfig(optimizer="sgd", weight_decay=1e-4).weight_decay == 1e-4
+    with pytest.raises(ConfigError, match="weight_decay >= 0"):
+        TrainConfig(weight_decay=-1.0)
 
 
 def test_shards_are_disjoint_stratified_and_cover_train():

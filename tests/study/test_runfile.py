@@ -92,6 +92,39 @@ def test_folds_means_folds_unless_the_file_itself_says_cheap(tmp_path):
     assert load_study_config(tmp_path / "run.toml").chain.scale.cheap
 
 
+def test_a_file_that_switches_the_optimizer_gets_that_optimizers_defaults_and_is_told(tmp_path):
+    """The preset's lr / weight decay are chosen for AdamW: a file that says only ``optimizer = "sgd"`` must not
+    run SGD with them (AdamW's weight decay under SGD trained a backbone to chance), and the settings say so."""
+    from dynres.model.train import LR_DEFAULTS, WD_DEFAULTS
+    from dynres.study.summary import study_settings
+
+    _data(tmp_path)
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\n[backbone]\noptimizer = "sgd"\n')
+    cfg = load_study_config(tmp_path / "run.toml")
+    assert cfg.chain.backbone.lr == LR_DEFAULTS["sgd"] and cfg.chain.backbone.weight_decay == WD_DEFAULTS["sgd"]
+    assert cfg.chain.scale.backbone == cfg.chain.backbone  # the shard backbones too
+    (warning,) = [w for w in study_settings(cfg)["warnings"] if "optimizer" in w]
+    assert "backbone.lr = 0.1" in warning and "backbone.weight_decay = 5e-05" in warning
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\n[backbone]\noptimizer = "sgd"\nlr = 0.05\n'
+                                       'weight_decay = 1e-4\n')
+    cfg = load_study_config(tmp_path / "run.toml")  # what the file sets is what runs, and nothing to say
+    assert (cfg.chain.backbone.lr, cfg.chain.backbone.weight_decay) == (0.05, 1e-4)
+    assert not [w for w in study_settings(cfg)["warnings"] if "optimizer" in w]
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\n[backbone]\nweight_decay = 0.01\n')
+    assert load_study_config(tmp_path / "run.toml").chain.backbone.lr == 0.01  # same optimizer: the preset's lr
+
+
+def test_a_scale_optimizer_switch_without_its_lr_and_weight_decay_is_refused(tmp_path):
+    """The scale model's defaults were measured with AdamW only: there is no SGD default to fall back on."""
+    _data(tmp_path)
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\n[scale]\noptimizer = "sgd"\nlr = 0.1\n')
+    with pytest.raises(ConfigError, match=r"needs scale\.weight_decay set too.*are for adamw"):
+        load_study_config(tmp_path / "run.toml")
+    (tmp_path / "run.toml").write_text('data = "data"\nout = "o"\n[scale]\noptimizer = "sgd"\nlr = 0.1\n'
+                                       'weight_decay = 1e-4\n')
+    assert load_study_config(tmp_path / "run.toml").chain.scale.optimizer == "sgd"
+
+
 @pytest.mark.parametrize("moot", ["folds = 3", "cheap = true", "splits = 2", "shard_epochs = 1", "crops = [1.0]"])
 def test_settings_that_reused_labels_would_ignore_are_refused_by_name(tmp_path, moot):
     _data(tmp_path)

@@ -9,12 +9,13 @@ import typer
 
 from dynres._ui import console
 from dynres.cli.options import join, parse_list, path_text
-from dynres.model.train import LR_DEFAULTS, TrainConfig
+from dynres.model.train import LR_DEFAULTS, WD_DEFAULTS, TrainConfig
 from dynres.study.scale import ScaleConfig
 
 app = typer.Typer(no_args_is_help=True, help="Train backbones and the scale model.")
 
 LR_HELP = "Peak learning rate (default " + ", ".join(f"{lr} {name}" for name, lr in LR_DEFAULTS.items()) + ")."
+WD_HELP = "Weight decay (default " + ", ".join(f"{wd:g} {name}" for name, wd in WD_DEFAULTS.items()) + ")."
 
 
 @app.command("backbone")
@@ -27,6 +28,7 @@ def train_backbone_cmd(
     batch_size: int = typer.Option(TrainConfig.batch_size),
     optimizer: str = typer.Option(TrainConfig.optimizer, help="adamw or sgd (momentum, nesterov)."),
     lr: Optional[float] = typer.Option(TrainConfig.lr, help=LR_HELP),
+    weight_decay: Optional[float] = typer.Option(TrainConfig.weight_decay, help=WD_HELP),
     label_smoothing: float = typer.Option(TrainConfig.label_smoothing),
     seed: int = typer.Option(TrainConfig.seed),
     init: Optional[Path] = typer.Option(None, help="Local state_dict to fine-tune from."),
@@ -38,7 +40,8 @@ def train_backbone_cmd(
     from dynres.model.train import train_backbone
 
     cfg = TrainConfig(arch=arch, resolution=resolution, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                      lr=lr, label_smoothing=label_smoothing, seed=seed, init=path_text(init), cache=not no_cache)
+                      lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed,
+                      init=path_text(init), cache=not no_cache)
     path = train_backbone(open_store(store), out, cfg)
     console.print(f"wrote {path} (+ model.json, train_log.json)")
 

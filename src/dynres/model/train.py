@@ -33,12 +33,18 @@ from dynres.model.nets import build_backbone, channels_last, create_model, to_in
 
 STATE_NAME = "train_state.pt"
 LR_DEFAULTS = {"adamw": 0.003, "sgd": 0.1}  # peak learning rate per optimizer when a recipe gives none
+# weight decay per optimizer when a recipe gives none. AdamW's is decoupled (the weights shrink by lr x wd a step);
+# SGD's is an L2 term in the gradient: AdamW's 0.05 there shrinks a fine-tuned net to chance within a few epochs
+# (seen on the real-photo set, docs/real-photos.md); 5e-5 is the demo recipe's SGD value
+WD_DEFAULTS = {"adamw": 0.05, "sgd": 5e-5}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training recipe; the defaults are the CPU demo's (``resnet_tiny`` at 112 px). ``lr=None`` takes the
-    optimizer's :data:`LR_DEFAULTS` entry, so the recipe (and the checkpoint's record of it) always holds a number."""
+    """One training recipe; the defaults are the CPU demo's (``resnet_tiny`` at 112 px). ``lr=None`` and
+    ``weight_decay=None`` take the optimizer's :data:`LR_DEFAULTS` / :data:`WD_DEFAULTS` entry, so the recipe (and
+    the checkpoint's record of it) always holds numbers, and a recipe that names only its optimizer gets values
+    meant for that optimizer."""
 
     arch: str = "resnet_tiny"
     resolution: int = 112
@@ -47,7 +53,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum, nesterov)
     lr: float | None = None  # peak; None: LR_DEFAULTS[optimizer]
     momentum: float = 0.9
-    weight_decay: float = 0.05
+    weight_decay: float | None = None  # None: WD_DEFAULTS[optimizer]
     label_smoothing: float = 0.1
     warmup_epochs: float = 1.0
     crop_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range
@@ -65,6 +71,10 @@ class TrainConfig:
             raise ConfigError("crop_scale", f"need 0 < min <= max <= 1, got {self.crop_scale}")
         if self.lr is None:
             object.__setattr__(self, "lr", LR_DEFAULTS[self.optimizer])
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", WD_DEFAULTS[self.optimizer])
+        if self.lr < 0 or self.weight_decay < 0:
+            raise ConfigError("train config", f"need lr >= 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
 
 
 def data_hash(store: StoreLike, keys: Sequence[str]) -> str:

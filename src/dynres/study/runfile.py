@@ -98,12 +98,32 @@ def _parse(path: Path) -> dict:
 # settings the scale labels make moot: with ``[scale] labels`` no shard backbone trains, and the labels bring
 # their own crops; set together they would be silently ignored, so they are refused
 LABELS_IGNORE = ("folds", "cheap", "splits", "shard_epochs", "crops")
+OPTIMIZER_TIED = ("lr", "weight_decay")  # settings whose good values depend on the optimizer
 
 
 def file_settings(raw: dict) -> tuple[str, ...]:
     """The settings the file sets, by dotted name (``seed``, ``scale.folds``): recorded as the file's."""
     top = [k for k in raw if k not in SECTIONS]
     return tuple(top + [f"{sec}.{key}" for sec in SECTIONS if isinstance(raw.get(sec), dict) for key in raw[sec]])
+
+
+def retie_optimizer(obj: Any, section: str, values: dict, path: Path) -> dict:
+    """A file that switches ``[section]``'s optimizer away from the preset's gets, for each optimizer-tied setting
+    it leaves out (:data:`OPTIMIZER_TIED`), the default dynres keeps for that optimizer (the backbone's
+    ``TrainConfig`` resolves None per optimizer), never the preset's value chosen for another one: AdamW's weight
+    decay under SGD trains a backbone to chance. Where dynres has no such default (the scale model's recipe was
+    measured with AdamW only) the file must set them, or it is refused by name."""
+    if not isinstance(values, dict) or values.get("optimizer", obj.optimizer) == obj.optimizer:
+        return values
+    missing = [k for k in OPTIMIZER_TIED if k not in values]
+    if section == "backbone":
+        return {**values, **dict.fromkeys(missing)}
+    if missing:
+        raise ConfigError(path, f"[{section}] optimizer = {values['optimizer']!r} needs "
+                                f"{' and '.join(f'{section}.{k}' for k in missing)} set too: the defaults "
+                                f"({', '.join(f'{k} = {getattr(obj, k):g}' for k in missing)}) are for "
+                                f"{obj.optimizer}")
+    return values
 
 
 def _refuse_ignored(raw: dict, path: Path) -> None:
@@ -121,8 +141,10 @@ def _chain(raw: dict, path: Path) -> ChainConfig:
     sections on top; the shard backbones keep the backbone's recipe."""
     _refuse_ignored(raw, path)
     chain = demo_config(quick=bool(raw.get("quick", False)), seed=int(raw.get("seed", 0)))
-    backbone = override(chain.backbone, "backbone", raw.get("backbone", {}), path)
-    scale = override(dataclasses.replace(chain.scale, backbone=backbone), "scale", raw.get("scale", {}), path)
+    backbone = override(chain.backbone, "backbone",
+                        retie_optimizer(chain.backbone, "backbone", raw.get("backbone", {}), path), path)
+    scale = override(dataclasses.replace(chain.scale, backbone=backbone), "scale",
+                     retie_optimizer(chain.scale, "scale", raw.get("scale", {}), path), path)
     evaluation = override(chain.eval, "eval", raw.get("eval", {}), path)
     dynamic = override(chain.dynamic, "dynamic", raw.get("dynamic", {}), path)
     try:  # ChainConfig refuses a [scale] grid that differs from the [eval] grid

@@ -118,7 +118,24 @@ def study_settings(config: Any) -> dict:
     rows = (top + _rows("backbone", chain.backbone, chosen) + _rows("scale", chain.scale, chosen, skip=("backbone",))
             + _rows("eval", chain.eval, chosen) + _rows("dynamic", chain.dynamic, chosen)
             + _rows("calibration", config.calibration or CalibrationConfig(), chosen))
-    return {"rows": rows, "warnings": settings_warnings(chain)}
+    return {"rows": rows, "warnings": settings_warnings(chain) + _optimizer_notes(chain.backbone, chosen, config)}
+
+
+def _optimizer_notes(backbone: Any, chosen: frozenset, config: Any) -> list[str]:
+    """The backbone's optimizer-tied settings the file left out while switching the optimizer: they take that
+    optimizer's defaults (:func:`dynres.study.runfile.retie_optimizer`), said by name and value."""
+    from dynres.study.chain import demo_config
+
+    preset = demo_config(quick=config.quick, seed=config.seed, pretrained=config.data is None).backbone
+    if "backbone.optimizer" not in chosen or backbone.optimizer == preset.optimizer:
+        return []
+    left = [k for k in ("lr", "weight_decay") if f"backbone.{k}" not in chosen]
+    if not left:
+        return []
+    values = " and ".join(f"backbone.{k} = {getattr(backbone, k):g}" for k in left)
+    return [f"backbone.optimizer = {backbone.optimizer!r}: {values} {'are' if len(left) > 1 else 'is'} dynres's "
+            f"default for {backbone.optimizer}, not the preset's value for {preset.optimizer}; set "
+            f"{'them' if len(left) > 1 else 'it'} in [backbone] to choose"]
 
 
 def scale_choices(store: Store, scale_model: str | Path, policy_path: str | Path, keys: Sequence[str],
