@@ -151,11 +151,13 @@ def test_the_report_opens_with_the_verdict_rendered_from_the_records(tmp_path):
     run_config = {"rows": [{"setting": "scale.folds", "value": 3, "source": "file"},
                            {"setting": "scale.cheap", "value": False, "source": "default"}],
                   "warnings": ["dynamic.scans = 2 applies to the dynamic evaluation only"]}
-    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path) | {"verdict": verdict(),
+    health = {"warnings": ["the backbone is no better than chance: best top-1 10.3%"]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path) | {"verdict": verdict() | {"health": health},
                                                                            "run_config": run_config}))
     _, md_path = build_report(tmp_path)
     md = md_path.read_text()
     verdict_at = md.index("## Verdict on this data")
+    assert verdict_at < md.index("Warning: the backbone is no better than chance") < md.index("Recommended on")
     assert verdict_at < md.index("## Settings") < md.index("torch") < md.index("## Accuracy and GFLOPs")
     head = md[verdict_at:md.index("## Settings")]
     assert "25% crop: dynamic (λ=0.05); 100% crop: static 168 px" in head

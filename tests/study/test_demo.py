@@ -55,6 +55,9 @@ def test_the_guard_runs_first_and_the_pipeline_times_its_operating_point_then_se
     assert verdict["pipeline"]["guard_crop"] == 1.0 and verdict["pipeline"]["lambda"] == cfg.lam
     assert verdict["pipeline"]["served"] == ("dynamic" if row["mode"] == "dynamic" else "static_tuned")
     assert json.loads((tmp_path / "verdict.json").read_text())["crops"] == guard["crops"]
+    health = json.loads((tmp_path / "verdict.json").read_text())["health"]  # every validation image, vs chance
+    assert health["backbone"]["images"] == len(store.keys) and health["classes"] == len(store.classes)
+    assert bool(health["warnings"]) == health["backbone"]["at_chance"]  # no shard labels beside this run
     (eval_dir / PROBS_FILE).unlink()  # a record from before the guard
     assert guard_step(Study(tmp_path, 1), chain, store, acc, dyn, store.keys[::2])["crops"] == guard["crops"]
     assert (eval_dir / PROBS_FILE).is_file()

@@ -84,6 +84,8 @@ def print_verdict(verdict: dict | None) -> None:
     """One line per crop: what the run recommends and the held-out evidence."""
     if not verdict:
         return
+    for warning in (verdict.get("health") or {}).get("warnings", []):
+        console.print(f"[bold yellow]warning:[/bold yellow] {warning}")
     for row in verdict["crops"]:
         console.print(f"crop {row['crop']:g}: [bold]{row['mode']}[/bold] — {row['reason']}")
     console.print(f"serving configuration: {verdict['serving']}")

@@ -184,6 +184,8 @@ def fill_verdict(sec: Section, run: Run) -> None:
     """One screen: what the run recommends per crop and why, on held-out images, against the best static
     resolution and the common baseline; what the pipeline serves, end to end; how to serve it."""
     s, v = run.summary, run.summary["verdict"]
+    for warning in (v.get("health") or {}).get("warnings", []):
+        sec.text(f"Warning: {warning}.")
     rows = v["crops"]
     picks = "; ".join(f"{round(100 * r['crop'])}% crop: {_choice(r)}" for r in rows)
     sec.text(f"Recommended on this data: {picks}. Rule: {v['rule']}. r* and λ* chosen on "

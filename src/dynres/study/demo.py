@@ -280,8 +280,20 @@ def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dy
                        replace(chain_cfg.eval, grid=tuple(dyn["grid"])), probs_path=eval_dir / PROBS_FILE)
     baseline = read_meta(acc["backbone"]).train_resolution  # the pipeline's common baseline
     views = engine_views(eval_dir, acc["backbone"], val_store, dyn.get("scale_scans"), chain_cfg.eval.batch_size)
-    return run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline,
-                     **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store), views=views)
+    guard = run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline,
+                      **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store), views=views)
+    return guard | {"health": health_check(views, val_store, dyn["grid"], [r["crop"] for r in guard["crops"]],
+                                           study.dir / "accuracy" / "scale" / "scale_labels.parquet")}
+
+
+def health_check(views: Any, val_store: StoreLike, grid: list[int], crops: list[float], labels: Path) -> dict:
+    """The backbone on the static engine's views of every validation image, and each shard backbone on the images
+    it labelled, against chance (:func:`dynres.study.health.backbone_health`)."""
+    from dynres.study.health import backbone_health
+    from dynres.study.verdict import correctness
+
+    ok = correctness(views.static, val_store.keys, crops, grid)
+    return backbone_health(ok, grid, len(val_store.classes), labels)
 
 
 def engine_views(eval_dir: Path, backbone: str, val_store: StoreLike, scale_scans: int | None, batch_size: int) -> Any:
@@ -310,6 +322,8 @@ def verdict_step(study: Study, guard: dict, store_path: str, acc: dict, cal: dic
     verdict = guard | {"pipeline": served_pipeline(guard, read_json(pipe["json"])), "serving": str(path),
                        "default_serving": {k: serving["default"][k] for k in ("crop", "mode", "infer", "serve")}}
     write_json(study.dir / "verdict.json", verdict)
+    for warning in (guard.get("health") or {}).get("warnings", []):
+        study.say(f"warning: {warning}", style="bold yellow")
     modes = ", ".join(f"{r['crop']:g}: {r['mode']}" + (f" @{r['static_resolution']}" if r["mode"] == "static" else
                                                        f" λ={r['lambda']:g}") for r in guard["crops"])
     study.say(f"verdict (per crop: chosen on {guard['selection_images']} images, decided on "

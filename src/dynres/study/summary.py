@@ -133,9 +133,10 @@ def _optimizer_notes(backbone: Any, chosen: frozenset, config: Any) -> list[str]
     if not left:
         return []
     values = " and ".join(f"backbone.{k} = {getattr(backbone, k):g}" for k in left)
-    return [f"backbone.optimizer = {backbone.optimizer!r}: {values} {'are' if len(left) > 1 else 'is'} dynres's "
+    note = (f"backbone.optimizer = {backbone.optimizer!r}: {values} {'are' if len(left) > 1 else 'is'} dynres's "
             f"default for {backbone.optimizer}, not the preset's value for {preset.optimizer}; set "
-            f"{'them' if len(left) > 1 else 'it'} in [backbone] to choose"]
+            f"{'them' if len(left) > 1 else 'it'} in [backbone] to choose")
+    return [note]
 
 
 def scale_choices(store: Store, scale_model: str | Path, policy_path: str | Path, keys: Sequence[str],
