@@ -180,12 +180,27 @@ def _views(v: dict) -> str:
     return f" Each mode is judged on its own engine's pixels: static on the static engine's views, dynamic on {dyn}."
 
 
+def _learned(health: dict | None) -> str:
+    """One sentence on how far above chance the backbones are (:mod:`dynres.study.health`), when none is at it."""
+    if not health or not health.get("backbone") or health.get("warnings"):
+        return ""
+    b, shards = health["backbone"], health.get("shards") or []
+    text = (f"The backbones learned this data: best top-1 {b['accuracy']:.1f}% ({round(100 * b['crop'])}% crop, "
+            f"{b['resolution']} px) on {b['images']} validation images against chance {health['chance']:.1f}%")
+    if shards:
+        accs = [s["accuracy"] for s in shards]
+        text += f"; the {len(shards)} shard backbones {min(accs):.1f}–{max(accs):.1f}% on the images they label"
+    return text + "."
+
+
 def fill_verdict(sec: Section, run: Run) -> None:
     """One screen: what the run recommends per crop and why, on held-out images, against the best static
     resolution and the common baseline; what the pipeline serves, end to end; how to serve it."""
     s, v = run.summary, run.summary["verdict"]
     for warning in (v.get("health") or {}).get("warnings", []):
         sec.text(f"Warning: {warning}.")
+    if _learned(v.get("health")):
+        sec.text(_learned(v.get("health")))
     rows = v["crops"]
     picks = "; ".join(f"{round(100 * r['crop'])}% crop: {_choice(r)}" for r in rows)
     sec.text(f"Recommended on this data: {picks}. Rule: {v['rule']}. r* and λ* chosen on "
