@@ -1,6 +1,7 @@
 """The scale model's configuration: what its own training recipe would refuse is refused before any shard
 backbone trains."""
 
+import numpy as np
 import pytest
 
 from dynres.errors import ConfigError
@@ -52,6 +53,42 @@ def test_each_target_maps_the_held_out_backbones_answer_to_0_1():
     assert [(margin[(k, 1.0)] > 0.5).tolist() for k in "ab"] == [[True, False], [False, True]]
 
 
+def test_the_best_target_is_one_distribution_over_the_resolutions_the_backbone_got_right():
+    """Right at some resolutions: uniform over them; right nowhere: uniform over the grid (no preference)."""
+    from dynres.study.scale import label_targets, target_activation
+
+    labels = _labels(key=["a", "a", "b", "b", "c", "c"], crop=[1.0] * 6, resolution=[16, 32] * 3,
+                     correct=[True, False, True, True, False, False], true_prob=[0.5] * 6, margin=[0.0] * 6)
+    best = label_targets(labels, (16, 32), "best")
+    assert [best[(k, 1.0)].tolist() for k in "abc"] == [[1.0, 0.0], [0.5, 0.5], [0.5, 0.5]]
+    assert target_activation("best") == "softmax" and target_activation("correct") == "sigmoid"
+
+
+def test_a_softmax_scale_model_is_read_as_one_by_the_engine_and_the_evaluation(tmp_path):
+    """The checkpoint records its softmax, so the runtime's p(r) (runners.ScaleStage) and the study's
+    (predict_scale, dynamic.decide) are the same distribution over the grid, summing to one per image."""
+    from dynres.io.decode import decode
+    from dynres.model.checkpoint import load_checkpoint
+    from dynres.runtime.runners import load_scale
+    from dynres.study.dynamic import decide
+    from dynres.study.scale import train_scale
+    from tiny_store import MemoryStore
+
+    store = MemoryStore(per_class=4)
+    cfg = ScaleConfig(folds=2, backbone=TrainConfig(resolution=32, epochs=1, batch_size=8), grid=(16, 32),
+                      crops=(1.0,), epochs=1, batch_size=8, holdout=0.25, target="best")
+    result = train_scale(store, tmp_path, cfg, progress=False)
+    model, meta = load_checkpoint(result["scale_model"])
+    assert meta.activation == "softmax" and meta.recipe["target"] == "best"
+    backbone, _ = load_checkpoint(tmp_path / "fold0" / "model.pt")
+    stage = load_scale(result["scale_model"], backbone)
+    data = store.read(store.keys[0])
+    _, probs = stage.choose(decode(data, meta.train_resolution, 1.0)[None], 0.0)
+    assert probs.sum(1) == pytest.approx([1.0], abs=1e-5)
+    _, study_probs = decide((model, meta), data, 1.0, 0.0)
+    assert study_probs == pytest.approx(probs[0], abs=1e-5)
+
+
 def test_labels_made_before_a_targets_column_existed_are_refused_by_name():
     from dynres.study.scale import label_targets
 
@@ -93,6 +130,10 @@ def test_graded_targets_come_only_from_the_backbone_that_did_not_see_the_image(t
             assert row["margin"] == pytest.approx(r["margin"], abs=1e-4)
     for row in rows.values():  # the margin is the true class's lead: positive exactly where the backbone is right
         assert (row["margin"] > 0) == row["correct"] and row["true_prob"] <= row["prob"] + 1e-6
+    best = label_targets(labels, grid, "best")  # a function of the same held-out backbone's answers
+    for (key, crop), dist in best.items():
+        right = np.array([rows[(key, crop, r)]["correct"] for r in grid], dtype=float)
+        assert dist.tolist() == pytest.approx((right / right.sum() if right.any() else right + 1 / len(grid)).tolist())
     prob = label_targets(labels, grid, "prob")
     key = shards[0][0]
     assert prob[(key, 1.0)].tolist() == pytest.approx([rows[(key, 1.0, r)]["true_prob"] for r in grid])

@@ -14,6 +14,16 @@ from dynres.errors import CheckpointError
 from dynres.model.nets import IMAGENET_MEAN, IMAGENET_STD, create_model
 
 META_VERSION = 1
+# how a scale model's logits become p(r) over its grid: "sigmoid", one independent "backbone right at r" per
+# resolution (the paper's); "softmax", one distribution over the grid ("which resolution is best")
+SCALE_ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def scale_probs(logits: torch.Tensor, activation: str = "sigmoid") -> torch.Tensor:
+    """A scale model's p(r) (N, len(grid)) from its logits, by its checkpoint's ``activation``."""
+    if activation == "softmax":
+        return torch.softmax(logits.float(), dim=1)
+    return torch.sigmoid(logits.float())
 
 
 @dataclass(frozen=True)
@@ -22,7 +32,8 @@ class ModelMeta:
 
     ``task`` is ``"classify"`` (outputs = ``classes``) or ``"scale"`` (outputs = one logit per ``grid``
     resolution, meaning "the backbone is right at this resolution"). ``scans`` is the prefix length a scale model
-    reads (``None`` = all scans).
+    reads (``None`` = all scans); ``activation`` how its logits become p(r) (:data:`SCALE_ACTIVATIONS`,
+    :func:`scale_probs`).
     """
 
     arch: str
@@ -37,6 +48,12 @@ class ModelMeta:
     data_hash: str = ""
     epochs_done: int = 0
     version: int = META_VERSION
+    activation: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        if self.activation not in SCALE_ACTIVATIONS:
+            raise CheckpointError(self.arch, f"unknown scale activation {self.activation!r}: one of "
+                                             f"{', '.join(SCALE_ACTIVATIONS)}")
 
     @property
     def num_outputs(self) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dynres.errors import ConfigError
-from dynres.model.checkpoint import load_checkpoint
+from dynres.model.checkpoint import load_checkpoint, scale_probs
 from dynres.model.nets import gflops, to_input
 
 
@@ -143,6 +143,7 @@ class ScaleStage:
     costs: tuple[float, ...]  # backbone cost per grid resolution, in the unit the choice rule expects
     scans: int | None = None  # the prefix it reads (None: the policy's scans at its resolution)
     bias: tuple[float, ...] | None = None  # per grid resolution, added to p(r) by the rule (None: zero)
+    activation: str = "sigmoid"  # the checkpoint's map from logits to p(r) (dynres.model.checkpoint.scale_probs)
 
     def __post_init__(self) -> None:
         if self.bias is not None and len(self.bias) != len(self.grid):
@@ -153,7 +154,7 @@ class ScaleStage:
 
         The rule is :func:`choose`: argmax p(r) + b(r) - lam * cost(r)/max cost; ``lam=None`` or 0 with no bias is
         the paper's argmax p(r)."""
-        probs = torch.sigmoid(self.runner(images, self.resolution).float()).numpy()
+        probs = scale_probs(self.runner(images, self.resolution), self.activation).numpy()
         picks = choose(probs, np.asarray(self.costs, dtype=np.float64), lam, self.bias)
         return [self.grid[int(i)] for i in picks], probs
 
@@ -167,4 +168,5 @@ def load_scale(checkpoint: str | Path, backbone: torch.nn.Module, kernels: str =
         raise ConfigError(checkpoint, f"not a scale model (task {meta.task!r})")
     costs = tuple(gflops(backbone, r) for r in meta.grid)
     return ScaleStage(make_runner(model, kernels, batch, threads), meta.train_resolution, tuple(meta.grid), costs,
-                      scans if scans is not None else meta.scans, None if bias is None else tuple(map(float, bias)))
+                      scans if scans is not None else meta.scans, None if bias is None else tuple(map(float, bias)),
+                      meta.activation)

@@ -73,7 +73,8 @@ def train_probs(scale_model: str | Path, store: StoreLike, labels: pa.Table,
     keys = sorted(set(labels.column("key").to_pylist()))
     crops = sorted(set(labels.column("crop").to_pylist()))
     pairs = [(k, c) for c in crops for k in keys]
-    probs = predict_scale(model, scale_inputs(store, pairs, meta.train_resolution, crops, meta.scans, progress))
+    probs = predict_scale(model, scale_inputs(store, pairs, meta.train_resolution, crops, meta.scans, progress),
+                          meta.activation)
     return keys, {c: probs[i * len(keys):(i + 1) * len(keys)].astype(np.float64) for i, c in enumerate(crops)}
 
 

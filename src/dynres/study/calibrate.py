@@ -221,7 +221,7 @@ def scale_read_pools(scale_model: str | Path | None, backbone, main: Pool, cfg: 
             f"among the calibrated {main.preds.grid}")
         return None, []
     costs = [gflops(backbone, r) for r in grid]
-    choice = ChoiceModel(scale, costs, PipelineConfig().lam, max(len(grid), classes))
+    choice = ChoiceModel(scale, costs, PipelineConfig().lam, max(len(grid), classes), meta.activation)
     preds = ViewPredictions(GridModel(choice, "eager"), main.preds.store, (meta.train_resolution,), areas, cfg.exact,
                             cfg.batch_size)
     return meta.train_resolution, [ChoicePool(preds, main, grid)]

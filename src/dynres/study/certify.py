@@ -25,6 +25,7 @@ import torch
 
 from dynres._ui import track
 from dynres.io.store import StoreLike
+from dynres.model.checkpoint import scale_probs
 from dynres.policy.bounds import images_needed, loss_bound
 from dynres.policy.calibration import ReadRule, rule_counts
 from dynres.policy.quality import QualityIndex
@@ -157,13 +158,14 @@ class ChoiceModel(torch.nn.Module):
     pipeline's rule (:func:`dynres.runtime.runners.choose`: argmax p - lam * cost / max cost) picks ``grid[i]``;
     padded to ``width`` outputs."""
 
-    def __init__(self, scale: torch.nn.Module, costs: Sequence[float], lam: float | None, width: int):
+    def __init__(self, scale: torch.nn.Module, costs: Sequence[float], lam: float | None, width: int,
+                 activation: str = "sigmoid"):
         super().__init__()
-        self.scale, self.lam, self.width = scale.eval(), lam, width
+        self.scale, self.lam, self.width, self.activation = scale.eval(), lam, width, activation
         self.register_buffer("penalty", torch.tensor(costs, dtype=torch.float32) / max(costs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = torch.sigmoid(self.scale(x).float())
+        score = scale_probs(self.scale(x), self.activation)
         if self.lam is not None:
             score = score - self.lam * self.penalty[None, :]
         return torch.nn.functional.one_hot(score.argmax(1), self.width).float()

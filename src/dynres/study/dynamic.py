@@ -93,7 +93,7 @@ def decide(scale, prefix: bytes, crop_area: float, lam: float | None = None,
     area fraction; ``bias`` the rule's per-resolution term (:func:`dynres.runtime.runners.choose`)."""
     model, meta = load_checkpoint(scale) if isinstance(scale, (str, Path)) else scale
     x = decode(prefix, meta.train_resolution, crop_side(crop_area))[None]
-    probs = predict_scale(model, x)
+    probs = predict_scale(model, x, meta.activation)
     cost = np.array(meta.grid, dtype=float) ** 2 if cost is None else np.asarray(cost, dtype=float)
     return meta.grid[int(choose(probs, cost, lam, bias)[0])], probs[0]
 
@@ -154,7 +154,7 @@ def dynamic_record(backbone: str | Path, scale_model: str | Path, store: StoreLi
     before = store.bytes_read
     images = scale_inputs(store, pairs, smeta.train_resolution, crops, scans, progress, decode_for=max(grid))
     scale_bytes = store.bytes_read - before
-    probs_all = predict_scale(smodel, images)
+    probs_all = predict_scale(smodel, images, smeta.activation)
     if probs_path is not None:
         write_probs(probs_path, pairs, probs_all, grid)
 

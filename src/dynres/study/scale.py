@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from dynres._ui import track_threads
 from dynres.errors import ConfigError
 from dynres.io.store import StoreLike
-from dynres.model.checkpoint import ModelMeta, load_checkpoint, load_weights
+from dynres.model.checkpoint import ModelMeta, load_checkpoint, load_weights, scale_probs
 from dynres.model.nets import channels_last, create_model, to_input
 from dynres.model.train import LR_DEFAULTS, ImageCache, TrainConfig, data_hash, fit, train_backbone
 from dynres.paper import PAPER_CROPS, scaled_grid
@@ -43,7 +43,16 @@ from dynres.study.static import image_views, predict_grid
 
 # target name -> (labels column, its map to [0, 1]); every column is written by the held-out backbone of the row
 TARGETS = {"correct": ("correct", lambda v: float(v)), "prob": ("true_prob", float),
-           "margin": ("margin", lambda v: (1.0 + v) / 2.0)}
+           "margin": ("margin", lambda v: (1.0 + v) / 2.0), "best": ("correct", lambda v: float(v))}
+# targets that are one distribution over the grid (a softmax head, trained by cross-entropy): "best", where the
+# held-out backbone is right, uniformly (uniform over the whole grid where it is right nowhere: no preference,
+# the rule's cost term then decides); the others are one sigmoid per resolution (binary cross-entropy)
+DISTRIBUTION_TARGETS = ("best",)
+
+
+def target_activation(target: str) -> str:
+    """The scale model's output map for a training target (:data:`dynres.model.checkpoint.SCALE_ACTIVATIONS`)."""
+    return "softmax" if target in DISTRIBUTION_TARGETS else "sigmoid"
 
 
 @dataclass(frozen=True)
@@ -183,7 +192,10 @@ def label_targets(labels: pa.Table, grid: Sequence[int], target: str = "correct"
     for key, crop, r, value in zip(*(labels.column(n).to_pylist() for n in ("key", "crop", "resolution", column))):
         sums.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))[index[r]] += to_unit(value)
         counts.setdefault((key, crop), np.zeros(len(grid), dtype=np.float32))[index[r]] += 1.0
-    return {p: sums[p] / np.maximum(counts[p], 1.0) for p in sums}
+    means = {p: sums[p] / np.maximum(counts[p], 1.0) for p in sums}
+    if target in DISTRIBUTION_TARGETS:
+        return {p: v / v.sum() if v.sum() > 0 else np.full_like(v, 1.0 / len(v)) for p, v in means.items()}
+    return means
 
 
 def label_stats(targets: dict[tuple[str, float], np.ndarray], grid: Sequence[int],
@@ -257,10 +269,13 @@ def _targets_hash(store: StoreLike, keys: Sequence[str], targets: torch.Tensor) 
 
 
 @torch.no_grad()
-def predict_scale(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Sigmoid probabilities (N, len(grid)) that the backbone is right at each resolution."""
+def predict_scale(model: nn.Module, images: torch.Tensor, activation: str = "sigmoid", batch_size: int = 256
+                  ) -> np.ndarray:
+    """p(r) (N, len(grid)) by the checkpoint's ``activation``: per resolution, that the backbone is right there
+    (sigmoid), or one distribution over the grid (softmax)."""
     channels_last(model).eval()
-    out = [torch.sigmoid(model(to_input(images[i:i + batch_size], True))) for i in range(0, len(images), batch_size)]
+    out = [scale_probs(model(to_input(images[i:i + batch_size], True)), activation)
+           for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
 
 
@@ -289,7 +304,7 @@ def train_scale(store: StoreLike, out: str | Path, cfg: ScaleConfig = ScaleConfi
     tr = torch.tensor([i for i, p in enumerate(pairs) if p[0] not in held], dtype=torch.long)
     test = [i for i, p in enumerate(pairs) if p[0] in held]
     model = fit_scale_model(images[tr], y[tr], out, cfg, grid, res, _targets_hash(store, keys, y), progress)
-    aucs = heldout_auc(model, images, [answers[pairs[i]] for i in test], test, grid)
+    aucs = heldout_auc(model, images, [answers[pairs[i]] for i in test], test, grid, target_activation(cfg.target))
     stats = label_stats(answers, grid, crops)
     payload = {"grid": list(grid), "crops": list(crops), "folds": source["folds"], "splits": source["splits"],
                "cheap": cfg.cheap, "target": cfg.target, "scale_resolution": res, "scale_arch": cfg.arch,
@@ -335,20 +350,23 @@ def fit_scale_model(images: torch.Tensor, targets: torch.Tensor, out: Path, cfg:
     if cfg.init:
         load_weights(model.net, cfg.init)
     recipe = asdict(cfg) | {"samples": len(targets)}
+    activation = target_activation(cfg.target)
     meta = ModelMeta(arch=cfg.arch, classes=(), train_resolution=resolution, task="scale", grid=tuple(grid),
-                     scans=cfg.scans, recipe=json.loads(json.dumps(recipe, default=str)), data_hash=data_hash)
-    fit(model, ScaleInputs(images, targets), tcfg, nn.BCEWithLogitsLoss(), out / "scale_model", meta,
+                     scans=cfg.scans, recipe=json.loads(json.dumps(recipe, default=str)), data_hash=data_hash,
+                     activation=activation)
+    loss = nn.CrossEntropyLoss() if activation == "softmax" else nn.BCEWithLogitsLoss()  # soft targets: a distribution
+    fit(model, ScaleInputs(images, targets), tcfg, loss, out / "scale_model", meta,
         f"train scale model {cfg.arch} @{resolution}", progress)
     return model
 
 
 def heldout_auc(model: nn.Module, images: torch.Tensor, answers: Sequence[np.ndarray], test: Sequence[int],
-                grid: Sequence[int]) -> list[dict]:
+                grid: Sequence[int], activation: str = "sigmoid") -> list[dict]:
     """Per-resolution AUC of the scale model on the held-out samples ``test`` (indices into ``images``), judged
     against ``answers`` (one 0/1 vector per held-out sample)."""
     if not test:
         return []
-    probs = predict_scale(model, images[torch.tensor(test, dtype=torch.long)])
+    probs = predict_scale(model, images[torch.tensor(test, dtype=torch.long)], activation)
     truth = np.stack(answers)
     return [{"resolution": r, "auc": auc(probs[:, i], truth[:, i]), "positive_rate": 100 * float(truth[:, i].mean())}
             for i, r in enumerate(grid)]
