@@ -33,6 +33,25 @@ def test_scale_checkpoint_has_one_output_per_grid_resolution(tmp_path):
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3)
 
 
+def test_a_scale_checkpoint_says_how_its_logits_become_probabilities(tmp_path):
+    """Older checkpoints carry no activation and are read as the paper's per-resolution sigmoids."""
+    from dynres.model.checkpoint import meta_path, scale_probs
+
+    meta = ModelMeta(arch="resnet_micro", classes=(), train_resolution=32, task="scale", grid=(32, 64),
+                     activation="softmax")
+    save_checkpoint(create_model("resnet_micro", 2), meta, tmp_path / "s.pt")
+    assert load_checkpoint(tmp_path / "s.pt")[1].activation == "softmax"
+    old = json.loads(meta_path(tmp_path / "s.pt").read_text())
+    del old["activation"]
+    meta_path(tmp_path / "s.pt").write_text(json.dumps(old))
+    assert load_checkpoint(tmp_path / "s.pt")[1].activation == "sigmoid"
+    logits = torch.tensor([[2.0, 0.0]])
+    assert scale_probs(logits, "softmax").sum().item() == pytest.approx(1.0)
+    assert scale_probs(logits).tolist() == pytest.approx(torch.sigmoid(logits).tolist())
+    with pytest.raises(CheckpointError, match="activation"):
+        ModelMeta(arch="x", classes=(), train_resolution=32, activation="tanh")
+
+
 def test_bad_checkpoints_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
