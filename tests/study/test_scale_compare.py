@@ -2,6 +2,7 @@
 "correct" candidate at the run's seed is the run's scale model again."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -52,6 +53,23 @@ def test_candidates_are_trained_on_the_runs_labels_and_judged_on_val(tmp_path):
     assert margin.recipe["target"] == "margin"
     assert json.loads((tmp_path / "bench" / "bench_scale.json").read_text())["targets"] == ["correct", "margin"]
     assert "## Summary" in (tmp_path / "bench" / "bench_scale.md").read_text()
+
+
+def test_a_run_recorded_with_relative_paths_is_benchmarked_from_another_directory(tmp_path, monkeypatch):
+    """`dynres demo` records paths relative to where it ran (runs/demo/...): the run's own scale model is found
+    beside its record wherever the bench starts."""
+    backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
+    cfg = ChainConfig(backbone=backbone, scale=ScaleConfig(folds=2, crops=CROPS, epochs=1, batch_size=8,
+                                                           arch="resnet_micro"), eval=EvalConfig(crops=CROPS))
+    train, val = MemoryStore(per_class=4), MemoryStore(per_class=2, offset=50)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    run_accuracy_chain(train, val, Path("runs/demo/accuracy"), cfg, progress=False)
+    assert not Path(json.loads(Path("runs/demo/accuracy/scale/scale.json").read_text())["scale_model"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    payload = compare_scale_targets(train, val, tmp_path / "work/runs/demo/accuracy", tmp_path / "bench",
+                                    ScaleBenchConfig(targets=("correct",)), progress=False)
+    assert {r["crop"] for r in payload["rows"]} == set(CROPS)
 
 
 def test_biased_rules_are_fitted_on_the_training_labels_and_judged_on_val(tmp_path):

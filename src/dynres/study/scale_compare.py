@@ -77,11 +77,16 @@ def compare_scale_targets(train_store: StoreLike, val_store: StoreLike, run: str
 def _candidate(train_store: StoreLike, run: Path, out: Path, cfg: ScaleConfig, meta: ModelMeta,
                progress: bool) -> dict:
     """The candidate's scale record: the run's own when it is the run's recipe (same target and seed: training is
-    deterministic, so retraining would give the same weights), else a new training under ``out``."""
+    deterministic, so retraining would give the same weights), else a new training under ``out``. The run's record
+    holds paths relative to where the run was started: they are resolved beside the record, so a moved run, or one
+    benchmarked from another directory, finds its own scale model."""
+    from dynres.study.calibrate import recorded_path
+
     own = run / "scale" / "scale.json"
     if (cfg.target == meta.recipe.get("target", "correct") and cfg.seed == meta.recipe.get("seed")
             and own.is_file()):
-        return json.loads(own.read_text())
+        record = json.loads(own.read_text())
+        return record | {"scale_model": str(recorded_path(own, record["scale_model"]))}
     return train_scale(train_store, out, cfg, progress=progress)
 
 
