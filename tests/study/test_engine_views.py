@@ -107,19 +107,3 @@ def test_a_views_table_is_made_once_and_only_for_the_checkpoint_it_evaluated(eva
     assert views_table(out, backbone, store, exact=True, progress=False).stat().st_mtime_ns == stamp  # reused
     with pytest.raises(ConfigError, match="not the checkpoint"):
         views_table(out, scale, store, exact=True, progress=False)
-
-
-def test_both_engines_tables_made_in_one_pass_equal_each_made_alone(evaluated):
-    """One pass shares each image's per-scale decodes between the two tables; the answers are the same."""
-    from dynres.study.static import views_tables
-
-    store, backbone, _, out, _ = evaluated
-    alone = {exact: pq.read_table(views_table(out, backbone, store, exact, progress=False)) for exact in (True, False)}
-    for exact in (True, False):
-        (out / VIEW_TABLES[exact]).unlink()
-    both = views_tables(out, backbone, store, (True, False), progress=False)
-    assert both == {exact: out / VIEW_TABLES[exact] for exact in (True, False)}
-    for exact in (True, False):
-        assert pq.read_table(both[exact]).equals(alone[exact]), exact
-    stamp = both[False].stat().st_mtime_ns
-    assert views_tables(out, backbone, store, (False,), progress=False)[False].stat().st_mtime_ns == stamp  # reused

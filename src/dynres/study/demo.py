@@ -301,15 +301,15 @@ def engine_views(eval_dir: Path, backbone: str, val_store: StoreLike, scale_scan
     decodes each view at its own DCT scale; the dynamic engine resizes its backbone view from the scale prefix's one
     decode when that prefix is the whole file (the guard judges full reads), else it reads the rest and decodes it
     as the static engine does. A table the evaluation did not make is made once beside it."""
-    from dynres.study.static import views_tables
+    from dynres.study.static import views_table
     from dynres.study.verdict import EngineViews
 
     keys = val_store.keys
     short = () if scale_scans is None else (k for k in keys if scale_scans < val_store.num_scans(k))
     exact_keys = frozenset(short)
-    every_exact = len(exact_keys) == len(keys)
-    tables = views_tables(eval_dir, backbone, val_store, (True,) if every_exact else (True, False), batch_size)
-    return EngineViews(tables[True], tables[True] if every_exact else tables[False], exact_keys)
+    static = views_table(eval_dir, backbone, val_store, True, batch_size)
+    dynamic = static if len(exact_keys) == len(keys) else views_table(eval_dir, backbone, val_store, False, batch_size)
+    return EngineViews(static, dynamic, exact_keys)
 
 
 def verdict_step(study: Study, guard: dict, store_path: str, acc: dict, cal: dict, pipe: dict) -> dict:

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,62 +171,42 @@ def predict_grid(model: torch.nn.Module | GridModel, store: StoreLike, keys: Seq
                  crops: Sequence[float], scans: Scans = None, exact: bool = False, batch_size: int = 64,
                  progress: bool = True, description: str = "evaluate", backend: str = "auto",
                  workers: int = 0, engine: bool = False) -> pa.Table:
-    """Run ``model`` on every (key, crop, resolution) view of :func:`image_views`; one row per view (a module runs
-    as ``GridModel(model, backend)``).
+    """Run ``model`` on every (key, crop, resolution) view; one row per view (a module runs as
+    ``GridModel(model, backend)``).
 
     Views are decoded by ``workers`` threads (0: one per core; Pillow and torch release the GIL), the next batch's
     while the model runs on this one: decoding and resizing 28 views per image cost more than the inference.
     """
     run = model if isinstance(model, GridModel) else GridModel(model, backend)
-    return predict_views(run, store, keys, grid, crops,
-                         lambda key: {"": image_views(store, key, grid, crops, scans, exact, engine)}, ("",),
-                         batch_size, progress, description, workers)[""]
-
-
-def engine_view_sets(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence[float],
-                     kinds: Sequence[bool]) -> dict[bool, dict[tuple[float, int], torch.Tensor]]:
-    """The full read's views of one image for each engine of ``kinds`` (True: the static engine's, as
-    ``image_views(exact=True)``; False: the dynamic engine's decode-once views, as ``image_views(engine=True)``),
-    sharing one decode per DCT scale between them (the decode-once views' scales are among the exact views')."""
-    decodes = ScaledDecodes(store.read(key), key)
-    return {exact: {(c, r): decodes.view(r, crop_side(c), None if exact else max(grid) / crop_side(c))
-                    for c in crops for r in grid} for exact in kinds}
-
-
-def predict_views(run: GridModel, store: StoreLike, keys: Sequence[str], grid: Sequence[int], crops: Sequence[float],
-                  views_of: Callable[[str], dict], kinds: Sequence, batch_size: int = 64, progress: bool = True,
-                  description: str = "evaluate", workers: int = 0) -> dict:
-    """:func:`predict_grid`'s loop over several kinds of view at once: ``views_of(key)`` gives, per kind of
-    ``kinds``, one image's (crop, resolution) views; one table per kind."""
     # true_prob / margin: the true class's probability and its lead over the best other class (the scale model's
     # graded targets, docs/scale-candidates.md)
-    names = ("key", "label", "crop", "resolution", "pred", "prob", "correct", "true_prob", "margin")
-    cols = {kind: {n: [] for n in names} for kind in kinds}
+    cols: dict[str, list] = {n: [] for n in ("key", "label", "crop", "resolution", "pred", "prob", "correct",
+                                             "true_prob", "margin")}
     keys = list(keys)
     chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
     with ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)), thread_name_prefix="dynres-views") as pool:
         def submit(j: int) -> list:
-            return [pool.submit(views_of, k) for k in chunks[j]] if j < len(chunks) else []
+            return [pool.submit(image_views, store, k, grid, crops, scans, exact, engine) for k in chunks[j]] \
+                if j < len(chunks) else []
 
         ahead = submit(0)
         for j in track(range(len(chunks)), len(chunks),
                        f"{description} ({len(keys)} images x {len(grid)}x{len(crops)} views)", progress):
-            sets, chunk = [f.result() for f in ahead], chunks[j]
+            views, chunk = [f.result() for f in ahead], chunks[j]
             ahead = submit(j + 1)
             labels = [store.label(k) for k in chunk]
-            index = torch.tensor(labels).unsqueeze(1)
-            for kind, out in cols.items():
-                for c in crops:
-                    for r in grid:
-                        probs = torch.softmax(run(torch.stack([v[kind][(c, r)] for v in sets])), dim=1)
-                        prob, pred = probs.max(dim=1)
-                        true = probs.gather(1, index).squeeze(1)
-                        margin = true - probs.scatter(1, index, -1.0).max(dim=1).values
-                        for key, label, p, q, t, m in zip(chunk, labels, pred.tolist(), prob.tolist(), true.tolist(),
-                                                          margin.tolist()):
-                            for name, value in zip(names, (key, label, c, r, p, q, p == label, t, m)):
-                                out[name].append(value)
-    return {kind: pa.table(table) for kind, table in cols.items()}
+            for c in crops:
+                for r in grid:
+                    probs = torch.softmax(run(torch.stack([v[(c, r)] for v in views])), dim=1)
+                    prob, pred = probs.max(dim=1)
+                    index = torch.tensor(labels).unsqueeze(1)
+                    true = probs.gather(1, index).squeeze(1)
+                    margin = true - probs.scatter(1, index, -1.0).max(dim=1).values
+                    for key, label, p, q, t, m in zip(chunk, labels, pred.tolist(), prob.tolist(), true.tolist(),
+                                                      margin.tolist()):
+                        for name, value in zip(cols, (key, label, c, r, p, q, p == label, t, m)):
+                            cols[name].append(value)
+    return pa.table(cols)
 
 
 def accuracy_table(table: pa.Table) -> dict[tuple[float, int], float]:
@@ -241,44 +221,29 @@ VIEW_TABLES = {True: "static_images_exact.parquet", False: "static_images_engine
 def views_table(eval_dir: str | Path, checkpoint: str | Path, store: StoreLike, exact: bool, batch_size: int = 64,
                 progress: bool = True) -> Path:
     """The static evaluation in ``eval_dir`` on the static engine's views (``exact``) or on the dynamic engine's
-    decode-once views (:func:`views_tables` for one kind)."""
-    return views_tables(eval_dir, checkpoint, store, (exact,), batch_size, progress)[exact]
-
-
-def views_tables(eval_dir: str | Path, checkpoint: str | Path, store: StoreLike, kinds: Sequence[bool],
-                 batch_size: int = 64, progress: bool = True) -> dict[bool, Path]:
-    """The static evaluation in ``eval_dir`` on each engine's views of ``kinds`` (True: the static engine's,
-    False: the dynamic engine's decode-once views, :func:`engine_view_sets`): its own per-image table when it was
-    made with exact views and those are asked for, else one made beside it (:data:`VIEW_TABLES`) with its images,
-    grid, crops and backend and ``checkpoint`` (which must be the one it evaluated), and reused while they match.
-    The tables still missing are made in one pass, each image decoded once per DCT scale for all of them."""
+    decode-once views (:func:`image_views`): its own per-image table when it was made with exact views and those
+    are asked for, else one made beside it (:data:`VIEW_TABLES`) with its images, grid, crops and backend and
+    ``checkpoint`` (which must be the one it evaluated), and reused while they match."""
     eval_dir = Path(eval_dir)
     rec, own = read_json(eval_dir / "static.json"), eval_dir / "static_images.parquet"
-    paths = {exact: own if exact and rec.get("exact_views") else eval_dir / VIEW_TABLES[exact] for exact in kinds}
+    if exact and rec.get("exact_views"):
+        return own
+    path = eval_dir / VIEW_TABLES[exact]
     if checkpoint_digest(checkpoint) != rec["checkpoint_sha256"]:
         raise ConfigError(str(checkpoint), f"not the checkpoint {eval_dir / 'static.json'} evaluated")
     keys = list(dict.fromkeys(pq.read_table(own, columns=["key"]).column("key").to_pylist()))
-    stamps = {exact: {"checkpoint_sha256": rec["checkpoint_sha256"], "keys": digest(keys), "grid": rec["grid"],
-                      "crops": rec["crops"], "exact_views": exact} for exact in kinds}
-
-    def current(exact: bool) -> bool:
-        path = paths[exact]
-        return path == own or (path.is_file() and json.loads(
-            (pq.read_schema(path).metadata or {}).get(b"dynres", b"{}")) == stamps[exact])
-
-    missing = tuple(exact for exact in kinds if not current(exact))
-    if missing:
-        model, _ = load_checkpoint(checkpoint)
-        grid, crops = rec["grid"], rec["crops"]
-        names = " and ".join("static" if exact else "dynamic" for exact in missing)
-        tables = predict_views(GridModel(model, rec.get("backend", "auto")), store, keys, grid, crops,
-                               lambda key: engine_view_sets(store, key, grid, crops, missing), missing, batch_size,
-                               progress, f"eval ({names} engine's views)")
-        for exact in missing:
-            tmp = paths[exact].with_suffix(".tmp")
-            pq.write_table(tables[exact].replace_schema_metadata({"dynres": json.dumps(stamps[exact])}), tmp)
-            tmp.replace(paths[exact])  # a half-written table never reads as complete
-    return paths
+    stamp = {"checkpoint_sha256": rec["checkpoint_sha256"], "keys": digest(keys), "grid": rec["grid"],
+             "crops": rec["crops"], "exact_views": exact}
+    if path.is_file() and json.loads((pq.read_schema(path).metadata or {}).get(b"dynres", b"{}")) == stamp:
+        return path
+    model, _ = load_checkpoint(checkpoint)
+    table = predict_grid(GridModel(model, rec.get("backend", "auto")), store, keys, rec["grid"], rec["crops"],
+                         None, exact, batch_size, progress, f"eval ({'static' if exact else 'dynamic'} engine's views)",
+                         engine=not exact)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table.replace_schema_metadata({"dynres": json.dumps(stamp)}), tmp)
+    tmp.replace(path)  # a half-written table never reads as complete
+    return path
 
 
 # --- the static characterization ----------------------------------------------------------------------------
