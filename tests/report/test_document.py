@@ -176,11 +176,12 @@ def test_the_report_opens_with_the_verdict_rendered_from_the_records(tmp_path):
 def test_the_verdict_says_how_far_above_chance_the_backbones_are(tmp_path):
     health = {"chance": 25.0, "warnings": [],
               "backbone": {"accuracy": 50.0, "crop": 1.0, "resolution": 168, "images": 400},
-              "shards": [{"accuracy": 43.25}, {"accuracy": 48.75}]}
+              "shards": [{"accuracy": 43.25}, {"accuracy": 48.75}], "scale_auc": {"min": 0.51, "max": 0.634}}
     (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path) | {"verdict": verdict() | {"health": health}}))
     md = build_report(tmp_path)[1].read_text()
     assert ("The backbones learned this data: best top-1 50.0% (100% crop, 168 px) on 400 validation images against "
             "chance 25.0%; the 2 shard backbones 43.2–48.8% on the images they label.") in md
+    assert "Where static is recommended: the scale model's AUC on the validation images is 0.51–0.63" in md
 
 
 def test_a_run_from_before_the_guard_says_it_has_no_verdict(tmp_path):

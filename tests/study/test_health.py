@@ -1,6 +1,7 @@
 """study.health: a backbone that did not learn the data is named as such, and one that did is not."""
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -61,3 +62,10 @@ def test_each_shard_backbone_is_judged_on_the_images_it_labelled(tmp_path):
     (warning,) = health["warnings"]
     assert warning.startswith("1 of 2 shard backbones") and "fold 1 " in warning and "noise" in warning
     assert backbone_health(learner(rng, 300, 0.6), GRID, 10, tmp_path / "missing.parquet")["shards"] == []
+
+
+def test_the_scale_models_auc_is_summarized_beside_the_backbones():
+    rng = np.random.default_rng(3)
+    health = backbone_health(learner(rng, 100, 0.6), GRID, 10, scale_aucs=[0.6, float("nan"), 0.8])
+    assert health["scale_auc"] == {"min": 0.6, "max": 0.8, "mean": pytest.approx(0.7)}
+    assert backbone_health(learner(rng, 100, 0.6), GRID, 10)["scale_auc"] is None

@@ -202,6 +202,12 @@ def fill_verdict(sec: Section, run: Run) -> None:
     if _learned(v.get("health")):
         sec.text(_learned(v.get("health")))
     rows = v["crops"]
+    auc = (v.get("health") or {}).get("scale_auc")
+    if auc and any(r["mode"] == "static" for r in rows):
+        sec.text(f"Where static is recommended: the scale model's AUC on the validation images is "
+                 f"{auc['min']:.2f}–{auc['max']:.2f} per (crop, resolution) (0.5: no better than a coin), i.e. how "
+                 "well it tells, before the backbone runs, where the backbone will be right. A more accurate backbone "
+                 "is what raised it, and moved the verdict to dynamic, on real photos (docs/real-photos.md).")
     picks = "; ".join(f"{round(100 * r['crop'])}% crop: {_choice(r)}" for r in rows)
     sec.text(f"Recommended on this data: {picks}. Rule: {v['rule']}. r* and λ* chosen on "
              f"{v['selection_images']} validation images; dynamic vs static decided on these "

@@ -79,12 +79,17 @@ def shard_cells(labels: str | Path) -> list[tuple[int, int, dict]]:
 
 
 def backbone_health(ok_static: Mapping[float, np.ndarray], grid: Sequence[int], classes: int,
-                    labels: str | Path | None = None) -> dict:
+                    labels: str | Path | None = None, scale_aucs: Sequence[float] = ()) -> dict:
     """The main backbone (``ok_static``: per crop, right or not on the static engine's views, images x grid) and
     each shard backbone of ``labels`` against chance for ``classes`` classes; ``warnings`` says, by name, each one
-    that is no better than chance."""
+    that is no better than chance. ``scale_aucs`` (the scale model's held-out AUC per (crop, resolution)) is
+    summarized beside them as ``scale_auc``: how well the scale model tells where this backbone is right."""
+    finite = [a for a in scale_aucs if a is not None and np.isfinite(a)]
+    scale_auc = ({"min": float(min(finite)), "max": float(max(finite)), "mean": float(np.mean(finite))}
+                 if finite else None)
     if classes < 2:
-        return {"classes": classes, "chance": None, "backbone": None, "shards": [], "warnings": []}
+        return {"classes": classes, "chance": None, "backbone": None, "shards": [], "warnings": [],
+                "scale_auc": scale_auc}
     backbone = judge(*best_cell(ok_static, grid), classes)
     shards = [judge(*cell, classes) for cell in shard_cells(labels)] if labels and Path(labels).is_file() else []
     warnings = []
@@ -104,4 +109,4 @@ def backbone_health(ok_static: Mapping[float, np.ndarray], grid: Sequence[int], 
                         f"images they label ({names}; chance {chance:.1f}%): the scale model's labels from them are "
                         "noise")
     return {"classes": classes, "chance": chance, "alpha": ALPHA, "backbone": backbone, "shards": shards,
-            "warnings": warnings}
+            "warnings": warnings, "scale_auc": scale_auc}
