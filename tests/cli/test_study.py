@@ -17,7 +17,8 @@ def test_run_prints_the_effective_settings_first_and_the_verdict_last(tmp_path, 
 
     def fake_run_study(cfg):  # the stages themselves are the study's tests
         seen.append(cfg)
-        return {"wall_s": 1.0, "verdict": {"serving": "o/serving.json", "health": {"warnings": ["at chance"]},
+        return {"wall_s": 1.0, "verdict": {"serving": "o/serving.json",
+                                           "health": {"warnings": ["at chance"], "scale_auc": {"min": 0.5, "max": 0.6}},
                                            "crops": [
             {"crop": 0.25, "mode": "static", "reason": "less accurate: dynamic 20% vs static 30%"}]}}
 
@@ -30,3 +31,4 @@ def test_run_prints_the_effective_settings_first_and_the_verdict_last(tmp_path, 
     assert "folds=3" in out and "cheap=false" in out  # the file's setting and the default it leaves
     assert "warning: dynamic.scans = 2" in out and "o/serving.json" in out
     assert out.index("warning: at chance") < out.index("crop 0.25: static")  # the backbone's health first
+    assert "the scale model's AUC on the validation images: 0.50–0.60" in out  # why static, where it is

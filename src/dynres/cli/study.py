@@ -88,6 +88,10 @@ def print_verdict(verdict: dict | None) -> None:
         console.print(f"[bold yellow]warning:[/bold yellow] {warning}")
     for row in verdict["crops"]:
         console.print(f"crop {row['crop']:g}: [bold]{row['mode']}[/bold] — {row['reason']}")
+    auc = (verdict.get("health") or {}).get("scale_auc")
+    if auc and any(row["mode"] == "static" for row in verdict["crops"]):
+        console.print(f"the scale model's AUC on the validation images: {auc['min']:.2f}–{auc['max']:.2f} (0.5: a "
+                      "coin), how well it tells where the backbone will be right; a more accurate backbone raises it")
     console.print(f"serving configuration: {verdict['serving']}")
 
 
