@@ -64,6 +64,11 @@ def test_each_shard_backbone_is_judged_on_the_images_it_labelled(tmp_path):
     assert backbone_health(learner(rng, 300, 0.6), GRID, 10, tmp_path / "missing.parquet")["shards"] == []
 
 
+def test_nothing_evaluated_is_nothing_judged():
+    health = backbone_health({1.0: np.zeros((0, len(GRID)), dtype=bool)}, GRID, 10)
+    assert health["backbone"] is None and health["warnings"] == []
+
+
 def test_the_scale_models_auc_is_summarized_beside_the_backbones():
     rng = np.random.default_rng(3)
     health = backbone_health(learner(rng, 100, 0.6), GRID, 10, scale_aucs=[0.6, float("nan"), 0.8])

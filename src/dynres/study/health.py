@@ -90,11 +90,12 @@ def backbone_health(ok_static: Mapping[float, np.ndarray], grid: Sequence[int], 
     if classes < 2:
         return {"classes": classes, "chance": None, "backbone": None, "shards": [], "warnings": [],
                 "scale_auc": scale_auc}
-    backbone = judge(*best_cell(ok_static, grid), classes)
-    shards = [judge(*cell, classes) for cell in shard_cells(labels)] if labels and Path(labels).is_file() else []
+    cell = best_cell(ok_static, grid)
+    backbone = judge(*cell, classes) if cell[1] else None  # no image evaluated: nothing to judge
+    shards = [judge(*c, classes) for c in shard_cells(labels) if c[1]] if labels and Path(labels).is_file() else []
     warnings = []
     chance = 100.0 / classes
-    if backbone["at_chance"]:
+    if backbone is not None and backbone["at_chance"]:
         warnings.append(f"the backbone is no better than chance: best top-1 {backbone['accuracy']:.1f}% "
                         f"({backbone['right']} of {backbone['images']} validation images, "
                         f"{round(100 * backbone['crop'])}% crop, {backbone['resolution']} px) against 1/{classes} = "
