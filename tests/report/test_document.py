@@ -128,6 +128,7 @@ def verdict() -> dict:
         "views": {"static": "static_images_exact.parquet", "dynamic": "static_images_engine.parquet",
                   "dynamic_exact_images": 0},
         "crops": [{"crop": 0.25, "mode": "dynamic", "lambda": 0.05, "static_resolution": 112, "reason": "wins",
+                   "held_discordance": {"dynamic_only": 20, "static_only": 7, "p_value": 0.019},
                    "held_static_accuracy": 70.25, "held_static_gflops": 0.041, "held_dynamic_accuracy": 74.75,
                    "held_dynamic_gflops": 0.038, "baseline_resolution": 112, "held_baseline_accuracy": 70.25,
                    "held_baseline_gflops": 0.041},
@@ -167,7 +168,8 @@ def test_the_report_opens_with_the_verdict_rendered_from_the_records(tmp_path):
                    "with every scan read; serving.json runs with the calibrated policy's reads",
                    "dynamic rows run at λ=0.1, static @168", "Timed dynamic row (dynamic, λ=0.1): 450 images/s",
                    "0.31 (dynamic at λ=0)",  # the calibration's dynamic row is at λ=0, not λ*: labelled
-                   "static on the static engine's views, dynamic on the dynamic engine's decode-once views."):
+                   "static on the static engine's views, dynamic on the dynamic engine's decode-once views.",
+                   "What the 300 held-out images can tell apart", "25% crop 20 / 7 (p = 0.019)"):
         assert needle in head, needle
     assert "folds=3" in md[md.index("## Settings"):]
     assert "The backbones learned" not in md  # not beside a warning that one did not

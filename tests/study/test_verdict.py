@@ -42,6 +42,19 @@ def test_the_guard_picks_dynamic_when_it_wins_on_held_out_images():
     assert row["held_static_accuracy"] == 70.0 and row["held_dynamic_accuracy"] == 100.0
     assert row["held_dynamic_gflops"] <= row["held_static_gflops"] == 4.0
     assert row["held_baseline_accuracy"] == 70.0 and row["held_out_images"] == row["selection_images"] == 20
+    # the 6 held-out images right at 56 only: dynamic gets them, static misses them, nothing the other way
+    assert row["held_discordance"] == {"dynamic_only": 6, "static_only": 0, "p_value": pytest.approx(2 / 2**6)}
+
+
+def test_the_held_out_split_of_answers_and_its_p_value():
+    """McNemar's exact test on the images only one mode gets right: 3 against 1 is no evidence (p = 0.625)."""
+    from dynres.study.verdict import discordance
+
+    ok = np.array([[True, False]] * 3 + [[False, True]] + [[True, True]] * 4)  # right at (56, 112)
+    p = np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)  # the scale model picks 56 for the first four
+    out = discordance(p, ok, ok, COST, 1, 0.0, np.ones(8, dtype=bool))
+    assert out == {"dynamic_only": 3, "static_only": 1, "p_value": pytest.approx(0.625)}
+    assert discordance(p, ok, ok, COST, 0, 0.0, np.ones(8, dtype=bool))["p_value"] == 1.0  # the same answers
 
 
 def test_the_guard_picks_the_best_static_resolution_when_dynamic_is_worse():
@@ -50,6 +63,8 @@ def test_the_guard_picks_the_best_static_resolution_when_dynamic_is_worse():
     assert row["mode"] == "static" and row["static_resolution"] == 112
     assert row["held_dynamic_accuracy"] < row["held_static_accuracy"]
     assert row["reason"].startswith("less accurate")
+    split = row["held_discordance"]
+    assert split["static_only"] > split["dynamic_only"] and split["p_value"] < 0.05
 
 
 def test_the_decision_rests_on_the_held_out_images_not_on_the_ones_it_chose_on():

@@ -227,6 +227,12 @@ def fill_verdict(sec: Section, run: Run) -> None:
     for r in rows:
         if r["mode"] != "dynamic":
             sec.text(f"{round(100 * r['crop'])}% crop, static: {r['reason']}.")
+    splits = [(r["crop"], r["held_discordance"]) for r in rows if r.get("held_discordance")]
+    if splits:
+        sec.text(f"What the {v['held_out_images']} held-out images can tell apart (images only dynamic got right / "
+                 "only static, McNemar's exact p: small means the difference is unlikely to be chance): "
+                 + "; ".join(f"{round(100 * c)}% crop {d['dynamic_only']} / {d['static_only']} (p = {d['p_value']:.2g})"
+                             for c, d in splits) + ".")
     pipe = v.get("pipeline")
     if pipe:
         served, static, base = (pipe["rows"].get(k, {}) for k in (pipe["served"], "static_tuned", "baseline"))

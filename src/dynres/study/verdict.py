@@ -61,6 +61,23 @@ def _point(p: np.ndarray, ok: np.ndarray, cost: np.ndarray, scale_g: float, lam:
     return int(ok[mask][np.arange(len(pick)), pick].sum()), float(cost[pick].mean() + scale_g)
 
 
+def discordance(p: np.ndarray, ok: np.ndarray, ok_static: np.ndarray, cost: np.ndarray, best: int, lam: float,
+                mask: np.ndarray, bias: np.ndarray | None = None) -> dict:
+    """How far the held-out comparison can be told from chance: the images (of ``mask``) that dynamic at ``lam``
+    gets right and static at ``best`` misses, the reverse, and McNemar's exact two-sided p-value of that split (how
+    likely a split at least this uneven is if neither mode were better). The verdict does not use it: it says how
+    much one run's held-out images can tell apart."""
+    from scipy.stats import binom
+
+    pick = choose(p[mask], cost, lam, bias)
+    dyn = ok[mask][np.arange(len(pick)), pick]
+    static = ok_static[mask][:, best]
+    dynamic_only, static_only = int((dyn & ~static).sum()), int((static & ~dyn).sum())
+    n = dynamic_only + static_only
+    p_value = min(1.0, 2.0 * float(binom.cdf(min(dynamic_only, static_only), n, 0.5))) if n else 1.0
+    return {"dynamic_only": dynamic_only, "static_only": static_only, "p_value": p_value}
+
+
 def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost: np.ndarray, scale_g: float,
                lambdas: Sequence[float], select: np.ndarray, baseline_resolution: int | None = None,
                biases: dict[str, np.ndarray | None] | None = None, anchor_taus: Sequence[float] = (),
@@ -107,6 +124,7 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
     sel_right, neg_gf, neg_order, lam = max(affordable)
     rule, bias = candidates[-neg_order]
     right, gf = _point(p, ok, cost, scale_g, lam, held, bias)
+    row["held_discordance"] = discordance(p, ok, ok_static, cost, best, lam, held, bias)
     sel_static = int(right_sel[best])
     if len(candidates) > 1:
         row |= {"rule": rule, "bias": None if bias is None else [float(v) for v in bias]}
