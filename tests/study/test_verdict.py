@@ -50,11 +50,10 @@ def test_the_held_out_split_of_answers_and_its_p_value():
     """McNemar's exact test on the images only one mode gets right: 3 against 1 is no evidence (p = 0.625)."""
     from dynres.study.verdict import discordance
 
-    ok = np.array([[True, False]] * 3 + [[False, True]] + [[True, True]] * 4)  # right at (56, 112)
-    p = np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)  # the scale model picks 56 for the first four
-    out = discordance(p, ok, ok, COST, 1, 0.0, np.ones(8, dtype=bool))
-    assert out == {"dynamic_only": 3, "static_only": 1, "p_value": pytest.approx(0.625)}
-    assert discordance(p, ok, ok, COST, 0, 0.0, np.ones(8, dtype=bool))["p_value"] == 1.0  # the same answers
+    dynamic = np.array([True] * 3 + [False] + [True] * 4)
+    static = np.array([False] * 3 + [True] + [True] * 4)
+    assert discordance(dynamic, static) == {"dynamic_only": 3, "static_only": 1, "p_value": pytest.approx(0.625)}
+    assert discordance(dynamic, dynamic) == {"dynamic_only": 0, "static_only": 0, "p_value": 1.0}  # the same answers
 
 
 def test_the_guard_picks_the_best_static_resolution_when_dynamic_is_worse():

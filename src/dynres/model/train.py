@@ -37,6 +37,7 @@ LR_DEFAULTS = {"adamw": 0.003, "sgd": 0.1}  # peak learning rate per optimizer w
 # SGD's is an L2 term in the gradient: AdamW's 0.05 there shrinks a fine-tuned net to chance within a few epochs
 # (seen on the real-photo set, docs/real-photos.md); 5e-5 is the demo recipe's SGD value
 WD_DEFAULTS = {"adamw": 0.05, "sgd": 5e-5}
+OPTIMIZER_TIED = ("lr", "weight_decay")  # a recipe's settings whose good values depend on its optimizer
 
 
 @dataclass(frozen=True)

@@ -199,8 +199,9 @@ def fill_verdict(sec: Section, run: Run) -> None:
     s, v = run.summary, run.summary["verdict"]
     for warning in (v.get("health") or {}).get("warnings", []):
         sec.text(f"Warning: {warning}.")
-    if _learned(v.get("health")):
-        sec.text(_learned(v.get("health")))
+    learned = _learned(v.get("health"))
+    if learned:
+        sec.text(learned)
     rows = v["crops"]
     auc = (v.get("health") or {}).get("scale_auc")
     if auc and any(r["mode"] == "static" for r in rows):

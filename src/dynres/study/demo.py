@@ -280,21 +280,9 @@ def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dy
                        replace(chain_cfg.eval, grid=tuple(dyn["grid"])), probs_path=eval_dir / PROBS_FILE)
     baseline = read_meta(acc["backbone"]).train_resolution  # the pipeline's common baseline
     views = engine_views(eval_dir, acc["backbone"], val_store, dyn.get("scale_scans"), chain_cfg.eval.batch_size)
-    guard = run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline,
-                      **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store), views=views)
-    return guard | {"health": health_check(views, val_store, dyn, [r["crop"] for r in guard["crops"]],
-                                           study.dir / "accuracy" / "scale" / "scale_labels.parquet")}
-
-
-def health_check(views: Any, val_store: StoreLike, dyn: dict, crops: list[float], labels: Path) -> dict:
-    """The backbone on the static engine's views of every validation image, and each shard backbone on the images
-    it labelled, against chance, with the scale model's held-out AUC beside them
-    (:func:`dynres.study.health.backbone_health`)."""
-    from dynres.study.health import backbone_health
-    from dynres.study.verdict import correctness
-
-    ok = correctness(views.static, val_store.keys, crops, dyn["grid"])
-    return backbone_health(ok, dyn["grid"], len(val_store.classes), labels, [a["auc"] for a in dyn.get("auc", [])])
+    return run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline,
+                     **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store), views=views,
+                     classes=len(val_store.classes), labels=study.dir / "accuracy" / "scale" / "scale_labels.parquet")
 
 
 def engine_views(eval_dir: Path, backbone: str, val_store: StoreLike, scale_scans: int | None, batch_size: int) -> Any:

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 ALPHA = 1e-3  # the one-sided binomial p-value above which a backbone counts as no better than chance
@@ -58,24 +59,21 @@ def best_cell(ok: Mapping[float, np.ndarray], grid: Sequence[int]) -> tuple[int,
 
 def shard_cells(labels: str | Path) -> list[tuple[int, int, dict]]:
     """Per (split, fold) of a ``scale_labels.parquet``: its best (crop, resolution) cell on the images it labelled."""
-    cols = ("split", "fold", "crop", "resolution", "correct")
     table = pq.read_table(labels)
-    present = [c for c in cols if c in table.column_names]
-    data = {c: np.asarray(table.column(c).to_pylist()) for c in present}
-    n_rows = table.num_rows
-    split = data.get("split", np.zeros(n_rows, int))
-    fold = data.get("fold", np.zeros(n_rows, int))
-    out = []
-    for s, f in sorted(set(zip(split.tolist(), fold.tolist()))):
-        mine = (split == s) & (fold == f)
-        best = (-1, 0, {})
-        for c, r in sorted(set(zip(data["crop"][mine].tolist(), data["resolution"][mine].tolist()))):
-            cell = mine & (data["crop"] == c) & (data["resolution"] == r)
-            right, n = int(data["correct"][cell].sum()), int(cell.sum())
-            if right > best[0]:
-                best = (right, n, {"split": int(s), "fold": int(f), "crop": float(c), "resolution": int(r)})
-        out.append(best)
-    return out
+    n = table.num_rows
+    for name in ("split", "fold"):  # labels from one split (or one shard) may lack the column
+        if name not in table.column_names:
+            table = table.append_column(name, pa.array(np.zeros(n, np.int32)))
+    counts = table.group_by(["split", "fold", "crop", "resolution"]).aggregate(
+        [("correct", "sum"), ("correct", "count")]).to_pylist()
+    best: dict[tuple[int, int], tuple[int, int, dict]] = {}
+    for row in sorted(counts, key=lambda r: (r["split"], r["fold"], r["crop"], r["resolution"])):
+        shard = (int(row["split"]), int(row["fold"]))
+        if shard not in best or row["correct_sum"] > best[shard][0]:
+            best[shard] = (int(row["correct_sum"]), int(row["correct_count"]),
+                           {"split": shard[0], "fold": shard[1], "crop": float(row["crop"]),
+                            "resolution": int(row["resolution"])})
+    return [best[shard] for shard in sorted(best)]
 
 
 def backbone_health(ok_static: Mapping[float, np.ndarray], grid: Sequence[int], classes: int,

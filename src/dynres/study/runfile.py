@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dynres.errors import ConfigError
+from dynres.model.train import OPTIMIZER_TIED
 from dynres.study.chain import ChainConfig, demo_config
 from dynres.study.demo import StudyConfig
 
@@ -98,7 +99,6 @@ def _parse(path: Path) -> dict:
 # settings the scale labels make moot: with ``[scale] labels`` no shard backbone trains, and the labels bring
 # their own crops; set together they would be silently ignored, so they are refused
 LABELS_IGNORE = ("folds", "cheap", "splits", "shard_epochs", "crops")
-OPTIMIZER_TIED = ("lr", "weight_decay")  # settings whose good values depend on the optimizer
 
 
 def file_settings(raw: dict) -> tuple[str, ...]:

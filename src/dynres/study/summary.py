@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dynres.io.store import Store
+from dynres.model.train import OPTIMIZER_TIED
 from dynres.records import machine_info
 from dynres.study.calibrate import CalibrationConfig
 from dynres.study.stages import Study
@@ -129,7 +130,7 @@ def _optimizer_notes(backbone: Any, chosen: frozenset, config: Any) -> list[str]
     preset = demo_config(quick=config.quick, seed=config.seed, pretrained=config.data is None).backbone
     if "backbone.optimizer" not in chosen or backbone.optimizer == preset.optimizer:
         return []
-    left = [k for k in ("lr", "weight_decay") if f"backbone.{k}" not in chosen]
+    left = [k for k in OPTIMIZER_TIED if f"backbone.{k}" not in chosen]
     if not left:
         return []
     values = " and ".join(f"backbone.{k} = {getattr(backbone, k):g}" for k in left)

@@ -53,28 +53,31 @@ EPS = 1e-12  # GFLOPs compared as floats: equal costs must count as "no more"
 # --- the guard --------------------------------------------------------------------------------------------------
 
 
+def _rule(p: np.ndarray, ok: np.ndarray, cost: np.ndarray, scale_g: float, lam: float,
+          mask: np.ndarray, bias: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Per image of ``mask``, right or not, and the mean GFLOPs (scale model included) of the cost-aware rule at
+    ``lam`` (and ``bias``)."""
+    pick = choose(p[mask], cost, lam, bias)
+    return ok[mask][np.arange(len(pick)), pick], float(cost[pick].mean() + scale_g)
+
+
 def _point(p: np.ndarray, ok: np.ndarray, cost: np.ndarray, scale_g: float, lam: float,
            mask: np.ndarray, bias: np.ndarray | None = None) -> tuple[int, float]:
-    """Images right and mean GFLOPs (scale model included) of the cost-aware rule at ``lam`` (and ``bias``) on
-    ``mask``'s images."""
-    pick = choose(p[mask], cost, lam, bias)
-    return int(ok[mask][np.arange(len(pick)), pick].sum()), float(cost[pick].mean() + scale_g)
+    """Images right and mean GFLOPs of :func:`_rule`."""
+    right, gf = _rule(p, ok, cost, scale_g, lam, mask, bias)
+    return int(right.sum()), gf
 
 
-def discordance(p: np.ndarray, ok: np.ndarray, ok_static: np.ndarray, cost: np.ndarray, best: int, lam: float,
-                mask: np.ndarray, bias: np.ndarray | None = None) -> dict:
-    """How far the held-out comparison can be told from chance: the images (of ``mask``) that dynamic at ``lam``
-    gets right and static at ``best`` misses, the reverse, and McNemar's exact two-sided p-value of that split (how
-    likely a split at least this uneven is if neither mode were better). The verdict does not use it: it says how
-    much one run's held-out images can tell apart."""
-    from scipy.stats import binom
+def discordance(dynamic: np.ndarray, static: np.ndarray) -> dict:
+    """How far a comparison of two modes on the same images can be told from chance: the images only ``dynamic``
+    gets right, those only ``static`` gets right (both: right or not per image), and McNemar's exact two-sided
+    p-value of that split (how likely a split at least this uneven is if neither mode were better). The verdict
+    does not use it: it says how much one run's held-out images can tell apart."""
+    from scipy.stats import binomtest
 
-    pick = choose(p[mask], cost, lam, bias)
-    dyn = ok[mask][np.arange(len(pick)), pick]
-    static = ok_static[mask][:, best]
-    dynamic_only, static_only = int((dyn & ~static).sum()), int((static & ~dyn).sum())
+    dynamic_only, static_only = int((dynamic & ~static).sum()), int((static & ~dynamic).sum())
     n = dynamic_only + static_only
-    p_value = min(1.0, 2.0 * float(binom.cdf(min(dynamic_only, static_only), n, 0.5))) if n else 1.0
+    p_value = float(binomtest(min(dynamic_only, static_only), n, 0.5).pvalue) if n else 1.0
     return {"dynamic_only": dynamic_only, "static_only": static_only, "p_value": p_value}
 
 
@@ -123,8 +126,9 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
                                                   "(the scale model's own GFLOPs included)"}
     sel_right, neg_gf, neg_order, lam = max(affordable)
     rule, bias = candidates[-neg_order]
-    right, gf = _point(p, ok, cost, scale_g, lam, held, bias)
-    row["held_discordance"] = discordance(p, ok, ok_static, cost, best, lam, held, bias)
+    held_right, gf = _rule(p, ok, cost, scale_g, lam, held, bias)
+    right = int(held_right.sum())
+    row["held_discordance"] = discordance(held_right, ok_static[held, best])
     sel_static = int(right_sel[best])
     if len(candidates) > 1:
         row |= {"rule": rule, "bias": None if bias is None else [float(v) for v in bias]}
@@ -189,12 +193,15 @@ def load_evidence(eval_dir: str | Path, table: str | Path | None = None
 
 def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas: Sequence[float],
               baseline_resolution: int | None = None, anchor_taus: Sequence[float] = (),
-              biases: dict[str, dict[float, np.ndarray]] | None = None, views: EngineViews | None = None) -> dict:
+              biases: dict[str, dict[float, np.ndarray]] | None = None, views: EngineViews | None = None,
+              classes: int | None = None, labels: str | Path | None = None) -> dict:
     """The guard over every crop of the dynamic evaluation in ``eval_dir`` (its record ``dyn`` gives the GFLOPs):
     held-out images are ``held_keys``, the rest select. ``anchor_taus``: also the anchor rule at the guard's r*;
     ``biases``: also these rules (name -> crop -> bias over the grid, e.g. fitted on the training labels by
     :func:`dynres.study.bias.fit_rules`); both chosen with λ on the selection images (:func:`guard_crop`).
-    ``views``: each engine's own views (None: both modes judged on the evaluation's table)."""
+    ``views``: each engine's own views (None: both modes judged on the evaluation's table). ``classes``: also
+    ``health``, the backbone (on the static engine's views of every image) and the shard backbones of ``labels``
+    against chance, with the scale model's AUC (:func:`dynres.study.health.backbone_health`)."""
     keys, grid, p, ok = load_evidence(eval_dir, None if views is None else views.dynamic)
     ok_static = ok if views is None else correctness(views.static, keys, sorted(p), grid)
     if views is not None and views.exact_keys:
@@ -210,9 +217,15 @@ def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas
     seen = ({"static": Path(views.static).name, "dynamic": Path(views.dynamic).name,
              "dynamic_exact_images": sum(k in views.exact_keys for k in keys)} if views is not None else
             {"static": "static_images.parquet", "dynamic": "static_images.parquet", "dynamic_exact_images": 0})
-    return {"rule": RULE, "cost": "gflops", "selection_images": int(select.sum()),
-            "held_out_images": int((~select).sum()), "anchor_taus": list(anchor_taus),
-            "rules": sorted(biases or {}) + (["anchor-r*"] if anchor_taus else []), "views": seen, "crops": rows}
+    guard = {"rule": RULE, "cost": "gflops", "selection_images": int(select.sum()),
+             "held_out_images": int((~select).sum()), "anchor_taus": list(anchor_taus),
+             "rules": sorted(biases or {}) + (["anchor-r*"] if anchor_taus else []), "views": seen, "crops": rows}
+    if classes is None:
+        return guard
+    from dynres.study.health import backbone_health
+
+    aucs = [a["auc"] for a in dyn.get("auc", [])]
+    return guard | {"health": backbone_health(ok_static, grid, classes, labels, aucs)}
 
 
 def _crop_biases(biases: dict[str, dict[float, np.ndarray]] | None, crop: float) -> dict | None:
