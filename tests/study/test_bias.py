@@ -88,12 +88,12 @@ def test_the_guarded_families_choose_on_one_half_and_are_judged_on_the_other(evi
     out, dyn, cfg = evidence
     candidates = [{"name": "anchor@0.2", "bias": {0.25: np.array([0, 0.2, 0, 0]), 1.0: np.array([0, 0.2, 0, 0])}}]
     rows = guarded_rows(out, dyn, candidates, cfg.lambdas, taus=(0.2,), splits=2)
-    assert {r["family"] for r in rows} == {"b=0", "train-rules", "anchor-r*", "all"}
-    assert len(rows) == 4 * 2 * 2 * 2  # families x crops x splits x halves
+    families = ("b=0", "train-rules", "anchor-r*", "all", "recalibrated", "recalibrated+anchor-r*")
+    assert {r["family"] for r in rows} == set(families)
+    assert len(rows) == 6 * 2 * 2 * 2  # families x crops x splits x halves
     assert all(r["rule"] in (None, "b=0", "anchor@0.2") for r in rows if r["family"] == "train-rules")
     summary = guarded_summary(rows)
-    assert {(s["family"], s["crop"]) for s in summary} == {(f, c) for f in ("b=0", "train-rules", "anchor-r*", "all")
-                                                           for c in (0.25, 1.0)}
+    assert {(s["family"], s["crop"]) for s in summary} == {(f, c) for f in families for c in (0.25, 1.0)}
     assert all(s["decisions"] == 4 for s in summary)
 
 
@@ -130,7 +130,9 @@ def test_the_guard_gets_the_configured_rules(tmp_path):
     anchored = guard_rules(tmp_path, DynamicConfig(rules=("anchor-r*",), taus=(0.1, 0.5)), None)
     assert anchored == {"anchor_taus": (0.1, 0.5), "biases": None}  # nothing to fit: the guard anchors at its r*
     assert guard_rules(tmp_path, DynamicConfig(rules=()), None) == {"anchor_taus": (), "biases": None}  # b = 0
-    assert guard_rules(tmp_path, DynamicConfig(), None)["anchor_taus"] == DynamicConfig().taus  # the default
+    # the default: b = 0 alone, on recalibrated p (dynres.study.recalibrate)
+    assert guard_rules(tmp_path, DynamicConfig(), None) == {"anchor_taus": (), "biases": None}
+    assert DynamicConfig().recalibrate
     with pytest.raises(ConfigError, match="training store"):
         guard_rules(tmp_path, DynamicConfig(rules=("recentred",)), None)
     with pytest.raises(ConfigError, match="unknown rules"):

@@ -91,7 +91,8 @@ def test_biased_rules_are_fitted_on_the_training_labels_and_judged_on_val(tmp_pa
     # the scale model's own held-out training images, as train_scale drew them: as many as it reported
     scale = json.loads((tmp_path / "run/scale/scale.json").read_text())
     assert payload["rules"]["p_out_of_sample_images"] == scale["heldout_images"]
-    assert {r["family"] for r in payload["rules"]["guarded"]} == {"b=0", "train-rules", "anchor-r*", "all"}
+    assert {r["family"] for r in payload["rules"]["guarded"]} == {"b=0", "train-rules", "anchor-r*", "all",
+                                                                  "recalibrated", "recalibrated+anchor-r*"}
     assert "## Biased rules" in (tmp_path / "bench" / "bench_scale.md").read_text()
     # the study's guard gets the same fits from the chain (`[dynamic] rules` in a run file)
     rules = guard_rules(tmp_path / "run", DynamicConfig(rules=("anchor", "anchor-r*"), taus=(0.1,)), train)

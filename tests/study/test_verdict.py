@@ -213,7 +213,8 @@ GUARD = {"crops": [{"crop": 0.25, "mode": "dynamic", "lambda": 0.5, "static_reso
 
 def test_the_pipeline_runs_the_guards_operating_point_at_its_crop():
     point = pipeline_point(GUARD, LAMBDAS)  # the default crop side 0.875: nearest the 75% crop
-    assert point == {"crop_side": pytest.approx(0.75 ** 0.5), "static_resolution": 112, "lam": 0.1, "bias": None}
+    assert point == {"crop_side": pytest.approx(0.75 ** 0.5), "static_resolution": 112, "lam": 0.1, "bias": None,
+                     "recalibration": None}
     PipelineBenchConfig(**point)  # the fields the benchmark takes
     biased = {"crops": [GUARD["crops"][1] | {"rule": "anchor-r*@0.05", "bias": [0.0, 0.05, 0.0]}]}
     assert pipeline_point(biased, LAMBDAS)["bias"] == (0.0, 0.05, 0.0)  # the pipeline times the guard's rule

@@ -54,6 +54,8 @@ class PipelineBenchConfig:
     lambdas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
     tolerance: float = 0.5  # points below (b)'s sweep accuracy a picked λ may lose
     bias: tuple[float, ...] | None = None  # the dynamic rule's term per grid resolution (the guard's; None: 0)
+    # the scale model's p(r) recalibrated, (a, c) per grid resolution (the guard's; runners.recalibrated_probs)
+    recalibration: tuple[tuple[float, float], ...] | None = None
     kernels: str = "tuned"
     warmup: int = 32
     repeats: int = 3  # timed runs per mode, interleaved across modes; each row is its median run by images/s
@@ -111,7 +113,8 @@ def _setup(store_path: str, backbone: str, scale: str, policy: str | None, cfg: 
     model, meta = load_checkpoint(backbone)
     threads = cfg.kernel_threads if cfg.kernels == "tuned" else cfg.torch_threads or torch.get_num_threads()
     tuned = make_runner(model, cfg.kernels, cfg.batch_size, threads)
-    stage = load_scale(scale, model, cfg.kernels, cfg.batch_size, threads, bias=cfg.bias)
+    stage = load_scale(scale, model, cfg.kernels, cfg.batch_size, threads, bias=cfg.bias,
+                       recalibration=cfg.recalibration)
     scale_gflops = gflops(load_checkpoint(scale)[0], stage.resolution)
     calibrated = None
     if policy is not None:
@@ -209,6 +212,7 @@ def measure_pipeline(store_path: str, backbone: str, scale: str, policy: str | N
         "images": len(keys), "config": asdict(cfg), "baseline_resolution": baseline_r,
         "static_resolution": static_r, "scale_resolution": setup.stage.resolution, "grid": list(setup.stage.grid),
         "static_sweep": sweep, "lams": lams, "bias": None if cfg.bias is None else list(cfg.bias),
+        "recalibration": None if cfg.recalibration is None else [list(p) for p in cfg.recalibration],
         "lam_sweep": lam_sweep, "pipeline": rows,
     }
 

@@ -16,8 +16,8 @@ from dynres.bench.pipeline import PipelineBenchConfig
 from dynres.bench.ray import RayBenchConfig
 from dynres.bench.scale import ScaleBenchConfig
 from dynres.bench.serve import ServeBenchConfig
-from dynres.cli.options import join, parse_list, path_text
-from dynres.cli.runtime import BIAS_HELP, TUNE_OPTIONS, print_tuned, tune_config
+from dynres.cli.options import join, parse_list, parse_pairs, path_text
+from dynres.cli.runtime import BIAS_HELP, RECAL_HELP, TUNE_OPTIONS, print_tuned, tune_config
 from dynres.runtime.kernels import TuneConfig
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON + Markdown records).")
@@ -108,6 +108,7 @@ def bench_pipeline_cmd(
     crop_side: float = typer.Option(PipelineBenchConfig.crop_side, "--crop",
                                     help="Center crop side ratio of every mode (the study's: its guard's crop)."),
     bias: str = typer.Option("", "--bias", help=BIAS_HELP),
+    recalibration: str = typer.Option("", "--recalibration", help=RECAL_HELP),
 ) -> None:
     """(a) common baseline vs (b) best static + tuned kernels + calibrated reads vs (c) the dynamic pipeline."""
     from dynres.bench.pipeline import run_bench_pipeline
@@ -115,7 +116,8 @@ def bench_pipeline_cmd(
     cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
                               kernel_threads=kernel_threads, baseline_resolution=baseline_resolution,
                               static_resolution=static_resolution, lam=lam, kernels=kernels, repeats=repeats,
-                              crop_side=crop_side, bias=parse_list(bias, float, "--bias"))
+                              crop_side=crop_side, bias=parse_list(bias, float, "--bias"),
+                              recalibration=parse_pairs(recalibration, "--recalibration"))
     only = [k.strip() for k in keys.read_text().splitlines() if k.strip()] if keys else None
     p = run_bench_pipeline(store, str(model), str(scale), out, path_text(policy), cfg, keys=only)
     for name, row in p["pipeline"].items():

@@ -30,6 +30,16 @@ def parse_list(text: str | None, kind: type = int, flag: str = "list") -> tuple 
         raise ConfigError(flag, f"cannot parse {text!r}: use {example}") from None
 
 
+def parse_pairs(text: str | None, flag: str) -> tuple[tuple[float, float], ...] | None:
+    """``'a,c;a,c'`` as float pairs (a recalibration: one (a, c) per grid resolution). None or blank: None."""
+    if text is None or not text.strip():
+        return None
+    pairs = [parse_list(part, float, flag) for part in text.split(";") if part.strip()]
+    if not all(p is not None and len(p) == 2 for p in pairs):
+        raise ConfigError(flag, f"cannot parse {text!r}: use 'a,c;a,c;...' (one pair per grid resolution)")
+    return tuple((p[0], p[1]) for p in pairs)
+
+
 def join(values: Sequence) -> str:
     """A tuple default as a list flag spells it: ``(0.25, 1.0)`` -> ``'0.25,1.0'``."""
     return ",".join(str(v) for v in values)

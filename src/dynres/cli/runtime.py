@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from dynres._ui import console
-from dynres.cli.options import join, parse_list, path_text, span
+from dynres.cli.options import join, parse_list, parse_pairs, path_text, span
 from dynres.model.nets import IMAGENET_CLASSES
 from dynres.runtime.backends import BACKENDS
 from dynres.runtime.engine import EngineSpec, PipelineConfig
@@ -20,6 +20,8 @@ from dynres.runtime.serve import ServeConfig
 DECODE_ONCE_FLAGS = ("--decode-once/--exact-views",)
 BIAS_HELP = ("Dynamic: the choice rule's bias, one value per scale-model grid resolution, added to p(r) "
              "(argmax p + b - λ·cost; the study's serving.json gives it). Default: none.")
+RECAL_HELP = ("Dynamic: p(r) = σ(a·logit + c) per grid resolution, as 'a,c;a,c;...' (the study's serving.json "
+              "gives it: the scale model recalibrated to the backbone). Default: the scale model's own p(r).")
 
 
 def infer(
@@ -34,6 +36,7 @@ def infer(
     lam: float = typer.Option(PipelineConfig.lam, "--lambda",
                               help="Cost weight λ of the cost-aware choice (0: argmax p)."),
     bias: str = typer.Option("", "--bias", help=BIAS_HELP),
+    recalibration: str = typer.Option("", "--recalibration", help=RECAL_HELP),
     baseline: bool = typer.Option(PipelineConfig.baseline,
                                   help="The common baseline: full read + full decode (needs --resolution)."),
     read_ahead: bool = typer.Option(PipelineConfig.read_ahead,
@@ -76,7 +79,8 @@ def infer(
     cfg = PipelineConfig(batch_size=batch_size, workers=workers, torch_threads=threads, crop_side=crop_side,
                          resolution=resolution, lam=lam, baseline=baseline, read_ahead=read_ahead,
                          decode_once=decode_once, fetch_ahead=fetch_ahead,
-                         fetch_ahead_resolution=fetch_ahead_resolution, bias=parse_list(bias, float, "--bias"))
+                         fetch_ahead_resolution=fetch_ahead_resolution, bias=parse_list(bias, float, "--bias"),
+                         recalibration=parse_pairs(recalibration, "--recalibration"))
     spec = EngineSpec(store, str(model), path_text(scale), path_text(policy), kernels, cfg)
     split = ray_layout == "split"  # --scale-actors on another layout: RayConfig refuses it by name
     ray_cfg = None if engine != "ray" else RayConfig(
@@ -110,6 +114,7 @@ def serve(
     max_queue: int = typer.Option(ServeConfig.max_queue, help="Requests in flight before answering 503."),
     lam: float = typer.Option(ServeConfig.lam, "--lambda", help="Cost weight λ (the floor, when load-adaptive)."),
     bias: str = typer.Option("", "--bias", help=BIAS_HELP),
+    recalibration: str = typer.Option("", "--recalibration", help=RECAL_HELP),
     latency_target_ms: Optional[float] = typer.Option(ServeConfig.latency_target_ms,
                                                       help="Shed (503) requests predicted to miss this."),
     adaptive: bool = typer.Option(ServeConfig.adaptive, help="Load-adaptive λ: raise it while queueing delay grows."),
@@ -128,7 +133,8 @@ def serve(
         raise typer.BadParameter("give --scale (dynamic) or --resolution (static)")
     spec = EngineSpec(store or "", str(model), path_text(scale), path_text(policy), kernels,
                       PipelineConfig(batch_size=max_batch, torch_threads=threads, resolution=resolution,
-                                     crop_side=crop_side, bias=parse_list(bias, float, "--bias")))
+                                     crop_side=crop_side, bias=parse_list(bias, float, "--bias"),
+                                     recalibration=parse_pairs(recalibration, "--recalibration")))
     cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, resolution=resolution,
                       lam=lam, latency_target_ms=latency_target_ms, adaptive=adaptive, lam_max=lam_max,
                       decode_once=decode_once, workers=workers, crop_side=crop_side)

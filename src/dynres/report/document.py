@@ -151,7 +151,8 @@ def _choice(row: dict) -> str:
     if row["mode"] != "dynamic":
         return f"static {row['static_resolution']} px"
     rule = row.get("rule")
-    return f"dynamic ({rule + ', ' if rule and rule != 'b=0' else ''}λ={row['lambda']:g})"
+    recal = "recalibrated p, " if row.get("recalibration") is not None else ""
+    return f"dynamic ({recal}{rule + ', ' if rule and rule != 'b=0' else ''}λ={row['lambda']:g})"
 
 
 def _read_savings(s: dict, row: dict) -> str | None:

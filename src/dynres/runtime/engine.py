@@ -71,6 +71,8 @@ class PipelineConfig:
     fetch_ahead: bool = False  # dynamic: the scale prefix's request also fetches the backbone's likely bytes
     fetch_ahead_resolution: int | None = None  # whose prefix to fetch ahead (None: the grid's longest)
     bias: tuple[float, ...] | None = None  # dynamic: the choice rule's per-grid-resolution term (runners.choose)
+    # dynamic: (a, c) per grid resolution, p(r) = σ(a·logit + c) (runners.recalibrated_probs; the study's guard fits it)
+    recalibration: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
@@ -90,6 +92,21 @@ class PipelineConfig:
             if not all(math.isfinite(b) for b in bias):
                 raise ConfigError("bias", f"every value must be finite, got {list(bias)}")
             object.__setattr__(self, "bias", bias)
+        if self.recalibration is not None:
+            object.__setattr__(self, "recalibration", check_recalibration(self.recalibration, self.resolution))
+
+
+def check_recalibration(value, resolution: int | None) -> tuple[tuple[float, float], ...]:
+    """A recalibration as the declared tuple of finite (a, c) pairs (a JSON list of pairs from serving.json too)."""
+    if resolution is not None:
+        raise ConfigError("recalibration", "a static resolution runs no scale model: nothing to recalibrate")
+    try:
+        pairs = tuple((float(a), float(c)) for a, c in value)
+    except (TypeError, ValueError):
+        raise ConfigError("recalibration", f"need (a, c) pairs, one per grid resolution, got {value!r}") from None
+    if not pairs or not all(math.isfinite(v) for pair in pairs for v in pair):
+        raise ConfigError("recalibration", f"need finite (a, c) pairs, one per grid resolution, got {value!r}")
+    return pairs
 
 
 @dataclass
@@ -433,7 +450,8 @@ def build_engine(spec: EngineSpec, store: StoreLike | None = None) -> Engine:
     if cfg.resolution is None:
         if spec.scale is None:
             raise ConfigError("pipeline", "give a scale model (dynamic mode) or a static resolution")
-        scale = load_scale(spec.scale, model, spec.kernels, cfg.batch_size, threads, bias=cfg.bias)
+        scale = load_scale(spec.scale, model, spec.kernels, cfg.batch_size, threads, bias=cfg.bias,
+                           recalibration=cfg.recalibration)
     policy = None
     if spec.policy is not None:
         from dynres.policy.calibration import load_policy

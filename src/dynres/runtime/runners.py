@@ -29,6 +29,13 @@ def choose(probs: np.ndarray, cost: np.ndarray, lam: float | None,
     return (score - lam * (cost / cost.max())[None, :]).argmax(1)
 
 
+def recalibrated_probs(logits: torch.Tensor, recalibration: Sequence[Sequence[float]]) -> np.ndarray:
+    """p(r) = σ(a_r·z_r + c_r) of a sigmoid scale model's logits z: its p(r) recalibrated per resolution to the
+    deployed backbone's chance of being right there (Platt scaling; :mod:`dynres.study.recalibrate` fits (a, c))."""
+    coef = torch.as_tensor(recalibration, dtype=torch.float64)
+    return torch.sigmoid(logits.double() * coef[:, 0] + coef[:, 1]).numpy()
+
+
 # --- runners: uint8 images -> logits ----------------------------------------------------------------------------
 
 
@@ -144,29 +151,43 @@ class ScaleStage:
     scans: int | None = None  # the prefix it reads (None: the policy's scans at its resolution)
     bias: tuple[float, ...] | None = None  # per grid resolution, added to p(r) by the rule (None: zero)
     activation: str = "sigmoid"  # the checkpoint's map from logits to p(r) (dynres.model.checkpoint.scale_probs)
+    # per grid resolution (a, c): p(r) = σ(a·logit + c) instead (recalibrated_probs; None: the checkpoint's p)
+    recalibration: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.bias is not None and len(self.bias) != len(self.grid):
             raise ConfigError("bias", f"need one value per grid resolution {list(self.grid)}, got {list(self.bias)}")
+        if self.recalibration is not None:
+            if len(self.recalibration) != len(self.grid):
+                raise ConfigError("recalibration", f"need one (a, c) per grid resolution {list(self.grid)}, got "
+                                                   f"{len(self.recalibration)}")
+            if self.activation != "sigmoid":
+                raise ConfigError("recalibration", f"a {self.activation} scale head's p(r) is not a per-resolution "
+                                                   "probability: only a sigmoid head is recalibrated")
 
     def choose(self, images: torch.Tensor, lam: float | None) -> tuple[list[int], np.ndarray]:
         """Chosen resolution per image and the scale model's p(backbone right at r) matrix.
 
         The rule is :func:`choose`: argmax p(r) + b(r) - lam * cost(r)/max cost; ``lam=None`` or 0 with no bias is
         the paper's argmax p(r)."""
-        probs = scale_probs(self.runner(images, self.resolution), self.activation).numpy()
+        logits = self.runner(images, self.resolution)
+        probs = (scale_probs(logits, self.activation).numpy() if self.recalibration is None
+                 else recalibrated_probs(logits, self.recalibration))
         picks = choose(probs, np.asarray(self.costs, dtype=np.float64), lam, self.bias)
         return [self.grid[int(i)] for i in picks], probs
 
 
 def load_scale(checkpoint: str | Path, backbone: torch.nn.Module, kernels: str = "eager", batch: int = 8,
-               threads: int = 2, scans: int | None = None, bias: Sequence[float] | None = None) -> ScaleStage:
+               threads: int = 2, scans: int | None = None, bias: Sequence[float] | None = None,
+               recalibration: Sequence[Sequence[float]] | None = None) -> ScaleStage:
     """A scale-model checkpoint (task ``scale``) with the backbone's GFLOPs per grid resolution as costs; ``bias``:
-    the choice rule's per-resolution term (:func:`choose`)."""
+    the choice rule's per-resolution term (:func:`choose`); ``recalibration``: (a, c) per grid resolution
+    (:func:`recalibrated_probs`)."""
     model, meta = load_checkpoint(checkpoint)
     if meta.task != "scale":
         raise ConfigError(checkpoint, f"not a scale model (task {meta.task!r})")
     costs = tuple(gflops(backbone, r) for r in meta.grid)
     return ScaleStage(make_runner(model, kernels, batch, threads), meta.train_resolution, tuple(meta.grid), costs,
                       scans if scans is not None else meta.scans, None if bias is None else tuple(map(float, bias)),
-                      meta.activation)
+                      meta.activation,
+                      None if recalibration is None else tuple((float(a), float(c)) for a, c in recalibration))

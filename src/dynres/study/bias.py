@@ -149,9 +149,10 @@ def guarded_rows(eval_dir: str | Path, dyn: dict, candidates: Sequence[dict], la
                  taus: Sequence[float], splits: int = 20) -> list[dict]:
     """The honest numbers for each rule family: the validation images are split in two halves (``splits`` seeded
     shuffles, each half selecting once); the guard (:func:`dynres.study.verdict.guard_crop`) chooses r*, the rule
-    and λ on one half and is judged on the other. Families: ``b=0`` (today's guard), ``train-rules`` (b = 0 or a
-    rule fitted on the training labels), ``anchor-r*`` (b = 0 or τ·onehot(the guard's own r*), τ in ``taus``) and
-    ``all`` (every one of them).
+    and λ on one half and is judged on the other. Families: ``b=0`` (the paper's rule), ``train-rules`` (b = 0 or a
+    rule fitted on the training labels), ``anchor-r*`` (b = 0 or τ·onehot(the guard's own r*), τ in ``taus``),
+    ``all`` (every one of them), ``recalibrated`` (b = 0 on p(r) recalibrated on the selecting half,
+    :mod:`dynres.study.recalibrate`) and ``recalibrated+anchor-r*``.
     Per (family, crop, split, half): the held-out accuracy of the dynamic rule chosen and of r*, and of what the
     guard serves; ``held_best_static_accuracy`` is the held half's own best static resolution (chosen on the
     images it is scored on, so optimistic: the number the bench's "best static" columns compare with)."""
@@ -166,12 +167,13 @@ def guarded_rows(eval_dir: str | Path, dyn: dict, candidates: Sequence[dict], la
         first[order[: len(keys) // 2]] = True
         for c in sorted(p):
             trained = {"b=0": None} | {cand["name"]: _crop_bias(cand["bias"], c) for cand in candidates}
-            families = {"b=0": ({"b=0": None}, ()), "train-rules": (trained, ()), "anchor-r*": ({"b=0": None}, taus),
-                        "all": (trained, taus)}
-            for family, (biases, anchor_taus) in families.items():
+            families = {"b=0": ({"b=0": None}, (), False), "train-rules": (trained, (), False),
+                        "anchor-r*": ({"b=0": None}, taus, False), "all": (trained, taus, False),
+                        "recalibrated": ({"b=0": None}, (), True), "recalibrated+anchor-r*": ({"b=0": None}, taus, True)}
+            for family, (biases, anchor_taus, recalibrate) in families.items():
                 for half, select in enumerate((first, ~first)):
                     g = guard_crop(c, p[c], ok[c], grid, cost, float(dyn["scale_gflops"]), lambdas, select,
-                                   biases=biases, anchor_taus=anchor_taus)
+                                   biases=biases, anchor_taus=anchor_taus, recalibrate=recalibrate)
                     rows.append(_guarded_row(family, split, half, g, ok[c][~select]))
     return rows
 

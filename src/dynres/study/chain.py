@@ -17,7 +17,7 @@ from dynres.io.store import StoreLike
 from dynres.model.train import ImageCache, TrainConfig, train_backbone
 from dynres.bench.scale import RULES as FITTED_RULES
 from dynres.study.dynamic import GUARD_ONLY, DynamicConfig, run_dynamic
-from dynres.study.scale import ScaleConfig, train_scale
+from dynres.study.scale import ScaleConfig, target_activation, train_scale
 from dynres.study.stages import recorded, write_json
 from dynres.study.static import EvalConfig, run_static
 
@@ -39,6 +39,10 @@ class ChainConfig:
             raise ConfigError("rules", f"{fitted} are fitted on the scale labels, which cover crops "
                                        f"{list(self.scale.crops)}, not the evaluated crops {missing}: add them to "
                                        "[scale] crops or use the rule \"anchor-r*\"")
+        if self.dynamic.recalibrate and target_activation(self.scale.target) != "sigmoid":
+            raise ConfigError("recalibrate", f"[scale] target = {self.scale.target!r} trains a softmax head, whose "
+                                             "p(r) is not a per-resolution probability to recalibrate: set [dynamic] "
+                                             "recalibrate = false")
 
 
 def demo_config(quick: bool = False, seed: int = 0, pretrained: bool = False) -> ChainConfig:

@@ -42,7 +42,8 @@ from dynres.runtime.runners import choose
 from dynres.study.dynamic import PROBS_FILE
 
 RULE = ("per crop: the dynamic pipeline at the iso-cost λ (and, where configured, the rule's bias b: argmax p + b - "
-        "λ·cost; both chosen on the calibration split) where it gets at least "
+        "λ·cost, p the scale model's p(r), recalibrated per resolution where configured; all fitted and chosen on "
+        "the calibration split) where it gets at least "
         "as many images right as the best static resolution (chosen on the calibration split) on the calibration "
         "split and again on the held-out split, at no more mean GFLOPs (scale model included); that static "
         "resolution elsewhere")
@@ -84,7 +85,7 @@ def discordance(dynamic: np.ndarray, static: np.ndarray) -> dict:
 def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], cost: np.ndarray, scale_g: float,
                lambdas: Sequence[float], select: np.ndarray, baseline_resolution: int | None = None,
                biases: dict[str, np.ndarray | None] | None = None, anchor_taus: Sequence[float] = (),
-               ok_static: np.ndarray | None = None) -> dict:
+               ok_static: np.ndarray | None = None, recalibrate: bool = False) -> dict:
     """One crop's decision. ``p``: the scale model's p(r) and ``ok``: the backbone right or not (images x grid) on
     the dynamic engine's views, ``ok_static`` on the static engine's (None: the same views);
     ``cost``: the backbone's GFLOPs per grid resolution; ``select``: True for the selection images (the rest are
@@ -92,7 +93,9 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
     ``biases``: candidate rules by name (a per-resolution bias each, None: zero), chosen together with λ on the
     selection images (default: b = 0 alone, the plain cost-aware rule; on a tie the earlier candidate wins);
     ``anchor_taus``: also the anchor rule at the guard's own r*, b = τ·onehot(r*), for each τ (chosen with λ on the
-    selection images too, so the held-out evidence stays unseen)."""
+    selection images too, so the held-out evidence stays unseen); ``recalibrate``: every rule reads p(r) mapped
+    to the probability that the backbone is right at r (Platt scaling per resolution, fitted on the selection images:
+    :mod:`dynres.study.recalibrate`), recorded as ``recalibration`` (a, c per resolution)."""
     select = np.asarray(select, dtype=bool)
     held = ~select
     ok_static = ok if ok_static is None else np.asarray(ok_static, dtype=bool)
@@ -113,6 +116,12 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
         row |= {"baseline_resolution": int(baseline_resolution),
                 "held_baseline_accuracy": 100 * int(ok_static[held, i].sum()) / n_held,
                 "held_baseline_gflops": float(cost[i])}
+    if recalibrate:
+        from dynres.study.recalibrate import apply_platt, fit_platt
+
+        coef = fit_platt(p[select], ok[select])
+        p = apply_platt(p, coef)
+        row["recalibration"] = coef.tolist()
     candidates = list((biases or {"b=0": None}).items())
     candidates += [(f"anchor-r*@{t:g}", t * np.eye(len(grid))[best]) for t in anchor_taus]
     affordable = []
@@ -135,7 +144,7 @@ def guard_crop(crop: float, p: np.ndarray, ok: np.ndarray, grid: Sequence[int], 
     row |= {"lambda": lam, "selection_dynamic_accuracy": 100 * sel_right / n_sel,
             "selection_dynamic_gflops": -neg_gf, "held_dynamic_accuracy": 100 * right / n_held,
             "held_dynamic_gflops": gf}
-    named = f"{rule}, " if len(candidates) > 1 else ""
+    named = ("recalibrated p, " if recalibrate else "") + (f"{rule}, " if len(candidates) > 1 else "")
     vs = (f"dynamic ({named}λ={lam:g}) {row['held_dynamic_accuracy']:.1f}% at {gf:.4g} GFLOPs vs static "
           f"{grid[best]} px {row['held_static_accuracy']:.1f}% at {budget:.4g} GFLOPs on {n_held} held-out images")
     if sel_right < sel_static:
@@ -194,14 +203,15 @@ def load_evidence(eval_dir: str | Path, table: str | Path | None = None
 def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas: Sequence[float],
               baseline_resolution: int | None = None, anchor_taus: Sequence[float] = (),
               biases: dict[str, dict[float, np.ndarray]] | None = None, views: EngineViews | None = None,
-              classes: int | None = None, labels: str | Path | None = None) -> dict:
+              classes: int | None = None, labels: str | Path | None = None, recalibrate: bool = False) -> dict:
     """The guard over every crop of the dynamic evaluation in ``eval_dir`` (its record ``dyn`` gives the GFLOPs):
     held-out images are ``held_keys``, the rest select. ``anchor_taus``: also the anchor rule at the guard's r*;
     ``biases``: also these rules (name -> crop -> bias over the grid, e.g. fitted on the training labels by
     :func:`dynres.study.bias.fit_rules`); both chosen with λ on the selection images (:func:`guard_crop`).
     ``views``: each engine's own views (None: both modes judged on the evaluation's table). ``classes``: also
     ``health``, the backbone (on the static engine's views of every image) and the shard backbones of ``labels``
-    against chance, with the scale model's AUC (:func:`dynres.study.health.backbone_health`)."""
+    against chance, with the scale model's AUC (:func:`dynres.study.health.backbone_health`). ``recalibrate``: p(r)
+    recalibrated per crop on the selection images (:func:`guard_crop`)."""
     keys, grid, p, ok = load_evidence(eval_dir, None if views is None else views.dynamic)
     ok_static = ok if views is None else correctness(views.static, keys, sorted(p), grid)
     if views is not None and views.exact_keys:
@@ -212,13 +222,13 @@ def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas
     held = set(held_keys)
     select = np.array([k not in held for k in keys])
     rows = [guard_crop(c, p[c], ok[c], grid, cost, float(dyn["scale_gflops"]), lambdas, select, baseline_resolution,
-                       _crop_biases(biases, c), anchor_taus, ok_static[c])
+                       _crop_biases(biases, c), anchor_taus, ok_static[c], recalibrate)
             for c in sorted(p)]
     seen = ({"static": Path(views.static).name, "dynamic": Path(views.dynamic).name,
              "dynamic_exact_images": sum(k in views.exact_keys for k in keys)} if views is not None else
             {"static": "static_images.parquet", "dynamic": "static_images.parquet", "dynamic_exact_images": 0})
     guard = {"rule": RULE, "cost": "gflops", "selection_images": int(select.sum()),
-             "held_out_images": int((~select).sum()), "anchor_taus": list(anchor_taus),
+             "held_out_images": int((~select).sum()), "anchor_taus": list(anchor_taus), "recalibrated": recalibrate,
              "rules": sorted(biases or {}) + (["anchor-r*"] if anchor_taus else []), "views": seen, "crops": rows}
     if classes is None:
         return guard
@@ -248,14 +258,17 @@ def nearest(rows: Sequence[dict], area: float) -> dict:
 
 def pipeline_point(guard: dict, lambdas: Sequence[float], side: float = PipelineConfig.crop_side) -> dict:
     """The operating point the pipeline stage times, fixed before it runs: the guard's crop nearest ``side``'s
-    area (as a side ratio), its r*, its λ* and its rule's bias; where the guard found no affordable λ, the sweep's largest (the
+    area (as a side ratio), its r*, its λ*, its rule's bias and its recalibration of p(r); where the guard found no
+    affordable λ, the sweep's largest (the
     cheapest rule), so that the dynamic rows still run, for reference. Keys are
     :class:`~dynres.bench.pipeline.PipelineBenchConfig` fields."""
     row = nearest(guard["crops"], crop_area(side))
     lam = row["lambda"] if row.get("lambda") is not None else max(lambdas)
     bias = row.get("bias") if row.get("lambda") is not None else None  # the rule chosen with λ*
+    recal = row.get("recalibration")  # fitted before λ, so there even where no λ was affordable
     return {"crop_side": crop_side(row["crop"]), "static_resolution": int(row["static_resolution"]),
-            "lam": float(lam), "bias": None if bias is None else tuple(float(b) for b in bias)}
+            "lam": float(lam), "bias": None if bias is None else tuple(float(b) for b in bias),
+            "recalibration": None if recal is None else tuple((float(a), float(c)) for a, c in recal)}
 
 
 def _pipeline_objection(row: dict, pipe: dict, dynamic: str) -> str | None:
@@ -269,6 +282,9 @@ def _pipeline_objection(row: dict, pipe: dict, dynamic: str) -> str | None:
                 f"at the guard's crop {row['crop']:g}, {row['static_resolution']} px, λ={row['lambda']:g}")
     if (row.get("bias") or None) != (pipe.get("bias") or None):
         return f"the pipeline timed another bias than the guard's rule ({row.get('rule', 'b=0')})"
+    guard_recal, timed_recal = (np.asarray(r.get("recalibration") or [], dtype=np.float64) for r in (row, pipe))
+    if guard_recal.shape != timed_recal.shape or not np.allclose(guard_recal, timed_recal, rtol=0, atol=1e-12):
+        return "the pipeline timed another recalibration of p(r) than the guard's"
     if (dyn.get("accuracy") or 0.0) < (static.get("accuracy") or 0.0):
         return f"its {dynamic} run was less accurate than the static row on the pipeline's images"
     if dyn.get("gflops") is None or static.get("gflops") is None or dyn["gflops"] > static["gflops"] + EPS:
@@ -307,20 +323,26 @@ def served_pipeline(guard: dict, pipe: dict) -> dict:
 def serving_entry(row: dict, store: str, backbone: str, scale: str, policy: str | None,
                   kernels: str = "tuned") -> dict:
     """One crop's serving configuration: the engine spec (static: the backbone alone at r*, no scale model) and the
-    `dynres infer` / `dynres serve` command lines that run it."""
+    `dynres infer` / `dynres serve` command lines that run it (a dynamic entry with the guard's λ*, bias and
+    recalibration of p(r))."""
     side = crop_side(row["crop"])
     static = row["mode"] != "dynamic"
     bias = None if static or row.get("bias") is None else tuple(float(b) for b in row["bias"])
+    recal = None if static or row.get("recalibration") is None else row["recalibration"]
     cfg = PipelineConfig(crop_side=side, resolution=row["static_resolution"] if static else None,
-                         lam=0.0 if static else float(row["lambda"]), bias=bias)
+                         lam=0.0 if static else float(row["lambda"]), bias=bias, recalibration=recal)
     spec = EngineSpec(store, backbone, None if static else scale, policy, kernels, cfg)
     mode = (["--resolution", str(row["static_resolution"])] if static
             else ["--scale", scale, "--lambda", f"{row['lambda']:g}",
-                  *(["--bias", ",".join(repr(b) for b in bias)] if bias else [])])
+                  *(["--bias", ",".join(repr(b) for b in bias)] if bias else []),
+                  *(["--recalibration", ";".join(f"{a!r},{c!r}" for a, c in cfg.recalibration)]
+                    if cfg.recalibration else [])])
     common = ["--model", backbone, *mode, *(["--policy", policy] if policy else []), "--kernels", kernels]
     return {"crop": row["crop"], "mode": "static" if static else "dynamic", "resolution": cfg.resolution,
             "lambda": None if static else cfg.lam, "rule": None if static else row.get("rule", "b=0"),
-            "bias": None if bias is None else list(bias), "reason": row["reason"],
+            "bias": None if bias is None else list(bias),
+            "recalibration": None if cfg.recalibration is None else [list(p) for p in cfg.recalibration],
+            "reason": row["reason"],
             "engine": asdict(spec),
             "infer": shlex.join(["dynres", "infer", store, *common, "--crop", f"{side:.4g}"]),
             "serve": shlex.join(["dynres", "serve", *common, "--crop", f"{side:.4g}", "--store", store])}
