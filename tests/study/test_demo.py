@@ -38,12 +38,18 @@ def test_the_guard_runs_first_and_the_pipeline_times_its_operating_point_then_se
     cfg = _pipeline_config(StudyConfig(out=tmp_path, workers=1), 0.5, guard, chain.dynamic.lambdas)
     assert crop_area(cfg.crop_side) == pytest.approx(row["crop"]) and cfg.static_resolution == row["static_resolution"]
     assert cfg.lam == (row["lambda"] if row["lambda"] is not None else 5.0) and cfg.tolerance == 0.5
+    # p(r) recalibrated on the selection images by default, and the pipeline times that recalibration
+    assert guard["recalibrated"] and cfg.recalibration == tuple(tuple(pair) for pair in row["recalibration"])
+    plain = ChainConfig(eval=chain.eval, dynamic=DynamicConfig(lambdas=(0.0, 0.5, 5.0), plot=False, recalibrate=False))
+    assert all("recalibration" not in r for r in guard_step(Study(tmp_path, 1), plain, store, acc, dyn,
+                                                             store.keys[::2])["crops"])
 
     line = {"images_per_s": 10.0, "accuracy": 50.0, "bytes_per_image": 1e4, "p50_ms": 1.0, "p99_ms": 2.0,
             "gflops": 1.0}
     pipe = tmp_path / "pipeline.json"
     pipe.write_text(json.dumps({"config": {"crop_side": cfg.crop_side}, "static_resolution": cfg.static_resolution,
                                 "baseline_resolution": 32, "lams": {"dynamic": cfg.lam},
+                                "recalibration": [list(pair) for pair in cfg.recalibration],
                                 "pipeline": {m: line for m in ("baseline", "static_tuned", "dynamic")}}))
     verdict = verdict_step(Study(tmp_path, 1), guard, "STORE", acc, {"policy": None}, {"json": str(pipe)})
     serving = json.loads((tmp_path / "serving.json").read_text())
@@ -52,6 +58,7 @@ def test_the_guard_runs_first_and_the_pipeline_times_its_operating_point_then_se
         static = crop["mode"] == "static"
         assert (entry["engine"]["scale"] is None) == static
         assert entry["engine"]["config"]["resolution"] == (crop["static_resolution"] if static else None)
+        assert entry["recalibration"] == (None if static else crop["recalibration"])
     assert verdict["pipeline"]["guard_crop"] == 1.0 and verdict["pipeline"]["lambda"] == cfg.lam
     assert verdict["pipeline"]["served"] == ("dynamic" if row["mode"] == "dynamic" else "static_tuned")
     assert json.loads((tmp_path / "verdict.json").read_text())["crops"] == guard["crops"]

@@ -31,6 +31,9 @@ def test_run_config_maps_sections_to_the_dataclasses(tmp_path):
     assert cfg.chain.scale.shard_backbone.epochs == 1 and cfg.chain.scale.resolution == 56  # ... but their epochs
     assert cfg.chain.eval.grid == (112, 224, 448) and cfg.seed == 3
     assert cfg.calibration.target == 0.1 and cfg.calibration.search_crops == (0.25, 1.0)
+    assert cfg.chain.dynamic.recalibrate  # the default
+    (tmp_path / "off.toml").write_text('data = "data"\nout = "o"\n[dynamic]\nrecalibrate = false\n')
+    assert not load_study_config(tmp_path / "off.toml").chain.dynamic.recalibrate
 
 
 def test_a_top_level_seed_is_recorded_as_the_files_where_it_flows(tmp_path):
@@ -70,6 +73,8 @@ def test_yaml_works_too(tmp_path):
     ('data = "data"\nout = "o"\n[backbone]\noptimizer = "rmsprop"\n', r"\[backbone\] optimizer"),
     ('data = "data"\nout = "o"\n[eval]\ncrops = [0.0, 1.0]\n', r"\[eval\] crops"),
     ('data = "data"\nout = "o"\n[scale]\ngrid = [56, 112]\n[eval]\ngrid = [56, 224]\n', "grid .* differ"),
+    ('data = "data"\nout = "o"\n[scale]\ntarget = "best"\n', "recalibrate = false"),
+    ('data = "data"\nout = "o"\n[dynamic]\nrecalibrate = "yes"\n', "dynamic.recalibrate must be bool"),
 ])
 def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, message):
     _data(tmp_path)

@@ -282,7 +282,8 @@ def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dy
     views = engine_views(eval_dir, acc["backbone"], val_store, dyn.get("scale_scans"), chain_cfg.eval.batch_size)
     return run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline,
                      **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store), views=views,
-                     classes=len(val_store.classes), labels=study.dir / "accuracy" / "scale" / "scale_labels.parquet")
+                     classes=len(val_store.classes), labels=study.dir / "accuracy" / "scale" / "scale_labels.parquet",
+                     recalibrate=chain_cfg.dynamic.recalibrate)
 
 
 def engine_views(eval_dir: Path, backbone: str, val_store: StoreLike, scale_scans: int | None, batch_size: int) -> Any:
