@@ -11,8 +11,9 @@ images to whether the deployed backbone was right there (on the dynamic engine's
 against the cost. Platt's smoothed targets ((N₊ + 1)/(N₊ + 2) and 1/(N₋ + 2)) keep the fit finite where a
 resolution is right on every selection image, or on none.
 
-Measured with the guard's honest split (docs/scale-candidates.md, "Recalibrated p(r)"): served accuracy at or
-above the anchored rule's on two real-photo runs and the demo, dynamic served more often.
+Measured with the guard's honest split (docs/scale-candidates.md, "Recalibrated p(r)"): on the mean over crops,
+more accurate served results than the anchored rule's on three real-photo runs and the demo, dynamic served more
+often.
 
 Serving applies the same map to the scale model's logits (``PipelineConfig.recalibration``,
 :func:`dynres.runtime.runners.recalibrated_probs`; ``--recalibration`` on `dynres infer` / `serve`), so one scale

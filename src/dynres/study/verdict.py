@@ -259,9 +259,8 @@ def nearest(rows: Sequence[dict], area: float) -> dict:
 def pipeline_point(guard: dict, lambdas: Sequence[float], side: float = PipelineConfig.crop_side) -> dict:
     """The operating point the pipeline stage times, fixed before it runs: the guard's crop nearest ``side``'s
     area (as a side ratio), its r*, its λ*, its rule's bias and its recalibration of p(r); where the guard found no
-    affordable λ, the sweep's largest (the
-    cheapest rule), so that the dynamic rows still run, for reference. Keys are
-    :class:`~dynres.bench.pipeline.PipelineBenchConfig` fields."""
+    affordable λ, the sweep's largest (the cheapest rule), so that the dynamic rows still run, for reference. Keys
+    are :class:`~dynres.bench.pipeline.PipelineBenchConfig` fields."""
     row = nearest(guard["crops"], crop_area(side))
     lam = row["lambda"] if row.get("lambda") is not None else max(lambdas)
     bias = row.get("bias") if row.get("lambda") is not None else None  # the rule chosen with λ*
