@@ -134,8 +134,10 @@ def test_the_guard_gets_the_configured_rules(tmp_path):
     assert guard_rules(tmp_path, DynamicConfig(), None) == {"anchor_taus": (), "biases": None}
     assert DynamicConfig().recalibrate
     with pytest.raises(ConfigError, match="training store"):
-        guard_rules(tmp_path, DynamicConfig(rules=("recentred",)), None)
+        guard_rules(tmp_path, DynamicConfig(rules=("recentred",), recalibrate=False), None)
     with pytest.raises(ConfigError, match="unknown rules"):
         DynamicConfig(rules=("oracle",))
+    with pytest.raises(ConfigError, match="recalibrate = false"):  # fitted on raw p: not added to recalibrated p
+        DynamicConfig(rules=("recentred",))
     with pytest.raises(ConfigError, match="at least one bias size"):  # not silently b = 0 alone
         DynamicConfig(rules=("anchor-r*",), taus=())

@@ -50,5 +50,5 @@ def test_an_eval_grid_is_the_whole_chains_grid(tmp_path):
 def test_rules_fitted_on_the_scale_labels_need_labels_at_every_evaluated_crop():
     scale = ScaleConfig(crops=(1.0,))
     with pytest.raises(ConfigError, match=r"not the evaluated crops \[0.25\]"):  # before anything trains
-        ChainConfig(scale=scale, eval=EvalConfig(crops=(0.25, 1.0)), dynamic=DynamicConfig(rules=("recentred",)))
+        ChainConfig(scale=scale, eval=EvalConfig(crops=(0.25, 1.0)), dynamic=DynamicConfig(rules=("recentred",), recalibrate=False))
     ChainConfig(scale=scale, eval=EvalConfig(crops=(0.25, 1.0)), dynamic=DynamicConfig(rules=("anchor-r*",)))

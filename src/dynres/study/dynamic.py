@@ -72,6 +72,9 @@ class DynamicConfig:
             raise ConfigError("rules", f"unknown rules {unknown} (known: {', '.join(GUARD_RULES)})")
         if min(self.taus, default=0.0) < 0:
             raise ConfigError("taus", f"bias sizes must be >= 0, got {self.taus}")
+        if self.recalibrate and "recentred" in self.rules:
+            raise ConfigError("rules", "\"recentred\" is fitted on the scale model's own p(r); the guard would add it "
+                                       "to the recalibrated p(r): set [dynamic] recalibrate = false to use it")
         anchored = [r for r in self.rules if r != "recentred"]
         if anchored and not self.taus:
             raise ConfigError("taus", f"rules {anchored} need at least one bias size τ")
