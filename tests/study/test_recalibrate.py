@@ -136,3 +136,19 @@ def test_a_chain_with_a_softmax_scale_head_must_say_it_does_not_recalibrate():
     with pytest.raises(ConfigError, match="recalibrate = false"):
         ChainConfig(scale=ScaleConfig(target="best"))
     assert not ChainConfig(scale=ScaleConfig(target="best"), dynamic=DynamicConfig(recalibrate=False)).dynamic.recalibrate
+
+
+def test_the_engine_spec_carries_the_recalibration_to_the_scale_stage(models):
+    """serving.json's engine spec (`dynres infer`, `dynres serve` and every Ray actor build from it)."""
+    from dynres.runtime.engine import EngineSpec, PipelineConfig, build_engine
+
+    store, backbone, scale = models
+    pairs = [[0.5, 0.1], [1.0, 0.0], [0.8, -0.2], [0.3, 0.4]]  # one per grid resolution of the fixture's scale model
+    spec = EngineSpec("", str(backbone), str(scale), None, "eager", PipelineConfig(recalibration=pairs))
+    assert build_engine(spec, store=store).scale.recalibration == tuple(map(tuple, pairs))
+    wrong = EngineSpec("", str(backbone), str(scale), None, "eager", PipelineConfig(recalibration=pairs[:2]))
+    with pytest.raises(ConfigError, match="one \\(a, c\\) per grid resolution"):
+        build_engine(wrong, store=store)
+    for bad in ([[float("nan"), 0.0]] * 4, [[1.0]] * 4):
+        with pytest.raises(ConfigError, match="recalibration"):
+            PipelineConfig(recalibration=bad)
