@@ -190,3 +190,15 @@ def test_a_run_from_before_the_guard_says_it_has_no_verdict(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path)))
     _, md_path = build_report(tmp_path)
     assert "No verdict (a run from before the guard) in this run." in md_path.read_text()
+
+
+def test_the_verdict_says_how_the_scale_models_p_was_recalibrated(tmp_path):
+    rows = verdict()["crops"]
+    rows[0] = rows[0] | {"recalibration": [[0.62, 0.1], [0.8, -0.3]]}
+    rows[1] = rows[1] | {"recalibration": [[0.41, 0.2], [1.1, 0.0]]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path) | {"verdict": verdict() | {"crops": rows}}))
+    md = build_report(tmp_path)[1].read_text()
+    assert "on the 300 selection images: slopes 0.41–1.10 (1: its confidence taken as it is" in md
+    assert "25% crop: dynamic (recalibrated p, λ=0.05)" in md
+    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path) | {"verdict": verdict()}))
+    assert "recalibrated" not in build_report(tmp_path)[1].read_text()  # a run with `recalibrate = false`

@@ -194,6 +194,18 @@ def _learned(health: dict | None) -> str:
     return text + "."
 
 
+def _recalibration(rows: list[dict], images: int) -> str | None:
+    """What recalibrating p(r) did, in words (None: not recalibrated): the slopes say how far the scale model's
+    confidence was trusted."""
+    coef = [pair for r in rows for pair in r.get("recalibration") or []]
+    if not coef:
+        return None
+    slopes = [a for a, _ in coef]
+    return (f"The scale model's p(r) was recalibrated per crop and resolution to the deployed backbone's chance of "
+            f"being right there, on the {images} selection images: slopes {min(slopes):.2f}–{max(slopes):.2f} (1: its "
+            "confidence taken as it is; below 1: it was overconfident, and its p counts for less against the cost).")
+
+
 def fill_verdict(sec: Section, run: Run) -> None:
     """One screen: what the run recommends per crop and why, on held-out images, against the best static
     resolution and the common baseline; what the pipeline serves, end to end; how to serve it."""
@@ -210,6 +222,9 @@ def fill_verdict(sec: Section, run: Run) -> None:
                  f"{auc['min']:.2f}–{auc['max']:.2f} per (crop, resolution) (0.5: no better than a coin), i.e. how "
                  "well it tells, before the backbone runs, where the backbone will be right. A more accurate backbone "
                  "is what raised it, and moved the verdict to dynamic, on real photos (docs/real-photos.md).")
+    recal = _recalibration(rows, v["selection_images"])
+    if recal:
+        sec.text(recal)
     picks = "; ".join(f"{round(100 * r['crop'])}% crop: {_choice(r)}" for r in rows)
     sec.text(f"Recommended on this data: {picks}. Rule: {v['rule']}. r* and λ* chosen on "
              f"{v['selection_images']} validation images; dynamic vs static decided on these "
