@@ -24,9 +24,11 @@ with (a·W, a·b + c)) was tried first and dropped: every crop's copy would need
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.special import expit
 
 from dynres.errors import ConfigError
+from dynres.runtime.runners import recalibrated_probs
 
 _EPS = 1e-7  # p is clipped to [EPS, 1 - EPS] before its logit: float32 sigmoids saturate
 
@@ -66,6 +68,6 @@ def fit_platt(p: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def apply_platt(p: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    """p' = σ(a·logit p + c) per resolution."""
-    coef = np.asarray(coef, dtype=np.float64)
-    return expit(coef[:, 0] * logit(p) + coef[:, 1])
+    """p' = σ(a·logit p + c) per resolution: the engines' map (:func:`~dynres.runtime.runners.recalibrated_probs`)
+    on the logits recovered from p."""
+    return recalibrated_probs(torch.from_numpy(logit(p)), np.asarray(coef, dtype=np.float64))
