@@ -238,3 +238,74 @@ def test_an_ssim_rule_is_not_applied_to_an_index_built_with_other_settings(store
         calibrate(open_store(store_dir), checkpoint, tmp_path / "out", CalibrationConfig(
             target=100.0, delta=None, families=("ssim",), crops=(1.0,), sweep=(1.0,), batch_size=8),
             calib_store=open_store(calib), progress=False)
+
+
+def test_the_held_out_table_takes_full_reads_from_the_static_evaluation_and_gives_the_same_rows(
+        store_dir, checkpoint, tmp_path, monkeypatch):
+    import dynres.study.calibration_heldout as heldout
+    from dynres.study.static import EvalConfig, run_static
+
+    store = open_store(store_dir)
+    run_static(checkpoint, store, tmp_path / "eval", EvalConfig(grid=RES, crops=(0.25, 1.0), batch_size=8,
+                                                                 backend="ort"), progress=False)
+    # target 0 as point estimates: shorter reads are certified, so calibrated reads are predicted too
+    cfg = CalibrationConfig(target=0.0, delta=None, crops=(0.25, 1.0), sweep=(1.0,), batch_size=8)
+    asked, predict = [], heldout.predict_lanes
+
+    def recording(model, store, keys, grid, crops, scans=None, **kw):
+        asked.append((scans is None, tuple(crops)))
+        return predict(model, store, keys, grid, crops, scans=scans, **kw)
+
+    monkeypatch.setattr(heldout, "predict_lanes", recording)
+    again = calibrate(store, checkpoint, tmp_path / "again", cfg, progress=False)
+    assert again["heldout_full_reads_from"] is None and (True, (0.25, 0.765625, 1.0)) in asked
+    asked.clear()
+    reused = calibrate(store, checkpoint, tmp_path / "reused", cfg, progress=False,
+                       static_eval=tmp_path / "eval" / "static.json")
+    assert reused["heldout_full_reads_from"] == str(tmp_path / "eval" / "static.json")
+    # only the crop the static evaluation lacks is predicted on full reads; calibrated reads use its crops' views
+    assert [crops for full, crops in asked if full] == [(0.765625,)]
+    assert any(not full and crops == (0.25, 1.0) for full, crops in asked)
+    assert any(r["read_savings"] > 0 for r in again["calibration"])  # some cells do read less
+    for a, b in zip(again["calibration"], reused["calibration"]):
+        if a["crop"] != 0.765625:  # views made with the same crops: the same predictions, the same cells
+            assert a == b
+
+
+def test_full_reads_of_another_checkpoint_or_backend_are_predicted_again(store_dir, checkpoint, tmp_path):
+    from dynres.study.calibration_heldout import static_full_reads
+    from dynres.study.static import EvalConfig, run_static
+
+    store = open_store(store_dir)
+    for backend in ("ort", "eager"):
+        run_static(checkpoint, store, tmp_path / backend, EvalConfig(grid=RES, crops=(1.0,), batch_size=8,
+                                                                     backend=backend), progress=False)
+    keys = store.keys[:5]
+    found = static_full_reads(tmp_path / "ort" / "static.json", store, checkpoint, "ort", False, RES, keys)
+    assert found is not None and found.crops == (1.0,) and found.table.num_rows == len(keys) * len(RES)
+    assert static_full_reads(tmp_path / "eager" / "static.json", store, checkpoint, "eager", False, RES, keys) is None
+    assert static_full_reads(tmp_path / "ort" / "static.json", store, checkpoint, "ort", True, RES, keys) is None
+    # a full read of other bytes, or a static evaluation that read a policy's prefixes
+    moved = _OneImageChanged(store)
+    assert static_full_reads(tmp_path / "ort" / "static.json", moved, checkpoint, "ort", False, RES, keys) is None
+    run_static(checkpoint, store, tmp_path / "prefix", EvalConfig(grid=RES, crops=(1.0,), batch_size=8, backend="ort"),
+               scans=1, progress=False)
+    assert static_full_reads(tmp_path / "prefix" / "static.json", store, checkpoint, "ort", False, RES, keys) is None
+    assert static_full_reads(tmp_path / "ort" / "static.json", store, checkpoint, "ort", False, (56, 84), keys) is None
+    torch.manual_seed(1)
+    other = save_checkpoint(create_model("resnet_tiny", len(store.classes)).eval(),
+                            ModelMeta("resnet_tiny", tuple(store.classes), 56), tmp_path / "other.pt")
+    assert static_full_reads(tmp_path / "ort" / "static.json", store, other, "ort", False, RES, keys) is None
+
+
+class _OneImageChanged:
+    """The store with other bytes behind its first key, as its manifest tells."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def sha256(self, key):
+        return "0" * 64 if key == self._store.keys[0] else self._store.sha256(key)

@@ -87,6 +87,9 @@ def calibrate(
                                                help="Also measure the dynamic pipeline (Table III/IV dynamic row)."),
     backend: str = typer.Option(CalibrationConfig.backend,
                                 help="Run the model on 'ort' (ONNX Runtime), 'eager' PyTorch, or 'auto'."),
+    static_eval: Optional[Path] = typer.Option(
+        None, "--static-eval", help="static.json of this model's `dynres eval static` on STORE: the held-out table "
+                                    "takes its full reads from it where they are the same predictions."),
 ) -> None:
     """Certify a read rule per resolution (scan count or SSIM threshold); save the policy; Table III/IV + Figure 6."""
     from dynres.io.store import open_store
@@ -105,7 +108,7 @@ def calibrate(
                             batch_size=batch_size, backend=backend)
     shard = judges_from_record(open_store(train_store), judges) if judges is not None else []
     rec = run_calibration(open_store(store), model, out, cfg, open_store(calib_store) if calib_store else None,
-                          policy, scale_model, judges=shard)
+                          policy, scale_model, judges=shard, static_eval=static_eval)
     for s in rec["search"]:
         what = "measured loss (no bound: --delta 0)" if rec["delta"] is None else f"{1 - rec['delta']:.0%} loss bound"
         bound = "" if s["bound"] is None else f", {what} {s['bound']:.3f} points"

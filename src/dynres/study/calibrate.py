@@ -35,7 +35,7 @@ from dynres.policy.quality import QualityIndex, manifest_hash
 from dynres.records import write_records
 from dynres.report.calibration import calibration_markdown
 from dynres.report.figures import calibration_sweep
-from dynres.study.calibration_heldout import calibration_summary, heldout_reports
+from dynres.study.calibration_heldout import calibration_summary, heldout_reports, static_full_reads
 from dynres.study.calibration_index import calibration_index, materialize
 from dynres.study.certify import (
     Certification,
@@ -249,13 +249,17 @@ def sweep_points(pool: Pool, resolutions: Sequence[int], cfg: CalibrationConfig)
 
 def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: CalibrationConfig = CalibrationConfig(),
               calib_store: StoreLike | None = None, policy_path: str | Path | None = None,
-              scale_model: str | Path | None = None, progress: bool = True, judges: Sequence[Judge] = ()) -> dict:
+              scale_model: str | Path | None = None, progress: bool = True, judges: Sequence[Judge] = (),
+              static_eval: str | Path | None = None) -> dict:
     """Certify a read rule per resolution, save the policy for ``store`` and write ``calibration.json/.md`` +
     Figure 6 PNG.
 
     Calibration images: up to ``max_images`` of ``calib_store`` if given (then all of ``store`` is held out), else
     the hashed calibration part of ``store``; plus up to ``cfg.judge_images`` images judged by ``judges`` (e.g.
-    :func:`shard_judges`). Returns the record.
+    :func:`shard_judges`). ``static_eval``: the ``static.json`` of this checkpoint's static evaluation of
+    ``store`` (the accuracy stage's): the held-out table takes its full reads from it where they are this
+    calibration's (:func:`~dynres.study.calibration_heldout.static_full_reads`) instead of predicting them again.
+    Returns the record.
     """
     from dynres.model.checkpoint import load_checkpoint
     from dynres.study.static import GridModel
@@ -294,13 +298,16 @@ def calibrate(store: Store, checkpoint: str | Path, out: str | Path, cfg: Calibr
     policy_file = policy.save(policy_path or out / "policy.json")
 
     crops = tuple(sorted(set(cfg.crops) | {round(crop_side**2, 6)}))
+    known = None if static_eval is None else static_full_reads(static_eval, store, checkpoint, run.backend,
+                                                               cfg.exact, resolutions, split.held)
     rows, sweep, dynamic = heldout_reports(run, store, checkpoint, scale_model, policy, policy_file, split.held, crops,
-                                           cfg, lambda: sweep_points(main, resolutions, cfg), progress)
+                                           cfg, lambda: sweep_points(main, resolutions, cfg), progress, known)
     record = {
         "policy": str(policy_file), "model": str(checkpoint), "store": str(store.root), "split": split.name,
         "calibration_images": len(split.calib_keys), "judged_images": n - len(main.keys),
         "pools": [{"name": p.name, "images": len(p.keys)} for p in pools],
-        "heldout_images": len(split.held), "crop_side": crop_side, "calibration_target": cfg.target,
+        "heldout_images": len(split.held), "heldout_full_reads_from": None if known is None else str(static_eval),
+        "crop_side": crop_side, "calibration_target": cfg.target,
         "delta": cfg.delta, "criterion": cfg.criterion, "families": list(cfg.families),
         "rules": {str(r): rule.to_dict() for r, rule in rules.items()},
         "thresholds": {str(r): t for r, t in policy.thresholds.items()},

@@ -8,10 +8,13 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
+from dynres._ui import log
 from dynres.io.store import Store, StoreLike
 from dynres.policy.calibration import CalibrationPolicy
 from dynres.study.certify import predict_lanes
@@ -30,24 +33,95 @@ def _prefix_bytes(store: StoreLike, keys: Sequence[str], scans: Sequence[int | N
     return read, size
 
 
+@dataclass(frozen=True)
+class FullReads:
+    """Predictions of full reads the same model already made on the same kind of views (the accuracy stage's
+    static evaluation, :func:`static_full_reads`): ``table`` rows (key, crop, resolution, correct), every view of
+    an image decoded for ``crops`` together (a view depends on the smallest crop decoded with it,
+    :func:`dynres.study.static.image_views`)."""
+
+    table: pa.Table
+    crops: tuple[float, ...]
+
+
+def static_full_reads(static_json: str | Path, store: StoreLike, checkpoint: str | Path, backend: str, exact: bool,
+                      grid: Sequence[int], keys: Sequence[str]) -> FullReads | None:
+    """The static evaluation beside ``static_json`` as :class:`FullReads` for ``keys`` of ``store``, or None (and
+    one line saying why) where its predictions would not be this calibration's: other bytes (the manifest hash it
+    recorded) or not every scan read, another checkpoint, another kind of view,
+    a backend other than ONNX Runtime on both sides (only its predictions are the same whatever the batch and
+    threads, checked bitwise in tests/study/test_certify.py), resolutions or images it lacks."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from dynres.model.checkpoint import checkpoint_digest
+    from dynres.policy.quality import manifest_hash
+    from dynres.study.stages import read_json
+
+    rec = read_json(static_json)
+    path = Path(static_json).parent / "static_images.parquet"
+    why = None
+    if rec.get("store_manifest_hash") != manifest_hash(store) or rec.get("full_reads") is not True:
+        why = "it did not record reading every scan of this store's bytes"
+    elif rec.get("checkpoint_sha256") != checkpoint_digest(checkpoint):
+        why = "it evaluated another checkpoint"
+    elif bool(rec.get("exact_views")) != bool(exact):
+        why = "its views are of another kind"
+    elif not (backend == rec.get("backend") == "ort"):
+        why = f"it ran on {rec.get('backend')}, this calibration on {backend} (reused only on ONNX Runtime)"
+    elif not set(grid) <= set(rec.get("grid", ())):
+        why = f"it lacks resolutions of {sorted(grid)}"
+    elif not path.is_file():
+        why = f"{path} is missing"
+    if why is None:
+        table = pq.read_table(path, columns=["key", "crop", "resolution", "correct"])
+        table = table.filter(pc.and_(pc.is_in(table.column("key"), value_set=pa.array(list(keys))),
+                                     pc.is_in(table.column("resolution"), value_set=pa.array(list(grid)))))
+        crops = tuple(float(c) for c in rec["crops"])
+        if table.num_rows != len(keys) * len(grid) * len(crops):
+            why = "it lacks some of the held-out images"
+    if why is not None:
+        log(f"held-out full reads evaluated again, not taken from {static_json}: {why}")
+        return None
+    return FullReads(table, crops)
+
+
 def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str], crops: Sequence[float],
-                  target: float, batch_size: int = 16, progress: bool = True, exact: bool = False) -> list[dict]:
-    """Table III/IV rows on ``keys``: accuracy with full vs calibrated reads per (resolution, crop), read savings."""
+                  target: float, batch_size: int = 16, progress: bool = True, exact: bool = False,
+                  known: FullReads | None = None) -> list[dict]:
+    """Table III/IV rows on ``keys``: accuracy with full vs calibrated reads per (resolution, crop), read savings.
+
+    ``known``: full reads already predicted (the static evaluation's); the crops it holds are not predicted again,
+    and the calibrated reads at those crops are decoded with its crops, so both sides of every cell see views made
+    the same way."""
+    import pyarrow.compute as pc
+
     from dynres.study.static import accuracy_table
 
     grid = policy.resolutions
-    full = predict_lanes(model, store, keys, grid, crops, scans=None, exact=exact, batch_size=batch_size,
-                         progress=progress, description="held-out, full reads")
+    reused = known is not None and bool(set(crops) & set(known.crops))
+    rest = tuple(c for c in crops if not reused or c not in known.crops)
+    groups = ([(known.crops, known.table)] if reused else []) + ([(rest, None)] if rest else [])
     partial = [k for k in keys if any(_scans(policy, store, k, r) < store.num_scans(k) for r in grid)]
+    columns = ["key", "crop", "resolution", "correct"]
+    full_parts, cal_parts = [], []
+    for group, table in groups:
+        if table is None:
+            table = predict_lanes(model, store, keys, grid, group, scans=None, exact=exact, batch_size=batch_size,
+                                  progress=progress, description="held-out, full reads")
+        full_parts.append(table.select(columns))
+        if partial:
+            cal = predict_lanes(model, store, partial, grid, group, scans=policy, exact=exact,
+                                batch_size=batch_size, progress=progress, description="held-out, calibrated reads")
+            cal_parts.append(cal.select(columns))
+    wanted = pa.array([float(c) for c in crops])
+    full = pa.concat_tables(full_parts)
+    full = full.filter(pc.is_in(full.column("crop"), value_set=wanted))
     acc_full = accuracy_table(full)
     if partial:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        cal = predict_lanes(model, store, partial, grid, crops, scans=policy, exact=exact, batch_size=batch_size,
-                            progress=progress, description="held-out, calibrated reads")
         same = full.filter(pc.invert(pc.is_in(full.column("key"), value_set=pa.array(partial))))
-        acc_cal = accuracy_table(pa.concat_tables([same, cal]))
+        cal = pa.concat_tables(cal_parts)
+        acc_cal = accuracy_table(pa.concat_tables([same, cal.filter(pc.is_in(cal.column("crop"), value_set=wanted))]))
     else:
         acc_cal = acc_full
     rows = []
@@ -113,18 +187,20 @@ def dynamic_rows(store_url: str, backbone: str | Path, scale: str | Path, policy
 
 def heldout_reports(run, store: Store, checkpoint: str | Path, scale_model: str | Path | None,
                     policy: CalibrationPolicy, policy_file: str | Path, held: Sequence[str], crops: Sequence[float],
-                    cfg, sweep: Callable[[], list[dict]], progress: bool = True
+                    cfg, sweep: Callable[[], list[dict]], progress: bool = True, known: FullReads | None = None
                     ) -> tuple[list[dict], list[dict], list[dict] | None]:
     """The held-out table, Figure 6's sweep (``sweep()``) and, with a scale model, the dynamic rows (``cfg``: the
     calibration's settings). The dynamic rows run in the background (the pipeline keeps about one core busy, the
     table's lanes take what is left; all only read the saved policy and the stores) and start no further
-    pipeline run once the table or the sweep has failed."""
+    pipeline run once the table or the sweep has failed. ``known``: full reads already predicted
+    (:func:`heldout_table`)."""
     with ThreadPoolExecutor(1, thread_name_prefix="dynres-dynamic") as background:
         stop = threading.Event()
         dynamic = None if scale_model is None else background.submit(
             dynamic_rows, store.root, checkpoint, scale_model, policy_file, held, crops, cfg.target, stop)
         try:
-            rows = heldout_table(run, store, policy, held, crops, cfg.target, cfg.batch_size, progress, cfg.exact)
+            rows = heldout_table(run, store, policy, held, crops, cfg.target, cfg.batch_size, progress, cfg.exact,
+                                 known)
             points = sweep()
         except BaseException:
             stop.set()

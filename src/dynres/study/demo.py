@@ -190,7 +190,8 @@ def calibration_stage(study: Study, val_store: StoreLike, train_store: StoreLike
                 judges = judges_from_record(train_store, acc["scale"])
             except ConfigError as err:  # scale labels given from a file: no shard backbones to judge with
                 study.say(f"calibration without shard judges: {err}", style="yellow")
-        rec = calibrate(val_store, acc["backbone"], out, cal_cfg, scale_model=acc["scale_model"], judges=judges)
+        rec = calibrate(val_store, acc["backbone"], out, cal_cfg, scale_model=acc["scale_model"], judges=judges,
+                        static_eval=acc["static"])
         return {"policy": rec["policy"], "json": str(out / "calibration.json")}
 
     return study.stage("calibration", {"calibration": asdict(cal_cfg)}, calibration, after=("accuracy", "quality"))

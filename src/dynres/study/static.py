@@ -41,6 +41,7 @@ from dynres.io.store import StoreLike
 from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
 from dynres.model.nets import channels_last, gflops, to_input
 from dynres.paper import PAPER_CROPS, crop_side, scaled_grid
+from dynres.policy.quality import manifest_hash
 from dynres.policy.scans import Scans, scans_for
 from dynres.records import markdown_table, write_records
 from dynres.study.stages import digest, read_json
@@ -291,6 +292,9 @@ def run_static(checkpoint: str | Path, store: StoreLike, out: str | Path, cfg: E
         "train_resolution": meta.train_resolution,
         "images": len(keys), "grid": list(grid), "crops": list(cfg.crops), "exact_views": cfg.exact,
         "backend": run.backend,
+        # which bytes it saw, so that a later stage may take its full reads as its own (calibration's held-out table)
+        "store": str(getattr(store, "root", "")), "store_manifest_hash": manifest_hash(store),
+        "full_reads": scans is None,
         "flop_convention": "FlopCounterMode: 2 x MACs (the paper quotes MACs)",
         "static": rows, "best": [{"crop": c, "resolution": best[c], "accuracy": acc[(c, best[c])]} for c in cfg.crops],
         "per_image": str(out / "static_images.parquet"),
