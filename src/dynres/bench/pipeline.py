@@ -148,6 +148,8 @@ def _operating_points(setup: _Setup, sweep_keys: list[str], cfg: PipelineBenchCo
     static_r, grid = cfg.static_resolution, setup.stage.grid
     runs = (len(grid) if static_r is None else int(cfg.lam is None)) \
         + (len(DYNAMIC) * len(cfg.lambdas) if cfg.lam is None else 0)
+    if not runs:  # the config fixes both (the study's guard chose them): nothing to sweep, no empty bar
+        return static_r, sweep, lams, lam_sweep
     with status_bar(runs, f"sweep {len(sweep_keys)} images", progress) as done:
         def on_sweep(label: str, **mode) -> dict:  # one run over the sweep sample
             summary = setup.engine(**mode).run(sweep_keys, progress=False).summary
