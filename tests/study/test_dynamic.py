@@ -113,3 +113,16 @@ def test_a_dynamic_config_refuses_bad_settings_when_built(bad, setting):
 
     with pytest.raises(ConfigError, match=setting):
         DynamicConfig(**bad)
+
+
+def test_the_default_sweep_reaches_the_cheapest_resolution_whatever_p_says():
+    """The λ sweep spans the cost range: its largest λ sends every image to the cheapest resolution of the paper's
+    grid (costs as resolution²), so a cheap best static resolution always has a point of the sweep to meet."""
+    from dynres.paper import PAPER_GRID
+    from dynres.study.dynamic import DEFAULT_LAMBDAS
+
+    cost = np.array([float(r) ** 2 for r in PAPER_GRID])
+    p = np.random.default_rng(0).random((500, len(PAPER_GRID)))
+    p[:, 0], p[:, 1] = 0.0, 1.0  # the strongest preference against the cheapest resolution
+    assert (choose(p, cost, max(DEFAULT_LAMBDAS)) == 0).all()
+    assert (choose(p, cost, 1.0) != 0).all()  # where the sweep stopped before

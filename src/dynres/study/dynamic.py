@@ -39,8 +39,13 @@ from dynres.study.static import EvalConfig, run_static
 GUARD_RULES = (*RULES, "anchor-r*")  # "anchor-r*": the anchor at the guard's own r* (chosen on its selection images)
 GUARD_ONLY = ("rules", "taus", "recalibrate")  # DynamicConfig settings only the guard reads: not in the evaluation's key
 PROBS_FILE = "dynamic_images.parquet"  # the scale model's p(r) per image and crop, beside dynamic.json
+# fine where the choices move most (0-0.2), then on to where the rule picks the cheapest resolution for almost any
+# p(r): the cost term is λ·cost/max cost, and the paper's grid's smallest step (56 -> 84 px) is 8% of the largest
+# cost, so λ = 20 outweighs any difference of p. Stopping at 1 left the sweep no point as cheap as a cheap best
+# static resolution (the demo's 25% crop, best at 84 px).
 DEFAULT_LAMBDAS = tuple(round(float(x), 3)
-                        for x in np.concatenate([np.linspace(0, 0.2, 21), np.linspace(0.25, 1.0, 16)]))
+                        for x in np.concatenate([np.linspace(0, 0.2, 21), np.linspace(0.25, 1.0, 16),
+                                                 (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0)]))
 
 
 @dataclass(frozen=True)
