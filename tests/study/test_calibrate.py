@@ -246,30 +246,33 @@ def test_the_held_out_table_takes_full_reads_from_the_static_evaluation_and_give
     from dynres.study.static import EvalConfig, run_static
 
     store = open_store(store_dir)
-    run_static(checkpoint, store, tmp_path / "eval", EvalConfig(grid=RES, crops=(0.25, 1.0), batch_size=8,
-                                                                 backend="ort"), progress=False)
+    for name, grid in (("eval", RES), ("eval_top", RES[-1:])):  # every resolution; only the largest
+        run_static(checkpoint, store, tmp_path / name, EvalConfig(grid=grid, crops=(0.25, 1.0), batch_size=8,
+                                                                   backend="ort"), progress=False)
     # target 0 as point estimates: shorter reads are certified, so calibrated reads are predicted too
     cfg = CalibrationConfig(target=0.0, delta=None, crops=(0.25, 1.0), sweep=(1.0,), batch_size=8)
     asked, predict = [], heldout.predict_lanes
 
     def recording(model, store, keys, grid, crops, scans=None, **kw):
-        asked.append((scans is None, tuple(crops)))
+        asked.append((scans is None, tuple(grid), tuple(crops)))
         return predict(model, store, keys, grid, crops, scans=scans, **kw)
 
     monkeypatch.setattr(heldout, "predict_lanes", recording)
     again = calibrate(store, checkpoint, tmp_path / "again", cfg, progress=False)
-    assert again["heldout_full_reads_from"] is None and (True, (0.25, 0.765625, 1.0)) in asked
-    asked.clear()
-    reused = calibrate(store, checkpoint, tmp_path / "reused", cfg, progress=False,
-                       static_eval=tmp_path / "eval" / "static.json")
-    assert reused["heldout_full_reads_from"] == str(tmp_path / "eval" / "static.json")
-    # only the crop the static evaluation lacks is predicted on full reads; calibrated reads use its crops' views
-    assert [crops for full, crops in asked if full] == [(0.765625,)]
-    assert any(not full and crops == (0.25, 1.0) for full, crops in asked)
+    assert again["heldout_full_reads_from"] is None and (True, RES, (0.25, 0.765625, 1.0)) in asked
     assert any(r["read_savings"] > 0 for r in again["calibration"])  # some cells do read less
-    for a, b in zip(again["calibration"], reused["calibration"]):
-        if a["crop"] != 0.765625:  # views made with the same crops: the same predictions, the same cells
-            assert a == b
+    for name, predicted in (("eval", []), ("eval_top", [(RES[:1], (0.25, 1.0))])):
+        asked.clear()
+        reused = calibrate(store, checkpoint, tmp_path / f"reused_{name}", cfg, progress=False,
+                           static_eval=tmp_path / name / "static.json")
+        assert reused["heldout_full_reads_from"] == str(tmp_path / name / "static.json")
+        # full reads are predicted only where the static evaluation has none: the crop it lacks, and its missing
+        # resolutions at its crops (decoded as its views were); calibrated reads at its crops are decoded likewise
+        assert [(g, c) for full, g, c in asked if full] == predicted + [(RES, (0.765625,))]
+        assert any(not full and crops == (0.25, 1.0) for full, _, crops in asked)
+        for a, b in zip(again["calibration"], reused["calibration"]):
+            if a["crop"] != 0.765625:  # views made with the same crops and largest resolution: the same cells
+                assert a == b
 
 
 def test_full_reads_of_another_checkpoint_or_backend_are_predicted_again(store_dir, checkpoint, tmp_path):
@@ -291,7 +294,10 @@ def test_full_reads_of_another_checkpoint_or_backend_are_predicted_again(store_d
     run_static(checkpoint, store, tmp_path / "prefix", EvalConfig(grid=RES, crops=(1.0,), batch_size=8, backend="ort"),
                scans=1, progress=False)
     assert static_full_reads(tmp_path / "prefix" / "static.json", store, checkpoint, "ort", False, RES, keys) is None
-    assert static_full_reads(tmp_path / "ort" / "static.json", store, checkpoint, "ort", False, (56, 84), keys) is None
+    # a part of its grid is taken; a resolution above its largest is not (its views were decoded too small)
+    part = static_full_reads(tmp_path / "ort" / "static.json", store, checkpoint, "ort", False, (56, 84), keys)
+    assert part is not None and part.resolutions == (56,) and part.top == max(RES)
+    assert static_full_reads(tmp_path / "ort" / "static.json", store, checkpoint, "ort", False, (56, 224), keys) is None
     torch.manual_seed(1)
     other = save_checkpoint(create_model("resnet_tiny", len(store.classes)).eval(),
                             ModelMeta("resnet_tiny", tuple(store.classes), 56), tmp_path / "other.pt")

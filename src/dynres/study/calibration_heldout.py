@@ -36,21 +36,24 @@ def _prefix_bytes(store: StoreLike, keys: Sequence[str], scans: Sequence[int | N
 @dataclass(frozen=True)
 class FullReads:
     """Predictions of full reads the same model already made on the same kind of views (the accuracy stage's
-    static evaluation, :func:`static_full_reads`): ``table`` rows (key, crop, resolution, correct), every view of
-    an image decoded for ``crops`` together (a view depends on the smallest crop decoded with it,
-    :func:`dynres.study.static.image_views`)."""
+    static evaluation, :func:`static_full_reads`): ``table`` rows (key, crop, resolution, correct) at
+    ``resolutions`` x ``crops``, every view of an image decoded for ``crops`` together and for a grid whose largest
+    resolution is ``top`` (a view depends on both: :func:`dynres.study.static.image_views`)."""
 
     table: pa.Table
     crops: tuple[float, ...]
+    resolutions: tuple[int, ...]
+    top: int
 
 
 def static_full_reads(static_json: str | Path, store: StoreLike, checkpoint: str | Path, backend: str, exact: bool,
                       grid: Sequence[int], keys: Sequence[str]) -> FullReads | None:
-    """The static evaluation beside ``static_json`` as :class:`FullReads` for ``keys`` of ``store``, or None (and
-    one line saying why) where its predictions would not be this calibration's: other bytes (the manifest hash it
-    recorded) or not every scan read, another checkpoint, another kind of view,
-    a backend other than ONNX Runtime on both sides (only its predictions are the same whatever the batch and
-    threads, checked bitwise in tests/study/test_certify.py), resolutions or images it lacks."""
+    """The static evaluation beside ``static_json`` as :class:`FullReads` for ``keys`` of ``store`` at the
+    resolutions of ``grid`` it has, or None (and one line saying why) where its predictions would not be this
+    calibration's: other bytes (the manifest hash it recorded) or not every scan read, another checkpoint, another
+    kind of view, a backend other than ONNX Runtime on both sides (only its predictions are the same whatever the
+    batch and threads, checked bitwise in tests/study/test_certify.py), no resolution of ``grid``, a resolution of
+    ``grid`` above its largest (its views were decoded too small for it), or images it lacks."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -60,6 +63,8 @@ def static_full_reads(static_json: str | Path, store: StoreLike, checkpoint: str
 
     rec = read_json(static_json)
     path = Path(static_json).parent / "static_images.parquet"
+    evaluated = [int(r) for r in rec.get("grid", ())]
+    shared = tuple(r for r in grid if r in evaluated)
     why = None
     if rec.get("store_manifest_hash") != manifest_hash(store) or rec.get("full_reads") is not True:
         why = "it did not record reading every scan of this store's bytes"
@@ -69,21 +74,21 @@ def static_full_reads(static_json: str | Path, store: StoreLike, checkpoint: str
         why = "its views are of another kind"
     elif not (backend == rec.get("backend") == "ort"):
         why = f"it ran on {rec.get('backend')}, this calibration on {backend} (reused only on ONNX Runtime)"
-    elif not set(grid) <= set(rec.get("grid", ())):
-        why = f"it lacks resolutions of {sorted(grid)}"
+    elif not shared or max(grid) > max(evaluated):
+        why = f"its grid {evaluated} does not cover the largest of {sorted(grid)} or has none of it"
     elif not path.is_file():
         why = f"{path} is missing"
     if why is None:
         table = pq.read_table(path, columns=["key", "crop", "resolution", "correct"])
         table = table.filter(pc.and_(pc.is_in(table.column("key"), value_set=pa.array(list(keys))),
-                                     pc.is_in(table.column("resolution"), value_set=pa.array(list(grid)))))
+                                     pc.is_in(table.column("resolution"), value_set=pa.array(list(shared)))))
         crops = tuple(float(c) for c in rec["crops"])
-        if table.num_rows != len(keys) * len(grid) * len(crops):
+        if table.num_rows != len(keys) * len(shared) * len(crops):
             why = "it lacks some of the held-out images"
     if why is not None:
         log(f"held-out full reads evaluated again, not taken from {static_json}: {why}")
         return None
-    return FullReads(table, crops)
+    return FullReads(table, crops, shared, max(evaluated))
 
 
 def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequence[str], crops: Sequence[float],
@@ -91,9 +96,9 @@ def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequ
                   known: FullReads | None = None) -> list[dict]:
     """Table III/IV rows on ``keys``: accuracy with full vs calibrated reads per (resolution, crop), read savings.
 
-    ``known``: full reads already predicted (the static evaluation's); the crops it holds are not predicted again,
-    and the calibrated reads at those crops are decoded with its crops, so both sides of every cell see views made
-    the same way."""
+    ``known``: full reads already predicted (the static evaluation's). At its crops, the resolutions it holds are
+    not predicted again, and everything else there (the full reads of the other resolutions, the calibrated reads)
+    is decoded as its views were, so both sides of every cell see views made the same way."""
     import pyarrow.compute as pc
 
     from dynres.study.static import accuracy_table
@@ -101,19 +106,27 @@ def heldout_table(model, store: StoreLike, policy: CalibrationPolicy, keys: Sequ
     grid = policy.resolutions
     reused = known is not None and bool(set(crops) & set(known.crops))
     rest = tuple(c for c in crops if not reused or c not in known.crops)
-    groups = ([(known.crops, known.table)] if reused else []) + ([(rest, None)] if rest else [])
     partial = [k for k in keys if any(_scans(policy, store, k, r) < store.num_scans(k) for r in grid)]
     columns = ["key", "crop", "resolution", "correct"]
+
+    def predict(part: Sequence[str], resolutions: Sequence[int], group: Sequence[float], scans, top: int | None):
+        what = "full" if scans is None else "calibrated"
+        return predict_lanes(model, store, part, resolutions, group, scans=scans, exact=exact, batch_size=batch_size,
+                             progress=progress, description=f"held-out, {what} reads",
+                             decode_for=top).select(columns)
+
     full_parts, cal_parts = [], []
-    for group, table in groups:
-        if table is None:
-            table = predict_lanes(model, store, keys, grid, group, scans=None, exact=exact, batch_size=batch_size,
-                                  progress=progress, description="held-out, full reads")
-        full_parts.append(table.select(columns))
+    if reused:
+        full_parts.append(known.table)
+        missing = [r for r in grid if r not in known.resolutions]
+        if missing:
+            full_parts.append(predict(keys, missing, known.crops, None, known.top))
         if partial:
-            cal = predict_lanes(model, store, partial, grid, group, scans=policy, exact=exact,
-                                batch_size=batch_size, progress=progress, description="held-out, calibrated reads")
-            cal_parts.append(cal.select(columns))
+            cal_parts.append(predict(partial, grid, known.crops, policy, known.top))
+    if rest:
+        full_parts.append(predict(keys, grid, rest, None, None))
+        if partial:
+            cal_parts.append(predict(partial, grid, rest, policy, None))
     wanted = pa.array([float(c) for c in crops])
     full = pa.concat_tables(full_parts)
     full = full.filter(pc.is_in(full.column("crop"), value_set=wanted))

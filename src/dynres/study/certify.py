@@ -42,7 +42,7 @@ def lanes() -> int:
 
 def predict_lanes(model, store: StoreLike, keys: Sequence[str], grid: Sequence[int], crops: Sequence[float],
                   scans=None, exact: bool = False, batch_size: int = 64, description: str = "evaluate",
-                  progress: bool = False, count: int = 0):
+                  progress: bool = False, count: int = 0, decode_for: int | None = None):
     """:func:`dynres.study.static.predict_grid` over ``keys`` in ``count`` lanes side by side (0: one per core),
     each lane decoding on one thread while its model call runs on another; the rows of all keys in one table, in
     the order of ``keys``.
@@ -61,7 +61,7 @@ def predict_lanes(model, store: StoreLike, keys: Sequence[str], grid: Sequence[i
     count = max(1, min(count or lanes(), len(keys))) if run.backend == "ort" else 1
     if count == 1:
         return predict_grid(run, store, keys, grid, crops, scans=scans, exact=exact, batch_size=batch_size,
-                            progress=progress, description=description)
+                            progress=progress, description=description, decode_for=decode_for)
     import pyarrow as pa
 
     size = batch_size * max(1, -(-len(keys) // (batch_size * count * 4)))  # about 4 pieces per lane
@@ -69,7 +69,7 @@ def predict_lanes(model, store: StoreLike, keys: Sequence[str], grid: Sequence[i
 
     def piece(part: list[str]):
         return predict_grid(run, store, part, grid, crops, scans=scans, exact=exact, batch_size=batch_size,
-                            progress=False, workers=1)
+                            progress=False, workers=1, decode_for=decode_for)
 
     pool = ThreadPoolExecutor(count, thread_name_prefix="dynres-lane")
     try:

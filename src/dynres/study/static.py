@@ -133,8 +133,9 @@ def image_views(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence
       the DCT scale the largest view of that crop needs, of ``decode_for``, default the grid's largest, then
       resized): one decode per crop's scale.
     - neither (the default, the cheapest: characterization, labels, calibration): one decode for every crop, at
-      the size the grid's largest view of the smallest crop needs, resized; the engines' views differ from these
-      by resampling only.
+      the size the largest view (``decode_for``, default the grid's largest) of the smallest crop needs, resized;
+      the engines' views differ from these by resampling only. ``decode_for`` lets a part of a grid be predicted
+      later with the very views the whole grid got.
 
     Decodes are for the grid's largest view, not the largest of the resolutions that share a prefix: a view then
     changes only with the bytes behind it, so a policy that reads every scan at some resolution gives exactly the
@@ -171,12 +172,13 @@ def image_views(store: StoreLike, key: str, grid: Sequence[int], crops: Sequence
 def predict_grid(model: torch.nn.Module | GridModel, store: StoreLike, keys: Sequence[str], grid: Sequence[int],
                  crops: Sequence[float], scans: Scans = None, exact: bool = False, batch_size: int = 64,
                  progress: bool = True, description: str = "evaluate", backend: str = "auto",
-                 workers: int = 0, engine: bool = False) -> pa.Table:
+                 workers: int = 0, engine: bool = False, decode_for: int | None = None) -> pa.Table:
     """Run ``model`` on every (key, crop, resolution) view; one row per view (a module runs as
     ``GridModel(model, backend)``).
 
     Views are decoded by ``workers`` threads (0: one per core; Pillow and torch release the GIL), the next batch's
     while the model runs on this one: decoding and resizing 28 views per image cost more than the inference.
+    ``decode_for``: decode as for a grid whose largest resolution is this (:func:`image_views`).
     """
     run = model if isinstance(model, GridModel) else GridModel(model, backend)
     # true_prob / margin: the true class's probability and its lead over the best other class (the scale model's
@@ -187,8 +189,9 @@ def predict_grid(model: torch.nn.Module | GridModel, store: StoreLike, keys: Seq
     chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
     with ThreadPoolExecutor(workers or len(os.sched_getaffinity(0)), thread_name_prefix="dynres-views") as pool:
         def submit(j: int) -> list:
-            return [pool.submit(image_views, store, k, grid, crops, scans, exact, engine) for k in chunks[j]] \
-                if j < len(chunks) else []
+            if j >= len(chunks):
+                return []
+            return [pool.submit(image_views, store, k, grid, crops, scans, exact, engine, decode_for) for k in chunks[j]]
 
         ahead = submit(0)
         for j in track(range(len(chunks)), len(chunks),
