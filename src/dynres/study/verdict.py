@@ -285,11 +285,14 @@ def _pipeline_objection(row: dict, pipe: dict, dynamic: str) -> str | None:
     if guard_recal.shape != timed_recal.shape or not np.allclose(guard_recal, timed_recal, rtol=0, atol=1e-12):
         return "the pipeline timed another recalibration of p(r) than the guard's"
     if (dyn.get("accuracy") or 0.0) < (static.get("accuracy") or 0.0):
-        return f"its {dynamic} run was less accurate than the static row on the pipeline's images"
+        return (f"its {dynamic} run was less accurate than the static row on the pipeline's images "
+                f"({dyn.get('accuracy') or 0.0:.2f}% vs {static.get('accuracy') or 0.0:.2f}%)")
     if dyn.get("gflops") is None or static.get("gflops") is None or dyn["gflops"] > static["gflops"] + EPS:
         return f"its {dynamic} run was costlier in GFLOPs than the static row (or the record has no GFLOPs)"
     if dyn["images_per_s"] < static["images_per_s"]:
-        return f"its {dynamic} run was slower in images/s than the static row"
+        return (f"its {dynamic} run was slower in images/s than the static row ({dyn['images_per_s']:.1f} vs "
+                f"{static['images_per_s']:.1f}, at {dyn['accuracy']:.2f}% vs {static['accuracy']:.2f}% and "
+                f"{dyn['gflops']:.4g} vs {static['gflops']:.4g} GFLOPs)")
     return None
 
 
