@@ -38,6 +38,13 @@ def test_train_and_eval_commands(tmp_path):
     dynamic = json.loads((tmp_path / "eval" / "dynamic.json").read_text())
     assert dynamic["grid"] == [16, 24, 32, 40, 48, 56, 64] and len(dynamic["summary"]) == 2
     assert dynamic["images"] == 6
+    # calibration's held-out table takes the static evaluation's full reads when told where they are
+    r = run(app, ["calibrate", val, "--model", str(tmp_path / "bb" / "model.pt"), "--out", str(tmp_path / "cal"),
+                  "--families", "count", "--resolutions", "16,32", "--crops", "0.56,1.0", "--holdout", "0.5",
+                  "--static-eval", str(tmp_path / "eval" / "static.json"), "--batch-size", "4"])
+    assert r.exit_code == 0, r.output
+    calibration = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert calibration["heldout_full_reads_from"] == str(tmp_path / "eval" / "static.json")
 
     # a missing checkpoint is a DynresError naming the file (the CLI's main() prints it as one line)
     r = run(app, ["eval", "static", str(tmp_path / "nope.pt"), val])
