@@ -275,7 +275,7 @@ def test_the_held_out_table_takes_full_reads_from_the_static_evaluation_and_give
                 assert a == b
 
 
-def test_full_reads_of_another_checkpoint_or_backend_are_predicted_again(store_dir, checkpoint, tmp_path):
+def test_static_full_reads_are_taken_only_where_they_are_this_calibrations(store_dir, checkpoint, tmp_path):
     from dynres.study.calibration_heldout import static_full_reads
     from dynres.study.static import EvalConfig, run_static
 
