@@ -120,3 +120,37 @@ def test_the_ratios_use_the_fastest_dynamic_variant_within_the_tolerance():
 def test_a_bad_pipeline_bench_config_is_refused(bad):
     with pytest.raises(ConfigError):
         PipelineBenchConfig(**bad)
+
+
+class _Timed:
+    """An engine whose runs report a fixed images/s (accuracy 80%): what the timing loop sees of a mode."""
+
+    def __init__(self, images_per_s: float):
+        self.images_per_s = images_per_s
+
+    def run(self, keys, progress=False):
+        summary = {"images_per_s": self.images_per_s, "accuracy": 80.0, "bytes_per_image": 1.0, "p50_ms": 1.0,
+                   "p99_ms": 1.0, "images": len(keys), "seconds": 1.0, "read_fraction": 1.0,
+                   "resolution_histogram": {}, "scale_overhead": 0.0, "work_s": 1.0, "top5_accuracy": None}
+        return type("Run", (), {"summary": summary})()
+
+
+class _Store:
+    def reset_stats(self):
+        pass
+
+
+@pytest.mark.parametrize("dynamic_speed, max_repeats, rounds", [
+    (103.0, 7, 7),  # within 10% of the static row: timed up to max_repeats
+    (97.0, 7, 7),  # on either side
+    (150.0, 7, 3),  # clearly apart: the first 3 rounds decide
+    (60.0, 7, 3),
+    (103.0, 0, 3),  # max_repeats 0: exactly `repeats`
+])
+def test_close_rows_are_timed_longer_whichever_leads(dynamic_speed, max_repeats, rounds):
+    from dynres.bench.pipeline import DYNAMIC, _time_modes
+
+    engines = {"baseline": _Timed(50.0), "static_tuned": _Timed(100.0), **{m: _Timed(dynamic_speed) for m in DYNAMIC}}
+    rows = _time_modes(_Store(), engines, ["k"] * 4, PipelineBenchConfig(repeats=3, max_repeats=max_repeats),
+                       progress=False)
+    assert {len(row["images_per_s_runs"]) for row in rows.values()} == {rounds}

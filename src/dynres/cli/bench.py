@@ -105,6 +105,9 @@ def bench_pipeline_cmd(
                                        help="Threads of the tuned kernels (as tuned by `dynres tune`)."),
     repeats: int = typer.Option(PipelineBenchConfig.repeats,
                                 help="Timed runs per mode (interleaved); each row is the median run."),
+    max_repeats: int = typer.Option(PipelineBenchConfig.max_repeats, help="More runs, up to this many, while the "
+                                    "dynamic and static rows are within --close of each other in images/s."),
+    close: float = typer.Option(PipelineBenchConfig.close, help="With --max-repeats: the images/s ratio band."),
     crop_side: float = typer.Option(PipelineBenchConfig.crop_side, "--crop",
                                     help="Center crop side ratio of every mode (the study's: its guard's crop)."),
     bias: str = typer.Option("", "--bias", help=BIAS_HELP),
@@ -116,7 +119,7 @@ def bench_pipeline_cmd(
     cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
                               kernel_threads=kernel_threads, baseline_resolution=baseline_resolution,
                               static_resolution=static_resolution, lam=lam, kernels=kernels, repeats=repeats,
-                              crop_side=crop_side, bias=parse_list(bias, float, "--bias"),
+                              max_repeats=max_repeats, close=close, crop_side=crop_side, bias=parse_list(bias, float, "--bias"),
                               recalibration=parse_pairs(recalibration, "--recalibration"))
     only = [k.strip() for k in keys.read_text().splitlines() if k.strip()] if keys else None
     p = run_bench_pipeline(store, str(model), str(scale), out, path_text(policy), cfg, keys=only)
