@@ -58,14 +58,15 @@ def track(items: Iterable[T], total: int | None, description: str, progress: boo
 
 
 @contextlib.contextmanager
-def status_bar(total: int, description: str, progress: bool = True) -> Iterator[Callable[[str], None]]:
-    """A bar the caller advances one step at a time, setting its status text (a loss, the setting just run)."""
+def status_bar(total: int, description: str, progress: bool = True) -> Iterator[Callable[..., None]]:
+    """A bar the caller advances one step at a time, setting its status text (a loss, the setting just run);
+    ``total=`` on a step changes the bar's length (work found to be longer than announced)."""
     if not enabled(progress):
-        yield lambda status: None
+        yield lambda status, total=None: None
         return
     with make_progress() as bar:
         task = bar.add_task(description, total=total, status="")
-        yield lambda status: bar.update(task, advance=1, status=status)
+        yield lambda status, total=None: bar.update(task, advance=1, status=status, total=total)
 
 
 def track_threads(fn: Callable[[T], U], items: Sequence[T], description: str, progress: bool = True) -> list[U]:

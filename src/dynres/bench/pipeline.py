@@ -195,14 +195,14 @@ def _time_modes(store: Store, engines: dict[str, Engine], keys: list[str], cfg: 
     repeats = max(1, cfg.repeats)
     most = max(repeats, cfg.max_repeats)
     label = f"time {len(engines)} modes x {repeats}" + (f" (up to {most} while close)" if most > repeats else "")
-    with status_bar(most * len(engines), label, progress) as done:
+    with status_bar(repeats * len(engines), label, progress) as done:
         for round_ in range(most):  # round robin: machine drift hits every mode alike
             if round_ >= repeats and not _undecided({n: _median_run(r) for n, r in runs.items()}, cfg):
                 break
-            for name, engine in engines.items():
+            for i, (name, engine) in enumerate(engines.items()):
                 store.reset_stats()
                 runs[name].append(_row(engine.run(keys, progress=False).summary))
-                done(name)
+                done(name, total=(round_ + 1) * len(engines) if round_ >= repeats and i == 0 else None)
     return {name: _median_run(r) for name, r in runs.items()}
 
 
