@@ -68,6 +68,18 @@ def test_a_softmax_scale_model_is_not_recalibrated(tmp_path):
         load_scale(src, create_model("resnet_tiny", 2).eval(), recalibration=[[1.0, 0.0]] * 2)
 
 
+def test_every_path_to_the_scale_stage_refuses_a_malformed_recalibration(tmp_path):
+    """The check lives in the scale stage, so the pipeline benchmark's path (no PipelineConfig) is held to it."""
+    from dynres.runtime.runners import load_scale
+
+    src = _scale_checkpoint(tmp_path / "s.pt")
+    backbone = create_model("resnet_tiny", 2).eval()
+    for bad, why in (([[1.0, float("nan")], [1.0, 0.0]], "finite"), ([[1.0, 0.0]], "one .a, c. per grid"),
+                     ([[1.0]] * 2, "pairs")):
+        with pytest.raises(ConfigError, match=why):
+            load_scale(src, backbone, recalibration=bad)
+
+
 def _kinds(n):
     """30% right at 56 px only, 50% at 112 only, 20% at both (best static: 112 px, 70%)."""
     kinds = [[True, False]] * 3 + [[False, True]] * 5 + [[True, True]] * 2

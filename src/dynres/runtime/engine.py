@@ -30,7 +30,7 @@ from dynres.io.jpeg import EOI
 from dynres.io.store import StoreLike
 from dynres.paper import DEFAULT_CROP_SIDE
 from dynres.policy.scans import Scans, scans_for
-from dynres.runtime.runners import Runner, ScaleStage, load_scale, make_runner
+from dynres.runtime.runners import Runner, ScaleStage, load_scale, make_runner, recalibration_pairs
 
 TOPK = 5
 
@@ -97,16 +97,11 @@ class PipelineConfig:
 
 
 def check_recalibration(value, resolution: int | None) -> tuple[tuple[float, float], ...]:
-    """A recalibration as the declared tuple of finite (a, c) pairs (a JSON list of pairs from serving.json too)."""
+    """A recalibration as the declared tuple of finite (a, c) pairs (:func:`runners.recalibration_pairs`); refused
+    with a static resolution, which runs no scale model."""
     if resolution is not None:
         raise ConfigError("recalibration", "a static resolution runs no scale model: nothing to recalibrate")
-    try:
-        pairs = tuple((float(a), float(c)) for a, c in value)
-    except (TypeError, ValueError):
-        raise ConfigError("recalibration", f"need (a, c) pairs, one per grid resolution, got {value!r}") from None
-    if not pairs or not all(math.isfinite(v) for pair in pairs for v in pair):
-        raise ConfigError("recalibration", f"need finite (a, c) pairs, one per grid resolution, got {value!r}")
-    return pairs
+    return recalibration_pairs(value)
 
 
 @dataclass

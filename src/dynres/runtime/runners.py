@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,18 @@ def recalibrated_probs(logits: torch.Tensor, recalibration: Sequence[Sequence[fl
     deployed backbone's chance of being right there (Platt scaling; :mod:`dynres.study.recalibrate` fits (a, c))."""
     coef = torch.as_tensor(recalibration, dtype=torch.float64)
     return torch.sigmoid(logits.double() * coef[:, 0] + coef[:, 1]).numpy()
+
+
+def recalibration_pairs(value) -> tuple[tuple[float, float], ...]:
+    """A recalibration as the declared tuple of finite (a, c) pairs, from any sequence of pairs (a JSON list from
+    serving.json, a flag's tuple): the one check every path to :class:`ScaleStage` goes through."""
+    try:
+        pairs = tuple((float(a), float(c)) for a, c in value)
+    except (TypeError, ValueError):
+        raise ConfigError("recalibration", f"need (a, c) pairs, one per grid resolution, got {value!r}") from None
+    if not pairs or not all(math.isfinite(v) for pair in pairs for v in pair):
+        raise ConfigError("recalibration", f"need finite (a, c) pairs, one per grid resolution, got {value!r}")
+    return pairs
 
 
 # --- runners: uint8 images -> logits ----------------------------------------------------------------------------
@@ -158,6 +171,7 @@ class ScaleStage:
         if self.bias is not None and len(self.bias) != len(self.grid):
             raise ConfigError("bias", f"need one value per grid resolution {list(self.grid)}, got {list(self.bias)}")
         if self.recalibration is not None:
+            self.recalibration = recalibration_pairs(self.recalibration)
             if len(self.recalibration) != len(self.grid):
                 raise ConfigError("recalibration", f"need one (a, c) per grid resolution {list(self.grid)}, got "
                                                    f"{len(self.recalibration)}")
@@ -189,5 +203,4 @@ def load_scale(checkpoint: str | Path, backbone: torch.nn.Module, kernels: str =
     costs = tuple(gflops(backbone, r) for r in meta.grid)
     return ScaleStage(make_runner(model, kernels, batch, threads), meta.train_resolution, tuple(meta.grid), costs,
                       scans if scans is not None else meta.scans, None if bias is None else tuple(map(float, bias)),
-                      meta.activation,
-                      None if recalibration is None else tuple((float(a), float(c)) for a, c in recalibration))
+                      meta.activation, recalibration)
