@@ -25,7 +25,10 @@ from rich.progress import (
 T = TypeVar("T")
 U = TypeVar("U")
 
-console = Console(stderr=True, soft_wrap=True)  # a message is one line in a log, whatever the width
+# a message is one line in a log, whatever the width; markup only where a caller asks for it (``markup=True``,
+# its data escaped): messages carry file names and run-file sections such as "[backbone]", which rich would
+# otherwise take for style tags and drop
+console = Console(stderr=True, soft_wrap=True, markup=False)
 
 
 def enabled(progress: bool = True) -> bool:

@@ -60,12 +60,12 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except DynresError as err:
-        console.print(error_line(err))
+        console.print(error_line(err), markup=True)
         sys.exit(ERROR_EXIT)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
     except typer.Abort:
-        console.print("[red]aborted[/red]")
+        console.print("[red]aborted[/red]", markup=True)
         sys.exit(130)
     except Exception as err:
         if not is_usage_error(err):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from dynres._ui import console
 from dynres.study.demo import StudyConfig
@@ -26,7 +27,8 @@ def demo(
     from dynres.study.demo import demo_study_config, run_study
 
     summary = run_study(demo_study_config(out, quick=quick, seed=seed, workers=workers, force=force))
-    console.print(f"[green]demo finished in {summary['wall_s']:.0f} s[/green]; summary: {out / 'summary.json'}")
+    console.print(f"[green]demo finished in {summary['wall_s']:.0f} s[/green]; summary: "
+                  f"{escape(str(out / 'summary.json'))}", markup=True)
 
 
 def run(
@@ -44,7 +46,8 @@ def run(
     print_settings(study_settings(cfg), config)
     summary = run_study(cfg)
     print_verdict(summary.get("verdict"))
-    console.print(f"[green]run finished in {summary['wall_s']:.0f} s[/green]; report: {cfg.out / 'report.html'}")
+    console.print(f"[green]run finished in {summary['wall_s']:.0f} s[/green]; report: "
+                  f"{escape(str(cfg.out / 'report.html'))}", markup=True)
 
 
 def settings_table(settings: dict, source: Path):
@@ -77,7 +80,7 @@ def _short(value) -> str:
 def print_settings(settings: dict, source: Path) -> None:
     console.print(settings_table(settings, source))
     for warning in settings["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", markup=True)
 
 
 def print_verdict(verdict: dict | None) -> None:
@@ -85,9 +88,9 @@ def print_verdict(verdict: dict | None) -> None:
     if not verdict:
         return
     for warning in (verdict.get("health") or {}).get("warnings", []):
-        console.print(f"[bold yellow]warning:[/bold yellow] {warning}")
+        console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", markup=True)
     for row in verdict["crops"]:
-        console.print(f"crop {row['crop']:g}: [bold]{row['mode']}[/bold] — {row['reason']}")
+        console.print(f"crop {row['crop']:g}: [bold]{row['mode']}[/bold] — {escape(row['reason'])}", markup=True)
     auc = (verdict.get("health") or {}).get("scale_auc")
     if auc and any(row["mode"] == "static" for row in verdict["crops"]):
         console.print(f"the scale model's AUC on the validation images: {auc['min']:.2f}–{auc['max']:.2f} (0.5: a "

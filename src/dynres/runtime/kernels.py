@@ -175,7 +175,7 @@ def tune_one(model: nn.Module, resolution: int, batch: int, config: TuneConfig, 
         except BackendError as exc:
             status = "missing" if BACKENDS[name].missing() else "failed"
             rows.append(_row(model_name, resolution, batch, name, gflops, gemm_peak, status, reason=exc.reason))
-            log(f"[yellow]skip[/yellow] {name} @ {resolution}px b{batch}: {exc.reason}")
+            log(f"skip {name} @ {resolution}px b{batch}: {exc.reason}")
             continue
         errors[name] = (err, kernel.build_s)
         if err <= config.tolerance:
@@ -184,7 +184,7 @@ def tune_one(model: nn.Module, resolution: int, batch: int, config: TuneConfig, 
             reason = f"rel. error {err:.2e} > tolerance {config.tolerance:.0e}"
             rows.append(_row(model_name, resolution, batch, name, gflops, gemm_peak, "rejected", rel_err=err,
                              reason=reason, build_s=kernel.build_s))
-            log(f"[yellow]reject[/yellow] {name} @ {resolution}px b{batch}: {reason}")
+            log(f"reject {name} @ {resolution}px b{batch}: {reason}")
     if not candidates:
         raise BackendError(model_name, f"no backend produced correct output at {resolution}px, batch {batch}")
     times = time_alternating(candidates, x, config)
