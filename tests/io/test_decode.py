@@ -241,9 +241,13 @@ def test_corrupt_entropy_data_decodes_as_pillow_decodes_it(decoder, photo_jpeg):
 
 
 def test_more_pixels_than_pillows_limit_is_refused_by_either_decoder(decoder, photo_jpeg, monkeypatch):
+    import warnings
+
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    filters = list(warnings.filters)
     with pytest.raises(BadImageError, match="cat/001.*decompression bomb"):
         decode(photo_jpeg, 64, name="cat/001")
+    assert warnings.filters == filters  # no process-wide warning filter touched: decoding runs on many threads
 
 
 @pytest.mark.parametrize("payload", ["empty", "text", "garbage", "truncated", "prefix without EOI"])

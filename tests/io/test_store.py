@@ -107,6 +107,24 @@ def test_concurrent_reads_from_threads_are_correct(store):
         assert data == (full if scans is None else full[: store.scan_ends(key)[scans - 1]] + b"\xff\xd9")
 
 
+def test_the_cache_counts_each_cached_prefix_once_when_threads_read_one_key(store):
+    """Two threads that miss the cache for one key both cache their prefix; the second replaces the first, and the
+    byte count that bounds the cache must say so (else phantom bytes pile up and evict every prefix for good)."""
+    key = store.keys[0]
+    gate = threading.Barrier(2)
+    fetch = store._fetch
+
+    def both_miss_then_fetch(*args):  # both threads are past the cache lookup before either caches
+        gate.wait(timeout=10)
+        return fetch(*args)
+
+    store._fetch = both_miss_then_fetch
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda s: store.read(key, scans=s), (2, 3)))
+    cached = sum(len(v) for v in store._cache.values())  # one prefix: whichever thread cached last
+    assert store._cached_bytes == cached and cached in {store.prefix_size(key, s) for s in (2, 3)}
+
+
 def test_a_pickled_store_is_a_fresh_reader(store):
     store.read(store.keys[0], scans=2)
     copy = pickle.loads(pickle.dumps(store))

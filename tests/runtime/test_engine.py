@@ -126,6 +126,32 @@ def test_predictions_parquet_has_class_names_and_accuracy_matches(store, tmp_pat
     assert result.summary["accuracy"] == pytest.approx(100 * correct / len(table))
 
 
+def test_a_scale_prefix_pushed_out_of_the_stores_cache_is_not_read_again(store):
+    """The backbone's longer read fetches only the range the scale prefix lacks, although a cache of one entry
+    has dropped that prefix by then (other keys were read meanwhile): the bytes read are the policy's, no more."""
+    from dynres.io.store import open_store
+
+    small_cache = open_store(store.root, cache_entries=1)
+    cfg = PipelineConfig(batch_size=3, workers=2, lam=0.3)
+    s = Engine(small_cache, EagerRunner(tiny_classifier()), scale=tiny_scale(), policy=StepPolicy(), config=cfg,
+               classes=("cat", "dog")).run(progress=False).summary
+    assert s["bytes_read"] == s["policy_bytes"]
+
+
+def test_store_classes_the_backbone_lacks_count_in_no_accuracy(store, tmp_path):
+    """A backbone of classes ("dog", "fox") on a cat/dog store: dog images are scored against its "dog" (index
+    0), cat images against nothing (the store's index 0 is not the backbone's class 0)."""
+    result = Engine(store, EagerRunner(tiny_classifier()), policy=StepPolicy(), config=PipelineConfig(resolution=48),
+                    classes=("dog", "fox")).run(progress=False)
+    cat = store.classes.index("cat")
+    for p in result.predictions:
+        assert p.label == (None if store.label(p.key) == cat else 0)
+    dogs = [p for p in result.predictions if p.label is not None]
+    assert result.summary["accuracy"] == pytest.approx(100 * np.mean([p.top5[0] == 0 for p in dogs]))
+    labels = pq.read_table(result.write_parquet(tmp_path / "preds.parquet")).column("label").to_pylist()
+    assert set(labels) == {None, "dog"}
+
+
 def test_a_higher_cost_weight_picks_cheaper_resolutions(store):
     def mean_resolution(lam):
         engine = Engine(store, EagerRunner(tiny_classifier()), scale=tiny_scale(), config=PipelineConfig(lam=lam))
@@ -148,6 +174,24 @@ def test_bad_configuration_is_a_clear_error(store):
     with pytest.raises(ConfigError, match="finite"):
         PipelineConfig(bias=(float("nan"), 0.0))
     assert PipelineConfig(bias=[0, 0.5]).bias == (0.0, 0.5)  # serving.json's list is the declared tuple
+    from dynres.runtime.engine import EngineSpec
+    from dynres.runtime.infer import run_inference
+
+    with pytest.raises(ConfigError, match="limit"):  # not "all but the last 5"
+        run_inference(EngineSpec(str(store.root), "unused.pt"), limit=-5)
+
+
+def test_a_policy_without_rules_at_some_grid_resolutions_is_named_at_load(store, tmp_path, monkeypatch, capsys):
+    """Reads at a resolution the policy has no rule for take every scan: said once, when the engine is built."""
+    from dynres.policy.calibration import CalibrationPolicy, ReadRule
+    from dynres.runtime.engine import EngineSpec, build_engine
+
+    monkeypatch.delenv("DYNRES_NO_PROGRESS", raising=False)
+    save_tiny_checkpoints(tmp_path)
+    CalibrationPolicy({32: ReadRule("count", 2)}, (), np.zeros((0, 1), dtype=int)).save(tmp_path / "policy.json")
+    build_engine(EngineSpec(str(store.root), str(tmp_path / "b.pt"), str(tmp_path / "s.pt"),
+                            str(tmp_path / "policy.json")))
+    assert "has no rule at 48, 64 px: reads there take every scan" in capsys.readouterr().err
 
 
 def test_infer_command_writes_predictions_and_a_summary(store, tmp_path):

@@ -71,6 +71,16 @@ def test_an_upload_gets_the_models_answer():
     assert body["timings_ms"]["total"] > 0
 
 
+@pytest.mark.parametrize("trailer", [b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4, b"\xff" * 64])
+def test_bytes_after_the_end_of_image_are_ignored_as_a_viewer_does(trailer):
+    """A phone's motion photo (a video after the JPEG) or 0xFF padding: the picture is complete, so it is answered."""
+    data = jpeg()
+    with client() as c:
+        res = c.post("/predict", files={"file": ("a.jpg", data + trailer, "image/jpeg")})
+    assert res.status_code == 200, res.text
+    assert res.json()["resolution"] == expected(data)[0]
+
+
 def test_exact_views_decode_each_view_like_decode():
     from dynres.io.decode import decode
 

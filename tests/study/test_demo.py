@@ -14,6 +14,18 @@ def test_the_demo_refuses_the_seed_its_shipped_weights_were_trained_on(tmp_path)
     assert not (tmp_path / "data").exists()
 
 
+def test_a_run_whose_splits_name_different_classes_stops_after_ingest_naming_them(tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "zebra"))):
+        for c in classes:
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            Image.new("RGB", (64, 48), (120, 30, 200)).save(tmp_path / "data" / split / c / "a.jpg")
+    with pytest.raises(ConfigError, match="only in train/: dog; only in val/: zebra"):
+        run_study(StudyConfig(out=tmp_path / "run", data=tmp_path / "data"))
+    assert not (tmp_path / "run" / "accuracy").exists()  # refused before any training
+
+
 def test_the_guard_runs_first_and_the_pipeline_times_its_operating_point_then_serving_follows_it(tmp_path, models):
     """From the records of a (tiny) dynamic evaluation: the guard per crop; the pipeline benchmark's settings are its
     crop, r* and λ* (so nothing is chosen on the held-out images the benchmark times); serving.json agrees with the

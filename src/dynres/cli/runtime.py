@@ -57,7 +57,7 @@ def infer(
     threads: int = typer.Option(PipelineConfig.torch_threads,
                                 help="torch threads for the models (0: torch's default)."),
     crop_side: float = typer.Option(PipelineConfig.crop_side, "--crop", help="Center-crop side ratio."),
-    limit: int = typer.Option(0, help="Only the first N images (0: all)."),
+    limit: int = typer.Option(0, min=0, help="Only the first N images (0: all)."),
     engine: str = typer.Option("local", help="local, or ray (Ray Data actor pools: see --ray-layout)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
     actors: Optional[int] = typer.Option(None, "--actors", help="Ray: actors per pool, fused or each stage's "

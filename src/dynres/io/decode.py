@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from types import ModuleType
 
 import numpy as np
@@ -41,12 +40,18 @@ _choice: str | None = None  # set_decoder's; None: the environment decides
 
 
 def _open(data: bytes, name: str) -> Image.Image:
+    """The image's header, refused over Pillow's pixel limit. The limit is compared here rather than by turning
+    Pillow's warning into an error: ``warnings.catch_warnings`` is process-global state, and decoding runs on
+    several threads."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))
     except Exception as err:  # Pillow raises several unrelated types for bad bytes
         raise BadImageError(name, f"cannot decode image: {err}") from err
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        raise BadImageError(name, f"decompression bomb: {img.width}x{img.height} = {img.width * img.height} pixels "
+                                  f"is over Pillow's limit of {limit}")
+    return img
 
 
 def _crop_box(width: int, height: int, resolution: int, crop_side: float) -> tuple[float, float, float, float]:

@@ -305,8 +305,9 @@ class Store:
             self.reads += 1
             self.requests += 1 if fetched else 0
             if not full and len(keep) <= self.cache_bytes:  # a full read has nothing left to fetch
+                # another thread's read of the same key may have cached a prefix meanwhile: replace it, uncounted
+                self._cached_bytes += len(keep) - len(self._cache.pop(key, b""))
                 self._cache[key] = keep
-                self._cached_bytes += len(keep)
                 while len(self._cache) > self.cache_entries or self._cached_bytes > self.cache_bytes:
                     self._cached_bytes -= len(self._cache.popitem(last=False)[1])
         return data if full else data + EOI

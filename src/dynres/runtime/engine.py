@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynres._ui import track
+from dynres._ui import log, track
 from dynres.errors import ConfigError
 from dynres.io.decode import PrefixViews, decode, decode_baseline
 from dynres.io.jpeg import EOI
@@ -188,6 +188,13 @@ class Engine:
         index = {c: i for i, c in enumerate(self.classes)}
         store_classes = list(getattr(store, "classes", []) or [])
         self.label_map = {i: index[c] for i, c in enumerate(store_classes) if c in index} if index else {}
+        # with both class lists known, a store class the backbone lacks has no label the backbone could give:
+        # its images count in no accuracy (rather than be scored against whichever class has its index)
+        self._strict_labels = bool(index and store_classes)
+        unknown = [c for c in store_classes if c not in index] if self._strict_labels else []
+        if unknown:
+            log(f"{len(unknown)} of the store's {len(store_classes)} classes are not among the backbone's "
+                f"({', '.join(unknown[:5])}{', …' if len(unknown) > 5 else ''}): their images count in no accuracy")
         self.timings: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -256,6 +263,9 @@ class Engine:
         if want <= item.ahead_scans:  # fetched ahead with the scale prefix: no request
             data = cut_prefix(self.store, key, item.ahead, want)
         else:
+            hold = getattr(self.store, "hold", None)
+            if hold is not None and item.data:  # the scale prefix in hand: fetch only the range it lacks, even
+                hold(key, item.data)  # when other keys' reads have pushed it out of the store's cache meanwhile
             data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
         item.data, item.ahead, item.bytes_read = b"", b"", self.store.prefix_size(key, want)
         fn = decode_baseline if cfg.baseline else decode
@@ -341,13 +351,24 @@ class Engine:
         now = time.perf_counter()
         for it, i, p in zip(items, idx, probs):
             label = self.store.label(it.key)
-            label = self.label_map.get(label, label) if label is not None and label >= 0 else None
+            if label is None or label < 0:
+                label = None
+            else:
+                label = self.label_map.get(label) if self._strict_labels else self.label_map.get(label, label)
             out[it.index] = Prediction(it.key, label, i, p, resolution, it.bytes_read, self.store.size(it.key),
                                        (now - it.t0) * 1e3, lam if self.scale is not None else None)
 
     def _add(self, name: str, seconds: float) -> None:
         with self._lock:
             self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+
+def _policy_reads(scale: ScaleStage | None, resolution: int | None) -> set[int]:
+    """The resolutions whose reads the scans policy decides: the static one, or the scale model's grid and its own
+    resolution unless its checkpoint fixes its scans."""
+    if scale is None:
+        return {resolution}
+    return set(scale.grid) | ({scale.resolution} if scale.scans is None else set())
 
 
 def _longest(scans: int | None, others) -> int | None:
@@ -452,4 +473,8 @@ def build_engine(spec: EngineSpec, store: StoreLike | None = None) -> Engine:
         from dynres.policy.calibration import load_policy
 
         policy = load_policy(spec.policy)
+        uncovered = sorted(_policy_reads(scale, cfg.resolution) - set(policy.resolutions))
+        if uncovered:
+            log(f"the scans policy {spec.policy} has no rule at {', '.join(map(str, uncovered))} px: reads there "
+                "take every scan")
     return Engine(store, backbone, scale=scale, policy=policy, config=cfg, classes=meta.classes)

@@ -29,6 +29,8 @@ def run_inference(spec: EngineSpec, engine: str = "local", *, limit: int | None 
     files under ``output``, a directory path or fsspec URI, and returns their summary without the rows)."""
     if engine not in ENGINES:
         raise ConfigError("engine", f"unknown engine {engine!r} ({', '.join(ENGINES)})")
+    if limit is not None and limit < 0:
+        raise ConfigError("limit", f"need a number of images >= 0, got {limit}")
     if engine == "ray":
         from dynres.runtime.ray import RayConfig, run_ray
 

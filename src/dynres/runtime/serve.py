@@ -93,8 +93,13 @@ def check_upload(data: bytes, max_bytes: int, max_pixels: int, name: str = "uplo
     w, h = img.size
     if w * h > max_pixels:
         raise Rejected(413, f"{name}: {w}x{h} = {w * h} pixels is more than the limit of {max_pixels}")
-    if img.format == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        raise Rejected(400, f"{name}: truncated JPEG (no end-of-image marker)")
+    if img.format == "JPEG":
+        from dynres.io.jpeg import parse_scans
+
+        try:  # every scan and the end-of-image marker present; bytes after it (a motion photo's video) are not
+            parse_scans(data, name)  # the image's, as a viewer ignores them
+        except BadImageError as err:
+            raise Rejected(400, str(err)) from None
     if img.format != "JPEG":
         try:
             img.verify()  # PNG and friends: checks chunk CRCs and completeness without decoding

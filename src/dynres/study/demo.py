@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dynres.errors import ConfigError
 from dynres.io.store import StoreLike, open_store
 from dynres.study.stages import Study, digest, read_json, write_json
 from dynres.study.summary import assemble_summary, scale_choices, study_settings
@@ -80,6 +81,7 @@ def run_study(config: StudyConfig) -> dict:
     data_dir = data_stage(study, config)
     stores = ingest_stage(study, config, data_dir)
     train_store, val_store = open_store(stores["train"]["store"]), open_store(stores["val"]["store"])
+    check_same_classes(train_store, val_store, data_dir)
     chain_cfg = config.chain or demo_config(quick=config.quick, seed=config.seed, pretrained=config.data is None)
     acc = accuracy_stage(study, train_store, val_store, chain_cfg)
     dyn = read_json(out / "accuracy" / "eval" / "dynamic.json")
@@ -113,7 +115,6 @@ def data_stage(study: Study, config: StudyConfig) -> Path:
     if config.data is not None:
         study.stage("data", {"data": str(Path(config.data).resolve())}, lambda: {"data": str(config.data)})
         return Path(study.records["data"]["outputs"]["data"])
-    from dynres.errors import ConfigError
     from dynres.io.synth import PRETRAIN_SEED, SynthConfig, synth
 
     if config.seed == PRETRAIN_SEED:
@@ -132,6 +133,17 @@ def data_stage(study: Study, config: StudyConfig) -> Path:
 
     study.stage("data", {"synth": asdict(synth_cfg)}, make_data)
     return Path(study.records["data"]["outputs"]["data"])
+
+
+def check_same_classes(train: StoreLike, val: StoreLike, data_dir: Path) -> None:
+    """Refuse, before any training, splits that name different classes: the backbone learns train/'s, and
+    val/'s labels are indices into val/'s own list."""
+    if list(train.classes) == list(val.classes):
+        return
+    only = {split: sorted(set(a) - set(b)) for split, a, b in (("train/", train.classes, val.classes),
+                                                              ("val/", val.classes, train.classes))}
+    raise ConfigError(data_dir, "train/ and val/ must hold the same class folders; "
+                      + "; ".join(f"only in {split}: {', '.join(names)}" for split, names in only.items() if names))
 
 
 def ingest_stage(study: Study, config: StudyConfig, data_dir: Path) -> dict:
