@@ -152,6 +152,33 @@ def test_store_classes_the_backbone_lacks_count_in_no_accuracy(store, tmp_path):
     assert set(labels) == {None, "dog"}
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_an_image_that_cannot_be_read_is_skipped_and_reported_not_the_run(store, tmp_path, static):
+    """One stored file changed on disk (its checksum fails): every other image still gets its prediction, and the
+    summary names the one that did not; ``skip_bad=False`` stops at it instead."""
+    import shutil
+
+    from dynres.errors import ChecksumError
+    from dynres.io.store import open_store
+
+    shutil.copytree(store.root, tmp_path / "s")
+    damaged = open_store(tmp_path / "s")
+    bad = damaged.keys[3]
+    path = damaged.location(bad)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    cfg = PipelineConfig(batch_size=3, resolution=48 if static else None)
+    scale = None if static else tiny_scale()
+    result = Engine(damaged, EagerRunner(tiny_classifier()), scale=scale, config=cfg).run(progress=False)
+    assert [p.key for p in result.predictions] == [k for k in damaged.keys if k != bad]
+    assert result.summary["failed"] == 1 and result.summary["images"] == len(damaged.keys) - 1
+    assert result.summary["failures"][0]["key"] == bad and "sha256" in result.summary["failures"][0]["error"]
+    with pytest.raises(ChecksumError, match=bad):
+        Engine(open_store(tmp_path / "s"), EagerRunner(tiny_classifier()), scale=scale,
+               config=PipelineConfig(batch_size=3, resolution=cfg.resolution, skip_bad=False)).run(progress=False)
+
+
 def test_a_higher_cost_weight_picks_cheaper_resolutions(store):
     def mean_resolution(lam):
         engine = Engine(store, EagerRunner(tiny_classifier()), scale=tiny_scale(), config=PipelineConfig(lam=lam))

@@ -95,6 +95,10 @@ def infer(
                   f"resolutions {s['resolution_histogram']}")
     if s.get("requests_per_image") is not None:
         console.print(f"{s['requests_per_image']:.2f} storage requests and {s['bytes_per_image']:.0f} bytes per image")
+    if s.get("failed"):
+        first = s["failures"][0]
+        console.print(f"{s['failed']} images could not be read or decoded and were skipped (the first: {first['key']}: "
+                      f"{first['error']}); the first 1,000 are listed under \"failures\" in {out.with_suffix('.json')}")
     console.print(f"wrote {s.get('output', out)} and {out.with_suffix('.json')}")
 
 

@@ -17,25 +17,22 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dynres._ui import log, track
-from dynres.errors import ConfigError
+from dynres.errors import BadImageError, ConfigError, StoreError
 from dynres.io.decode import PrefixViews, decode, decode_baseline
 from dynres.io.jpeg import EOI
 from dynres.io.store import StoreLike
 from dynres.paper import DEFAULT_CROP_SIDE
 from dynres.policy.scans import Scans, scans_for
+from dynres.runtime.results import InferenceResult, Prediction, store_requests, summarize, top5
 from dynres.runtime.runners import Runner, ScaleStage, load_scale, make_runner, recalibration_pairs
 
-TOPK = 5
-
-
-# --- configuration and results -----------------------------------------------------------------------------------
+# --- configuration ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -73,6 +70,9 @@ class PipelineConfig:
     bias: tuple[float, ...] | None = None  # dynamic: the choice rule's per-grid-resolution term (runners.choose)
     # dynamic: (a, c) per grid resolution, p(r) = σ(a·logit + c) (runners.recalibrated_probs; the study's guard fits it)
     recalibration: tuple[tuple[float, float], ...] | None = None
+    # an image whose read or decode fails (StoreError, BadImageError) is skipped and listed in the summary's
+    # "failures", as ingest does with a bad source; False: the run stops at the first
+    skip_bad: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1 or self.prefetch < 1 or self.max_wait < 1:
@@ -102,55 +102,6 @@ def check_recalibration(value, resolution: int | None) -> tuple[tuple[float, flo
     if resolution is not None:
         raise ConfigError("recalibration", "a static resolution runs no scale model: nothing to recalibrate")
     return recalibration_pairs(value)
-
-
-@dataclass
-class Prediction:
-    key: str
-    label: int | None
-    top5: list[int]
-    top5_probs: list[float]
-    resolution: int
-    bytes_read: int
-    file_bytes: int
-    latency_ms: float
-    lam: float | None = None
-
-
-@dataclass
-class InferenceResult:
-    predictions: list[Prediction]
-    summary: dict
-    classes: tuple[str, ...] = field(default=())
-
-    def write_parquet(self, path: str | Path) -> Path:
-        """One row per image: key, label, top-5 class names + probabilities, resolution, bytes, latency."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        names = self.classes
-        p = self.predictions
-        table = pa.table({
-            "key": [x.key for x in p],
-            "label": pa.array([names[x.label] if x.label is not None and names else x.label for x in p]),
-            "top5_classes": [[names[i] if names else str(i) for i in x.top5] for x in p],
-            "top5_probs": pa.array([x.top5_probs for x in p], pa.list_(pa.float32())),
-            "resolution": pa.array([x.resolution for x in p], pa.int32()),
-            "lam": pa.array([x.lam for x in p], pa.float64()),
-            "bytes_read": pa.array([x.bytes_read for x in p], pa.int64()),
-            "file_bytes": pa.array([x.file_bytes for x in p], pa.int64()),
-            "latency_ms": pa.array([x.latency_ms for x in p], pa.float64()),
-        })
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
-        return path
-
-
-def top5(logits: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
-    probs = torch.softmax(logits.float(), dim=1)
-    p, i = probs.topk(min(TOPK, probs.shape[1]), dim=1)
-    return i.tolist(), p.tolist()
 
 
 # --- the engine --------------------------------------------------------------------------------------------------
@@ -279,7 +230,7 @@ class Engine:
         old_threads = torch.get_num_threads()
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        self.timings = {}
+        self.timings, self.failures = {}, []
         bytes0, requests0 = self.store.bytes_read, store_requests(self.store)
         out: list[Prediction | None] = [None] * len(keys)
         chunks = [keys[i : i + cfg.batch_size] for i in range(0, len(keys), cfg.batch_size)]
@@ -296,6 +247,8 @@ class Engine:
         summary = summarize(preds, wall, self.store.bytes_read - bytes0, self.timings,
                             None if requests is None else requests - requests0)
         summary["mode"] = "baseline" if cfg.baseline else ("static" if self.scale is None else "dynamic")
+        summary["failed"] = len(self.failures)
+        summary["failures"] = [{"key": k, "error": e} for k, e in self.failures[:1000]]  # the first thousand
         return InferenceResult(preds, summary, self.classes)
 
     def _loop(self, pool: ThreadPoolExecutor, chunks: list[list[str]], out: list, progress: bool) -> None:
@@ -322,6 +275,8 @@ class Engine:
                 submit(ahead)
             items = first.pop(j, [])
             if items and self.scale is not None:
+                items = self._ok(items)
+            if items and self.scale is not None:
                 batch = torch.stack([it.image.result() for it in items])
                 t = time.perf_counter()
                 resolutions, _ = self.scale.choose(batch, lam)
@@ -343,7 +298,23 @@ class Engine:
                     batch, pending[:] = pending[:n], pending[n:]
                     self._backbone(batch, r, out, lam)
 
+    def _ok(self, items: list[WorkItem]) -> list[WorkItem]:
+        """The items whose read and decode (``item.image``) succeeded; a failure is recorded and skipped."""
+        ok = []
+        for it in items:
+            try:
+                it.image.result()
+                ok.append(it)
+            except (StoreError, BadImageError) as err:
+                if not self.config.skip_bad:
+                    raise
+                self.failures.append((it.key, " ".join(str(err).split())))
+        return ok
+
     def _backbone(self, items: list[WorkItem], resolution: int, out: list, lam: float) -> None:
+        items = self._ok(items)
+        if not items:
+            return
         images = torch.stack([it.image.result() for it in items])
         t = time.perf_counter()
         idx, probs = top5(self.backbone(images, resolution))
@@ -390,49 +361,6 @@ def cut_prefix(store: StoreLike, key: str, data: bytes, scans: int) -> bytes:
     if scans >= store.num_scans(key):
         return data
     return data[: store.prefix_size(key, scans)] + EOI
-
-
-def store_requests(store: StoreLike) -> int | None:
-    """The storage requests ``store`` has made so far (``Store.requests``); None for a store that does not count
-    them (a test's in-memory store)."""
-    return getattr(store, "requests", None)
-
-
-def summarize(preds: Sequence[Prediction], wall_s: float, bytes_read: int, timings: dict[str, float],
-              requests: int | None = None) -> dict:
-    """Accuracy (percent, where labels are known), images/s, bytes, resolution histogram, latency percentiles.
-
-    ``scale_overhead`` is the scale model's share of the pipeline's work: its read + decode (thread CPU time)
-    + inference, over all reads, decodes and inference.
-    """
-    n = len(preds)
-    lat = np.array([p.latency_ms for p in preds]) if n else np.zeros(1)
-    labelled = [p for p in preds if p.label is not None]
-    hist: dict[str, int] = {}
-    for p in preds:
-        hist[str(p.resolution)] = hist.get(str(p.resolution), 0) + 1
-    work = sum(timings.values())
-    scale = sum(v for k, v in timings.items() if k.startswith("scale"))
-    file_bytes = sum(p.file_bytes for p in preds)
-    return {
-        "images": n,
-        "seconds": wall_s,
-        "images_per_s": n / wall_s if wall_s > 0 else 0.0,
-        "accuracy": 100.0 * np.mean([p.top5[0] == p.label for p in labelled]) if labelled else None,
-        "top5_accuracy": 100.0 * np.mean([p.label in p.top5 for p in labelled]) if labelled else None,
-        "bytes_read": int(bytes_read),
-        "bytes_per_image": bytes_read / n if n else 0.0,
-        "requests": requests,
-        "requests_per_image": requests / n if n and requests is not None else None,
-        "policy_bytes": int(sum(p.bytes_read for p in preds)),
-        "read_fraction": bytes_read / file_bytes if file_bytes else 0.0,
-        "resolution_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p95_ms": float(np.percentile(lat, 95)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "work_s": {k: round(v, 4) for k, v in sorted(timings.items())},
-        "scale_overhead": scale / work if work else 0.0,
-    }
 
 
 # --- building an engine from files --------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def prepare_output(uri: str) -> tuple[Any, str]:
 
 
 def summarize_output(uri: str, wall_s: float, lam: float | None, batch_rows: int = 65536) -> dict:
-    """The local engine's summary keys (:func:`dynres.runtime.engine.summarize`), computed from the written
+    """The local engine's summary keys (:func:`dynres.runtime.results.summarize`), computed from the written
     predictions, plus the actors each stage ran on."""
     import pyarrow.dataset as pads
 
