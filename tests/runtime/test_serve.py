@@ -81,6 +81,23 @@ def test_bytes_after_the_end_of_image_are_ignored_as_a_viewer_does(trailer):
     assert res.json()["resolution"] == expected(data)[0]
 
 
+def test_requests_on_a_new_event_loop_are_answered_not_left_waiting():
+    """Without ``with``, the test client runs each request on an event loop of its own, as a service started
+    again would: the second request must not wait on the first loop's batchers."""
+    import threading
+
+    data, app, answers = jpeg(), client(), []
+
+    def two_requests():
+        answers.extend(app.post("/predict", files={"file": ("a.jpg", data, "image/jpeg")}).status_code
+                       for _ in range(2))
+
+    worker = threading.Thread(target=two_requests, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert answers == [200, 200]
+
+
 def test_exact_views_decode_each_view_like_decode():
     from dynres.io.decode import decode
 
@@ -125,6 +142,44 @@ def test_bad_uploads_get_the_right_status_and_reason(payload, config, status, re
         res = c.post("/predict", files={"file": ("x.jpg", payload, "image/jpeg")})
     assert res.status_code == status
     assert reason in res.json()["detail"]
+
+
+def test_a_body_without_a_declared_length_is_still_held_to_the_limit():
+    """A chunked upload carries no Content-Length: its bytes are counted as they arrive."""
+    def chunked():  # a generator body: sent without Content-Length
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        for _ in range(32):
+            yield b"\0" * 65536
+        yield b"\r\n--x--\r\n"
+
+    with client(max_bytes=100_000) as c:
+        res = c.post("/predict", content=chunked(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert res.status_code == 413 and "limit" in res.json()["detail"]
+
+
+def test_the_body_limit_stops_reading_once_past_it():
+    """At the ASGI level: a body that arrives in pieces is refused at the piece that crosses the limit, before
+    the rest is read (the form parser would otherwise spool it all to disk first)."""
+    import asyncio
+
+    from starlette.exceptions import HTTPException
+
+    from dynres.runtime.serve import BodyLimit
+
+    pieces = []
+
+    async def receive():
+        pieces.append(65536)
+        return {"type": "http.request", "body": b"\0" * 65536, "more_body": len(pieces) < 32}
+
+    async def form_parser(scope, receive, send):  # reads to the end, as a multipart parser does
+        while (await receive()).get("more_body"):
+            pass
+
+    scope = {"type": "http", "headers": [(b"content-type", b"multipart/form-data; boundary=x")]}
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(BodyLimit(form_parser, 100_000)(scope, receive, None))
+    assert refused.value.status_code == 413 and sum(pieces) == 2 * 65536
 
 
 def test_unknown_key_is_404_and_keys_need_a_store(store):

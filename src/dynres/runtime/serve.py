@@ -140,7 +140,11 @@ class Service:
         return self.controller.lam if self.controller else self.config.lam
 
     def _batcher(self, name: object) -> Batcher:
-        if name not in self._batchers:
+        """The batcher of ``name`` ("scale" or a resolution) on the running event loop: a batcher's queue and task
+        belong to the loop that made them, so one from an earlier loop (an app started again, a test client per
+        request) is replaced, not awaited forever."""
+        old = self._batchers.get(name)
+        if old is None or old.task.done() or old.task.get_loop() is not asyncio.get_running_loop():
             wait = self.config.max_wait_ms / 1e3
             if name == "scale":
                 def fn(images: list[torch.Tensor]) -> list:
@@ -159,6 +163,7 @@ class Service:
             self._lag_task.cancel()
         for b in self._batchers.values():
             b.task.cancel()
+        self._batchers.clear()
         self.compute.shutdown(wait=False, cancel_futures=True)
         self.decoders.shutdown(wait=False, cancel_futures=True)
 
@@ -333,6 +338,37 @@ ERROR_STATUSES = {400: "Empty, truncated or corrupt image", 404: "Unknown store 
                   415: "Not an image", 503: "Queue full: retry after Retry-After"}
 
 
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes, declared (Content-Length, refused before any
+    byte is read) or not (a chunked upload, counted as it arrives and refused once past the limit, before the form
+    parser has spooled it all to disk)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.limit:
+            reply = JSONResponse({"detail": f"body of {length} bytes is more than the limit of {self.limit}"}, 413)
+            return await reply(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > self.limit:  # raised inside the route's body parsing: the app answers it as a 413
+                raise HTTPException(413, f"body of more than {self.limit} bytes is more than the limit")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(service: Service):
     """The FastAPI app: ``POST /predict`` (multipart upload), ``POST /predict/key``, ``/healthz``, ``/metrics``."""
     from contextlib import asynccontextmanager
@@ -352,12 +388,7 @@ def create_app(service: Service):
                   description="Dynamic-resolution CNN inference: the scale model picks the resolution per image.")
     limit = service.config.max_bytes
 
-    @app.middleware("http")
-    async def reject_large_bodies(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit + 65536:  # multipart framing allowance
-            return JSONResponse({"detail": f"body of {length} bytes is more than the limit of {limit}"}, 413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limit + 65536)  # multipart framing allowance
 
     @app.exception_handler(Rejected)
     async def rejected(request: Request, err: Rejected):
