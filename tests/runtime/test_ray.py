@@ -148,7 +148,7 @@ def test_ray_engine_writes_the_local_engines_predictions_and_counts_requests(roo
             assert s["work_s"]["scale_actors"] > 0 and s["work_s"]["backbone_actors"] > 0
         assert s["requests_per_image"] == 1.0  # fetch-ahead: one request per image
         again = run_ray(_spec(root), str(out), RayConfig(layout=layout, batch_size=4), limit=4, progress=False)
-        assert again.summary["images"] == 4  # an earlier run's files are replaced, not mixed in
+        assert again.summary["images"] == 4 and again.summary["failed"] == 0  # earlier files replaced, not mixed in
     finally:
         ray.shutdown()
 

@@ -96,9 +96,10 @@ def infer(
     if s.get("requests_per_image") is not None:
         console.print(f"{s['requests_per_image']:.2f} storage requests and {s['bytes_per_image']:.0f} bytes per image")
     if s.get("failed"):
-        first = s["failures"][0]
-        console.print(f"{s['failed']} images could not be read or decoded and were skipped (the first: {first['key']}: "
-                      f"{first['error']}); the first 1,000 are listed under \"failures\" in {out.with_suffix('.json')}")
+        where = (f"the first: {s['failures'][0]['key']}: {s['failures'][0]['error']}; the first 1,000 are listed "
+                 f"under \"failures\" in {out.with_suffix('.json')}" if s.get("failures")
+                 else "each is named in the Ray workers' log")
+        console.print(f"{s['failed']} images could not be read or decoded and were skipped ({where})")
     console.print(f"wrote {s.get('output', out)} and {out.with_suffix('.json')}")
 
 

@@ -298,6 +298,12 @@ class Engine:
                     batch, pending[:] = pending[:n], pending[n:]
                     self._backbone(batch, r, out, lam)
 
+    def backbone_label(self, label: int | None) -> int | None:
+        """A store label as the backbone's class index (None: unlabelled, or a class the backbone lacks)."""
+        if label is None or label < 0:
+            return None
+        return self.label_map.get(label) if self._strict_labels else self.label_map.get(label, label)
+
     def _ok(self, items: list[WorkItem]) -> list[WorkItem]:
         """The items whose read and decode (``item.image``) succeeded; a failure is recorded and skipped."""
         ok = []
@@ -321,12 +327,7 @@ class Engine:
         self._add("backbone", time.perf_counter() - t)
         now = time.perf_counter()
         for it, i, p in zip(items, idx, probs):
-            label = self.store.label(it.key)
-            if label is None or label < 0:
-                label = None
-            else:
-                label = self.label_map.get(label) if self._strict_labels else self.label_map.get(label, label)
-            out[it.index] = Prediction(it.key, label, i, p, resolution, it.bytes_read, self.store.size(it.key),
+            out[it.index] = Prediction(it.key, self.backbone_label(self.store.label(it.key)), i, p, resolution, it.bytes_read, self.store.size(it.key),
                                        (now - it.t0) * 1e3, lam if self.scale is not None else None)
 
     def _add(self, name: str, seconds: float) -> None:

@@ -198,10 +198,13 @@ def run_ray(spec: EngineSpec, output: str | Path, cfg: RayConfig = RayConfig(), 
     # object store before the pools start: Ray Data's file listing asks for a whole CPU, which pools sized to the
     # cluster would hold (the blocks live in the cluster; the driver keeps their references)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
+    expected = ds.count()
     ds = _map_stages(ds, spec, plan, cfg.batch_size, dynamic)
     ds.write_parquet(out_path, filesystem=out_fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     wall = time.perf_counter() - start
     summary = summarize_output(str(output), wall, spec.config.lam if dynamic else None)
     summary.update(mode="dynamic" if dynamic else "static", engine="ray", output=str(output),
                    ray={**asdict(cfg), **plan})
+    # images the actors could not read or decode were skipped; their keys are in the actors' log lines
+    summary["failed"] = expected - summary["images"]
     return InferenceResult([], summary, meta.classes)

@@ -23,12 +23,14 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from dynres._ui import log
+from dynres.errors import BadImageError, StoreError
 from dynres.runtime.engine import EngineSpec, WorkItem, build_engine, cut_prefix, top5
 from dynres.runtime.ray_output import SCHEMA
 
@@ -70,6 +72,20 @@ class _EngineActor:
     def counters(self) -> tuple[int, int]:
         return self.store.requests, self.store.bytes_read
 
+    def readable(self, keys: Sequence[str], futures: Sequence[Future]) -> list[int]:
+        """The positions whose read and decode succeeded. A failure is skipped and named in the actor's log (Ray
+        forwards it to the driver) as the local engine skips it (``config.skip_bad``), or raised when that is off."""
+        ok = []
+        for j, (key, f) in enumerate(zip(keys, futures)):
+            try:
+                f.result()
+                ok.append(j)
+            except (StoreError, BadImageError) as err:
+                if not self.engine.config.skip_bad:
+                    raise
+                log(f"skipped {key}: {' '.join(str(err).split())}")
+        return ok
+
     def read_all(self, fn, items: list[WorkItem]):
         """``fn`` over ``items`` on the pipeline's read/decode threads: their futures (a caller runs a model on the
         first images while the rest decode) and a function that waits for all of them and returns each item's
@@ -88,8 +104,7 @@ class _EngineActor:
         futures = [self.pool.submit(counted, j, it) for j, it in enumerate(items)]
 
         def costs() -> tuple[np.ndarray, np.ndarray]:
-            for f in futures:
-                f.result()
+            wait(futures)  # failed reads included: their costs were paid too
             if per_image:
                 return requests, fetched
             return spread(self.store.requests - r0, n), spread(self.store.bytes_read - b0, n)
@@ -124,11 +139,17 @@ class ScaleActor(_EngineActor):
         e, t0, start = self.engine, time.time(), time.perf_counter()
         items = [WorkItem(0, str(k), t0) for k in batch["key"]]
         images, costs = self.read_all(e.scale_read, items)
-        chosen: list[int] = []
+        chosen = [0] * len(items)
+        ok: list[int] = []
         with cancelled_on_error(images):
             for first in range(0, len(items), e.config.batch_size):  # the local engine's batches: same logits
-                part = images[first : first + e.config.batch_size]
-                chosen += e.scale.choose(torch.stack([f.result() for f in part]), e.config.lam)[0]
+                span = range(first, min(first + e.config.batch_size, len(items)))
+                part = [span[q] for q in self.readable([items[j].key for j in span], [images[j] for j in span])]
+                ok += part
+                if part:
+                    picks = e.scale.choose(torch.stack([images[j].result() for j in part]), e.config.lam)[0]
+                    for j, r in zip(part, picks):
+                        chosen[j] = r
             requests, fetched = costs()
         return pa.table({
             "key": batch["key"], "label": batch["label"],
@@ -141,7 +162,7 @@ class ScaleActor(_EngineActor):
             "bytes_fetched": pa.array(fetched, pa.int64()),
             "scale_actor": pa.array([self.actor] * len(items), pa.string()),
             "scale_ms": pa.array([(time.perf_counter() - start) * 1e3 / len(items)] * len(items), pa.float64()),
-        })
+        }).take(ok)  # an image that could not be read goes no further
 
 
 class BackboneActor(_EngineActor):
@@ -164,13 +185,19 @@ class BackboneActor(_EngineActor):
 
         futures, costs = self.read_all(read, [items[j] for j in order])
         images = dict(zip(order, futures))
+        good: set[int] = set()
         top_names, top_probs = [None] * n, [None] * n
         done = np.zeros(n)
         requests, fetched = np.zeros(n, np.int64), np.zeros(n, np.int64)
         with cancelled_on_error(futures):
             for r, rows in sorted(groups.items()):
                 for first in range(0, len(rows), e.config.batch_size):  # the local engine's per-resolution batches
-                    part = rows[first : first + e.config.batch_size]
+                    batch_rows = rows[first : first + e.config.batch_size]
+                    part = [batch_rows[q] for q in self.readable([items[j].key for j in batch_rows],
+                                                                 [images[j] for j in batch_rows])]
+                    good.update(part)
+                    if not part:
+                        continue
                     idx, probs = top5(e.backbone(torch.stack([images[j].result() for j in part]), r))
                     done[part] = time.time()
                     for j, i, p in zip(part, idx, probs):
@@ -182,7 +209,7 @@ class BackboneActor(_EngineActor):
         dynamic = e.scale is not None
         return pa.table({
             "key": batch["key"],
-            "label": [self.label(e.label_map.get(int(y), int(y)) if y >= 0 else None) for y in batch["label"]],
+            "label": [self.label(e.backbone_label(int(y))) for y in batch["label"]],
             "top5_classes": top_names, "top5_probs": top_probs,
             "resolution": [it.resolution for it in items],
             "lam": [e.config.lam if dynamic else None] * n,
@@ -194,7 +221,7 @@ class BackboneActor(_EngineActor):
             "backbone_actor": [self.actor] * n,
             "scale_ms": batch["scale_ms"] if dynamic else np.zeros(n),
             "backbone_ms": np.full(n, (time.perf_counter() - start) * 1e3 / max(n, 1)),
-        }, schema=SCHEMA)
+        }, schema=SCHEMA).take(sorted(good))
 
     def _item(self, batch: dict, j: int) -> WorkItem:
         e, key = self.engine, str(batch["key"][j])
@@ -219,8 +246,10 @@ class FusedActor(_EngineActor):
         keys = [str(k) for k in batch["key"]]
         r0, b0 = self.counters()
         result = e.run(keys, progress=False)
-        done, n = time.time(), len(keys)
         preds, s = result.predictions, result.summary
+        done, n = time.time(), len(preds)  # the engine skipped (and named) any image it could not read
+        for failure in s["failures"]:
+            log(f"skipped {failure['key']}: {failure['error']}")
         call_ms = (time.perf_counter() - start) * 1e3 / max(n, 1)
         dynamic = e.scale is not None
         scale_ms = call_ms * s["scale_overhead"] if dynamic else 0.0  # the engine's split of the call's work
