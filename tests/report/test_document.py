@@ -184,6 +184,10 @@ def test_the_verdict_says_how_far_above_chance_the_backbones_are(tmp_path):
     assert ("The backbones learned this data: best top-1 50.0% (100% crop, 168 px) on 400 validation images against "
             "chance 25.0%; the 2 shard backbones 43.2–48.8% on the images they label.") in md
     assert "Where static is recommended: the scale model's AUC on the validation images is 0.51–0.63" in md
+    copies = health | {"warnings": ["3 of 400 validation images are byte-identical to training images"]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary(tmp_path) | {"verdict": verdict() | {"health": copies}}))
+    md = build_report(tmp_path)[1].read_text()
+    assert "The backbones learned this data" in md and "3 of 400 validation images are byte-identical" in md
 
 
 def test_a_run_from_before_the_guard_says_it_has_no_verdict(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dynres.study.health import ALPHA, backbone_health, chance_p_value, shard_cells
+from dynres.study.health import ALPHA, backbone_health, chance_p_value, shard_cells, split_duplicates
 
 GRID = (56, 112, 168)
 
@@ -74,3 +74,26 @@ def test_the_scale_models_auc_is_summarized_beside_the_backbones():
     health = backbone_health(learner(rng, 100, 0.6), GRID, 10, scale_aucs=[0.6, float("nan"), 0.8])
     assert health["scale_auc"] == {"min": 0.6, "max": 0.8, "mean": pytest.approx(0.7)}
     assert backbone_health(learner(rng, 100, 0.6), GRID, 10)["scale_auc"] is None
+
+
+class Split:
+    """A store's keys and file hashes, all the duplicate check reads."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self.keys = list(files)
+
+    def sha256(self, key: str) -> str:
+        return self.files[key]
+
+
+def test_validation_images_copied_from_training_are_named_and_a_clean_split_is_not():
+    train = Split({"cat/1.jpg": "aa", "cat/2.jpg": "bb", "dog/1.jpg": "cc"})
+    leaky = split_duplicates(train, Split({"cat/9.jpg": "bb", "dog/9.jpg": "dd"}))
+    assert leaky == {"images": 1, "of": 2, "examples": [{"val": "cat/9.jpg", "train": "cat/2.jpg"}]}
+    rng = np.random.default_rng(0)
+    warned = backbone_health(learner(rng, 300, 0.6), GRID, 8, duplicates=leaky)["warnings"]
+    assert len(warned) == 1 and "1 of 2 validation images" in warned[0]
+    assert "val cat/9.jpg = train cat/2.jpg" in warned[0]
+    clean = split_duplicates(train, Split({"dog/9.jpg": "dd"}))
+    assert clean["images"] == 0 and backbone_health(learner(rng, 300, 0.6), GRID, 8, duplicates=clean)["warnings"] == []

@@ -183,9 +183,11 @@ def _views(v: dict) -> str:
 
 def _learned(health: dict | None) -> str:
     """One sentence on how far above chance the backbones are (:mod:`dynres.study.health`), when none is at it."""
-    if not health or not health.get("backbone") or health.get("warnings"):
+    if not health or not health.get("backbone"):
         return ""
     b, shards = health["backbone"], health.get("shards") or []
+    if b.get("at_chance") or any(s.get("at_chance") for s in shards):  # said by the warnings instead
+        return ""
     text = (f"The backbones learned this data: best top-1 {b['accuracy']:.1f}% ({round(100 * b['crop'])}% crop, "
             f"{b['resolution']} px) on {b['images']} validation images against chance {health['chance']:.1f}%")
     if shards:

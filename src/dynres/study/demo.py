@@ -289,6 +289,7 @@ def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dy
     from dynres.model.checkpoint import read_meta
     from dynres.study.bias import guard_rules
     from dynres.study.dynamic import PROBS_FILE, dynamic_record
+    from dynres.study.health import split_duplicates
     from dynres.study.verdict import run_guard
 
     eval_dir = study.dir / "accuracy" / "eval"
@@ -300,7 +301,8 @@ def guard_step(study: Study, chain_cfg: Any, val_store: StoreLike, acc: dict, dy
     return run_guard(eval_dir, dyn, held, chain_cfg.dynamic.lambdas, baseline,
                      **guard_rules(study.dir / "accuracy", chain_cfg.dynamic, train_store), views=views,
                      classes=len(val_store.classes), labels=study.dir / "accuracy" / "scale" / "scale_labels.parquet",
-                     recalibrate=chain_cfg.dynamic.recalibrate)
+                     recalibrate=chain_cfg.dynamic.recalibrate,
+                     duplicates=None if train_store is None else split_duplicates(train_store, val_store))
 
 
 def engine_views(eval_dir: Path, backbone: str, val_store: StoreLike, scale_scans: int | None, batch_size: int) -> Any:

@@ -76,18 +76,39 @@ def shard_cells(labels: str | Path) -> list[tuple[int, int, dict]]:
     return [best[shard] for shard in sorted(best)]
 
 
+def split_duplicates(train, val, show: int = 3) -> dict:
+    """Validation images byte-identical to a training image (the stores' sha256; ``train`` and ``val`` are
+    stores): ``images`` and a few ``examples``. Copies across splits are common in collected data sets, and the
+    backbone trained on them; resized or re-encoded copies are not found here."""
+    seen = {train.sha256(k): k for k in train.keys}
+    pairs = [(k, seen[h]) for k in val.keys if (h := val.sha256(k)) in seen]
+    return {"images": len(pairs), "of": len(val.keys), "examples": [{"val": v, "train": t} for v, t in pairs[:show]]}
+
+
+def duplicates_warning(duplicates: dict | None) -> list[str]:
+    if not duplicates or not duplicates["images"]:
+        return []
+    e = duplicates["examples"][0]
+    return [(f"{duplicates['images']} of {duplicates['of']} validation images are byte-identical to training "
+             f"images (e.g. val {e['val']} = train {e['train']}): the backbone trained on them, so the accuracy, the "
+             "guard's held-out decisions and the calibration's labelled pool are not held out for those; remove "
+             "them from val/ (or train/)")]
+
+
 def backbone_health(ok_static: Mapping[float, np.ndarray], grid: Sequence[int], classes: int,
-                    labels: str | Path | None = None, scale_aucs: Sequence[float] = ()) -> dict:
+                    labels: str | Path | None = None, scale_aucs: Sequence[float] = (),
+                    duplicates: dict | None = None) -> dict:
     """The main backbone (``ok_static``: per crop, right or not on the static engine's views, images x grid) and
     each shard backbone of ``labels`` against chance for ``classes`` classes; ``warnings`` says, by name, each one
     that is no better than chance. ``scale_aucs`` (the scale model's held-out AUC per (crop, resolution)) is
-    summarized beside them as ``scale_auc``: how well the scale model tells where this backbone is right."""
+    summarized beside them as ``scale_auc``: how well the scale model tells where this backbone is right.
+    ``duplicates`` (:func:`split_duplicates`) adds a warning when validation images are copies of training ones."""
     finite = [a for a in scale_aucs if a is not None and np.isfinite(a)]
     scale_auc = ({"min": float(min(finite)), "max": float(max(finite)), "mean": float(np.mean(finite))}
                  if finite else None)
     if classes < 2:
-        return {"classes": classes, "chance": None, "backbone": None, "shards": [], "warnings": [],
-                "scale_auc": scale_auc}
+        return {"classes": classes, "chance": None, "backbone": None, "shards": [],
+                "warnings": duplicates_warning(duplicates), "scale_auc": scale_auc, "duplicates": duplicates}
     cell = best_cell(ok_static, grid)
     backbone = judge(*cell, classes) if cell[1] else None  # no image evaluated: nothing to judge
     shards = [judge(*c, classes) for c in shard_cells(labels) if c[1]] if labels and Path(labels).is_file() else []
@@ -108,4 +129,4 @@ def backbone_health(ok_static: Mapping[float, np.ndarray], grid: Sequence[int], 
                         f"images they label ({names}; chance {chance:.1f}%): the scale model's labels from them are "
                         "noise")
     return {"classes": classes, "chance": chance, "alpha": ALPHA, "backbone": backbone, "shards": shards,
-            "warnings": warnings, "scale_auc": scale_auc}
+            "warnings": warnings + duplicates_warning(duplicates), "scale_auc": scale_auc, "duplicates": duplicates}

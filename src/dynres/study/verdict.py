@@ -203,15 +203,16 @@ def load_evidence(eval_dir: str | Path, table: str | Path | None = None
 def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas: Sequence[float],
               baseline_resolution: int | None = None, anchor_taus: Sequence[float] = (),
               biases: dict[str, dict[float, np.ndarray]] | None = None, views: EngineViews | None = None,
-              classes: int | None = None, labels: str | Path | None = None, recalibrate: bool = False) -> dict:
+              classes: int | None = None, labels: str | Path | None = None, recalibrate: bool = False,
+              duplicates: dict | None = None) -> dict:
     """The guard over every crop of the dynamic evaluation in ``eval_dir`` (its record ``dyn`` gives the GFLOPs):
     held-out images are ``held_keys``, the rest select. ``anchor_taus``: also the anchor rule at the guard's r*;
     ``biases``: also these rules (name -> crop -> bias over the grid, e.g. fitted on the training labels by
     :func:`dynres.study.bias.fit_rules`); both chosen with λ on the selection images (:func:`guard_crop`).
     ``views``: each engine's own views (None: both modes judged on the evaluation's table). ``classes``: also
     ``health``, the backbone (on the static engine's views of every image) and the shard backbones of ``labels``
-    against chance, with the scale model's AUC (:func:`dynres.study.health.backbone_health`). ``recalibrate``: p(r)
-    recalibrated per crop on the selection images (:func:`guard_crop`)."""
+    against chance, with the scale model's AUC (:func:`dynres.study.health.backbone_health`) and ``duplicates``
+    across the splits. ``recalibrate``: p(r) recalibrated per crop on the selection images (:func:`guard_crop`)."""
     keys, grid, p, ok = load_evidence(eval_dir, None if views is None else views.dynamic)
     ok_static = ok if views is None else correctness(views.static, keys, sorted(p), grid)
     if views is not None and views.exact_keys:
@@ -235,7 +236,7 @@ def run_guard(eval_dir: str | Path, dyn: dict, held_keys: Sequence[str], lambdas
     from dynres.study.health import backbone_health
 
     aucs = [a["auc"] for a in dyn.get("auc", [])]
-    return guard | {"health": backbone_health(ok_static, grid, classes, labels, aucs)}
+    return guard | {"health": backbone_health(ok_static, grid, classes, labels, aucs, duplicates)}
 
 
 def _crop_biases(biases: dict[str, dict[float, np.ndarray]] | None, crop: float) -> dict | None:
