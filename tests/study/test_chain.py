@@ -17,7 +17,7 @@ from tiny_store import MemoryStore
 CROPS = (0.25, 1.0)
 
 
-def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path):
+def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path, monkeypatch):
     backbone = TrainConfig(resolution=32, epochs=1, batch_size=8)
     cfg = ChainConfig(backbone=backbone, scale=ScaleConfig(folds=2, cheap=True, crops=CROPS, epochs=1, batch_size=8),
                       eval=EvalConfig(crops=CROPS))
@@ -31,6 +31,13 @@ def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path):
     other_rules = dataclasses.replace(cfg, dynamic=dataclasses.replace(cfg.dynamic, rules=()))
     (tmp_path / "eval" / "dynamic.json").unlink()  # the guard's rules are not the chain's: still cached
     assert run_accuracy_chain(train, val, tmp_path, other_rules, progress=False) == result
+    import dynres.study.chain as chain
+
+    ran = []
+    monkeypatch.setattr(chain, "_run_chain", lambda *args: ran.append(args[1]) or result)
+    other_val = MemoryStore(per_class=2, offset=60)  # other validation images: the record does not answer for them
+    run_accuracy_chain(train, other_val, tmp_path, cfg, progress=False)
+    assert ran == [other_val]
 
 
 def test_an_eval_grid_is_the_whole_chains_grid(tmp_path):

@@ -26,6 +26,23 @@ def test_a_run_whose_splits_name_different_classes_stops_after_ingest_naming_the
     assert not (tmp_path / "run" / "accuracy").exists()  # refused before any training
 
 
+def test_a_users_data_folder_is_keyed_on_its_files_so_an_added_or_edited_image_reruns_ingest(tmp_path):
+    import os
+
+    from dynres.study.demo import data_listing
+
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "a.jpg").write_bytes(b"x" * 10)
+    first = data_listing(tmp_path)
+    assert data_listing(tmp_path) == first  # nothing changed: the cached stages answer
+    (tmp_path / "train" / "cat" / "b.jpg").write_bytes(b"y" * 10)
+    added = data_listing(tmp_path)
+    (tmp_path / "val" / "cat" / "a.jpg").write_bytes(b"z" * 11)
+    os.utime(tmp_path / "val" / "cat" / "a.jpg", ns=(1, 1))
+    assert len({first, added, data_listing(tmp_path)}) == 3
+
+
 def test_the_guard_runs_first_and_the_pipeline_times_its_operating_point_then_serving_follows_it(tmp_path, models):
     """From the records of a (tiny) dynamic evaluation: the guard per crop; the pipeline benchmark's settings are its
     crop, r* and λ* (so nothing is chosen on the held-out images the benchmark times); serving.json agrees with the

@@ -51,6 +51,18 @@ def test_a_top_level_seed_is_recorded_as_the_files_where_it_flows(tmp_path):
     assert rows["backbone.seed"]["source"] == "default"
 
 
+def test_file_paths_in_sections_are_relative_to_the_run_file_wherever_it_is_run_from(tmp_path, monkeypatch):
+    _data(tmp_path)
+    (tmp_path / "run.TOML").write_text('data = "data"\nout = "o"\n[backbone]\ninit = "weights/b.pt"\n'
+                                       '[scale]\nlabels = "old/scale_labels.parquet"\n'
+                                       '[dynamic]\ncost_table = {56 = 1.5, 112 = 4}\n')
+    monkeypatch.chdir(tmp_path / "data")  # elsewhere than the run file
+    cfg = load_study_config(tmp_path / "run.TOML")  # the suffix in any case is TOML
+    assert cfg.chain.backbone.init == str((tmp_path / "weights" / "b.pt").resolve())
+    assert cfg.chain.scale.labels == str((tmp_path / "old" / "scale_labels.parquet").resolve())
+    assert cfg.chain.dynamic.cost_table == {56: 1.5, 112: 4.0}  # TOML's keys are strings; resolutions are ints
+
+
 def test_yaml_works_too(tmp_path):
     _data(tmp_path)
     (tmp_path / "run.yaml").write_text("data: data\nout: out\nscale:\n  folds: 3\n")
@@ -75,6 +87,13 @@ def test_yaml_works_too(tmp_path):
     ('data = "data"\nout = "o"\n[scale]\ngrid = [56, 112]\n[eval]\ngrid = [56, 224]\n', "grid .* differ"),
     ('data = "data"\nout = "o"\n[scale]\ntarget = "best"\n', "recalibrate = false"),
     ('data = "data"\nout = "o"\n[dynamic]\nrecalibrate = "yes"\n', "dynamic.recalibrate must be bool"),
+    # top-level settings are checked, not converted: "false" is not false, 1.9 is not a seed
+    ('data = "data"\nout = "o"\nquick = "false"\n', "quick must be bool"),
+    ('data = "data"\nout = "o"\nseed = 1.9\n', "seed must be int >= 0"),
+    ('data = "data"\nout = "o"\nworkers = -3\n', "workers must be int >= 0"),
+    ('data = "data"\nout = "o"\nio_repeats = 0\n', "io_repeats must be int >= 1"),
+    ('data = 5\nout = "o"\n', "data must be str"),
+    ('data = "data"\nout = "o"\n[dynamic]\ncost_table = {a = "x"}\n', "cost_table must map resolutions"),
 ])
 def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, message):
     _data(tmp_path)

@@ -72,3 +72,13 @@ def test_a_crashed_stage_leaves_no_record_so_the_next_run_redoes_it(tmp_path):
     with pytest.raises(RuntimeError):
         study.stage("a", {}, lambda: (_ for _ in ()).throw(RuntimeError("boom")))
     assert not (tmp_path / "stages" / "a.json").exists()
+
+
+def test_a_stage_that_crashes_while_rerunning_does_not_leave_its_old_record_answering(tmp_path):
+    """The old record names outputs the new run was rewriting: after the crash, the old inputs must run again."""
+    Study(tmp_path, total_stages=1).stage("a", {"x": 1}, lambda: {"v": 1})
+    with pytest.raises(RuntimeError):
+        Study(tmp_path, total_stages=1).stage("a", {"x": 2}, lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    calls = []
+    Study(tmp_path, total_stages=1).stage("a", {"x": 1}, lambda: calls.append(1) or {"v": 1})
+    assert calls == [1]

@@ -28,7 +28,7 @@ from dynres._ui import status_bar, track_threads
 from dynres.errors import CheckpointError, ConfigError
 from dynres.io.decode import decode_short_side
 from dynres.io.store import StoreLike
-from dynres.model.checkpoint import ModelMeta, load_weights, save_checkpoint
+from dynres.model.checkpoint import ModelMeta, checkpoint_digest, load_weights, save_checkpoint
 from dynres.model.nets import build_backbone, channels_last, create_model, to_input
 
 STATE_NAME = "train_state.pt"
@@ -242,7 +242,8 @@ def train_backbone(store: StoreLike, out: str | Path, cfg: TrainConfig = TrainCo
         load_weights(net, cfg.init)
     model = create_model(cfg.arch, len(store.classes))
     model.net = net
-    recipe = asdict(cfg) | {"images": len(keys)}
+    # the init weights by content too: a resume must not continue from other weights saved under the same path
+    recipe = asdict(cfg) | {"images": len(keys)} | ({"init_sha256": checkpoint_digest(cfg.init)} if cfg.init else {})
     meta = ModelMeta(arch=cfg.arch, classes=tuple(store.classes), train_resolution=cfg.resolution,
                      recipe=recipe, data_hash=data_hash(store, keys))
     dataset = train_dataset(store, keys, cfg, cache, progress)

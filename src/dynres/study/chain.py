@@ -18,7 +18,7 @@ from dynres.model.train import ImageCache, TrainConfig, train_backbone
 from dynres.bench.scale import RULES as FITTED_RULES
 from dynres.study.dynamic import GUARD_ONLY, DynamicConfig, run_dynamic
 from dynres.study.scale import ScaleConfig, target_activation, train_scale
-from dynres.study.stages import recorded, write_json
+from dynres.study.stages import digest, recorded, store_key, write_json
 from dynres.study.static import EvalConfig, run_static
 
 
@@ -95,17 +95,18 @@ def run_accuracy_chain(train_store: StoreLike, val_store: StoreLike, out: str | 
                        cfg: ChainConfig = ChainConfig(), progress: bool = True) -> dict:
     """Run (or resume) the whole chain under ``out``; returns ``{backbone, static, scale, dynamic, seconds}``.
 
-    The result is recorded in ``out/accuracy_chain.json`` with the settings it was run with, and reused as long as
-    they are unchanged."""
+    The result is recorded in ``out/accuracy_chain.json`` with the settings it was run with and a key of those
+    settings (weight files by content) and of both stores' contents, and reused as long as the key is unchanged."""
     grid = chain_grid(cfg)  # a bad grid fails before anything trains
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = chain_settings(cfg)
+    key = digest({"settings": settings, "stores": store_key(train_store, val_store)})
     record = out / "accuracy_chain.json"
-    if (rec := recorded(record, lambda r: r.get("settings") == settings)) is not None:
+    if (rec := recorded(record, lambda r: r.get("key") == key)) is not None:
         return rec["result"]
     result = _run_chain(train_store, val_store, out, cfg, grid, progress)
-    write_json(record, {"settings": settings, "result": result})
+    write_json(record, {"settings": settings, "key": key, "result": result})
     return result
 
 

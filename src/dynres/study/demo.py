@@ -8,6 +8,8 @@ those records.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 from dynres.errors import ConfigError
 from dynres.io.store import StoreLike, open_store
-from dynres.study.stages import Study, digest, read_json, write_json
+from dynres.study.stages import Study, digest, read_json, store_key, write_json
 from dynres.study.summary import assemble_summary, scale_choices, study_settings
 
 STAGES = 9  # data, ingest, accuracy, quality, calibration, kernels, pipeline, bench_io, report
@@ -113,7 +115,8 @@ def run_study(config: StudyConfig) -> dict:
 def data_stage(study: Study, config: StudyConfig) -> Path:
     """The ImageFolder root with train/ and val/: the user's, or the built-in synthetic set generated here."""
     if config.data is not None:
-        study.stage("data", {"data": str(Path(config.data).resolve())}, lambda: {"data": str(config.data)})
+        root = Path(config.data).resolve()
+        study.stage("data", {"data": str(root), "files": data_listing(root)}, lambda: {"data": str(config.data)})
         return Path(study.records["data"]["outputs"]["data"])
     from dynres.io.synth import PRETRAIN_SEED, SynthConfig, synth
 
@@ -133,6 +136,22 @@ def data_stage(study: Study, config: StudyConfig) -> Path:
 
     study.stage("data", {"synth": asdict(synth_cfg)}, make_data)
     return Path(study.records["data"]["outputs"]["data"])
+
+
+def data_listing(root: Path) -> str:
+    """What a user's data folder is keyed on: every file under train/ and val/ by its path, size and modification
+    time (what ingest's resume compares), so that an image added, removed or edited re-runs ingest. Later stages
+    key on the stores' contents (:func:`store_key`), so a file merely touched costs a quick ingest, no training."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for dirpath, dirnames, filenames in os.walk(root / split):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(OSError):  # gone meanwhile, or unreadable: ingest reports it
+                    st = os.stat(path)
+                    h.update(f"{os.path.relpath(path, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def check_same_classes(train: StoreLike, val: StoreLike, data_dir: Path) -> None:
@@ -164,16 +183,16 @@ def ingest_stage(study: Study, config: StudyConfig, data_dir: Path) -> dict:
                              "images_per_s": rep.images_per_s}
         return result
 
-    return study.stage("ingest", {"workers": config.n_workers}, make_stores, after=("data",))
+    # what decides the stored bytes, not how many processes made them
+    return study.stage("ingest", {"ingest": IngestConfig().fingerprint()}, make_stores, after=("data",))
 
 
 def accuracy_stage(study: Study, train_store: StoreLike, val_store: StoreLike, chain_cfg: Any) -> dict:
     """Backbone, static grid, scale labels and model, dynamic evaluation (:mod:`dynres.study.chain`)."""
     from dynres.study.chain import chain_settings, run_accuracy_chain
 
-    return study.stage("accuracy", {"chain": chain_settings(chain_cfg)},
-                       lambda: run_accuracy_chain(train_store, val_store, study.dir / "accuracy", chain_cfg),
-                       after=("ingest",))
+    return study.stage("accuracy", {"chain": chain_settings(chain_cfg), "stores": store_key(train_store, val_store)},
+                       lambda: run_accuracy_chain(train_store, val_store, study.dir / "accuracy", chain_cfg))
 
 
 def quality_stage(study: Study, config: StudyConfig, val_store: StoreLike, grid: tuple[int, ...],
@@ -184,10 +203,9 @@ def quality_stage(study: Study, config: StudyConfig, val_store: StoreLike, grid:
     from dynres.policy.quality import QualityConfig, build_quality_index
 
     q_cfg = QualityConfig(resolutions=tuple(sorted({*grid, scale_res})), workers=config.n_workers)
-    inputs = {"quality": asdict(q_cfg), "index": q_cfg.fingerprint(),  # index format included
-              "keys": digest(keys)}
-    return study.stage("quality", inputs, lambda: build_quality_index(val_store, q_cfg, progress=True, keys=keys),
-                       after=("ingest",))
+    inputs = {"quality": {k: v for k, v in asdict(q_cfg).items() if k != "workers"},
+              "index": q_cfg.fingerprint(), "keys": digest(keys), "store": store_key(val_store)}  # index format too
+    return study.stage("quality", inputs, lambda: build_quality_index(val_store, q_cfg, progress=True, keys=keys))
 
 
 def calibration_stage(study: Study, val_store: StoreLike, train_store: StoreLike, acc: dict, cal_cfg: Any) -> dict:

@@ -20,7 +20,13 @@ from dynres.study.chain import ChainConfig, demo_config
 from dynres.study.demo import StudyConfig
 
 SECTIONS = ("backbone", "scale", "eval", "dynamic", "calibration")
-TOP_LEVEL = {"data", "out", "seed", "workers", "quick", "io_images", "io_repeats", *SECTIONS}
+# the top-level settings: their type, and the least value an int may take
+SCALARS: dict[str, tuple[type, int | None]] = {"data": (str, None), "out": (str, None), "seed": (int, 0),
+                                               "workers": (int, 0), "quick": (bool, None), "io_images": (int, 1),
+                                               "io_repeats": (int, 1)}
+TOP_LEVEL = {*SCALARS, *SECTIONS}
+# settings inside sections that name files: relative to the run file, as data and out are
+PATHS = {"backbone": ("init",), "scale": ("init", "labels")}
 
 
 def accepts(tp: Any, value: Any) -> bool:
@@ -73,7 +79,7 @@ def override(obj: Any, section: str, values: Any, source: str | Path) -> Any:
 def _parse(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
+        if path.suffix.lower() == ".toml":
             import tomllib
 
             raw = tomllib.loads(text)
@@ -84,7 +90,7 @@ def _parse(path: Path) -> dict:
     except OSError as err:
         raise ConfigError(path, f"cannot read config: {err.strerror}") from err
     except Exception as err:  # tomllib / yaml parse errors carry line numbers in their message
-        raise ConfigError(path, f"not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from err
+        raise ConfigError(path, f"not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'}: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(path, "the config must be a mapping of settings")
     unknown = set(raw) - TOP_LEVEL
@@ -93,6 +99,29 @@ def _parse(path: Path) -> dict:
                                 f"known: {', '.join(sorted(TOP_LEVEL))}")
     if "data" not in raw or "out" not in raw:
         raise ConfigError(path, "needs `data` (an ImageFolder root with train/ and val/) and `out` (run directory)")
+    for key, (tp, least) in SCALARS.items():  # checked, not converted: quick = "false" is not true
+        if key in raw and not (accepts(tp, raw[key]) and (least is None or raw[key] >= least)):
+            want = tp.__name__ + ("" if least is None else f" >= {least}")
+            raise ConfigError(path, f"{key} must be {want}, got {raw[key]!r}")
+    return _relative_paths(raw, path)
+
+
+def _relative_paths(raw: dict, path: Path) -> dict:
+    """``raw`` with the file paths inside sections (:data:`PATHS`) resolved against the run file's folder; a
+    cost table's resolutions as ints (TOML keys are strings)."""
+    raw = dict(raw)
+    for section, keys in PATHS.items():
+        values = raw.get(section)
+        if isinstance(values, dict):
+            raw[section] = {k: str((path.parent / Path(v).expanduser()).resolve())
+                            if k in keys and isinstance(v, str) else v for k, v in values.items()}
+    table = raw.get("dynamic", {}).get("cost_table") if isinstance(raw.get("dynamic"), dict) else None
+    if isinstance(table, dict):
+        try:
+            table = {int(r): float(ms) for r, ms in table.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(path, f"dynamic.cost_table must map resolutions to milliseconds, got {table!r}") from None
+        raw["dynamic"] = {**raw["dynamic"], "cost_table": table}
     return raw
 
 
@@ -140,7 +169,7 @@ def _chain(raw: dict, path: Path) -> ChainConfig:
     defaults, so ``folds = K`` trains K shard backbones unless the file sets ``cheap = true``) with the file's
     sections on top; the shard backbones keep the backbone's recipe."""
     _refuse_ignored(raw, path)
-    chain = demo_config(quick=bool(raw.get("quick", False)), seed=int(raw.get("seed", 0)))
+    chain = demo_config(quick=raw.get("quick", False), seed=raw.get("seed", 0))
     backbone = override(chain.backbone, "backbone",
                         retie_optimizer(chain.backbone, "backbone", raw.get("backbone", {}), path), path)
     scale = override(dataclasses.replace(chain.scale, backbone=backbone), "scale",
@@ -165,7 +194,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
             raise ConfigError(path, f"data: {data / split} is not a directory (expected DATA/train and DATA/val)")
     chain = _chain(raw, path)
     calibration = override(CalibrationConfig(), "calibration", raw.get("calibration", {}), path)
-    return StudyConfig(out=(path.parent / raw["out"]).resolve(), data=data, seed=int(raw.get("seed", 0)),
-                       workers=int(raw.get("workers", 0)), quick=bool(raw.get("quick", False)),
-                       io_images=int(raw.get("io_images", 64)), io_repeats=int(raw.get("io_repeats", 3)), chain=chain,
+    return StudyConfig(out=(path.parent / raw["out"]).resolve(), data=data, seed=raw.get("seed", 0),
+                       workers=raw.get("workers", 0), quick=raw.get("quick", False),
+                       io_images=raw.get("io_images", 64), io_repeats=raw.get("io_repeats", 3), chain=chain,
                        calibration=calibration, file_settings=file_settings(raw))

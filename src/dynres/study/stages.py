@@ -54,6 +54,13 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(_by_content(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def store_key(*stores: Any) -> list:
+    """Stores' contents as a stage input: each one's classes and every (key, sha256) of its manifest."""
+    from dynres.policy.quality import manifest_hash
+
+    return [[list(s.classes), manifest_hash(s)] for s in stores]
+
+
 def _by_content(obj: Any) -> Any:
     """Weight files named by an ``init`` setting count by their content, not their path: the same demo run from
     another checkout (its bundled weights elsewhere) is the same run."""
@@ -97,6 +104,9 @@ class Study:
             return rec["outputs"]
         self.say(f"[{n}/{self.total}] {name} …")
         t0 = time.perf_counter()
+        # the old record goes first: fn() rewrites the outputs it names, so a crash midway must not leave it
+        # answering for them (set back, the old inputs would read as done)
+        path.unlink(missing_ok=True)
         outputs = fn()
         rec = {"name": name, "key": key, "inputs": inputs, "outputs": outputs, "seconds": time.perf_counter() - t0}
         write_json(path, rec)
