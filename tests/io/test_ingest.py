@@ -394,12 +394,62 @@ def test_a_missing_source_or_bad_setting_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="source directory not found"):
         ingest(tmp_path / "nope", tmp_path / "store", IngestConfig(workers=1), progress=False)
     (tmp_path / "src/c").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="must not be inside the source tree"):
+    with pytest.raises(ConfigError, match="must not hold one another"):
         ingest(tmp_path / "src", tmp_path / "src/store", IngestConfig(workers=1), progress=False)
+    with pytest.raises(ConfigError, match="must not hold one another"):  # nor the source inside the store
+        ingest(tmp_path / "src/c", tmp_path / "src", IngestConfig(workers=1), progress=False)
     with pytest.raises(ConfigError, match="quality"):
         IngestConfig(quality=0)
     with pytest.raises(ConfigError, match="chunksize"):
         IngestConfig(chunksize=0)
+
+
+def test_a_folder_of_other_files_is_not_taken_for_a_store_and_nothing_in_it_is_deleted(tmp_path):
+    """Ingest deletes what its manifest does not list: pointed at a folder of the user's files, it refuses."""
+    write(tmp_path / "src/cat/a.jpg", image())
+    write(tmp_path / "project/images/holiday/IMG_0001.jpg", image(seed=1))
+    write(tmp_path / "project/notes.txt", b"mine")
+    with pytest.raises(ConfigError, match="holds no dynres store"):
+        ingest(tmp_path / "src", tmp_path / "project", IngestConfig(workers=1), progress=False)
+    assert (tmp_path / "project/images/holiday/IMG_0001.jpg").is_file() and (tmp_path / "project/notes.txt").is_file()
+    ingest(tmp_path / "src", tmp_path / "store", IngestConfig(workers=1), progress=False)
+    ingest(tmp_path / "src", tmp_path / "store", IngestConfig(workers=1), progress=False)  # its own store: resumed
+
+
+def test_a_second_ingest_into_a_store_being_written_fails_at_once_naming_it(tmp_path):
+    import fcntl
+
+    write(tmp_path / "src/cat/a.jpg", image())
+    (tmp_path / "store").mkdir()
+    with open(tmp_path / "store/.ingest.lock", "w") as held:  # as the first ingest holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(StoreError, match="another ingest is writing this store"):
+            ingest(tmp_path / "src", tmp_path / "store", IngestConfig(workers=1), progress=False)
+    ingest(tmp_path / "src", tmp_path / "store", IngestConfig(workers=1), progress=False)
+    assert_store_is_complete_and_valid(tmp_path / "store", ["cat/a"])
+
+
+def test_links_loops_unlistable_folders_and_odd_names_are_reported_not_stored_twice_or_fatal(tmp_path):
+    write(tmp_path / "src/cat/a.jpg", image())
+    write(tmp_path / "src/dog/b.jpg", image(seed=1))
+    os.symlink("..", tmp_path / "src/cat/loop")  # cat/loop/cat/loop/... and cat/loop/dog
+    write(tmp_path / "src/dog/locked/c.jpg", image(seed=2))
+    write(tmp_path / os.fsdecode(b"src/dog/caf\xe9.jpg"), image(seed=3))  # a Latin-1 name from an old archive
+    write(tmp_path / "src/a:apple/#1 50%.jpg", image(seed=4))  # breaks Windows paths and URLs unless renamed
+    os.chmod(tmp_path / "src/dog/locked", 0)
+    try:
+        rep = ingest(tmp_path / "src", tmp_path / "store", IngestConfig(workers=1), progress=False)
+    finally:
+        os.chmod(tmp_path / "src/dog/locked", 0o755)
+    reasons = dict(rep.skipped)
+    assert reasons["cat/loop"] == "folder reached a second time through a symbolic link"
+    assert reasons["dog/caf?.jpg"] == "file name is not valid UTF-8"
+    if os.geteuid() != 0:  # root lists any folder
+        assert reasons["dog/locked"].startswith("cannot list the folder")
+    store = open_store(tmp_path / "store")  # its own reader takes every stored path
+    assert sorted(store.keys) == ["a:apple/#1 50%", "cat/a", "dog/b"] + (["dog/locked/c"] if os.geteuid() == 0 else [])
+    assert all(store.read(k) for k in store.keys)
+    assert not any(c in store.record("a:apple/#1 50%")["path"] for c in ":#%")
 
 
 def process_tree() -> dict[int, tuple[int, str]]:

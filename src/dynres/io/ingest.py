@@ -12,11 +12,15 @@ Crash safety, in order of events:
 A store without ``manifest.parquet`` refuses to open, so a kill at any point leaves either no manifest or
 a complete one. Before a file that an existing manifest references is rewritten, that manifest is removed.
 Re-running verifies what the journal (or an existing manifest) lists — same encoder settings, same source
-size and mtime, stored file size and sha256 — and re-encodes only the rest.
+size and mtime, stored file size and sha256 — and re-encodes only the rest. One ingest at a time writes a store
+(``.ingest.lock``, released by the system if the process dies), and a non-empty folder that holds no store is
+refused: step 4 deletes what the manifest does not list. Which sources become which stored files:
+:mod:`dynres.io.sources`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +28,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import stat
 import threading
 import time
 from collections import Counter
@@ -63,15 +66,13 @@ from dynres.io.jpeg import (
     prefix_crc32s,
 )
 from dynres.io.layout import read_script, script_for_source, store_layout
+from dynres.io.sources import Task, plan
 from dynres.io.transcode import Transcoder, fallback_notice, find_transcoder, source_bytes
 
 log = logging.getLogger(__name__)
 
-# the extensions torchvision's ImageFolder accepts (case-insensitive)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 JOURNAL = ".ingest/journal.jsonl"
-_UNSAFE = set('\\/:*?"<>|') | {chr(c) for c in range(32)} | {"\x7f"}
-_MAX_NAME_BYTES = 150  # file-name limits are 255 bytes; leave room for a hash suffix and temporaries
+LOCK = ".ingest.lock"  # held by the one ingest writing a store
 
 
 @dataclass(frozen=True)
@@ -134,18 +135,6 @@ class IngestReport:
         return d
 
 
-@dataclass(frozen=True)
-class _Task:
-    key: str
-    source: str  # relative to SRC, posix
-    source_abs: str
-    source_size: int
-    source_mtime_ns: int
-    label: int
-    class_name: str
-    path: str  # relative to STORE, posix
-
-
 def ingest(
     src_dir: str | os.PathLike, store_dir: str | os.PathLike, config: IngestConfig | None = None, progress: bool = True
 ) -> IngestReport:
@@ -162,9 +151,17 @@ def ingest(
     src, store_dir = _check_dirs(Path(src_dir), Path(store_dir), cfg)
     transcoder = _transcoder(cfg)
     fingerprint = {**cfg.fingerprint(), "transcoder": transcoder and transcoder.name}
-    classes, tasks, skipped = _plan(src)
+    classes, tasks, skipped = plan(src)
     store_dir.mkdir(parents=True, exist_ok=True)
-    records, reused = _encode_journaled(store_dir, tasks, skipped, cfg, transcoder, fingerprint, progress)
+    with _exclusive(store_dir):
+        records, reused = _encode_journaled(store_dir, tasks, skipped, cfg, transcoder, fingerprint, progress)
+        return _finish(store_dir, cfg, transcoder, fingerprint, classes, tasks, skipped, records, reused, t0)
+
+
+def _finish(store_dir: Path, cfg: IngestConfig, transcoder: Transcoder | None, fingerprint: dict, classes: list[str],
+            tasks: list[Task], skipped: list[tuple[str, str]], records: dict[str, dict], reused: int,
+            t0: float) -> IngestReport:
+    """The report of this call and the store it completes (:func:`_write_store`)."""
     rows = [records[t.key] for t in tasks if t.key in records]
     seconds = time.perf_counter() - t0
     report = IngestReport(
@@ -176,6 +173,23 @@ def ingest(
     )
     _write_store(store_dir, report, rows, classes, fingerprint, store_layout(cfg.scans, report.transcoder))
     return report
+
+
+@contextlib.contextmanager
+def _exclusive(store_dir: Path) -> Iterator[None]:
+    """Hold the store's ingest lock: a second ingest into it (whose cleanup would delete the first one's files and
+    journal) fails at once, named. Released by the operating system if this process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(store_dir / LOCK, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(store_dir, "another ingest is writing this store; wait for it to finish") from None
+        yield
 
 
 def _transcoder(cfg: IngestConfig) -> Transcoder | None:
@@ -191,15 +205,19 @@ def _check_dirs(src: Path, store_dir: Path, cfg: IngestConfig) -> tuple[Path, Pa
     """Fail before any work: a missing source, a store inside it, a scan script that cannot be applied."""
     if not src.is_dir():
         raise StoreError(src, "source directory not found")
-    if store_dir.resolve().is_relative_to(src.resolve()):
-        raise ConfigError(store_dir, f"the store must not be inside the source tree {src}")
+    if store_dir.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(store_dir.resolve()):
+        raise ConfigError(store_dir, f"the store and the source tree {src} must not hold one another")
+    if store_dir.is_dir() and any(store_dir.iterdir()) and not any(
+            (store_dir / name).exists() for name in (MANIFEST, JOURNAL, REPORT, LOCK)):
+        # ingest deletes what its manifest does not list: a folder of other files is not one to write a store in
+        raise ConfigError(store_dir, "exists, is not empty and holds no dynres store: give a new or empty folder")
     if cfg.scans is not None:
         check_scan_script(cfg.scans)
         read_script(cfg.scans)  # and lossless: every coefficient reaches bit 0 (libjpeg accepts scripts that drop bits)
     return src, store_dir
 
 
-def _encode_journaled(store_dir: Path, tasks: list[_Task], skipped: list[tuple[str, str]], cfg: IngestConfig,
+def _encode_journaled(store_dir: Path, tasks: list[Task], skipped: list[tuple[str, str]], cfg: IngestConfig,
                       transcoder: Transcoder | None, fingerprint: dict, progress: bool) -> tuple[dict[str, dict], int]:
     """Records by key for every task that yields one, and how many of them were reused; each new record is journaled
     as it arrives, and each failure appended to ``skipped``."""
@@ -207,7 +225,7 @@ def _encode_journaled(store_dir: Path, tasks: list[_Task], skipped: list[tuple[s
     previous, manifest_paths = _previous_records(manifest, store_dir / JOURNAL, fingerprint, CONFIG_KEY)
     # manifest_paths is None when an existing manifest has other settings or is unreadable
     records: dict[str, dict] = {}
-    todo: list[_Task] = []
+    todo: list[Task] = []
     for task in tasks:
         rec = previous.get(task.key)
         if rec is not None and _reusable(store_dir, task, rec):
@@ -248,68 +266,6 @@ def _write_store(store_dir: Path, report: IngestReport, rows: list[dict], classe
     }
     _write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata)), store_dir / MANIFEST)
     _cleanup(store_dir, {r["path"] for r in rows})
-
-
-# --------------------------------------------------------------------------- planning
-
-
-def _plan(src: Path) -> tuple[list[str], list[_Task], list[tuple[str, str]]]:
-    """Classes (sorted folder names, as ImageFolder), one task per key, and the files skipped up front."""
-    skipped: list[tuple[str, str]] = []
-    classes = []
-    for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        if entry.is_dir():
-            classes.append(entry.name)
-        else:
-            skipped.append((entry.name, "not inside a class folder"))
-    by_key: dict[str, list[tuple[str, str, os.stat_result, int]]] = {}
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(src / cls, followlinks=True):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                abs_path = os.path.join(dirpath, fname)
-                rel = Path(abs_path).relative_to(src).as_posix()
-                stem, ext = os.path.splitext(rel)
-                if ext.lower() not in IMG_EXTENSIONS:
-                    skipped.append((rel, f"unsupported extension {ext or '(none)'!r}"))
-                    continue
-                try:
-                    st = os.stat(abs_path)
-                except OSError as err:
-                    skipped.append((rel, f"cannot read: {err.strerror or err}"))
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    skipped.append((rel, "not a regular file"))
-                elif st.st_size == 0:
-                    skipped.append((rel, "empty file (0 bytes)"))
-                else:
-                    by_key.setdefault(stem, []).append((rel, abs_path, st, label))
-    tasks = []
-    taken: dict[str, set[str]] = {}
-    for key in sorted(by_key, key=lambda k: (by_key[k][0][3], k)):
-        (rel, abs_path, st, label), *dups = sorted(by_key[key])
-        for dup in dups:
-            skipped.append((dup[0], f"duplicate key {key!r}: kept {rel}"))
-        cls = classes[label]
-        name = _safe_name(key, key[len(cls) + 1 :], taken.setdefault(cls, set()))
-        tasks.append(_Task(key, rel, abs_path, st.st_size, st.st_mtime_ns, label, cls, f"{IMAGES}/{cls}/{name}"))
-    return classes, tasks, skipped
-
-
-def _safe_name(key: str, stem: str, taken: set[str]) -> str:
-    """A file name for ``stem`` that keeps unicode, is safe on common file systems and unique in its class.
-
-    Unsafe characters (and sub-folder separators) become ``_``; a name that had to change, is too long or
-    collides case-insensitively gets a hash of the key appended, so every key maps to one stable name.
-    """
-    safe = "".join("_" if c in _UNSAFE else c for c in stem).rstrip(" .")
-    if safe.startswith((".", "-")) or not safe:
-        safe = "_" + safe
-    truncated = safe.encode()[:_MAX_NAME_BYTES].decode(errors="ignore")
-    if truncated != stem or truncated.casefold() in taken:
-        truncated = f"{truncated}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-    taken.add(truncated.casefold())
-    return truncated + ".jpg"
 
 
 # --------------------------------------------------------------------------- resume
@@ -365,7 +321,7 @@ def _open_journal(path: Path, fingerprint: dict):
     return f
 
 
-def _reusable(store_dir: Path, task: _Task, rec: dict) -> bool:
+def _reusable(store_dir: Path, task: Task, rec: dict) -> bool:
     if (rec.get("source"), rec.get("path"), rec.get("source_size"), rec.get("source_mtime_ns")) != (
         task.source, task.path, task.source_size, task.source_mtime_ns,
     ):
@@ -380,8 +336,8 @@ def _reusable(store_dir: Path, task: _Task, rec: dict) -> bool:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_all(todo: list[_Task], store_dir: Path, cfg: IngestConfig, transcoder: Transcoder | None
-                ) -> Iterator[tuple[_Task, dict | str]]:
+def _encode_all(todo: list[Task], store_dir: Path, cfg: IngestConfig, transcoder: Transcoder | None
+                ) -> Iterator[tuple[Task, dict | str]]:
     """(task, record or skip reason) in task order; processes when workers > 1."""
     args = [(t, str(store_dir), cfg, transcoder) for t in todo]
     workers = cfg.workers or os.cpu_count() or 1
@@ -411,7 +367,7 @@ def _exit_with(sentinel: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # nothing of this worker's is worth finishing: its results have no reader
 
 
-def _encode_one(arg: tuple[_Task, str, IngestConfig, Transcoder | None]) -> dict | str:
+def _encode_one(arg: tuple[Task, str, IngestConfig, Transcoder | None]) -> dict | str:
     """Store one source and write it atomically; a record for the manifest, or the reason it was skipped."""
     task, store_dir, cfg, transcoder = arg
     try:

@@ -39,8 +39,9 @@ import numpy as np
 from dynres._ui import log, status_bar
 from dynres.errors import ConfigError
 from dynres.io.format import MANIFEST
-from dynres.io.ingest import IMG_EXTENSIONS, IngestConfig, ingest
+from dynres.io.ingest import IngestConfig, ingest
 from dynres.io.layout import CANDIDATES, DEFAULT_CANDIDATES, LIBJPEG, ScanScript, candidate, require_jpegtran
+from dynres.io.sources import IMG_EXTENSIONS
 from dynres.io.store import Store, open_store
 from dynres.model.checkpoint import checkpoint_digest, load_checkpoint
 from dynres.paper import DEFAULT_CROP_SIDE, scaled_grid
