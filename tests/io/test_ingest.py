@@ -452,6 +452,30 @@ def test_links_loops_unlistable_folders_and_odd_names_are_reported_not_stored_tw
     assert not any(c in store.record("a:apple/#1 50%")["path"] for c in ":#%")
 
 
+def dies_on_b(arg):
+    """Encodes as ingest does, but the worker process dies on images named b (as the OOM killer would end it)."""
+    from dynres.io.ingest import _encode_one
+
+    if arg[0].key.endswith("/b"):
+        os._exit(9)
+    return _encode_one(arg)
+
+
+def test_an_image_that_kills_its_worker_is_skipped_named_and_the_rest_are_stored(tmp_path):
+    from dynres.io.ingest import _encode_all
+    from dynres.io.sources import plan
+
+    for name, seed in (("a", 0), ("b", 1), ("c", 2), ("d", 3), ("e", 4)):
+        write(tmp_path / f"src/cat/{name}.jpg", image(seed=seed))
+    (tmp_path / "store").mkdir()
+    _, tasks, _ = plan(tmp_path / "src")
+    results = dict((t.key, r) for t, r in _encode_all(tasks, tmp_path / "store", IngestConfig(workers=2, chunksize=1),
+                                                       None, dies_on_b))
+    assert list(results) == ["cat/a", "cat/b", "cat/c", "cat/d", "cat/e"]  # every image answered, in order
+    assert results["cat/b"].startswith("its worker process died")
+    assert all(isinstance(results[k], dict) for k in ("cat/a", "cat/c", "cat/d", "cat/e"))
+
+
 def process_tree() -> dict[int, tuple[int, str]]:
     """Every process: pid -> (parent pid, state), from /proc."""
     procs = {}

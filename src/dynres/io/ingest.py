@@ -7,7 +7,8 @@ why (``reason``); the report counts images per reason; a missing jpegtran is log
 Crash safety, in order of events:
   1. every image is written to a temporary name in its final folder, then renamed (never half a file);
   2. the main process appends each finished record to ``STORE/.ingest/journal.jsonl`` (flushed per line);
-  3. the manifest is written last: temporary file, fsync, ``os.replace``, fsync of the folder;
+  3. the manifest is written last, once the images are synced to disk: temporary file, fsync, ``os.replace``,
+     fsync of the folder;
   4. then the journal, stray temporaries and images no longer in the manifest are removed.
 A store without ``manifest.parquet`` refuses to open, so a kill at any point leaves either no manifest or
 a complete one. Before a file that an existing manifest references is rewritten, that manifest is removed.
@@ -31,8 +32,9 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -264,6 +266,8 @@ def _write_store(store_dir: Path, report: IngestReport, rows: list[dict], classe
         LAYOUT_KEY: json.dumps(layout).encode(),
         b"dynres.created": datetime.now(timezone.utc).isoformat().encode(),
     }
+    if hasattr(os, "sync"):  # every image on disk before a manifest says the store is complete (a power cut)
+        os.sync()
     _write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata)), store_dir / MANIFEST)
     _cleanup(store_dir, {r["path"] for r in rows})
 
@@ -336,21 +340,46 @@ def _reusable(store_dir: Path, task: Task, rec: dict) -> bool:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_all(todo: list[Task], store_dir: Path, cfg: IngestConfig, transcoder: Transcoder | None
-                ) -> Iterator[tuple[Task, dict | str]]:
-    """(task, record or skip reason) in task order; processes when workers > 1."""
+def _encode_all(todo: list[Task], store_dir: Path, cfg: IngestConfig, transcoder: Transcoder | None,
+                encode: Callable | None = None) -> Iterator[tuple[Task, dict | str]]:
+    """(task, record or skip reason) in task order; processes when workers > 1. A worker that dies (the OOM
+    killer, a crash inside a decoder) costs a fresh pool: the first unfinished task is then encoded alone, in a
+    pool of its own, and skipped, named, if it kills that worker too; the rest go on."""
+    encode = encode or _encode_one
     args = [(t, str(store_dir), cfg, transcoder) for t in todo]
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(todo) <= 1:
-        yield from zip(todo, map(_encode_one, args))
+        yield from zip(todo, map(encode, args))
         return
+    start = 0
+    while start < len(todo):
+        pool = _pool(workers)
+        try:
+            for i, result in enumerate(pool.map(encode, args[start:], chunksize=cfg.chunksize), start):
+                start = i + 1
+                yield todo[i], result
+        except BrokenProcessPool:
+            yield todo[start], _alone(encode, args[start])
+            start += 1
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued work, keep the journal
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
     # forkserver: never fork a parent that may hold torch/OpenMP threads
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker)
+
+
+def _alone(encode: Callable, arg: tuple) -> dict | str:
+    """``encode(arg)`` in a worker of its own: its result, or why it was skipped when it kills that worker."""
+    pool = _pool(1)
     try:
-        yield from zip(todo, pool.map(_encode_one, args, chunksize=cfg.chunksize))
+        return pool.submit(encode, arg).result()
+    except BrokenProcessPool:
+        return "its worker process died encoding it (out of memory, or a crash inside a decoder)"
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued work, keep the journal
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _init_worker() -> None:
