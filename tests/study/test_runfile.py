@@ -67,6 +67,9 @@ def test_yaml_works_too(tmp_path):
     _data(tmp_path)
     (tmp_path / "run.yaml").write_text("data: data\nout: out\nscale:\n  folds: 3\n")
     assert load_study_config(tmp_path / "run.yaml").chain.scale.folds == 3
+    (tmp_path / "twice.yaml").write_text("data: data\nout: out\nbackbone:\n  epochs: 10\n  epochs: 30\n")
+    with pytest.raises(ConfigError, match="epochs given twice"):  # as TOML refuses it, not the last one silently
+        load_study_config(tmp_path / "twice.yaml")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -94,6 +97,8 @@ def test_yaml_works_too(tmp_path):
     ('data = "data"\nout = "o"\nio_repeats = 0\n', "io_repeats must be int >= 1"),
     ('data = 5\nout = "o"\n', "data must be str"),
     ('data = "data"\nout = "o"\n[dynamic]\ncost_table = {a = "x"}\n', "cost_table must map resolutions"),
+    ('data = "data"\nout = "o"\n[backbone]\narch = "resnet_huge"\n', "unknown architecture 'resnet_huge'"),
+    ('data = "data"\nout = "o"\n[eval]\nbackend = "tvm"\n', "unknown evaluation backend 'tvm'"),
 ])
 def test_bad_run_configs_fail_naming_the_file_and_the_setting(tmp_path, text, message):
     _data(tmp_path)

@@ -74,6 +74,13 @@ def list_architectures() -> list[str]:
     return sorted(set(_BUILDERS) | set(torchvision.models.list_models(module=torchvision.models)))
 
 
+def check_architecture(arch: str) -> None:
+    """Refuse an architecture name nothing here builds, when a recipe names it rather than when it trains."""
+    if arch not in _BUILDERS and arch not in list_architectures():
+        raise ConfigError("arch", f"unknown architecture {arch!r}: a preset ({', '.join(sorted(_BUILDERS))}) or a "
+                                  "torchvision classification model name (`list_architectures()`)")
+
+
 def build_backbone(arch: str, num_classes: int) -> nn.Module:
     """The bare network (no normalization) for ``arch``: a preset from this module or any torchvision name."""
     import torchvision

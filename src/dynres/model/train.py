@@ -64,6 +64,9 @@ class TrainConfig:
     init: str | None = None  # local state_dict to fine-tune from (None: from scratch)
 
     def __post_init__(self) -> None:
+        from dynres.model.nets import check_architecture
+
+        check_architecture(self.arch)
         if self.optimizer not in LR_DEFAULTS:
             raise ConfigError("optimizer", f"must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.resolution < 16:

@@ -86,7 +86,7 @@ def _parse(path: Path) -> dict:
         else:
             import yaml
 
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_unique_keys_loader()) or {}
     except OSError as err:
         raise ConfigError(path, f"cannot read config: {err.strerror}") from err
     except Exception as err:  # tomllib / yaml parse errors carry line numbers in their message
@@ -123,6 +123,24 @@ def _relative_paths(raw: dict, path: Path) -> dict:
             raise ConfigError(path, f"dynamic.cost_table must map resolutions to milliseconds, got {table!r}") from None
         raw["dynamic"] = {**raw["dynamic"], "cost_table": table}
     return raw
+
+
+def _unique_keys_loader():
+    """YAML's safe loader, refusing a key given twice in one mapping (TOML refuses it; YAML keeps the last)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"{', '.join(twice)} given twice", node.start_mark)
+        return loader.construct_mapping(node, deep)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeys
 
 
 # settings the scale labels make moot: with ``[scale] labels`` no shard backbone trains, and the labels bring

@@ -88,6 +88,9 @@ class ScaleConfig:
     target: str = "correct"
 
     def __post_init__(self) -> None:
+        from dynres.model.nets import check_architecture
+
+        check_architecture(self.arch)
         if self.folds < 2:
             raise ConfigError("folds", f"need at least 2 shards, got {self.folds}")
         if self.shard_epochs is not None and self.shard_epochs < 1:

@@ -59,6 +59,8 @@ class EvalConfig:
     backend: str = "auto"  # how the model runs: see GridModel
 
     def __post_init__(self) -> None:
+        if self.backend not in ("auto", "ort", "eager"):
+            raise ConfigError("backend", f"unknown evaluation backend {self.backend!r} (auto, ort, eager)")
         if self.grid is not None and (not self.grid or min(self.grid) < 8):
             raise ConfigError("grid", f"need resolutions >= 8, got {self.grid}")
         if not self.crops or not all(0 < c <= 1 for c in self.crops):
