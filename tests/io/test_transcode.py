@@ -70,6 +70,12 @@ def test_read_frame_takes_the_orientation_of_the_first_exif_segment_and_refuses_
         read_frame(b"\xff\xd8\xff\xd9", "x.jpg")
 
 
+def test_the_orientation_is_read_even_past_pillows_pixel_limit(monkeypatch):
+    """Ingest's own cap (``max_pixels``) may allow more than Pillow opens: the header still gives the rotation."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the picture is over twice this: Image.open refuses it
+    assert read_frame(oriented(picture(), 6)).orientation == 6
+
+
 def frame(**kw) -> JpegFrame:
     return JpegFrame(**{"marker": 0xC0, "precision": 8, "width": 64, "height": 48,
                         "sampling": ((2, 2), (1, 1), (1, 1)), **kw})

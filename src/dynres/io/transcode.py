@@ -288,9 +288,13 @@ def source_bytes(source: bytes, name: str, transcoder: Transcoder | None, *, max
 
 
 def pillow_orientation(source: bytes) -> int:
-    """The orientation Pillow's ``exif_transpose`` (and so the re-encode path) applies: EXIF, or XMP without it."""
+    """The orientation Pillow's ``exif_transpose`` (and so the re-encode path) applies: EXIF, or XMP without it.
+    Read from the header by the JPEG plugin itself, which skips ``Image.open``'s pixel-count check: a picture over
+    Pillow's limit that ingest's own cap lets through keeps its orientation."""
+    from PIL import JpegImagePlugin
+
     try:
-        with Image.open(io.BytesIO(source)) as img:
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(source)) as img:
             value = img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - an unreadable header is the transcoder's to report
         return 1
