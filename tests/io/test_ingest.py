@@ -230,6 +230,7 @@ def test_bad_inputs_are_skipped_reported_and_the_rest_is_kept(tmp_path, monkeypa
     write(src / "dog/a.png", image(seed=5))  # same key dog/a
     write(src / "dog/readme.txt", b"hello")
     write(src / "stray.png", image(seed=6))  # not inside a class folder
+    write(src / "emu/broken.jpg", good[:100])  # a class whose every image is bad
 
     # Tests run as root, for whom chmod 000 changes nothing; so the permission error is simulated
     # where ingest opens files. workers=1 keeps the patch in this process.
@@ -257,6 +258,8 @@ def test_bad_inputs_are_skipped_reported_and_the_rest_is_kept(tmp_path, monkeypa
         "cat/pipe.jpg": "not a regular file",
         "dog/a.png": "duplicate key 'dog/a': kept dog/a.jpg",
         "dog/readme.txt": "unsupported extension '.txt'",
+        "emu/broken.jpg": "corrupt image",
+        "emu/": "no image of this class could be stored",
     }
     assert set(reasons) == set(expected)
     for name, reason in expected.items():

@@ -165,6 +165,9 @@ def _finish(store_dir: Path, cfg: IngestConfig, transcoder: Transcoder | None, f
             t0: float) -> IngestReport:
     """The report of this call and the store it completes (:func:`_write_store`)."""
     rows = [records[t.key] for t in tasks if t.key in records]
+    stored = {r["class_name"] for r in rows}
+    skipped.extend((f"{c}/", "no image of this class could be stored: it stays a class, with nothing to learn from")
+                   for c in classes if c not in stored)
     seconds = time.perf_counter() - t0
     report = IngestReport(
         store=str(store_dir), ingested=len(records) - reused, reused=reused, skipped=skipped, images=len(rows),
