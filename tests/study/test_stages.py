@@ -82,3 +82,15 @@ def test_a_stage_that_crashes_while_rerunning_does_not_leave_its_old_record_answ
     calls = []
     Study(tmp_path, total_stages=1).stage("a", {"x": 1}, lambda: calls.append(1) or {"v": 1})
     assert calls == [1]
+
+
+def test_a_moved_run_directory_reads_its_own_files_not_those_where_it_was_made(tmp_path):
+    first = tmp_path / "here"
+    Study(first, total_stages=1).stage("a", {}, lambda: {"store": str(first / "store"), "data": "/elsewhere/data",
+                                                          "list": [str(first.resolve() / "m.pt")]})
+    first.rename(tmp_path / "there")
+    calls = []
+    out = Study(tmp_path / "there", total_stages=1).stage("a", {}, lambda: calls.append(1) or {})
+    assert calls == []  # still up to date
+    assert out == {"store": str(tmp_path / "there" / "store"), "data": "/elsewhere/data",
+                   "list": [str(tmp_path / "there" / "m.pt")]}
