@@ -63,6 +63,20 @@ def test_file_paths_in_sections_are_relative_to_the_run_file_wherever_it_is_run_
     assert cfg.chain.dynamic.cost_table == {56: 1.5, 112: 4.0}  # TOML's keys are strings; resolutions are ints
 
 
+def test_an_int_given_for_a_float_setting_is_that_float(tmp_path):
+    """``lr = 1`` and ``lr = 1.0`` are one setting: the same value, so the same stage key."""
+    from dynres.study.chain import chain_settings
+
+    _data(tmp_path)
+    keys = []
+    for lr in ("1", "1.0"):
+        (tmp_path / "run.toml").write_text(f'data = "data"\nout = "o"\n[backbone]\nlr = {lr}\nepochs = 3\n')
+        cfg = load_study_config(tmp_path / "run.toml")
+        assert type(cfg.chain.backbone.lr) is float and type(cfg.chain.backbone.epochs) is int
+        keys.append(chain_settings(cfg.chain))
+    assert keys[0] == keys[1]
+
+
 def test_yaml_works_too(tmp_path):
     _data(tmp_path)
     (tmp_path / "run.yaml").write_text("data: data\nout: out\nscale:\n  folds: 3\n")

@@ -54,6 +54,13 @@ def accepts(tp: Any, value: Any) -> bool:
     return isinstance(value, tp) if isinstance(tp, type) else True
 
 
+def _float_field(tp: Any) -> bool:
+    """``float`` or ``float | None``: a setting an int is given for as a float."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return set(typing.get_args(tp)) == {float, type(None)}
+    return tp is float
+
+
 def override(obj: Any, section: str, values: Any, source: str | Path) -> Any:
     """``dataclasses.replace(obj, **values)`` that names the file and key of an unknown or ill-typed setting, and
     the file and section of a value the dataclass itself refuses."""
@@ -70,6 +77,8 @@ def override(obj: Any, section: str, values: Any, source: str | Path) -> Any:
         if not accepts(hints[key], value):
             expected = str(hints[key]).replace("typing.", "") if typing.get_origin(hints[key]) else hints[key].__name__
             raise ConfigError(source, f"{section}.{key} must be {expected}, got {value!r}")
+        if type(value) is int and _float_field(hints[key]):
+            values[key] = float(value)  # lr = 1 is lr = 1.0: one value, one stage key
     try:
         return dataclasses.replace(obj, **values)
     except ConfigError as err:  # the dataclasses know the setting, not the file it came from
