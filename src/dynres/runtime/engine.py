@@ -147,6 +147,7 @@ class Engine:
             log(f"{len(unknown)} of the store's {len(store_classes)} classes are not among the backbone's "
                 f"({', '.join(unknown[:5])}{', …' if len(unknown) > 5 else ''}): their images count in no accuracy")
         self.timings: dict[str, float] = {}
+        self.failures: list[tuple[str, str]] = []  # (key, why) of the images the last run skipped
         self._lock = threading.Lock()
 
     # one image's work, run in the pool --------------------------------------------------------------------------
