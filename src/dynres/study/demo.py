@@ -8,8 +8,8 @@ those records.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,18 +139,17 @@ def data_stage(study: Study, config: StudyConfig) -> Path:
 
 
 def data_listing(root: Path) -> str:
-    """What a user's data folder is keyed on: every file under train/ and val/ by its path, size and modification
-    time (what ingest's resume compares), so that an image added, removed or edited re-runs ingest. Later stages
-    key on the stores' contents (:func:`store_key`), so a file merely touched costs a quick ingest, no training."""
+    """What a user's data folder is keyed on: the sources ingest would store from train/ and val/ (links followed
+    as ingest follows them), by path, size and modification time (what ingest's resume compares), and what it would
+    skip, so that an image added, removed or edited re-runs ingest. Later stages key on the stores' contents
+    (:func:`~dynres.study.stages.store_key`), so a file merely touched costs a quick ingest, no training."""
+    from dynres.io.sources import plan
+
     h = hashlib.sha256()
     for split in ("train", "val"):
-        for dirpath, dirnames, filenames in os.walk(root / split):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                with contextlib.suppress(OSError):  # gone meanwhile, or unreadable: ingest reports it
-                    st = os.stat(path)
-                    h.update(f"{os.path.relpath(path, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        classes, tasks, skipped = plan(root / split)
+        h.update(json.dumps([split, classes, [(t.source, t.source_size, t.source_mtime_ns) for t in tasks],
+                             skipped]).encode())
     return h.hexdigest()[:16]
 
 
