@@ -26,6 +26,7 @@ def test_accuracy_chain_runs_end_to_end_and_is_cached(tmp_path, monkeypatch):
     dynamic = json.loads((tmp_path / "eval" / "dynamic.json").read_text())
     assert dynamic["grid"] == [16, 24, 32, 40, 48, 56, 64]  # the paper's 0.5x..2x around 32
     assert [s["crop"] for s in result["summary"]] == list(CROPS)
+    assert str(tmp_path) not in (tmp_path / "accuracy_chain.json").read_text()  # $RUN/...: a moved run reads its own
     (tmp_path / "backbone" / "model.pt").unlink()  # a cached chain does not touch its outputs again
     assert run_accuracy_chain(train, val, tmp_path, cfg, progress=False) == result
     other_rules = dataclasses.replace(cfg, dynamic=dataclasses.replace(cfg.dynamic, rules=()))

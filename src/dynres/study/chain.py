@@ -18,7 +18,7 @@ from dynres.model.train import ImageCache, TrainConfig, train_backbone
 from dynres.bench.scale import RULES as FITTED_RULES
 from dynres.study.dynamic import GUARD_ONLY, DynamicConfig, run_dynamic
 from dynres.study.scale import ScaleConfig, target_activation, train_scale
-from dynres.study.stages import digest, recorded, store_key, write_json
+from dynres.study.stages import digest, local, portable, recorded, store_key, write_json
 from dynres.study.static import EvalConfig, run_static
 
 
@@ -104,9 +104,9 @@ def run_accuracy_chain(train_store: StoreLike, val_store: StoreLike, out: str | 
     key = digest({"settings": settings, "stores": store_key(train_store, val_store)})
     record = out / "accuracy_chain.json"
     if (rec := recorded(record, lambda r: r.get("key") == key)) is not None:
-        return rec["result"]
+        return local(rec["result"], out)
     result = _run_chain(train_store, val_store, out, cfg, grid, progress)
-    write_json(record, {"settings": settings, "key": key, "result": result})
+    write_json(record, {"settings": settings, "key": key, "result": portable(result, out)})
     return result
 
 

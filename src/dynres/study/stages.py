@@ -81,7 +81,32 @@ def _weights_hash(path: Any) -> str:
         return str(path)
 
 
-RUN_DIR = "$RUN"  # a recorded path inside the run directory starts so (Study._portable)
+RUN_DIR = "$RUN"  # a recorded path inside the directory of its record's owner starts so (:func:`portable`)
+
+
+def portable(obj: Any, root: Path) -> Any:
+    """``obj`` with every path inside ``root`` written relative to it (``$RUN/...``): a run directory moved or
+    copied elsewhere reads its own files, not those where it was made (:func:`local` reads them back)."""
+    if isinstance(obj, dict):
+        return {k: portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, root) for v in obj]
+    if isinstance(obj, str):
+        for prefix in dict.fromkeys((str(root), str(Path(root).resolve()))):
+            if obj == prefix or obj.startswith(prefix + os.sep):
+                return RUN_DIR + obj[len(prefix):]
+    return obj
+
+
+def local(obj: Any, root: Path) -> Any:
+    """A recorded ``obj`` with its ``$RUN`` paths in ``root`` (:func:`portable`)."""
+    if isinstance(obj, dict):
+        return {k: local(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [local(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == RUN_DIR or obj.startswith(RUN_DIR + os.sep)):
+        return str(root) + obj[len(RUN_DIR):]
+    return obj
 
 
 class Study:
@@ -103,7 +128,7 @@ class Study:
         rec = recorded(path, lambda r: r.get("key") == key, self.force)
         if rec is not None:
             self.say(f"[{n}/{self.total}] {name}: up to date (cached {rec['seconds']:.1f} s)")
-            rec["outputs"] = self._local(rec["outputs"])
+            rec["outputs"] = local(rec["outputs"], self.dir)
             self.records[name] = rec
             return rec["outputs"]
         self.say(f"[{n}/{self.total}] {name} …")
@@ -113,33 +138,10 @@ class Study:
         path.unlink(missing_ok=True)
         outputs = fn()
         rec = {"name": name, "key": key, "inputs": inputs, "outputs": outputs, "seconds": time.perf_counter() - t0}
-        write_json(path, rec | {"outputs": self._portable(outputs)})
+        write_json(path, rec | {"outputs": portable(outputs, self.dir)})
         self.records[name] = rec
         self.say(f"[{n}/{self.total}] {name}: done in {rec['seconds']:.1f} s")
         return outputs
-
-    def _portable(self, obj: Any) -> Any:
-        """``obj`` with every path inside the run directory written relative to it (``$RUN/...``): a run directory
-        moved or copied elsewhere reads its own files, not those where it was made."""
-        if isinstance(obj, dict):
-            return {k: self._portable(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self._portable(v) for v in obj]
-        if isinstance(obj, str):
-            for root in dict.fromkeys((str(self.dir), str(self.dir.resolve()))):
-                if obj == root or obj.startswith(root + os.sep):
-                    return RUN_DIR + obj[len(root):]
-        return obj
-
-    def _local(self, obj: Any) -> Any:
-        """A recorded ``obj`` with ``$RUN`` paths in this run directory (:meth:`_portable`)."""
-        if isinstance(obj, dict):
-            return {k: self._local(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self._local(v) for v in obj]
-        if isinstance(obj, str) and (obj == RUN_DIR or obj.startswith(RUN_DIR + os.sep)):
-            return str(self.dir) + obj[len(RUN_DIR):]
-        return obj
 
     def say(self, msg: str, style: str = "bold cyan") -> None:
         if enabled():
