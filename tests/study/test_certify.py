@@ -63,6 +63,21 @@ def test_a_bound_is_harder_to_pass_than_the_point_estimate():
     assert bound["steps"][0]["bound"] == pytest.approx(100 * (1 - 0.05 ** (1 / 50)))
 
 
+def test_pooled_images_that_flip_less_than_the_deployed_backbones_do_not_certify_it():
+    """The judges never flip; the deployed backbone's own pool flips 8 of 40 under any shorter read. Pooled, 8 of
+    2,040 is within a 0.5-point target, but the pools contradict the assumption the bound needs, so the full read
+    stays; with a deployed pool that flips like the judges, the same rule is certified."""
+    cert = Certification("flips", 0.5, None)
+    judges = pool(lambda k, s: 0, n=2000)
+    flaky = pool(lambda k, s: int(s < 5 and k < "k008"), n=40)
+    refused = walk([flaky, judges], "count", 32, cert, None)
+    assert refused["rule"]["family"] == "full"
+    step = refused["steps"][0]
+    assert step["bound"] < 0.5 and step["assumption_p"] < 1e-6 and step["pool_flips"][0]["flipped"] == 8
+    steady = walk([pool(lambda k, s: 0, n=40), judges], "count", 32, cert, None)
+    assert steady["rule"] == {"family": "count", "value": 1} and steady["steps"][-1]["assumption_p"] == 1.0
+
+
 class _Index:
     """SSIM reaches any threshold with 2 scans."""
 

@@ -20,6 +20,10 @@ from scipy.stats import beta
 CRITERIA = ("net", "lost", "flips")
 
 
+# a certificate on pooled images fails when the deployed backbone's own pool flips more often than the judged
+# pools at this one-sided level (dynres.study.certify.assumption_p)
+ASSUMPTION_ALPHA = 0.05
+
 def cp_upper(events: int, n: int, delta: float) -> float:
     """Clopper–Pearson upper bound on a rate from ``events`` of ``n`` at confidence ``1 - delta`` (1.0 if n = 0)."""
     if n <= 0 or events >= n:

@@ -58,10 +58,18 @@ def _search_row(certified: dict, families: Sequence[str]) -> dict:
             row |= {f"{f}_rule": "n/a", f"{f}_savings": "", f"{f}_bound": ""}
             continue
         bound, stop = walk["bound"], walk.get("stopped_at")
-        parts = ([] if bound is None else [f"{bound:.3f}"]) + ([f"next ({stop['label']}): {stop['bound']:.3f}"]
-                                                                if stop else [])
+        parts = ([] if bound is None else [f"{bound:.3f}"]) + ([f"next ({stop['label']}): {stop['bound']:.3f}"
+                                                                 + _contradicted(stop)] if stop else [])
         row |= {f"{f}_rule": walk["label"], f"{f}_savings": walk["read_savings"], f"{f}_bound": "; ".join(parts)}
     return row
+
+
+def _contradicted(stop: dict) -> str:
+    """Why a step whose bound was within the target failed: its pools contradicted the pooling assumption."""
+    from dynres.policy.bounds import ASSUMPTION_ALPHA
+
+    p = stop.get("assumption_p")
+    return "" if p is None or p >= ASSUMPTION_ALPHA else f", deployed backbone flips more than the judges (p = {p:.2g})"
 
 
 def _at_crops(record: dict) -> str:

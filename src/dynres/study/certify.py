@@ -11,6 +11,11 @@ confidence ``1 - delta`` without correction). The family with the largest saving
 resolution; each family is tested at ``delta / families`` (Bonferroni), so the winner keeps the guarantee.
 A resolution where nothing shorter than the full read can be certified reads every scan, and the record says how
 many images a certificate would have needed.
+
+The pooled bound is the deployed backbone's only insofar as the shard backbones' answers change no less often under
+a shorter read than its own do. Each step tests that on the data: a rule whose deployed-backbone pool flips more
+often than the judged pools (one-sided Fisher exact test at :data:`~dynres.policy.bounds.ASSUMPTION_ALPHA`) fails, however low the
+pooled bound.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from dynres._ui import track
 from dynres.io.store import StoreLike
 from dynres.model.checkpoint import scale_probs
-from dynres.policy.bounds import images_needed, loss_bound
+from dynres.policy.bounds import ASSUMPTION_ALPHA, images_needed, loss_bound
 from dynres.policy.calibration import ReadRule, rule_counts
 from dynres.policy.quality import QualityIndex
 
@@ -212,16 +217,40 @@ class Certification:
 
 def judge_pools(pools: Sequence[Pool], rule: ReadRule, resolution: int, cert: Certification, delta: float | None
                 ) -> dict:
-    """Pooled events of ``rule`` and the criterion's bound at the worst crop (points)."""
+    """Pooled events of ``rule`` and the criterion's bound at the worst crop (points); with judged pools beside
+    the first (the deployed backbone's), ``assumption_p``: how likely the first's flips are under the others' rate
+    (:func:`assumption_p`)."""
     parts = [p.judge(rule, resolution) for p in pools]
     total = {name: sum(part[name] for part in parts) for name in ("lost", "gained", "flipped", "n", "read", "size")}
     bounds = [100.0 * loss_bound(cert.criterion, int(lo), int(g), int(f), int(total["n"]), delta)
               for lo, g, f in zip(total["lost"], total["gained"], total["flipped"])]
     worst = int(np.argmax(bounds))
-    return {"rule": rule.to_dict(), "label": rule.label(), "bound": bounds[worst], "bounds": bounds,
+    step = {"rule": rule.to_dict(), "label": rule.label(), "bound": bounds[worst], "bounds": bounds,
             "lost": int(total["lost"][worst]), "gained": int(total["gained"][worst]),
             "flipped": int(total["flipped"][worst]), "images": int(total["n"]),
             "read_savings": 1.0 - float(total["read"] / total["size"])}
+    if len(parts) > 1:
+        flips = [(int(part["flipped"][worst]), int(part["n"])) for part in parts]
+        step["pool_flips"] = [{"pool": p.name, "flipped": f, "images": n} for p, (f, n) in zip(pools, flips)]
+        step["assumption_p"] = assumption_p(flips[0], (sum(f for f, _ in flips[1:]), sum(n for _, n in flips[1:])))
+    return step
+
+
+def assumption_p(own: tuple[int, int], judged: tuple[int, int]) -> float:
+    """One-sided Fisher exact p-value that the deployed backbone's pool (flips, images) flips more often than the
+    judged pools': small means the pooled bound understates the deployed backbone's loss."""
+    from scipy.stats import fisher_exact
+
+    (f, n), (g, m) = own, judged
+    if not n or not m:
+        return 1.0
+    return float(fisher_exact([[f, n - f], [g, m - g]], alternative="greater").pvalue)
+
+
+def passes(step: dict, cert: Certification) -> bool:
+    """A step holds its certificate: the bound within the target and the pooled images not shown to flip less often
+    than the deployed backbone's own."""
+    return step["bound"] <= cert.target + 1e-9 and step.get("assumption_p", 1.0) >= ASSUMPTION_ALPHA
 
 
 def family_ladder(family: str, pools: Sequence[Pool]) -> list[ReadRule]:
@@ -251,14 +280,15 @@ def walk(pools: Sequence[Pool], family: str, resolution: int, cert: Certificatio
             step["scale_read"] = judge_pools(scale_read, rule, resolution, cert, delta)
             step["bound"] = max(step["bound"], step["scale_read"]["bound"])
         steps.append(step)
-        if step["bound"] > cert.target + 1e-9:
+        if not passes(step, cert):
             break
         chosen = rule
-    passed = [s for s in steps if s["bound"] <= cert.target + 1e-9]
+    passed = [s for s in steps if passes(s, cert)]
     best = passed[-1] if passed else None
-    failed = steps[-1] if steps and steps[-1]["bound"] > cert.target + 1e-9 else None
+    failed = steps[-1] if steps and not passes(steps[-1], cert) else None
     return {"family": family, "rule": chosen.to_dict(), "label": chosen.label(), "steps": steps,
-            "stopped_at": None if failed is None else {"label": failed["label"], "bound": failed["bound"]},
+            "stopped_at": None if failed is None else {"label": failed["label"], "bound": failed["bound"],
+                                                       "assumption_p": failed.get("assumption_p")},
             "read_savings": best["read_savings"] if best else 0.0, "bound": best["bound"] if best else None,
             "images": steps[0]["images"] if steps else 0}
 
