@@ -18,7 +18,8 @@ def test_run_prints_the_effective_settings_first_and_the_verdict_last(tmp_path, 
     def fake_run_study(cfg):  # the stages themselves are the study's tests
         seen.append(cfg)
         return {"wall_s": 1.0, "verdict": {"serving": "o/serving.json",
-                                           "health": {"warnings": ["at chance: check the [backbone] recipe"], "scale_auc": {"min": 0.5, "max": 0.6}},
+                                           "health": {"warnings": ["at chance: check the [backbone] recipe"],
+                                                      "scale_auc": {"min": 0.5, "max": 0.6}},
                                            "crops": [
             {"crop": 0.25, "mode": "static", "reason": "less accurate: dynamic 20% vs static 30% ([dynamic] rules)"}]}}
 

@@ -145,9 +145,11 @@ def test_bad_uploads_get_the_right_status_and_reason(payload, config, status, re
 
 
 def test_a_body_without_a_declared_length_is_still_held_to_the_limit():
-    """A chunked upload carries no Content-Length: its bytes are counted as they arrive."""
+    """A chunked upload carries no Content-Length, and is still refused (through this client the whole body arrives
+    at once; that it is refused while arriving, not after, is the ASGI-level test below)."""
     def chunked():  # a generator body: sent without Content-Length
-        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        yield b"Content-Type: image/jpeg\r\n\r\n"
         for _ in range(32):
             yield b"\0" * 65536
         yield b"\r\n--x--\r\n"

@@ -119,7 +119,8 @@ def bench_pipeline_cmd(
     cfg = PipelineBenchConfig(images=images, batch_size=batch_size, workers=workers, torch_threads=threads,
                               kernel_threads=kernel_threads, baseline_resolution=baseline_resolution,
                               static_resolution=static_resolution, lam=lam, kernels=kernels, repeats=repeats,
-                              max_repeats=max_repeats, close=close, crop_side=crop_side, bias=parse_list(bias, float, "--bias"),
+                              max_repeats=max_repeats, close=close, crop_side=crop_side,
+                              bias=parse_list(bias, float, "--bias"),
                               recalibration=parse_pairs(recalibration, "--recalibration"))
     only = [k.strip() for k in keys.read_text().splitlines() if k.strip()] if keys else None
     p = run_bench_pipeline(store, str(model), str(scale), out, path_text(policy), cfg, keys=only)

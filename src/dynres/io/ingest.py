@@ -157,26 +157,20 @@ def ingest(
     store_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(store_dir):
         records, reused = _encode_journaled(store_dir, tasks, skipped, cfg, transcoder, fingerprint, progress)
-        return _finish(store_dir, cfg, transcoder, fingerprint, classes, tasks, skipped, records, reused, t0)
-
-
-def _finish(store_dir: Path, cfg: IngestConfig, transcoder: Transcoder | None, fingerprint: dict, classes: list[str],
-            tasks: list[Task], skipped: list[tuple[str, str]], records: dict[str, dict], reused: int,
-            t0: float) -> IngestReport:
-    """The report of this call and the store it completes (:func:`_write_store`)."""
-    rows = [records[t.key] for t in tasks if t.key in records]
-    stored = {r["class_name"] for r in rows}
-    skipped.extend((f"{c}/", "no image of this class could be stored: it stays a class, with nothing to learn from")
-                   for c in classes if c not in stored)
-    seconds = time.perf_counter() - t0
-    report = IngestReport(
-        store=str(store_dir), ingested=len(records) - reused, reused=reused, skipped=skipped, images=len(rows),
-        bytes=sum(r["size"] for r in rows), seconds=seconds, images_per_s=(len(records) - reused) / max(seconds, 1e-9),
-        lossless=sum(bool(r["lossless"]) for r in rows), source_bytes=sum(r["source_size"] for r in rows),
-        reasons=dict(Counter(reason_rule(r["reason"]) for r in rows if r["reason"]).most_common()),
-        transcoder=transcoder and transcoder.name,
-    )
-    _write_store(store_dir, report, rows, classes, fingerprint, store_layout(cfg.scans, report.transcoder))
+        rows = [records[t.key] for t in tasks if t.key in records]
+        stored = {r["class_name"] for r in rows}
+        empty = "no image of this class could be stored: it stays a class, with nothing to learn from"
+        skipped.extend((f"{c}/", empty) for c in classes if c not in stored)
+        seconds = time.perf_counter() - t0
+        report = IngestReport(
+            store=str(store_dir), ingested=len(records) - reused, reused=reused, skipped=skipped, images=len(rows),
+            bytes=sum(r["size"] for r in rows), seconds=seconds,
+            images_per_s=(len(records) - reused) / max(seconds, 1e-9),
+            lossless=sum(bool(r["lossless"]) for r in rows), source_bytes=sum(r["source_size"] for r in rows),
+            reasons=dict(Counter(reason_rule(r["reason"]) for r in rows if r["reason"]).most_common()),
+            transcoder=transcoder and transcoder.name,
+        )
+        _write_store(store_dir, report, rows, classes, fingerprint, store_layout(cfg.scans, report.transcoder))
     return report
 
 

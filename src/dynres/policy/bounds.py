@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 
-from scipy.stats import beta
+from scipy.stats import beta, fisher_exact
 
 CRITERIA = ("net", "lost", "flips")
 
 
 # a certificate on pooled images fails when the deployed backbone's own pool flips more often than the judged
-# pools at this one-sided level (dynres.study.certify.assumption_p)
+# pools at this one-sided level (assumption_p)
 ASSUMPTION_ALPHA = 0.05
 
 def cp_upper(events: int, n: int, delta: float) -> float:
@@ -74,3 +74,12 @@ def images_needed(target: float, delta: float, criterion: str = "lost") -> int |
     if criterion == "net":
         delta = delta / 2
     return math.ceil(math.log(delta) / math.log1p(-target))
+
+
+def assumption_p(own: tuple[int, int], judged: tuple[int, int]) -> float:
+    """One-sided Fisher exact p-value that the deployed backbone's pool (flips, images) flips more often than the
+    judged pools': small means a bound on the pooled images understates the deployed backbone's loss."""
+    (f, n), (g, m) = own, judged
+    if not n or not m:
+        return 1.0
+    return float(fisher_exact([[f, n - f], [g, m - g]], alternative="greater").pvalue)

@@ -215,9 +215,9 @@ class Engine:
         if want <= item.ahead_scans:  # fetched ahead with the scale prefix: no request
             data = cut_prefix(self.store, key, item.ahead, want)
         else:
-            hold = getattr(self.store, "hold", None)
-            if hold is not None and item.data:  # the scale prefix in hand: fetch only the range it lacks, even
-                hold(key, item.data)  # when other keys' reads have pushed it out of the store's cache meanwhile
+            hold, in_hand = getattr(self.store, "hold", None), item.ahead or item.data  # the longest prefix held
+            if hold is not None and in_hand:  # fetch only the range it lacks, even when other keys' reads (or
+                hold(key, in_hand)  # another process: Ray's hand-off) have left it out of the store's cache
             data = self._timed("read", self.store.read, key, None if want >= self.store.num_scans(key) else want)
         item.data, item.ahead, item.bytes_read = b"", b"", self.store.prefix_size(key, want)
         fn = decode_baseline if cfg.baseline else decode
@@ -305,18 +305,22 @@ class Engine:
             return None
         return self.label_map.get(label) if self._strict_labels else self.label_map.get(label, label)
 
-    def _ok(self, items: list[WorkItem]) -> list[WorkItem]:
-        """The items whose read and decode (``item.image``) succeeded; a failure is recorded and skipped."""
+    def readable(self, keys: Sequence[str], futures: Sequence[Future]) -> list[int]:
+        """The positions whose read and decode (``futures``, one per key) succeeded. A failure (StoreError,
+        BadImageError) is recorded in ``failures`` and skipped, or raised when ``config.skip_bad`` is off."""
         ok = []
-        for it in items:
+        for j, (key, future) in enumerate(zip(keys, futures)):
             try:
-                it.image.result()
-                ok.append(it)
+                future.result()
+                ok.append(j)
             except (StoreError, BadImageError) as err:
                 if not self.config.skip_bad:
                     raise
-                self.failures.append((it.key, " ".join(str(err).split())))
+                self.failures.append((key, " ".join(str(err).split())))
         return ok
+
+    def _ok(self, items: list[WorkItem]) -> list[WorkItem]:
+        return [items[j] for j in self.readable([it.key for it in items], [it.image for it in items])]
 
     def _backbone(self, items: list[WorkItem], resolution: int, out: list, lam: float) -> None:
         items = self._ok(items)
@@ -328,7 +332,8 @@ class Engine:
         self._add("backbone", time.perf_counter() - t)
         now = time.perf_counter()
         for it, i, p in zip(items, idx, probs):
-            out[it.index] = Prediction(it.key, self.backbone_label(self.store.label(it.key)), i, p, resolution, it.bytes_read, self.store.size(it.key),
+            label = self.backbone_label(self.store.label(it.key))
+            out[it.index] = Prediction(it.key, label, i, p, resolution, it.bytes_read, self.store.size(it.key),
                                        (now - it.t0) * 1e3, lam if self.scale is not None else None)
 
     def _add(self, name: str, seconds: float) -> None:

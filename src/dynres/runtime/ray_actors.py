@@ -30,7 +30,6 @@ import pyarrow as pa
 import torch
 
 from dynres._ui import log
-from dynres.errors import BadImageError, StoreError
 from dynres.runtime.engine import EngineSpec, WorkItem, build_engine, cut_prefix, top5
 from dynres.runtime.ray_output import SCHEMA
 
@@ -72,19 +71,12 @@ class _EngineActor:
     def counters(self) -> tuple[int, int]:
         return self.store.requests, self.store.bytes_read
 
-    def readable(self, keys: Sequence[str], futures: Sequence[Future]) -> list[int]:
-        """The positions whose read and decode succeeded. A failure is skipped and named in the actor's log (Ray
-        forwards it to the driver) as the local engine skips it (``config.skip_bad``), or raised when that is off."""
-        ok = []
-        for j, (key, f) in enumerate(zip(keys, futures)):
-            try:
-                f.result()
-                ok.append(j)
-            except (StoreError, BadImageError) as err:
-                if not self.engine.config.skip_bad:
-                    raise
-                log(f"skipped {key}: {' '.join(str(err).split())}")
-        return ok
+    def log_skipped(self) -> None:
+        """Name each image the engine skipped since the last call (:meth:`Engine.readable`) in the actor's log,
+        which Ray forwards to the driver."""
+        for key, why in self.engine.failures:
+            log(f"skipped {key}: {why}")
+        self.engine.failures = []
 
     def read_all(self, fn, items: list[WorkItem]):
         """``fn`` over ``items`` on the pipeline's read/decode threads: their futures (a caller runs a model on the
@@ -144,13 +136,14 @@ class ScaleActor(_EngineActor):
         with cancelled_on_error(images):
             for first in range(0, len(items), e.config.batch_size):  # the local engine's batches: same logits
                 span = range(first, min(first + e.config.batch_size, len(items)))
-                part = [span[q] for q in self.readable([items[j].key for j in span], [images[j] for j in span])]
+                part = [span[q] for q in e.readable([items[j].key for j in span], [images[j] for j in span])]
                 ok += part
                 if part:
                     picks = e.scale.choose(torch.stack([images[j].result() for j in part]), e.config.lam)[0]
                     for j, r in zip(part, picks):
                         chosen[j] = r
             requests, fetched = costs()
+        self.log_skipped()
         return pa.table({
             "key": batch["key"], "label": batch["label"],
             "resolution": pa.array(chosen, pa.int32()),
@@ -176,14 +169,8 @@ class BackboneActor(_EngineActor):
         for j, it in enumerate(items):
             groups.setdefault(it.resolution, []).append(j)
         order = [j for r in sorted(groups) for j in groups[r]]  # decoded in the order the batches run
-        prefixes = {it.key: bytes(batch["prefix"][j]) for j, it in enumerate(items)} if e.scale is not None else {}
-
-        def read(it: WorkItem):
-            if it.key in prefixes:  # held just before the read, so the store's cache cannot evict it first
-                self.store.hold(it.key, prefixes[it.key])  # a longer read fetches only the range it lacks
-            return e.backbone_read(it)
-
-        futures, costs = self.read_all(read, [items[j] for j in order])
+        # a longer read fetches only the range the handed-over prefix lacks (the engine holds it first)
+        futures, costs = self.read_all(e.backbone_read, [items[j] for j in order])
         images = dict(zip(order, futures))
         good: set[int] = set()
         top_names, top_probs = [None] * n, [None] * n
@@ -193,8 +180,8 @@ class BackboneActor(_EngineActor):
             for r, rows in sorted(groups.items()):
                 for first in range(0, len(rows), e.config.batch_size):  # the local engine's per-resolution batches
                     batch_rows = rows[first : first + e.config.batch_size]
-                    part = [batch_rows[q] for q in self.readable([items[j].key for j in batch_rows],
-                                                                 [images[j] for j in batch_rows])]
+                    part = [batch_rows[q] for q in e.readable([items[j].key for j in batch_rows],
+                                                              [images[j] for j in batch_rows])]
                     good.update(part)
                     if not part:
                         continue
@@ -207,6 +194,7 @@ class BackboneActor(_EngineActor):
         fetched += np.asarray(batch.get("bytes_fetched", np.zeros(n)), np.int64)
         t0 = batch["t0"] if "t0" in batch else np.full(n, items[0].t0 if items else 0.0)
         dynamic = e.scale is not None
+        self.log_skipped()
         return pa.table({
             "key": batch["key"],
             "label": [self.label(e.backbone_label(int(y))) for y in batch["label"]],
@@ -248,8 +236,7 @@ class FusedActor(_EngineActor):
         result = e.run(keys, progress=False)
         preds, s = result.predictions, result.summary
         done, n = time.time(), len(preds)  # the engine skipped (and named) any image it could not read
-        for failure in s["failures"]:
-            log(f"skipped {failure['key']}: {failure['error']}")
+        self.log_skipped()
         call_ms = (time.perf_counter() - start) * 1e3 / max(n, 1)
         dynamic = e.scale is not None
         scale_ms = call_ms * s["scale_overhead"] if dynamic else 0.0  # the engine's split of the call's work

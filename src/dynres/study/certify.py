@@ -14,8 +14,7 @@ many images a certificate would have needed.
 
 The pooled bound is the deployed backbone's only insofar as the shard backbones' answers change no less often under
 a shorter read than its own do. Each step tests that on the data: a rule whose deployed-backbone pool flips more
-often than the judged pools (one-sided Fisher exact test at :data:`~dynres.policy.bounds.ASSUMPTION_ALPHA`) fails, however low the
-pooled bound.
+often than the judged pools (:func:`~dynres.policy.bounds.assumption_p`) fails, however low the pooled bound.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import torch
 from dynres._ui import track
 from dynres.io.store import StoreLike
 from dynres.model.checkpoint import scale_probs
-from dynres.policy.bounds import ASSUMPTION_ALPHA, images_needed, loss_bound
+from dynres.policy.bounds import ASSUMPTION_ALPHA, assumption_p, images_needed, loss_bound
 from dynres.policy.calibration import ReadRule, rule_counts
 from dynres.policy.quality import QualityIndex
 
@@ -219,7 +218,7 @@ def judge_pools(pools: Sequence[Pool], rule: ReadRule, resolution: int, cert: Ce
                 ) -> dict:
     """Pooled events of ``rule`` and the criterion's bound at the worst crop (points); with judged pools beside
     the first (the deployed backbone's), ``assumption_p``: how likely the first's flips are under the others' rate
-    (:func:`assumption_p`)."""
+    (:func:`~dynres.policy.bounds.assumption_p`)."""
     parts = [p.judge(rule, resolution) for p in pools]
     total = {name: sum(part[name] for part in parts) for name in ("lost", "gained", "flipped", "n", "read", "size")}
     bounds = [100.0 * loss_bound(cert.criterion, int(lo), int(g), int(f), int(total["n"]), delta)
@@ -234,17 +233,6 @@ def judge_pools(pools: Sequence[Pool], rule: ReadRule, resolution: int, cert: Ce
         step["pool_flips"] = [{"pool": p.name, "flipped": f, "images": n} for p, (f, n) in zip(pools, flips)]
         step["assumption_p"] = assumption_p(flips[0], (sum(f for f, _ in flips[1:]), sum(n for _, n in flips[1:])))
     return step
-
-
-def assumption_p(own: tuple[int, int], judged: tuple[int, int]) -> float:
-    """One-sided Fisher exact p-value that the deployed backbone's pool (flips, images) flips more often than the
-    judged pools': small means the pooled bound understates the deployed backbone's loss."""
-    from scipy.stats import fisher_exact
-
-    (f, n), (g, m) = own, judged
-    if not n or not m:
-        return 1.0
-    return float(fisher_exact([[f, n - f], [g, m - g]], alternative="greater").pvalue)
 
 
 def passes(step: dict, cert: Certification) -> bool:

@@ -112,26 +112,30 @@ def _parse(path: Path) -> dict:
         if key in raw and not (accepts(tp, raw[key]) and (least is None or raw[key] >= least)):
             want = tp.__name__ + ("" if least is None else f" >= {least}")
             raise ConfigError(path, f"{key} must be {want}, got {raw[key]!r}")
-    return _relative_paths(raw, path)
+    return _cost_table(_relative_paths(raw, path), path)
 
 
 def _relative_paths(raw: dict, path: Path) -> dict:
-    """``raw`` with the file paths inside sections (:data:`PATHS`) resolved against the run file's folder; a
-    cost table's resolutions as ints (TOML keys are strings)."""
+    """``raw`` with the file paths inside sections (:data:`PATHS`) resolved against the run file's folder."""
     raw = dict(raw)
     for section, keys in PATHS.items():
         values = raw.get(section)
         if isinstance(values, dict):
             raw[section] = {k: str((path.parent / Path(v).expanduser()).resolve())
                             if k in keys and isinstance(v, str) else v for k, v in values.items()}
-    table = raw.get("dynamic", {}).get("cost_table") if isinstance(raw.get("dynamic"), dict) else None
-    if isinstance(table, dict):
-        try:
-            table = {int(r): float(ms) for r, ms in table.items()}
-        except (TypeError, ValueError):
-            raise ConfigError(path, f"dynamic.cost_table must map resolutions to milliseconds, got {table!r}") from None
-        raw["dynamic"] = {**raw["dynamic"], "cost_table": table}
     return raw
+
+
+def _cost_table(raw: dict, path: Path) -> dict:
+    """``raw`` with ``[dynamic] cost_table``'s resolutions as ints (TOML's keys are strings, YAML's may be ints)."""
+    table = raw.get("dynamic", {}).get("cost_table") if isinstance(raw.get("dynamic"), dict) else None
+    if not isinstance(table, dict):
+        return raw
+    try:
+        table = {int(r): float(ms) for r, ms in table.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(path, f"dynamic.cost_table must map resolutions to milliseconds, got {table!r}") from None
+    return raw | {"dynamic": raw["dynamic"] | {"cost_table": table}}
 
 
 def _unique_keys_loader():
